@@ -1,0 +1,1 @@
+"""Codegen: pure functions from (typed kernel IR, ArgSpec) to source text."""

@@ -1,0 +1,163 @@
+"""The v1 op table: signatures, typing rules and the expansion of composite ops.
+
+Every op a spec body may call is listed here once. Primitive ops are rendered by each backend from
+its own template table; composite ops (activations, clamp, lerp, ...) are expanded here into
+primitives, so backends never see them. The reference evaluator implements every op directly from
+its mathematical definition, which keeps it an independent oracle for these expansions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+REQUIRED = object()   # marks a parameter without default
+ABSENT = None         # default of an optional parameter that may be left out (clamp's min/max)
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    params: tuple[str, ...]
+    defaults: tuple = ()          # defaults of the trailing params (numbers or ABSENT)
+    rule: str = "float"           # typing rule, see TYPE_RULES
+    composite: bool = False       # expanded by EXPANSIONS into primitives
+
+    @property
+    def min_args(self) -> int:
+        return len(self.params) - len(self.defaults)
+
+
+# Typing rules (operands are promoted together, see dtypes.result_type):
+#   float    result is the promoted float type; ints and bool compute in float32
+#   arith    promoted type, bool not allowed
+#   any      promoted type, bool allowed (min, max, clamp, where's branches)
+#   round    float keeps its type, ints pass unchanged, bool not allowed
+#   bitwise  ints or bool only
+#   shift    ints only
+#   cmp      operands promoted, result bool
+#   logical  any operands, result bool
+#   pred     any operand, result bool (isnan, isinf, isfinite)
+TYPE_RULES = ("float", "arith", "any", "round", "bitwise", "shift", "cmp", "logical", "pred")
+
+_UNARY_FLOAT = ("exp exp2 expm1 log log2 log10 log1p sqrt rsqrt reciprocal sin cos tan asin acos "
+                "atan sinh cosh tanh erf erfc lgamma frac sigmoid selu gelu gelu_tanh silu mish "
+                "hardsigmoid hardswish").split()
+
+OPS: dict[str, OpDef] = {}
+
+
+def _add(name, params, defaults=(), rule="float", composite=False):
+    OPS[name] = OpDef(name, tuple(params), tuple(defaults), rule, composite)
+
+
+for _n in _UNARY_FLOAT:
+    _add(_n, ["x"], composite=_n in ("reciprocal", "frac", "selu", "gelu", "gelu_tanh", "silu",
+                                     "mish", "hardsigmoid", "hardswish"))
+for _n in ("abs", "neg", "sign"):
+    _add(_n, ["x"], rule="arith")
+for _n in ("ceil", "floor", "round", "trunc"):
+    _add(_n, ["x"], rule="round")
+for _n in ("isnan", "isinf", "isfinite"):
+    _add(_n, ["x"], rule="pred")
+for _n in ("add", "sub", "mul", "floor_divide", "fmod", "remainder", "pow"):
+    _add(_n, ["a", "b"], rule="arith")
+_add("div", ["a", "b"])
+_add("atan2", ["a", "b"])
+for _n in ("min", "max"):
+    _add(_n, ["a", "b"], rule="any")
+for _n in ("eq", "ne", "lt", "le", "gt", "ge"):
+    _add(_n, ["a", "b"], rule="cmp")
+for _n in ("logical_and", "logical_or", "logical_xor"):
+    _add(_n, ["a", "b"], rule="logical")
+_add("logical_not", ["x"], rule="logical")
+for _n in ("bitwise_and", "bitwise_or", "bitwise_xor"):
+    _add(_n, ["a", "b"], rule="bitwise")
+_add("bitwise_not", ["x"], rule="bitwise")
+for _n in ("lshift", "rshift"):
+    _add(_n, ["a", "b"], rule="shift")
+_add("where", ["cond", "a", "b"], rule="any")
+_add("lerp", ["a", "b", "weight"], composite=True)
+_add("clamp", ["x", "min", "max"], (ABSENT, ABSENT), rule="any", composite=True)
+_add("threshold", ["x", "threshold", "value"], rule="any", composite=True)
+_add("addcmul", ["s", "a", "b", "value"], (1,), rule="arith", composite=True)
+_add("relu", ["x"], rule="any", composite=True)
+_add("relu6", ["x"], rule="any", composite=True)
+_add("leaky_relu", ["x", "slope"], (0.01,), composite=True)
+_add("elu", ["x", "alpha"], (1.0,), composite=True)
+_add("softplus", ["x", "beta", "threshold"], (1.0, 20.0), composite=True)
+_add("hardtanh", ["x", "min_val", "max_val"], (-1.0, 1.0), rule="any", composite=True)
+_add("logit", ["x", "eps"], (ABSENT,), composite=True)
+
+# Spelled-out aliases of the body's operators, so `a + b` and `add(a, b)` are the same op.
+BINOPS = {"Add": "add", "Sub": "sub", "Mult": "mul", "Div": "div", "FloorDiv": "floor_divide",
+          "Mod": "remainder", "Pow": "pow", "LShift": "lshift", "RShift": "rshift",
+          "BitAnd": "bitwise_and", "BitOr": "bitwise_or", "BitXor": "bitwise_xor"}
+CMPOPS = {"Eq": "eq", "NotEq": "ne", "Lt": "lt", "LtE": "le", "Gt": "gt", "GtE": "ge"}
+UNARYOPS = {"USub": "neg", "Invert": "bitwise_not", "Not": "logical_not"}
+
+CASTS = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64",
+         "uint8", "bool")
+CONSTANTS = {"inf": math.inf, "nan": math.nan, "pi": math.pi}
+
+# Ops a backend must render: everything that is not composite.
+PRIMITIVES = tuple(n for n, d in OPS.items() if not d.composite)
+
+
+# --- expansions ------------------------------------------------------------------------------
+# Each receives a builder `b` whose methods emit primitive nodes in the op's compute dtype `t`
+# (all operands are already of that dtype). `b.c(v)` is a constant of dtype t.
+
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
+SQRT_2_OVER_PI = 0.7978845608028654
+GELU_TANH_K = 0.044715
+
+
+def _clamp(b, x, lo, hi):
+    # NaN in x propagates; min/max of the table propagate NaN of either operand.
+    if lo is not None:
+        x = b.op("max", x, lo)
+    if hi is not None:
+        x = b.op("min", x, hi)
+    return x
+
+
+EXPANSIONS: dict[str, Callable] = {
+    "reciprocal": lambda b, x: b.op("div", b.c(1), x),
+    "frac": lambda b, x: b.op("sub", x, b.op("trunc", x)),
+    "lerp": lambda b, a, e, w: b.op(
+        "where", b.op("lt", b.op("abs", w), b.c(0.5)),
+        b.op("add", a, b.op("mul", w, b.op("sub", e, a))),
+        b.op("sub", e, b.op("mul", b.op("sub", e, a), b.op("sub", b.c(1), w)))),
+    "clamp": _clamp,
+    "threshold": lambda b, x, th, v: b.op("where", b.op("gt", x, th), x, v),
+    "addcmul": lambda b, s, x, y, v: b.op("add", s, b.op("mul", b.op("mul", v, x), y)),
+    "relu": lambda b, x: b.op("where", b.op("gt", x, b.c(0)), x, b.c(0)),
+    "relu6": lambda b, x: _clamp(b, x, b.c(0), b.c(6)),
+    "leaky_relu": lambda b, x, s: b.op("where", b.op("gt", x, b.c(0)), x, b.op("mul", x, s)),
+    "elu": lambda b, x, a: b.op("where", b.op("gt", x, b.c(0)), x,
+                                b.op("mul", a, b.op("expm1", x))),
+    "selu": lambda b, x: b.op("mul", b.c(SELU_SCALE), b.op(
+        "where", b.op("gt", x, b.c(0)), x, b.op("mul", b.c(SELU_ALPHA), b.op("expm1", x)))),
+    # 0.5 * x * erfc(-x / sqrt 2): no cancellation for negative x, unlike 1 + erf(...).
+    "gelu": lambda b, x: b.op("mul", b.op("mul", b.c(0.5), x),
+                              b.op("erfc", b.op("mul", x, b.c(-math.sqrt(0.5))))),
+    # 0.5 * (1 + tanh(u)) == sigmoid(2u): x * sigmoid(2u) avoids the cancellation at x << 0.
+    "gelu_tanh": lambda b, x: b.op("mul", x, b.op("sigmoid", b.op(
+        "mul", b.c(2 * SQRT_2_OVER_PI),
+        b.op("add", x, b.op("mul", b.c(GELU_TANH_K), b.op("mul", x, b.op("mul", x, x))))))),
+    "silu": lambda b, x: b.op("mul", x, b.op("sigmoid", x)),
+    "softplus": lambda b, x, beta, th: b.op(
+        "where", b.op("gt", b.op("mul", x, beta), th), x,
+        b.op("div", b.op("log1p", b.op("exp", b.op("mul", x, beta))), beta)),
+    "mish": lambda b, x: b.op("mul", x, b.op("tanh", EXPANSIONS["softplus"](b, x, b.c(1), b.c(20)))),
+    "hardsigmoid": lambda b, x: b.op("div", _clamp(b, b.op("add", x, b.c(3)), b.c(0), b.c(6)), b.c(6)),
+    "hardswish": lambda b, x: b.op("div", b.op("mul", x, _clamp(b, b.op("add", x, b.c(3)), b.c(0),
+                                                                 b.c(6))), b.c(6)),
+    "hardtanh": lambda b, x, lo, hi: _clamp(b, x, lo, hi),
+    "logit": lambda b, x, eps: (lambda z: b.op("log", b.op("div", z, b.op("sub", b.c(1), z))))(
+        x if eps is None else _clamp(b, x, eps, b.op("sub", b.c(1), eps))),
+}
+
+assert set(EXPANSIONS) == {n for n, d in OPS.items() if d.composite}

@@ -1,0 +1,371 @@
+"""numpy reference evaluator of the IR: the oracle every numeric test compares against.
+
+It evaluates an *unexpanded* typed graph (`ir.instantiate(..., expand=False)`), implementing each
+op from its mathematical definition: float ops are computed in float64 and rounded to the node's
+compute type (float32 for float32/float16/bfloat16 nodes), so each op is correctly rounded up to
+libm's float64 error; integer ops are exact with two's-complement wrap-around; float16/bfloat16
+values are held in float32 and rounded to storage only at casts and at the output, exactly as
+the kernels do. `compare` states the tolerances.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import dtypes as dt
+from .argspec import broadcast_shapes
+from .ir import Kernel, int_range
+
+# ---------------------------------------------------------------- Philox4x32-10 ----------------
+
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(counter: tuple, key: tuple) -> tuple[np.ndarray, ...]:
+    """Philox4x32-10 (Salmon et al., SC'11) on uint32 arrays: counter (c0..c3), key (k0, k1)."""
+    c = [np.asarray(x, np.uint64) & _M32 for x in counter]
+    k0, k1 = (np.asarray(x, np.uint64) & _M32 for x in key)
+    for r in range(10):
+        if r:
+            k0 = (k0 + np.uint64(PHILOX_W[0])) & _M32
+            k1 = (k1 + np.uint64(PHILOX_W[1])) & _M32
+        p0 = np.uint64(PHILOX_M[0]) * c[0]
+        p1 = np.uint64(PHILOX_M[1]) * c[2]
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & _M32, (p0 >> np.uint64(32)) ^ c[3] ^ k1,
+             p0 & _M32]
+    return tuple(x.astype(np.uint32) for x in c)
+
+
+def philox_words(index: np.ndarray, seed: int, offset: int) -> tuple[np.ndarray, ...]:
+    """The four 32-bit words of element `index`: counter (index, offset), key seed."""
+    i = np.asarray(index, np.uint64)
+    seed, offset = np.uint64(seed), np.uint64(offset)
+    return philox4x32_10((i, i >> np.uint64(32), offset, offset >> np.uint64(32)),
+                         (seed, seed >> np.uint64(32)))
+
+
+def uniform_from_words(words: tuple[np.ndarray, ...], first: int, d: dt.DType) -> np.ndarray:
+    """Uniform [0, 1) on the grid of dtype d (f64: 53 bits from two words, f32: 24, f16: 11,
+    bf16: 8), returned in d's compute type."""
+    w = words[first].astype(np.uint64)
+    if d == dt.float64:
+        bits = ((w << np.uint64(32)) | words[first + 1].astype(np.uint64)) >> np.uint64(11)
+        return bits.astype(np.float64) * 2.0 ** -53
+    mant = {"float32": 24, "float16": 11, "bfloat16": 8}[d.name]
+    return ((w >> np.uint64(32 - mant)).astype(np.float64) * 2.0 ** -mant).astype(np.float32)
+
+
+# ---------------------------------------------------------------- op implementations -----------
+
+def _erf(x):
+    return np.frompyfunc(math.erf, 1, 1)(x).astype(np.float64)
+
+
+def _erfc(x):
+    return np.frompyfunc(math.erfc, 1, 1)(x).astype(np.float64)
+
+
+def _lgamma(x):
+    def f(v):
+        try:
+            return math.lgamma(v)
+        except (ValueError, OverflowError):
+            return math.inf if not math.isnan(v) and (v <= 0 or math.isinf(v)) else v
+    return np.frompyfunc(f, 1, 1)(x).astype(np.float64)
+
+
+def _sigmoid(x):
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def _softplus(x, beta=1.0, th=20.0):
+    return np.where(x * beta > th, x, np.log1p(np.exp(beta * x)) / beta)
+
+
+def _clamp(x, lo=None, hi=None):
+    if lo is not None:
+        x = np.maximum(x, lo)
+    return x if hi is None else np.minimum(x, hi)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+
+# float ops, evaluated in float64 (unary and n-ary); composites written from their definitions
+FLOAT_OPS = {
+    "exp": np.exp, "exp2": np.exp2, "expm1": np.expm1, "log": np.log, "log2": np.log2,
+    "log10": np.log10, "log1p": np.log1p, "sqrt": np.sqrt, "rsqrt": lambda x: 1 / np.sqrt(x),
+    "reciprocal": lambda x: 1 / x, "sin": np.sin, "cos": np.cos, "tan": np.tan,
+    "asin": np.arcsin, "acos": np.arccos, "atan": np.arctan, "sinh": np.sinh, "cosh": np.cosh,
+    "tanh": np.tanh, "erf": _erf, "erfc": _erfc, "lgamma": _lgamma,
+    "ceil": np.ceil, "floor": np.floor, "round": np.rint, "trunc": np.trunc,
+    "frac": lambda x: x - np.trunc(x), "abs": np.abs, "neg": np.negative, "sign": np.sign,
+    "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide,
+    "floor_divide": np.floor_divide, "fmod": np.fmod, "remainder": np.remainder,
+    "pow": np.power, "atan2": np.arctan2, "min": np.minimum, "max": np.maximum,
+    "sigmoid": _sigmoid,
+    "relu": lambda x: np.where(x > 0, x, 0.0),
+    "relu6": lambda x: _clamp(x, 0.0, 6.0),
+    "leaky_relu": lambda x, s: np.where(x > 0, x, x * s),
+    "elu": lambda x, a: np.where(x > 0, x, a * np.expm1(x)),
+    "selu": lambda x: 1.0507009873554804934193349852946 * np.where(
+        x > 0, x, 1.6732632423543772848170429916717 * np.expm1(x)),
+    "gelu": lambda x: 0.5 * x * _erfc(-x / math.sqrt(2)),
+    # 0.5 * (1 + tanh(u)) written as 1 / (1 + exp(-2u)), which float64 evaluates without cancellation
+    "gelu_tanh": lambda x: x / (1 + np.exp(-2 * _SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))),
+    "silu": lambda x: x * _sigmoid(x),
+    "softplus": _softplus,
+    "mish": lambda x: x * np.tanh(_softplus(x)),
+    "hardsigmoid": lambda x: _clamp(x + 3, 0.0, 6.0) / 6,
+    "hardswish": lambda x: x * _clamp(x + 3, 0.0, 6.0) / 6,
+    "hardtanh": lambda x, lo, hi: _clamp(x, lo, hi),
+    "logit": lambda x, eps=None: (lambda z: np.log(z / (1 - z)))(x if eps is None else
+                                                                  _clamp(x, eps, 1 - eps)),
+    "lerp": lambda a, b, w: np.where(np.abs(w) < 0.5, a + w * (b - a), b - (b - a) * (1 - w)),
+    "threshold": lambda x, th, v: np.where(x > th, x, v),
+    "addcmul": lambda s, a, b, v: s + v * a * b,
+    "clamp": None,  # needs the names of the bounds given, see _eval_op
+}
+
+CMP = {"eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal,
+       "gt": np.greater, "ge": np.greater_equal}
+LOGICAL = {"logical_and": np.logical_and, "logical_or": np.logical_or,
+           "logical_xor": np.logical_xor, "logical_not": np.logical_not}
+BITWISE = {"bitwise_and": np.bitwise_and, "bitwise_or": np.bitwise_or,
+           "bitwise_xor": np.bitwise_xor, "bitwise_not": np.invert}
+
+
+def _int_op(name: str, args: list[np.ndarray], d: dt.DType) -> np.ndarray:
+    """Integer semantics shared by every backend: wrap-around, x // 0 == x % 0 == 0,
+    MIN // -1 == MIN, shifts by >= bits give 0 (or -1 for negative >>), x ** -n by C rules."""
+    t = d.numpy
+    a = args[0]
+    b = args[1] if len(args) > 1 else None
+    if name in ("add", "sub", "mul", "neg", "abs"):
+        fn = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "neg": np.negative,
+              "abs": np.abs}[name]
+        return fn(*args).astype(t)
+    if name == "sign":
+        return np.sign(a).astype(t)
+    if name in ("min", "max"):
+        return (np.minimum if name == "min" else np.maximum)(a, b)
+    if name in ("floor_divide", "remainder", "fmod"):
+        zero = b == 0
+        safe_b = np.where(zero, 1, b).astype(t)
+        lo, _ = int_range(d)
+        overflow = (a == lo) & (safe_b == -1) if d.kind == "i" else np.zeros(a.shape, bool)
+        safe_b = np.where(overflow, 1, safe_b).astype(t)
+        if name == "floor_divide":
+            r = np.where(overflow, a, np.floor_divide(a, safe_b))
+        elif name == "remainder":
+            r = np.where(overflow, 0, np.remainder(a, safe_b))
+        else:
+            r = np.where(overflow, 0, np.fmod(a, safe_b))
+        return np.where(zero, 0, r).astype(t)
+    if name == "pow":
+        return _int_pow(a, b, d)
+    if name in ("lshift", "rshift"):
+        bits = d.bits
+        in_range = (b >= 0) & (b < bits)
+        sb = np.where(in_range, b, 0).astype(t)
+        if name == "lshift":
+            return np.where(in_range, np.left_shift(a, sb), 0).astype(t)
+        return np.where(in_range, np.right_shift(a, sb), np.where(a < 0, -1, 0)).astype(t)
+    raise NotImplementedError(f"reference has no integer op {name}")
+
+
+def _int_pow(a: np.ndarray, b: np.ndarray, d: dt.DType) -> np.ndarray:
+    """Integer power by squaring modulo 2**64, truncated to d (wrap-around); negative exponents
+    follow C integer division: 1 ** -n == 1, (-1) ** -n == +-1, anything else ** -n == 0."""
+    shape = np.broadcast(a, b).shape
+    a_full = np.broadcast_to(a, shape).astype(np.int64)
+    e = np.broadcast_to(b, shape).astype(np.int64)
+    base = a_full.astype(np.uint64)
+    exp = np.where(e < 0, 0, e).astype(np.uint64)
+    result = np.ones(shape, np.uint64)
+    for _ in range(64):
+        result = np.where((exp & np.uint64(1)).astype(bool), result * base, result)
+        base = base * base
+        exp = exp >> np.uint64(1)
+    negative = np.where(a_full == 1, 1, np.where(a_full == -1, np.where(e % 2 == 0, 1, -1), 0))
+    return np.where(e < 0, negative.astype(np.uint64), result).astype(d.numpy)
+
+
+def _cast(x: np.ndarray, src: dt.DType, dst: dt.DType) -> np.ndarray:
+    """Casts as every backend does them: float -> int saturates (NaN -> 0), int -> int wraps,
+    anything -> float16/bfloat16 goes through float32, and float16/bfloat16 are held in float32."""
+    if dst.is_bool:
+        return x != 0
+    if dst.is_float:
+        if dst.name in ("float16", "bfloat16"):
+            return x.astype(np.float32).astype(dst.numpy).astype(np.float32)
+        return x.astype(dst.numpy)
+    if src.is_float:
+        lo, hi = int_range(dst)
+        t = np.trunc(np.where(np.isnan(x), 0, x).astype(np.float64))
+        over, under = t >= hi + 1.0, t < lo   # hi + 1.0: int64's max is not a float64
+        mid = np.where(over | under, 0, t).astype(np.int64)
+        return np.where(over, hi, np.where(under, lo, mid)).astype(dst.numpy)
+    return x.astype(dst.numpy)  # int/bool -> int wraps like C
+
+
+# ---------------------------------------------------------------- evaluation -------------------
+
+@dataclass
+class Result:
+    outputs: dict[str, np.ndarray]       # in storage dtype, full output shapes
+    magnitude: dict[str, np.ndarray]     # per output element: max |value| over the graph
+
+
+def chunk_views(kernel: Kernel, arrays: list[np.ndarray]) -> list[list[np.ndarray]]:
+    """The views each tensor input contributes (its chunks, or itself)."""
+    views = []
+    for a, ch in zip(arrays, kernel.chunks):
+        if ch is None:
+            views.append([a])
+        else:
+            n, dim = ch
+            views.append(np.split(a, n, axis=dim))
+    return views
+
+
+def evaluate(kernel: Kernel, arrays: list[np.ndarray], scalars: list = (), seed: int = 0,
+             offset: int = 0) -> Result:
+    """Evaluate an unexpanded kernel graph on numpy arrays (tensor inputs in declared order)."""
+    views = chunk_views(kernel, [np.asarray(a) for a in arrays])
+    shape = broadcast_shapes([v.shape for vs in views for v in vs])
+    values: list[np.ndarray] = []
+    mag = np.zeros(shape, np.float64)
+    words = None
+    for node in kernel.nodes:
+        d = node.dtype
+        if node.op == "load":
+            pos, k = node.attr
+            v = views[pos][k].astype(d.compute.numpy)
+        elif node.op == "scalar":
+            v = np.array(scalars[node.attr]).astype(d.numpy).astype(d.compute.numpy)
+        elif node.op == "const":
+            v = np.array(node.attr, d.compute.numpy)
+        elif node.op == "rand":
+            if words is None:
+                words = philox_words(np.arange(math.prod(shape), dtype=np.uint64).reshape(shape),
+                                     seed, offset)
+            v = uniform_from_words(words, node.attr, d)
+        elif node.op == "cast":
+            src = kernel.nodes[node.args[0]].dtype
+            v = _cast(values[node.args[0]], src, d)
+            if d.name in ("float16", "bfloat16"):
+                v = v.astype(np.float32)
+        else:
+            v = _eval_op(node, [values[a] for a in node.args],
+                         [kernel.nodes[a].dtype for a in node.args])
+        v = np.asarray(v)
+        if v.dtype.kind == "f":
+            with np.errstate(invalid="ignore"):
+                finite = np.where(np.isfinite(v), np.abs(v.astype(np.float64)), 0)
+            mag = np.maximum(mag, finite)
+        values.append(v)
+    outputs, magnitude = {}, {}
+    for o in kernel.outputs:
+        parts = [np.broadcast_to(values[p], shape).astype(o.dtype.numpy) for p in o.parts]
+        if o.cat:
+            outputs[o.name] = np.concatenate(parts, axis=o.cat[1])
+            magnitude[o.name] = np.concatenate([mag] * len(parts), axis=o.cat[1])
+        else:
+            outputs[o.name], magnitude[o.name] = parts[0], mag
+    return Result(outputs, magnitude)
+
+
+def _eval_op(node, args: list[np.ndarray], arg_dtypes: list[dt.DType]) -> np.ndarray:
+    name, d = node.op, node.dtype
+    with np.errstate(all="ignore"):
+        if name in CMP:
+            t = arg_dtypes[0]
+            if t.is_float:
+                return CMP[name](*(a.astype(np.float64) for a in args))
+            return CMP[name](*args)
+        if name in LOGICAL:
+            return LOGICAL[name](*args)
+        if name in ("isnan", "isinf", "isfinite"):
+            return getattr(np, name)(args[0])
+        if name == "where":
+            return np.where(args[0], args[1], args[2]).astype(d.compute.numpy)
+        if name in BITWISE:
+            return BITWISE[name](*args).astype(d.numpy)
+        if d.is_float:
+            f64 = [a.astype(np.float64) for a in args]
+            if name == "clamp":
+                bounds = dict(zip(node.attr[1:], f64[1:]))
+                r = _clamp(f64[0], bounds.get("min"), bounds.get("max"))
+            else:
+                r = FLOAT_OPS[name](*f64)
+            return np.asarray(r).astype(d.compute.numpy)
+        if name == "clamp":
+            bounds = dict(zip(node.attr[1:], args[1:]))
+            return _clamp(args[0], bounds.get("min"), bounds.get("max")).astype(d.numpy)
+        if name in ("relu", "relu6", "threshold", "hardtanh"):
+            return np.asarray(FLOAT_OPS[name](*args)).astype(d.numpy)
+        if name == "addcmul":
+            s, a, b, v = args
+            return np.add(s, np.multiply(np.multiply(v, a).astype(d.numpy), b).astype(d.numpy)
+                          ).astype(d.numpy)
+        return _int_op(name, args, d)
+
+
+# ---------------------------------------------------------------- comparison -------------------
+
+_PRECISION = {"float16": (11, -14), "bfloat16": (8, -126), "float32": (24, -126),
+              "float64": (53, -1022)}
+
+
+def ulp(x: np.ndarray, d: dt.DType) -> np.ndarray:
+    """Spacing of float dtype d at |x| (subnormal spacing below the smallest normal)."""
+    p, emin = _PRECISION[d.name]
+    _, e = np.frexp(np.abs(np.asarray(x, np.float64)))
+    return np.ldexp(1.0, np.maximum(e - 1, emin) - (p - 1))
+
+
+@dataclass
+class Mismatch:
+    count: int
+    worst_index: tuple
+    got: object
+    want: object
+    message: str
+
+
+def compare(got: np.ndarray, want: np.ndarray, magnitude: np.ndarray | None = None,
+            ulps: float | None = None) -> Mismatch | None:
+    """Check a kernel output against the reference; None when it matches.
+
+    Integers and bools must be equal. Floats: NaN where the reference has NaN, infinities equal,
+    and otherwise |got - want| <= k * ulp_storage(want) + 4 * ulp_compute(magnitude), with k = 4
+    for float32/float64 and 1 for float16/bfloat16 (one unit in the last place of storage).
+    `magnitude` (the largest intermediate value at that element) bounds cancellation error.
+    """
+    d = dt.from_numpy(want.dtype)
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return Mismatch(0, (), got.shape, want.shape,
+                        f"got {got.dtype}{list(got.shape)}, want {want.dtype}{list(want.shape)}")
+    if not d.is_float:
+        bad = got != want
+    else:
+        g, w = got.astype(np.float64), want.astype(np.float64)
+        k = ulps if ulps is not None else (4 if d.bits >= 32 else 1)
+        tol = k * ulp(w, d)
+        if magnitude is not None:
+            tol = tol + 4 * ulp(magnitude, d.compute)
+        with np.errstate(invalid="ignore"):
+            both_nan = np.isnan(g) & np.isnan(w)
+            inf = np.isinf(w) | np.isinf(g)
+            bad = ~both_nan & np.where(inf, g != w, ~(np.abs(g - w) <= tol))
+    if not bad.any():
+        return None
+    idx = tuple(int(i) for i in np.argwhere(bad)[0])
+    return Mismatch(int(bad.sum()), idx, got[idx], want[idx],
+                    f"{int(bad.sum())} of {bad.size} elements differ; first at {idx}: "
+                    f"got {got[idx]!r}, want {want[idx]!r}")

@@ -1,0 +1,184 @@
+"""Calling a group: arguments -> ArgSpec key -> kernel -> launch.
+
+This module holds the backend-independent part (argument checks, chunk views, broadcasting,
+canonicalization, output allocation, the kernel's meta words) and the CPU launch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import dtypes as dt
+from ..abi import Abi
+from ..argspec import Canonical, broadcast_shapes, canonicalize, contiguous_strides, format_key
+from ..errors import ArgumentError, KernelNotFound
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """What the runtime needs of a group, read from the manifest."""
+    name: str
+    params: tuple[tuple[str, str, str | None], ...]   # (name, 'tensor'|'scalar', dtype) in order
+    chunks: tuple                                     # per tensor input: (n, dim) or None
+    outputs: tuple[tuple[str, tuple | None], ...]     # (name, cat (n, dim) or None)
+    has_random: bool
+    signature: str
+
+    @staticmethod
+    def from_manifest(g: dict, signature: str) -> "GroupInfo":
+        params = tuple((i["name"], i["kind"], i["dtype"]) for i in g["inputs"])
+        chunks = tuple(tuple(i["chunk"]) if i["chunk"] else None for i in g["inputs"]
+                       if i["kind"] == "tensor")
+        outputs = tuple((o["name"], tuple(o["cat"]) if o["cat"] else None) for o in g["outputs"])
+        return GroupInfo(g["name"], params, chunks, outputs, g["has_random"], signature)
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return [n for n, k, _ in self.params if k == "tensor"]
+
+    @property
+    def scalar_dtypes(self) -> list[dt.DType]:
+        return [dt.lookup(d) for _, k, d in self.params if k == "scalar"]
+
+
+@dataclass
+class Call:
+    """One call's arguments, brought to canonical form."""
+    arrays: list                   # tensor arguments as given (numpy arrays for CPU)
+    dtypes: list[dt.DType]
+    views: list[tuple]             # per tensor input: (view shape, element strides, chunk step)
+    scalars: list
+    shape: tuple                   # iteration shape
+    out_shapes: list[tuple]
+    canon: Canonical
+    key: str
+
+
+def _normalize_dim(dim: int, rank: int) -> int:
+    return dim + rank if dim < 0 else dim
+
+
+def prepare(info: GroupInfo, args: tuple, describe) -> Call:
+    """Check arguments and compute the key; `describe(array)` -> (shape, byte strides, dtype)."""
+    if len(args) != len(info.params):
+        raise ArgumentError(f"{info.signature} takes {len(info.params)} arguments "
+                            f"({len(args)} given)")
+    arrays, dtypes_, views, scalars = [], [], [], []
+    chunk_iter = iter(info.chunks)
+    for (name, kind, sdtype), a in zip(info.params, args):
+        if kind == "scalar":
+            scalars.append(_scalar_bits(name, a, dt.lookup(sdtype)))
+            continue
+        shape, byte_strides, npdtype = describe(a)
+        try:
+            d = dt.from_numpy(npdtype)
+        except (KeyError, TypeError):
+            raise ArgumentError(f"input '{name}' of {info.name} has unsupported dtype {npdtype}; "
+                                f"supported: {', '.join(x.name for x in dt.ALL)}") from None
+        if any(s % d.itemsize for s in byte_strides):
+            raise ArgumentError(f"input '{name}' has strides {byte_strides} that are not a "
+                                f"multiple of its itemsize {d.itemsize}")
+        strides = tuple(s // d.itemsize for s in byte_strides)
+        chunk = next(chunk_iter)
+        step = 0
+        if chunk:
+            n, dim = chunk
+            axis = _normalize_dim(dim, len(shape))
+            if not 0 <= axis < len(shape) or shape[axis] % n:
+                raise ArgumentError(f"input '{name}' of {info.name} is chunked {n} ways along dim "
+                                    f"{dim}, which its shape {tuple(shape)} does not allow")
+            step = shape[axis] // n * strides[axis]
+            shape = shape[:axis] + (shape[axis] // n,) + shape[axis + 1:]
+        arrays.append(a)
+        dtypes_.append(d)
+        views.append((tuple(shape), strides, step))
+    try:
+        shape = broadcast_shapes([v[0] for v in views])
+    except ValueError as e:
+        shapes = ", ".join(f"{n}{list(v[0])}" for n, v in zip(info.tensor_names, views))
+        raise ArgumentError(f"inputs of {info.name} do not broadcast ({shapes}): {e}") from None
+    out_shapes, extra = [], []
+    for _, cat in info.outputs:
+        full = shape
+        if cat:
+            n, dim = cat
+            axis = _normalize_dim(dim, len(shape))
+            if not 0 <= axis < len(shape):
+                raise ArgumentError(f"{info.name} concatenates along dim {dim}, out of range for "
+                                    f"inputs of rank {len(shape)}")
+            full = shape[:axis] + (shape[axis] * n,) + shape[axis + 1:]
+        out_shapes.append(full)
+        extra.append(contiguous_strides(full))
+    canon = canonicalize(shape, [(v[0], v[1]) for v in views], extra)
+    key = format_key(info.name, list(zip(dtypes_, canon.layouts)))
+    return Call(arrays, dtypes_, views, scalars, shape, out_shapes, canon, key)
+
+
+def _scalar_bits(name: str, value, d: dt.DType) -> int:
+    """The meta word of a scalar argument: its bits in its declared dtype."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if not isinstance(value, (int, float, bool, np.generic)):
+        raise ArgumentError(f"scalar input '{name}' needs a Python number, got "
+                            f"{type(value).__name__}")
+    if d.is_float:
+        with np.errstate(over="ignore"):
+            if d == dt.float64:
+                return int(np.array(value, np.float64).view(np.int64))
+            return int(np.array(value, np.float32).view(np.uint32))
+    if d.is_bool:
+        return int(bool(value))
+    if isinstance(value, float) and not value.is_integer():
+        raise ArgumentError(f"scalar input '{name}' is {d.name}; got {value!r}")
+    lo = -(1 << (d.bits - 1)) if d.kind == "i" else 0
+    hi = (1 << (d.bits - (d.kind == "i"))) - 1
+    if not lo <= int(value) <= hi:
+        raise ArgumentError(f"scalar input '{name}' ({d.name}) cannot hold {value!r}")
+    return int(value)
+
+
+def nearest_keys(key: str, keys: list[str], n: int = 3) -> tuple[str, ...]:
+    """Keys of the same group ordered by closeness: same dtypes, same rank, then text."""
+    from difflib import SequenceMatcher
+    from ..argspec import parse_key
+    group, descs = parse_key(key)
+    cands = []
+    for k in keys:
+        g, d = parse_key(k)
+        if g != group:
+            continue
+        same_dtypes = [x for x, _ in d] == [x for x, _ in descs]
+        same_rank = {len(lay) for _, lay in d} == {len(lay) for _, lay in descs}
+        cands.append((not same_dtypes, not same_rank, -SequenceMatcher(None, k, key).ratio(), k))
+    return tuple(c[-1] for c in sorted(cands)[:n])
+
+
+def generalizations(key: str) -> list[str]:
+    """Keys whose kernels also handle `key`: 's' accepts any stride, so each letter may be 's'."""
+    from ..argspec import parse_key
+    group, descs = parse_key(key)
+    if not descs or not descs[0][1]:
+        return []
+    return [format_key(group, [(d, "s" * len(lay)) for d, lay in descs])]
+
+
+def meta_words(call: Call, abi: Abi, seed: int, offset: int) -> np.ndarray:
+    meta = np.zeros(abi.n_meta, np.int64)
+    rank = abi.rank
+    meta[:rank] = call.canon.sizes
+    for op, strides in enumerate(call.canon.strides):
+        meta[abi.stride(op, 0):abi.stride(op, 0) + rank] = strides
+    if abi.random:
+        for slot, value, what in ((abi.seed, seed, "seed"), (abi.offset, offset, "offset")):
+            if not isinstance(value, (int, np.integer)) or not 0 <= value < 1 << 64:
+                raise ArgumentError(f"{what} must be an integer in [0, 2**64), got {value!r}")
+            meta[slot] = np.array(value, np.uint64).view(np.int64)
+    for k, bits in enumerate(call.scalars):
+        meta[abi.scalar(k)] = bits
+    return meta
+
+
+def element_count(call: Call) -> int:
+    return math.prod(call.shape)

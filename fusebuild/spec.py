@@ -1,0 +1,422 @@
+"""Spec files (YAML, `fusebuild: 1`) -> groups and their ArgSpec matrix (a build plan).
+
+The YAML is composed into nodes so every error can name file:line:column; bodies are parsed by
+`ir.parse_group`. Matrix shapes are symbolic (B, C, 4*H) and canonicalized with the same
+`argspec.canonicalize` the runtime uses, so the planned keys are exactly the keys calls produce.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import yaml
+
+from . import dtypes as dt
+from . import targets as tg
+from .argspec import Dim, broadcast_shapes, canonicalize, contiguous_strides, format_key
+from .errors import SpecError
+from .ir import Group, SourceMap, instantiate, parse_group
+
+TOP_KEYS = ("fusebuild", "bundle", "targets", "groups")
+GROUP_KEYS = ("name", "doc", "inputs", "outputs", "body", "matrix", "targets")
+MATRIX_KEYS = ("dtype", "shapes", "strided")
+DEFAULT_MAX_KERNELS = 20000
+DEFAULT_NAME, DEFAULT_VERSION = "kernels", "0.1.0"
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_INPUT_TYPE = re.compile(r"^(tensor|scalar)(?:\(\s*([a-z0-9]+)\s*\))?$")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One ArgSpec of a group: its key and the dtypes of the tensor inputs."""
+    key: str
+    dtypes: tuple[dt.DType, ...]
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    group: Group
+    variants: tuple[Variant, ...]
+    targets: tuple[str, ...]
+    file: str
+    line: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    version: str
+    groups: tuple[GroupPlan, ...]
+
+    @property
+    def n_kernels(self) -> int:
+        return sum(len(g.variants) * len(g.targets) for g in self.groups)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(t for g in self.groups for t in g.targets))
+
+
+# ---------------------------------------------------------------- YAML with positions ----------
+
+class _Y:
+    """A YAML node with its file, for errors that point at it."""
+
+    def __init__(self, node: yaml.Node, file: str, text: str):
+        self.node, self.file, self.text = node, file, text
+        self.key_node: _Y | None = None    # set for mapping values: the node of their key
+
+    @property
+    def line(self) -> int:
+        return self.node.start_mark.line + 1
+
+    @property
+    def col(self) -> int:
+        return self.node.start_mark.column + 1
+
+    def err(self, message: str, hint: str = "") -> SpecError:
+        return SpecError(message, self.file, self.line, self.col, hint)
+
+    def scalar(self):
+        if not isinstance(self.node, yaml.ScalarNode):
+            raise self.err("expected a single value here")
+        return _construct(self.node)
+
+    def str(self, what: str) -> str:
+        v = self.scalar()
+        if not isinstance(v, str):
+            raise self.err(f"{what} must be a string, got {v!r}")
+        return v
+
+    def mapping(self, what: str, allowed: tuple[str, ...] | None = None) -> dict[str, "_Y"]:
+        if not isinstance(self.node, yaml.MappingNode):
+            raise self.err(f"{what} must be a mapping")
+        out: dict[str, _Y] = {}
+        for k, v in self.node.value:
+            key = _Y(k, self.file, self.text)
+            name = key.scalar()
+            if not isinstance(name, str):
+                raise key.err(f"keys of {what} must be names, got {name!r}")
+            if name in out:
+                raise key.err(f"duplicate key '{name}' in {what}")
+            if allowed is not None and name not in allowed:
+                raise key.err(f"unknown key '{name}' in {what}",
+                              f"allowed keys: {', '.join(allowed)}")
+            out[name] = _Y(v, self.file, self.text)
+            out[name].key_node = key
+        return out
+
+    def seq(self, what: str) -> list["_Y"]:
+        if not isinstance(self.node, yaml.SequenceNode):
+            raise self.err(f"{what} must be a list")
+        return [_Y(n, self.file, self.text) for n in self.node.value]
+
+
+def _construct(node: yaml.ScalarNode):
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_object(node)
+    finally:
+        loader.dispose()
+
+
+def _compose(path: str) -> _Y:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise SpecError(f"cannot read spec file: {e.strerror}", path, 0, 0) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        raise SpecError(f"malformed YAML: {e.problem or e.context}", path,
+                        mark.line + 1 if mark else 0, mark.column + 1 if mark else 0,
+                        "check indentation and quoting") from None
+    if node is None:
+        raise SpecError("empty spec file", path, 1, 1, "start with `fusebuild: 1`")
+    return _Y(node, path, text)
+
+
+def _body_source_map(y: _Y) -> SourceMap:
+    node = y.node
+    if node.style in ("|", ">"):
+        lines = y.text.splitlines()
+        first = node.start_mark.line + 1      # 0-based index of the first content line
+        content = [ln for ln in lines[first:first + node.value.count("\n") + 1] if ln.strip()]
+        indent = min((len(ln) - len(ln.lstrip(" ")) for ln in content), default=0)
+        return SourceMap(y.file, first + 1, (indent + 1,) * (node.value.count("\n") + 1))
+    quote = 1 if node.style in ("'", '"') else 0
+    return SourceMap(y.file, y.line, (y.col + quote,))
+
+
+# ---------------------------------------------------------------- spec -> plan -----------------
+
+def spec_files(paths: list[str]) -> list[str]:
+    """Spec files named directly or found (*.yaml, *.yml, sorted) under directories."""
+    files: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            for root, dirs, names in os.walk(p):
+                dirs.sort()
+                files += [os.path.join(root, n) for n in sorted(names)
+                          if n.endswith((".yaml", ".yml"))]
+        elif os.path.exists(p):
+            files.append(p)
+        else:
+            raise SpecError("no such spec file or directory", p, 0, 0)
+    if not files:
+        raise SpecError("no spec files (*.yaml, *.yml) found", ", ".join(paths), 0, 0)
+    return files
+
+
+def load_plan(paths: list[str], targets: list[str] | None = None, name: str | None = None,
+              version: str | None = None, max_kernels: int = DEFAULT_MAX_KERNELS) -> Plan:
+    """Parse every spec under `paths` into a build plan; raises SpecError."""
+    groups: list[GroupPlan] = []
+    seen: dict[str, GroupPlan] = {}
+    bundle: tuple[str, str, _Y] | None = None
+    total = 0
+    cli_targets = None
+    if targets:
+        try:
+            cli_targets = tg.expand(targets)
+        except ValueError as e:
+            raise SpecError(str(e), "--target", 0, 0) from None
+    for path in spec_files(paths):
+        top = _compose(path)
+        doc = top.mapping("the spec file", TOP_KEYS)
+        if "fusebuild" not in doc:
+            raise top.err("missing `fusebuild: 1` at the top of the spec",
+                          "every spec file starts with `fusebuild: 1`")
+        if doc["fusebuild"].scalar() != 1:
+            raise doc["fusebuild"].err(f"unsupported spec version {doc['fusebuild'].scalar()!r}",
+                                       "this fusebuild reads `fusebuild: 1`")
+        if "bundle" in doc:
+            b = doc["bundle"].mapping("bundle", ("name", "version"))
+            this = (b["name"].str("bundle name") if "name" in b else DEFAULT_NAME,
+                    str(b["version"].scalar()) if "version" in b else DEFAULT_VERSION)
+            if bundle and this != bundle[:2] and not (name and version):
+                raise doc["bundle"].err(
+                    f"bundle {this[0]}-{this[1]} conflicts with {bundle[0]}-{bundle[1]} "
+                    f"declared at {bundle[2].file}:{bundle[2].line}",
+                    "declare the bundle once, or pass --name/--version")
+            bundle = bundle or (*this, doc["bundle"])
+        file_targets = _targets(doc["targets"]) if "targets" in doc else None
+        if "groups" not in doc:
+            raise top.err("the spec has no `groups:`")
+        for gy in doc["groups"].seq("groups"):
+            gp = _group_plan(gy, cli_targets, file_targets)
+            if gp.group.name in seen:
+                first = seen[gp.group.name]
+                raise gy.mapping("group")["name"].err(
+                    f"duplicate group name '{gp.group.name}' (first defined at "
+                    f"{first.file}:{first.line})", "group names must be unique across all specs")
+            seen[gp.group.name] = gp
+            total += len(gp.variants) * len(gp.targets)
+            if total > max_kernels:
+                where = gy.mapping("group").get("matrix", gy)
+                raise where.err(f"the build would have {total}+ kernels, over the limit of "
+                                f"{max_kernels}", "narrow the matrix or raise --max-kernels")
+            groups.append(gp)
+    final_name = name or (bundle[0] if bundle else DEFAULT_NAME)
+    final_version = version or (bundle[1] if bundle else DEFAULT_VERSION)
+    for v, what in ((final_name, "name"), (final_version, "version")):
+        if not re.match(r"^[A-Za-z0-9_.+-]+$", v):
+            raise SpecError(f"bundle {what} {v!r} may only hold letters, digits and _ . + -",
+                            bundle[2].file if bundle else "--" + what,
+                            bundle[2].line if bundle else 0, 0)
+    return Plan(final_name, final_version, tuple(groups))
+
+
+def _targets(y: _Y) -> tuple[str, ...]:
+    names = [t.str("a target") for t in y.seq("targets")]
+    try:
+        return tg.expand(names)
+    except ValueError as e:
+        raise y.err(str(e)) from None
+
+
+def _input_decls(y: _Y) -> list[tuple[str, str, dt.DType | None]]:
+    out = []
+    for name, ty in y.mapping("inputs").items():
+        if not _IDENT.match(name):
+            raise ty.key_node.err(f"input name '{name}' is not an identifier")
+        text = ty.str(f"the type of input '{name}'").strip()
+        m = _INPUT_TYPE.match(text)
+        if not m:
+            raise ty.err(f"unknown input type '{text}'",
+                         "use tensor, tensor(float32) or scalar(float32)")
+        kind, dname = m.groups()
+        d = _dtype(dname, ty) if dname else None
+        if kind == "scalar" and d is None:
+            raise ty.err(f"scalar input '{name}' needs a dtype", "write scalar(float32)")
+        out.append((name, kind, d))
+    if not out:
+        raise y.err("a group needs inputs")
+    return out
+
+
+def _dtype(name: str, y: _Y) -> dt.DType:
+    try:
+        return dt.lookup(name)
+    except KeyError:
+        raise y.err(f"unknown dtype '{name}'",
+                    f"known dtypes: {', '.join(d.name for d in dt.ALL)}") from None
+
+
+def _output_decls(y: _Y, inputs) -> list[tuple[str, dt.DType | None]]:
+    if isinstance(y.node, yaml.SequenceNode):
+        items = [(o.str("an output name"), None, o) for o in y.seq("outputs")]
+    else:
+        items = [(k, None if v.scalar() is None else _dtype(str(v.scalar()), v), v.key_node)
+                 for k, v in y.mapping("outputs").items()]
+    names = {n for n, _, _ in inputs}
+    seen = set()
+    for name, _, where in items:
+        if not _IDENT.match(name):
+            raise where.err(f"output name '{name}' is not an identifier")
+        if name in names:
+            raise where.err(f"output '{name}' has the name of an input", "rename one of them")
+        if name in seen:
+            raise where.err(f"duplicate output '{name}'")
+        seen.add(name)
+    if not items:
+        raise y.err("a group needs at least one output")
+    return [(n, d) for n, d, _ in items]
+
+
+def _group_plan(gy: _Y, cli_targets: tuple[str, ...] | None,
+                file_targets: tuple[str, ...] | None) -> GroupPlan:
+    g = gy.mapping("group", GROUP_KEYS)
+    for req in ("name", "inputs", "outputs", "body"):
+        if req not in g:
+            raise gy.err(f"group is missing `{req}:`")
+    name = g["name"].str("group name")
+    if not _IDENT.match(name):
+        raise g["name"].err(f"group name '{name}' is not an identifier",
+                            "use letters, digits and _ (it becomes part of C symbols)")
+    inputs = _input_decls(g["inputs"])
+    outputs = _output_decls(g["outputs"], inputs)
+    body_y = g["body"]
+    group = parse_group(name, inputs, outputs, body_y.str("body"), _body_source_map(body_y),
+                        g["doc"].str("doc") if "doc" in g else "")
+    group_targets = _targets(g["targets"]) if "targets" in g else None
+    targets = cli_targets or group_targets or file_targets or tg.expand(["cpu"])
+    variants = _variants(group, g.get("matrix"), gy)
+    return GroupPlan(group, variants, targets, gy.file, gy.line)
+
+
+def _dtype_maps(group: Group, y: _Y | None, where: _Y) -> list[tuple[dict[str, dt.DType], _Y]]:
+    free = [i.name for i in group.tensor_inputs if i.dtype is None]
+    fixed = {i.name: i.dtype for i in group.tensor_inputs if i.dtype is not None}
+    if y is None:
+        if free:
+            raise where.err("matrix.dtype is required: inputs " + ", ".join(free) +
+                            " have no fixed dtype", "add `dtype: [float32]` under matrix")
+        return [(dict(fixed), where)]
+    maps = []
+    for item in y.seq("matrix.dtype"):
+        if isinstance(item.node, yaml.MappingNode):
+            m = {}
+            for k, v in item.mapping("a dtype map").items():
+                if k not in {i.name for i in group.tensor_inputs}:
+                    raise v.key_node.err(f"'{k}' is not a tensor input of group '{group.name}'")
+                m[k] = _dtype(str(v.scalar()), v)
+                if k in fixed and m[k] != fixed[k]:
+                    raise v.err(f"input '{k}' is fixed to {fixed[k].name}")
+            missing = [n for n in free if n not in m]
+            if missing:
+                raise item.err(f"dtype map does not give a dtype for {', '.join(missing)}")
+            maps.append(({**fixed, **m}, item))
+        else:
+            d = _dtype(str(item.scalar()), item)
+            maps.append(({**fixed, **{n: d for n in free}}, item))
+    return maps
+
+
+def _parse_dim(y: _Y) -> int | Dim:
+    v = y.scalar()
+    if isinstance(v, int) and not isinstance(v, bool):
+        if v < 1:
+            raise y.err(f"dimension size {v} must be >= 1")
+        return v
+    text = str(v).replace(" ", "")
+    coef, syms = 1, []
+    for term in text.split("*"):
+        if term.isdigit():
+            coef *= int(term)
+        elif _IDENT.match(term):
+            syms.append(term)
+        else:
+            raise y.err(f"bad dimension '{v}'", "use an integer, a symbol (B) or a product (4*H)")
+    return Dim(coef, tuple(syms)) if syms else coef
+
+
+def _variants(group: Group, matrix: _Y | None, gy: _Y) -> tuple[Variant, ...]:
+    m = matrix.mapping("matrix", MATRIX_KEYS) if matrix is not None else {}
+    where = matrix or gy
+    dtype_maps = _dtype_maps(group, m.get("dtype"), where)
+    if "shapes" not in m:
+        raise where.err("matrix.shapes is required", "e.g. shapes: [{x: [N]}]")
+    strided = bool(m["strided"].scalar()) if "strided" in m else False
+    patterns = [_layouts(group, s) for s in m["shapes"].seq("matrix.shapes")]
+    if strided:
+        patterns += [tuple("s" * len(p[0]) for _ in p) for p in patterns if p and p[0]]
+    out: dict[str, Variant] = {}
+    for dmap, dy in dtype_maps:
+        instantiate(group, dmap)   # type-check this dtype assignment
+        dts = tuple(dmap[i.name] for i in group.tensor_inputs)
+        for layouts in patterns:
+            key = format_key(group.name, list(zip(dts, layouts)))
+            out.setdefault(key, Variant(key, dts))
+    return tuple(out.values())
+
+
+def _layouts(group: Group, sy: _Y) -> tuple[str, ...]:
+    """Canonical layouts of one symbolic shape pattern (all operands C-contiguous)."""
+    shapes = {}
+    tensor_names = [i.name for i in group.tensor_inputs]
+    for k, v in sy.mapping("a shape pattern").items():
+        if k not in tensor_names:
+            raise v.key_node.err(f"'{k}' is not a tensor input of group '{group.name}'")
+        shapes[k] = tuple(_parse_dim(d) for d in v.seq(f"the shape of '{k}'"))
+    missing = [n for n in tensor_names if n not in shapes]
+    if missing:
+        raise sy.err(f"shape pattern gives no shape for {', '.join(missing)}")
+    views = []
+    for inp in group.tensor_inputs:
+        shape = shapes[inp.name]
+        strides = contiguous_strides(shape)
+        if inp.chunk:
+            n, dim = inp.chunk
+            d = dim + len(shape) if dim < 0 else dim
+            if not 0 <= d < len(shape):
+                raise sy.err(f"chunk(..., dim={dim}) is out of range for '{inp.name}' of rank "
+                             f"{len(shape)}")
+            size = shape[d]
+            if not (Dim.of(size).divisible(n)):
+                raise sy.err(f"chunk({inp.name}, {n}, dim={dim}): size {size} is not known to be "
+                             f"divisible by {n}", f"write the size as {n}*{size}")
+            shape = shape[:d] + (Dim.of(size) // n if isinstance(size, Dim) else size // n,) + \
+                shape[d + 1:]
+        views.append((shape, strides))
+    try:
+        it_shape = broadcast_shapes([s for s, _ in views])
+    except ValueError as e:
+        raise sy.err(f"shapes do not broadcast: {e}",
+                     "inputs broadcast like numpy (right-aligned, size 1 stretches)") from None
+    extra = []
+    for out in group.outputs:
+        full = it_shape
+        if out.cat:
+            n, dim = out.cat
+            d = dim + len(it_shape) if dim < 0 else dim
+            if not 0 <= d < len(it_shape):
+                raise sy.err(f"cat(..., dim={dim}) of output '{out.name}' is out of range for "
+                             f"rank {len(it_shape)}")
+            full = it_shape[:d] + (it_shape[d] * n,) + it_shape[d + 1:]
+        extra.append(contiguous_strides(full))
+    return canonicalize(it_shape, views, extra).layouts
+
