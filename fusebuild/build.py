@@ -110,6 +110,20 @@ def run_job(job: Job) -> JobResult:
                 result.kernels += _entries(kernels, target, rel, objects[tg.arch(target)])
             if job.emit_source:
                 result.artifacts[f"src/{name}.py"] = source.encode()
+        elif job.backend == "cuda":
+            from .codegen.cuda import render_module, vector_width
+            from .toolchain.nvrtc import compile_cuda, ptx_isa
+            target, arch = job.targets[0], tg.arch(job.targets[0])
+            source = render_module(kernels)
+            data = compile_cuda(source, target, name)
+            ptx = arch.startswith("compute_")
+            rel = f"cuda/{arch}/{name}.{'ptx' if ptx else 'cubin'}"
+            result.artifacts[rel] = data
+            extra = {"ptx_isa": ptx_isa(data)} if ptx else {}
+            result.kernels += [{**e, "vector": vector_width(ks), **extra}
+                               for e, ks in zip(_entries(kernels, target, rel, data), kernels)]
+            if job.emit_source:
+                result.artifacts[f"src/{name}.cu"] = source.encode()
         else:
             raise BuildError(f"backend '{job.backend}' is not supported by this build")
     except FusebuildError as e:
@@ -126,6 +140,9 @@ def toolchain_versions(plan: Plan) -> dict[str, str]:
     pkgs = (["numba", "llvmlite"] if "cpu" in backends else [])
     for pkg in pkgs:
         versions[pkg] = metadata.version(pkg)
+    if "cuda" in backends:
+        from .toolchain import nvrtc
+        versions.update(nvrtc.versions())
     return versions
 
 
@@ -178,7 +195,9 @@ def _run(job_list: list[Job], workers: int, keep_going: bool, progress: bool | N
                 if results[-1].error and not keep_going:
                     break
             return results
-        ctx = multiprocessing.get_context("spawn")
+        # fork: workers need no re-import of the caller's __main__ (scripts without a main guard
+        # work) and start fast; the parent holds no compiler threads.
+        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             pending = {pool.submit(run_job, job) for job in job_list}
             while pending:

@@ -162,7 +162,7 @@ class _BodyParser:
             value = ast.Constant(-node.operand.value) if isinstance(node.operand.value, int) else node
         if isinstance(value, ast.Constant) and type(value.value) is int:
             return value.value
-        raise self.err(node, f"{what} must be an integer literal")
+        raise self.err(node, f"{what} must be an integer literal", "write a plain integer such as 2 or -1")
 
     def expr(self, node) -> Expr:
         pos = dict(line=node.lineno, col=node.col_offset)
@@ -176,7 +176,8 @@ class _BodyParser:
         if isinstance(node, ast.BinOp):
             op = BINOPS.get(type(node.op).__name__)
             if op is None:
-                raise self.err(node, f"operator {type(node.op).__name__} is not supported")
+                raise self.err(node, f"operator {type(node.op).__name__} is not supported",
+                               "supported: + - * / // % ** << >> & | ^")
             return Expr("call", op, (self.expr(node.left), self.expr(node.right)), **pos)
         if isinstance(node, ast.UnaryOp):
             if isinstance(node.op, ast.UAdd):
@@ -192,7 +193,8 @@ class _BodyParser:
                                "write logical_and(a < b, b < c)")
             op = CMPOPS.get(type(node.ops[0]).__name__)
             if op is None:
-                raise self.err(node, f"comparison {type(node.ops[0]).__name__} is not supported")
+                raise self.err(node, f"comparison {type(node.ops[0]).__name__} is not supported",
+                               "supported: == != < <= > >=")
             return Expr("call", op, (self.expr(node.left), self.expr(node.comparators[0])), **pos)
         if isinstance(node, ast.IfExp):
             return Expr("call", "where", (self.expr(node.test), self.expr(node.body),
@@ -209,26 +211,31 @@ class _BodyParser:
             raise self.err(node, "subscripts are not allowed in a body",
                            "split tensors with `a, b = chunk(x, 2, dim=-1)`")
         if isinstance(node, ast.Lambda):
-            raise self.err(node, "lambdas are not allowed in a body")
+            raise self.err(node, "lambdas are not allowed in a body",
+                           "assign the expression to a name instead")
         raise self.err(node, f"{type(node).__name__} is not allowed in a body",
                        "a body holds assignments of elementwise expressions only")
 
     def call(self, node: ast.Call) -> Expr:
         pos = dict(line=node.lineno, col=node.col_offset)
+        if isinstance(node.func, ast.Attribute):
+            raise self.err(node.func, "attribute access is not allowed in a body",
+                           "call ops by their bare name, e.g. exp(x)")
         if not isinstance(node.func, ast.Name):
             raise self.err(node, "only ops of the table can be called",
                            "call ops by their bare name, e.g. exp(x)")
         name = node.func.id
         if any(isinstance(a, ast.Starred) for a in node.args) or \
                 any(k.arg is None for k in node.keywords):
-            raise self.err(node, "*args and **kwargs are not allowed in a body")
+            raise self.err(node, "*args and **kwargs are not allowed in a body",
+                           "pass arguments one by one")
         if name in ("chunk", "cat"):
             raise self.err(node, f"{name}() is only allowed as a whole statement",
                            "write `a, b = chunk(x, 2, dim=1)` or `y = cat([p, q], dim=-1)`"
                            if name == "chunk" else "cat([...]) builds an output: `y = cat([p, q], dim=-1)`")
         if name in CASTS:
             if len(node.args) != 1 or node.keywords:
-                raise self.err(node, f"cast {name}() takes exactly one argument")
+                raise self.err(node, f"cast {name}() takes exactly one argument", f"{name}(x)")
             return Expr("call", name, (self.expr(node.args[0]),), **pos)
         if name == "rand_like":
             if len(node.args) != 1 or node.keywords:
@@ -253,7 +260,8 @@ class _BodyParser:
                 raise self.err(kw.value, f"{op.name}() got an unexpected keyword '{kw.arg}'",
                                f"{op.name}({', '.join(op.params)})")
             if kw.arg in bound:
-                raise self.err(kw.value, f"{op.name}() got multiple values for '{kw.arg}'")
+                raise self.err(kw.value, f"{op.name}() got multiple values for '{kw.arg}'",
+                               f"{op.name}({', '.join(op.params)})")
             bound[kw.arg] = self.expr(kw.value)
         missing = [p for p in op.params[:op.min_args] if p not in bound]
         if missing:
@@ -282,7 +290,8 @@ def parse_group(name: str, inputs: list[tuple[str, str, dt.DType | None]],
         module = ast.parse(body, mode="exec")
     except SyntaxError as e:
         raise smap.error(f"syntax error in body: {e.msg}", e.lineno or 1,
-                         max(0, (e.offset or 1) - 1)) from None
+                         max(0, (e.offset or 1) - 1),
+                         "a body is Python expression syntax, one `name = expr` per line") from None
     input_kinds = {n: k for n, k, _ in inputs}
     output_names = [n for n, _ in outputs]
     defined: dict[str, str] = {n: "input" for n in input_kinds}
@@ -317,7 +326,8 @@ def parse_group(name: str, inputs: list[tuple[str, str, dt.DType | None]],
 
     def define(target: str, node, kind: str):
         if target in CONSTANTS:
-            raise p.err(node, f"'{target}' is a built-in constant and cannot be assigned")
+            raise p.err(node, f"'{target}' is a built-in constant and cannot be assigned",
+                        "pick another name")
         if target in defined:
             what = "an input" if defined[target] == "input" else "already assigned"
             raise p.err(node, f"'{target}' is {what} and cannot be reassigned",
@@ -339,7 +349,7 @@ def parse_group(name: str, inputs: list[tuple[str, str, dt.DType | None]],
         if isinstance(target, ast.Tuple):
             raise p.err(st, "only chunk() can assign several names", "a, b = chunk(x, 2, dim=1)")
         if not isinstance(target, ast.Name):
-            raise p.err(st, "the target of an assignment must be a plain name")
+            raise p.err(st, "the target of an assignment must be a plain name", "name = expr")
         if is_call and value.func.id == "cat":
             parts, dim = _parse_cat(p, value)
             if target.id not in output_names:
@@ -361,7 +371,8 @@ def parse_group(name: str, inputs: list[tuple[str, str, dt.DType | None]],
             raise smap.error(f"output '{out}' is never assigned", len(body.splitlines()) or 1, 0,
                              f"add a statement `{out} = ...` to the body")
     if not any(k == "tensor" for k in input_kinds.values()):
-        raise smap.error("a group needs at least one tensor input", 1, 0)
+        raise smap.error("a group needs at least one tensor input", 1, 0,
+                         "declare one under inputs, e.g. x: tensor")
 
     canonical = "\n".join(ast.unparse(st) for st in module.body)
     in_decls = tuple(InputDecl(n, k, d, chunked.get(n)) for n, k, d in inputs)
@@ -383,14 +394,15 @@ def _parse_chunk(p: _BodyParser, st, target, value: ast.Call, input_kinds, chunk
     n = p.int_literal(value.args[1], "the number of chunks")
     dim = p.int_literal(value.keywords[0].value, "dim")
     if n < 2:
-        raise p.err(value.args[1], "chunk() needs n >= 2")
+        raise p.err(value.args[1], "chunk() needs n >= 2", "a, b = chunk(x, 2, dim=1)")
     if len(target.elts) != n:
         raise p.err(st, f"chunk(..., {n}, ...) gives {n} values but {len(target.elts)} names are "
-                        "assigned")
+                        "assigned", f"assign {n} names, one per chunk")
     if src.id in chunked:
         raise p.err(value, f"input '{src.id}' is already chunked", "chunk each input once")
     if src.id in used_whole:
-        raise p.err(value, f"input '{src.id}' is used whole and cannot also be chunked")
+        raise p.err(value, f"input '{src.id}' is used whole and cannot also be chunked",
+                    "use its chunks only, or declare it twice as two inputs")
     chunked[src.id] = (n, dim)
     return Stmt("chunk", tuple(t.id for t in target.elts), source=src.id, n=n, dim=dim, **pos)
 
@@ -401,7 +413,7 @@ def _parse_cat(p: _BodyParser, value: ast.Call) -> tuple[tuple[Expr, ...], int]:
         raise p.err(value, "cat() takes ([e1, e2, ...], dim=d)", "y = cat([p, q], dim=-1)")
     parts = tuple(p.expr(e) for e in value.args[0].elts)
     if len(parts) < 2:
-        raise p.err(value, "cat() needs at least two parts")
+        raise p.err(value, "cat() needs at least two parts", "y = cat([p, q], dim=-1)")
     return parts, p.int_literal(value.keywords[0].value, "dim")
 
 

@@ -123,6 +123,16 @@ def _clamp(b, x, lo, hi):
     return x
 
 
+def _logit(b, z):
+    """log(z / (1 - z)); near z = 0.5 as log1p((2z - 1) / (1 - z)), where 2z - 1 is exact and
+    nothing cancels."""
+    one_minus = b.op("sub", b.c(1), z)
+    central = b.op("log1p", b.op("div", b.op("sub", b.op("add", z, z), b.c(1)), one_minus))
+    outer = b.op("log", b.op("div", z, one_minus))
+    near_half = b.op("lt", b.op("abs", b.op("sub", z, b.c(0.5))), b.c(0.25))
+    return b.op("where", near_half, central, outer)
+
+
 EXPANSIONS: dict[str, Callable] = {
     "reciprocal": lambda b, x: b.op("div", b.c(1), x),
     "frac": lambda b, x: b.op("sub", x, b.op("trunc", x)),
@@ -131,9 +141,10 @@ EXPANSIONS: dict[str, Callable] = {
         b.op("add", a, b.op("mul", w, b.op("sub", e, a))),
         b.op("sub", e, b.op("mul", b.op("sub", e, a), b.op("sub", b.c(1), w)))),
     "clamp": _clamp,
-    "threshold": lambda b, x, th, v: b.op("where", b.op("gt", x, th), x, v),
+    # torch's threshold: x <= threshold gives value, otherwise x (so NaN stays NaN)
+    "threshold": lambda b, x, th, v: b.op("where", b.op("le", x, th), v, x),
     "addcmul": lambda b, s, x, y, v: b.op("add", s, b.op("mul", b.op("mul", v, x), y)),
-    "relu": lambda b, x: b.op("where", b.op("gt", x, b.c(0)), x, b.c(0)),
+    "relu": lambda b, x: b.op("max", x, b.c(0)),   # NaN-propagating, like torch.relu
     "relu6": lambda b, x: _clamp(b, x, b.c(0), b.c(6)),
     "leaky_relu": lambda b, x, s: b.op("where", b.op("gt", x, b.c(0)), x, b.op("mul", x, s)),
     "elu": lambda b, x, a: b.op("where", b.op("gt", x, b.c(0)), x,
@@ -156,8 +167,8 @@ EXPANSIONS: dict[str, Callable] = {
     "hardswish": lambda b, x: b.op("div", b.op("mul", x, _clamp(b, b.op("add", x, b.c(3)), b.c(0),
                                                                  b.c(6))), b.c(6)),
     "hardtanh": lambda b, x, lo, hi: _clamp(b, x, lo, hi),
-    "logit": lambda b, x, eps: (lambda z: b.op("log", b.op("div", z, b.op("sub", b.c(1), z))))(
-        x if eps is None else _clamp(b, x, eps, b.op("sub", b.c(1), eps))),
+    "logit": lambda b, x, eps: _logit(b, x if eps is None else _clamp(b, x, eps,
+                                                                         b.op("sub", b.c(1), eps))),
 }
 
 assert set(EXPANSIONS) == {n for n, d in OPS.items() if d.composite}

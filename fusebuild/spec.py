@@ -41,6 +41,7 @@ class GroupPlan:
     targets: tuple[str, ...]
     file: str
     line: int
+    shapes: tuple[dict, ...] = ()     # the symbolic shape patterns of the matrix
 
 
 @dataclass(frozen=True)
@@ -80,26 +81,26 @@ class _Y:
 
     def scalar(self):
         if not isinstance(self.node, yaml.ScalarNode):
-            raise self.err("expected a single value here")
+            raise self.err("expected a single value here", "write a scalar, not a list or mapping")
         return _construct(self.node)
 
     def str(self, what: str) -> str:
         v = self.scalar()
         if not isinstance(v, str):
-            raise self.err(f"{what} must be a string, got {v!r}")
+            raise self.err(f"{what} must be a string, got {v!r}", "quote it if YAML reads it as a number")
         return v
 
     def mapping(self, what: str, allowed: tuple[str, ...] | None = None) -> dict[str, "_Y"]:
         if not isinstance(self.node, yaml.MappingNode):
-            raise self.err(f"{what} must be a mapping")
+            raise self.err(f"{what} must be a mapping", "write `key: value` entries")
         out: dict[str, _Y] = {}
         for k, v in self.node.value:
             key = _Y(k, self.file, self.text)
             name = key.scalar()
             if not isinstance(name, str):
-                raise key.err(f"keys of {what} must be names, got {name!r}")
+                raise key.err(f"keys of {what} must be names, got {name!r}", "quote the key")
             if name in out:
-                raise key.err(f"duplicate key '{name}' in {what}")
+                raise key.err(f"duplicate key '{name}' in {what}", "give each key once")
             if allowed is not None and name not in allowed:
                 raise key.err(f"unknown key '{name}' in {what}",
                               f"allowed keys: {', '.join(allowed)}")
@@ -109,7 +110,7 @@ class _Y:
 
     def seq(self, what: str) -> list["_Y"]:
         if not isinstance(self.node, yaml.SequenceNode):
-            raise self.err(f"{what} must be a list")
+            raise self.err(f"{what} must be a list", "write [a, b] or one `- item` per line")
         return [_Y(n, self.file, self.text) for n in self.node.value]
 
 
@@ -126,7 +127,8 @@ def _compose(path: str) -> _Y:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
-        raise SpecError(f"cannot read spec file: {e.strerror}", path, 0, 0) from None
+        raise SpecError(f"cannot read spec file: {e.strerror}", path, 0, 0,
+                        "check the path and its permissions") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
@@ -142,11 +144,11 @@ def _compose(path: str) -> _Y:
 def _body_source_map(y: _Y) -> SourceMap:
     node = y.node
     if node.style in ("|", ">"):
-        lines = y.text.splitlines()
+        n = len(node.value.rstrip("\n").split("\n"))
         first = node.start_mark.line + 1      # 0-based index of the first content line
-        content = [ln for ln in lines[first:first + node.value.count("\n") + 1] if ln.strip()]
+        content = [ln for ln in y.text.splitlines()[first:first + n] if ln.strip()]
         indent = min((len(ln) - len(ln.lstrip(" ")) for ln in content), default=0)
-        return SourceMap(y.file, first + 1, (indent + 1,) * (node.value.count("\n") + 1))
+        return SourceMap(y.file, first + 1, (indent + 1,) * n)
     quote = 1 if node.style in ("'", '"') else 0
     return SourceMap(y.file, y.line, (y.col + quote,))
 
@@ -165,9 +167,11 @@ def spec_files(paths: list[str]) -> list[str]:
         elif os.path.exists(p):
             files.append(p)
         else:
-            raise SpecError("no such spec file or directory", p, 0, 0)
+            raise SpecError("no such spec file or directory", p, 0, 0,
+                            "pass spec files or directories holding *.yaml files")
     if not files:
-        raise SpecError("no spec files (*.yaml, *.yml) found", ", ".join(paths), 0, 0)
+        raise SpecError("no spec files (*.yaml, *.yml) found", ", ".join(paths), 0, 0,
+                        "spec files end in .yaml or .yml")
     return files
 
 
@@ -183,7 +187,7 @@ def load_plan(paths: list[str], targets: list[str] | None = None, name: str | No
         try:
             cli_targets = tg.expand(targets)
         except ValueError as e:
-            raise SpecError(str(e), "--target", 0, 0) from None
+            raise SpecError(str(e), "--target", 0, 0, "see DESIGN §3 for target names") from None
     for path in spec_files(paths):
         top = _compose(path)
         doc = top.mapping("the spec file", TOP_KEYS)
@@ -205,13 +209,13 @@ def load_plan(paths: list[str], targets: list[str] | None = None, name: str | No
             bundle = bundle or (*this, doc["bundle"])
         file_targets = _targets(doc["targets"]) if "targets" in doc else None
         if "groups" not in doc:
-            raise top.err("the spec has no `groups:`")
+            raise top.err("the spec has no `groups:`", "add a `groups:` list of fusion groups")
         for gy in doc["groups"].seq("groups"):
             gp = _group_plan(gy, cli_targets, file_targets)
             if gp.group.name in seen:
                 first = seen[gp.group.name]
                 raise gy.mapping("group")["name"].err(
-                    f"duplicate group name '{gp.group.name}' (first defined at "
+                    f"duplicate group '{gp.group.name}' (first defined at "
                     f"{first.file}:{first.line})", "group names must be unique across all specs")
             seen[gp.group.name] = gp
             total += len(gp.variants) * len(gp.targets)
@@ -231,18 +235,21 @@ def load_plan(paths: list[str], targets: list[str] | None = None, name: str | No
 
 
 def _targets(y: _Y) -> tuple[str, ...]:
-    names = [t.str("a target") for t in y.seq("targets")]
-    try:
-        return tg.expand(names)
-    except ValueError as e:
-        raise y.err(str(e)) from None
+    out: list[str] = []
+    for item in y.seq("targets"):
+        try:
+            out += [t for t in tg.expand([item.str("a target")]) if t not in out]
+        except ValueError as e:
+            raise item.err(str(e), "see DESIGN §3 for target names") from None
+    return tuple(out)
 
 
 def _input_decls(y: _Y) -> list[tuple[str, str, dt.DType | None]]:
     out = []
     for name, ty in y.mapping("inputs").items():
         if not _IDENT.match(name):
-            raise ty.key_node.err(f"input name '{name}' is not an identifier")
+            raise ty.key_node.err(f"input name '{name}' is not an identifier",
+                                  "use letters, digits and _")
         text = ty.str(f"the type of input '{name}'").strip()
         m = _INPUT_TYPE.match(text)
         if not m:
@@ -254,7 +261,7 @@ def _input_decls(y: _Y) -> list[tuple[str, str, dt.DType | None]]:
             raise ty.err(f"scalar input '{name}' needs a dtype", "write scalar(float32)")
         out.append((name, kind, d))
     if not out:
-        raise y.err("a group needs inputs")
+        raise y.err("a group needs inputs", "inputs: {x: tensor}")
     return out
 
 
@@ -276,14 +283,14 @@ def _output_decls(y: _Y, inputs) -> list[tuple[str, dt.DType | None]]:
     seen = set()
     for name, _, where in items:
         if not _IDENT.match(name):
-            raise where.err(f"output name '{name}' is not an identifier")
+            raise where.err(f"output name '{name}' is not an identifier", "use letters, digits and _")
         if name in names:
             raise where.err(f"output '{name}' has the name of an input", "rename one of them")
         if name in seen:
-            raise where.err(f"duplicate output '{name}'")
+            raise where.err(f"duplicate output '{name}'", "list each output once")
         seen.add(name)
     if not items:
-        raise y.err("a group needs at least one output")
+        raise y.err("a group needs at least one output", "outputs: [y]")
     return [(n, d) for n, d, _ in items]
 
 
@@ -292,7 +299,7 @@ def _group_plan(gy: _Y, cli_targets: tuple[str, ...] | None,
     g = gy.mapping("group", GROUP_KEYS)
     for req in ("name", "inputs", "outputs", "body"):
         if req not in g:
-            raise gy.err(f"group is missing `{req}:`")
+            raise gy.err(f"group is missing `{req}:`", "a group has name, inputs, outputs, body, matrix")
     name = g["name"].str("group name")
     if not _IDENT.match(name):
         raise g["name"].err(f"group name '{name}' is not an identifier",
@@ -304,8 +311,8 @@ def _group_plan(gy: _Y, cli_targets: tuple[str, ...] | None,
                         g["doc"].str("doc") if "doc" in g else "")
     group_targets = _targets(g["targets"]) if "targets" in g else None
     targets = cli_targets or group_targets or file_targets or tg.expand(["cpu"])
-    variants = _variants(group, g.get("matrix"), gy)
-    return GroupPlan(group, variants, targets, gy.file, gy.line)
+    variants, shapes = _variants(group, g.get("matrix"), gy)
+    return GroupPlan(group, variants, targets, gy.file, gy.line, shapes)
 
 
 def _dtype_maps(group: Group, y: _Y | None, where: _Y) -> list[tuple[dict[str, dt.DType], _Y]]:
@@ -322,13 +329,15 @@ def _dtype_maps(group: Group, y: _Y | None, where: _Y) -> list[tuple[dict[str, d
             m = {}
             for k, v in item.mapping("a dtype map").items():
                 if k not in {i.name for i in group.tensor_inputs}:
-                    raise v.key_node.err(f"'{k}' is not a tensor input of group '{group.name}'")
+                    raise v.key_node.err(f"'{k}' is not a tensor input of group '{group.name}'",
+                                         "name the group's tensor inputs")
                 m[k] = _dtype(str(v.scalar()), v)
                 if k in fixed and m[k] != fixed[k]:
-                    raise v.err(f"input '{k}' is fixed to {fixed[k].name}")
+                    raise v.err(f"input '{k}' is fixed to {fixed[k].name}", "leave fixed inputs out of dtype maps")
             missing = [n for n in free if n not in m]
             if missing:
-                raise item.err(f"dtype map does not give a dtype for {', '.join(missing)}")
+                raise item.err(f"dtype map does not give a dtype for {', '.join(missing)}",
+                               "give every input without a fixed dtype")
             maps.append(({**fixed, **m}, item))
         else:
             d = _dtype(str(item.scalar()), item)
@@ -340,7 +349,7 @@ def _parse_dim(y: _Y) -> int | Dim:
     v = y.scalar()
     if isinstance(v, int) and not isinstance(v, bool):
         if v < 1:
-            raise y.err(f"dimension size {v} must be >= 1")
+            raise y.err(f"dimension size {v} must be >= 1", "use 1 for a broadcast dimension")
         return v
     text = str(v).replace(" ", "")
     coef, syms = 1, []
@@ -354,16 +363,20 @@ def _parse_dim(y: _Y) -> int | Dim:
     return Dim(coef, tuple(syms)) if syms else coef
 
 
-def _variants(group: Group, matrix: _Y | None, gy: _Y) -> tuple[Variant, ...]:
+def _variants(group: Group, matrix: _Y | None, gy: _Y) -> tuple[tuple[Variant, ...], tuple]:
     m = matrix.mapping("matrix", MATRIX_KEYS) if matrix is not None else {}
     where = matrix or gy
     dtype_maps = _dtype_maps(group, m.get("dtype"), where)
     if "shapes" not in m:
         raise where.err("matrix.shapes is required", "e.g. shapes: [{x: [N]}]")
     strided = bool(m["strided"].scalar()) if "strided" in m else False
-    patterns = [_layouts(group, s) for s in m["shapes"].seq("matrix.shapes")]
-    if strided:
-        patterns += [tuple("s" * len(p[0]) for _ in p) for p in patterns if p and p[0]]
+    shape_nodes = m["shapes"].seq("matrix.shapes")
+    shapes = [_shape_pattern(group, s) for s in shape_nodes]
+    patterns = [_layouts(group, shape, s) for shape, s in zip(shapes, shape_nodes)]
+    if strided:   # the general-stride kernel of each pattern's rank
+        n = len(group.tensor_inputs)
+        patterns += [("s" * r,) * n for r in sorted({max(len(v) for v in shape.values())
+                                                   for shape in shapes}) if r]
     out: dict[str, Variant] = {}
     for dmap, dy in dtype_maps:
         instantiate(group, dmap)   # type-check this dtype assignment
@@ -371,20 +384,26 @@ def _variants(group: Group, matrix: _Y | None, gy: _Y) -> tuple[Variant, ...]:
         for layouts in patterns:
             key = format_key(group.name, list(zip(dts, layouts)))
             out.setdefault(key, Variant(key, dts))
-    return tuple(out.values())
+    return tuple(out.values()), tuple(shapes)
 
 
-def _layouts(group: Group, sy: _Y) -> tuple[str, ...]:
-    """Canonical layouts of one symbolic shape pattern (all operands C-contiguous)."""
+def _shape_pattern(group: Group, sy: _Y) -> dict[str, tuple]:
     shapes = {}
     tensor_names = [i.name for i in group.tensor_inputs]
     for k, v in sy.mapping("a shape pattern").items():
         if k not in tensor_names:
-            raise v.key_node.err(f"'{k}' is not a tensor input of group '{group.name}'")
+            raise v.key_node.err(f"'{k}' is not a tensor input of group '{group.name}'",
+                                 "shape patterns name tensor inputs only")
         shapes[k] = tuple(_parse_dim(d) for d in v.seq(f"the shape of '{k}'"))
     missing = [n for n in tensor_names if n not in shapes]
     if missing:
-        raise sy.err(f"shape pattern gives no shape for {', '.join(missing)}")
+        raise sy.err(f"shape pattern gives no shape for {', '.join(missing)}",
+                     "give a shape for every tensor input")
+    return shapes
+
+
+def _layouts(group: Group, shapes: dict[str, tuple], sy: _Y) -> tuple[str, ...]:
+    """Canonical layouts of one symbolic shape pattern (all operands C-contiguous)."""
     views = []
     for inp in group.tensor_inputs:
         shape = shapes[inp.name]
@@ -394,7 +413,7 @@ def _layouts(group: Group, sy: _Y) -> tuple[str, ...]:
             d = dim + len(shape) if dim < 0 else dim
             if not 0 <= d < len(shape):
                 raise sy.err(f"chunk(..., dim={dim}) is out of range for '{inp.name}' of rank "
-                             f"{len(shape)}")
+                             f"{len(shape)}", "fix the chunk dim or the shape pattern")
             size = shape[d]
             if not (Dim.of(size).divisible(n)):
                 raise sy.err(f"chunk({inp.name}, {n}, dim={dim}): size {size} is not known to be "
@@ -415,7 +434,7 @@ def _layouts(group: Group, sy: _Y) -> tuple[str, ...]:
             d = dim + len(it_shape) if dim < 0 else dim
             if not 0 <= d < len(it_shape):
                 raise sy.err(f"cat(..., dim={dim}) of output '{out.name}' is out of range for "
-                             f"rank {len(it_shape)}")
+                             f"rank {len(it_shape)}", "fix the cat dim or the shape pattern")
             full = it_shape[:d] + (it_shape[d] * n,) + it_shape[d + 1:]
         extra.append(contiguous_strides(full))
     return canonicalize(it_shape, views, extra).layouts

@@ -62,9 +62,6 @@ def _normalize_dim(dim: int, rank: int) -> int:
 
 def prepare(info: GroupInfo, args: tuple, describe) -> Call:
     """Check arguments and compute the key; `describe(array)` -> (shape, byte strides, dtype)."""
-    if len(args) != len(info.params):
-        raise ArgumentError(f"{info.signature} takes {len(info.params)} arguments "
-                            f"({len(args)} given)")
     arrays, dtypes_, views, scalars = [], [], [], []
     chunk_iter = iter(info.chunks)
     for (name, kind, sdtype), a in zip(info.params, args):
@@ -155,13 +152,26 @@ def nearest_keys(key: str, keys: list[str], n: int = 3) -> tuple[str, ...]:
     return tuple(c[-1] for c in sorted(cands)[:n])
 
 
-def generalizations(key: str) -> list[str]:
-    """Keys whose kernels also handle `key`: 's' accepts any stride, so each letter may be 's'."""
-    from ..argspec import parse_key
-    group, descs = parse_key(key)
-    if not descs or not descs[0][1]:
-        return []
-    return [format_key(group, [(d, "s" * len(lay)) for d, lay in descs])]
+def serves(kernel_layouts: tuple[str, ...], call_layouts: tuple[str, ...]) -> bool:
+    """Whether a kernel compiled for `kernel_layouts` computes a call of `call_layouts`.
+
+    A kernel of higher rank runs a lower-rank call with size-1 outer dims prepended; on the
+    shared inner dims each letter must match, or be 's' (any stride, 0 and dense included).
+    """
+    for k, c in zip(kernel_layouts, call_layouts):
+        if len(k) < len(c) or any(a != b and a != "s" for a, b in zip(k[len(k) - len(c):], c)):
+            return False
+    return True
+
+
+def pad(canon: Canonical, rank: int) -> Canonical:
+    """`canon` with size-1 outer dims prepended up to `rank` (strides 0 there)."""
+    extra = rank - len(canon.sizes)
+    if extra <= 0:
+        return canon
+    return Canonical((1,) * extra + canon.sizes,
+                     tuple((0,) * extra + st for st in canon.strides),
+                     tuple("b" * extra + lay for lay in canon.layouts))
 
 
 def meta_words(call: Call, abi: Abi, seed: int, offset: int) -> np.ndarray:

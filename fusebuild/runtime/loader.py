@@ -8,7 +8,7 @@ import numpy as np
 from ..abi import Abi
 from ..argspec import parse_key
 from ..errors import ArgumentError, BundleError, KernelNotFound
-from . import dispatch
+from . import cuda, dispatch
 from .cpu import Libraries, host_isas
 from .manifest import KernelEntry, kernel_entries, read_manifest, verify_artifacts
 
@@ -20,11 +20,20 @@ class Bundle:
         self.root, self.manifest = root, manifest
         self.name, self.version, self.id = manifest["name"], manifest["version"], manifest["id"]
         self._index: dict[str, dict[str, KernelEntry]] = {}
+        self._by_dtypes: dict[tuple, list[tuple[tuple[str, ...], str]]] = {}
         for e in kernel_entries(manifest):
+            if e.key not in self._index:
+                group, descs = parse_key(e.key)
+                sig = (group, tuple(d for d, _ in descs))
+                self._by_dtypes.setdefault(sig, []).append((tuple(lay for _, lay in descs), e.key))
             self._index.setdefault(e.key, {})[e.target] = e
+        for cands in self._by_dtypes.values():   # prefer low rank, then few 's'
+            cands.sort(key=lambda c: (len(c[0][0]) if c[0] else 0, "".join(c[0]).count("s"), c[1]))
+        self._resolved: dict[str, KernelEntry] = {}
         self._callers = {name: GroupCaller(self, dispatch.GroupInfo.from_manifest(g, _signature(g)))
                          for name, g in manifest["groups"].items()}
         self._libs = Libraries(root)
+        self._cuda: cuda.CudaKernels | None = None     # created by the first CUDA call
         self._cpu_targets = tuple(f"cpu:{isa}" for isa in reversed(host_isas()))
 
     @property
@@ -53,14 +62,32 @@ class Bundle:
     def __repr__(self) -> str:
         return f"<fusebuild bundle {self.name}-{self.version} {self.id[:12]} ({len(self._callers)} groups)>"
 
-    def find_cpu(self, key: str) -> KernelEntry:
-        """The kernel for `key` at the best ISA level this host runs (or a strided generalization)."""
-        for k in [key] + dispatch.generalizations(key):
-            entries = self._index.get(k, {})
+    def candidates(self, key: str, empty: bool = False) -> list[str]:
+        """Keys whose kernels compute a call of `key`: itself, then by `dispatch.serves`
+        (for an empty call, any key of the same dtypes: no kernel runs, only output dtypes count)."""
+        group, descs = parse_key(key)
+        layouts = tuple(lay for _, lay in descs)
+        found = [key] if key in self._index else []
+        return found + [k for lays, k in self._by_dtypes.get((group, tuple(d for d, _ in descs)), [])
+                        if k != key and (empty or dispatch.serves(lays, layouts))]
+
+    def find_cpu(self, key: str, empty: bool = False) -> KernelEntry:
+        """The kernel for a call of `key` at the best ISA level this host runs."""
+        entry = self._resolved.get(key)
+        if entry is not None:
+            return entry
+        for k in self.candidates(key, empty):
+            entries = self._index[k]
             for target in self._cpu_targets:
                 if target in entries:
+                    if not empty:
+                        self._resolved[key] = entries[target]
                     return entries[target]
         have = sorted({t for es in self._index.values() for t in es})
+        if not any(t.startswith("cpu:") for t in have):
+            raise KernelNotFound(f"bundle {self.name}-{self.version} has only CUDA kernels "
+                                 f"({', '.join(have)}) and was called with CPU arrays: pass CUDA "
+                                 "arrays (cupy, torch, ...) or rebuild with --target cpu", key)
         near = dispatch.nearest_keys(key, list(self._index))
         where = ", ".join(self._cpu_targets) or "no CPU ISA level (not an x86-64 host)"
         raise KernelNotFound(
@@ -101,22 +128,32 @@ class GroupCaller:
     def __repr__(self) -> str:
         return f"<fusebuild group {self.info.signature}>"
 
+    def _prepare(self, args: tuple) -> dispatch.Call:
+        if len(args) != len(self.info.params):
+            raise ArgumentError(f"{self.info.signature} takes {len(self.info.params)} arguments "
+                                f"({len(args)} given)")
+        arrays = tuple(_as_array(a, p) for a, p in zip(args, self.info.params))
+        return dispatch.prepare(self.info, arrays, _numpy_describe)
+
     def key(self, *args) -> str:
         """The ArgSpec key these arguments select."""
-        return dispatch.prepare(self.info, tuple(_as_array(a, p) for a, p in
-                                                 zip(args, self.info.params)), _numpy_describe).key
+        if _on_cuda(self.info, args):
+            return cuda.key(self.info, args)
+        return self._prepare(args).key
 
     def __call__(self, *args, out=None, seed=None, offset=0):
         info = self.info
-        args = tuple(_as_array(a, p) for a, p in zip(args, info.params))
-        call = dispatch.prepare(info, args, _numpy_describe)
+        if _on_cuda(info, args):
+            return cuda.call(self, args, out, seed, offset)
+        call = self._prepare(args)
         if info.has_random and seed is None:
             raise ArgumentError(f"{info.name} draws random numbers: pass seed= (and offset=)")
-        entry = self.bundle.find_cpu(call.key)
-        outs = self._outputs(call, entry, out)
         n = dispatch.element_count(call)
+        entry = self.bundle.find_cpu(call.key, empty=n == 0)
+        outs = self._outputs(call, entry, out)
         if n:
-            rank = len(call.canon.sizes)
+            rank = len(parse_key(entry.key)[1][0][1])
+            call.canon = dispatch.pad(call.canon, rank)
             abi = Abi(rank, tuple(c[0] if c else 1 for c in info.chunks),
                       tuple(cat[0] if cat else 1 for _, cat in info.outputs), info.has_random,
                       len(call.scalars))
@@ -175,11 +212,13 @@ def _same_memory(out: np.ndarray, a: np.ndarray) -> bool:
 def _as_array(a, param):
     if param[1] == "scalar" or isinstance(a, np.ndarray):
         return a
-    if hasattr(a, "__cuda_array_interface__") or hasattr(a, "__dlpack_device__") and \
-            a.__dlpack_device__()[0] != 1:
-        raise ArgumentError(f"input '{param[0]}' is a GPU array, and this bundle's runtime path "
-                            "for it is not available")
     return np.asarray(a)
+
+
+def _on_cuda(info: dispatch.GroupInfo, args: tuple) -> bool:
+    """Whether a call goes to the CUDA kernels: some tensor argument is a CUDA array."""
+    return any(kind == "tensor" and cuda.is_cuda_array(a)
+               for (_, kind, _), a in zip(info.params, args))
 
 
 def load(path: str) -> Bundle:

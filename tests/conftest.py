@@ -1,0 +1,62 @@
+"""Shared fixtures: bundles built once per session, random inputs, reference checks."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from fusebuild import build, dtypes as dt, ir, reference, runtime, spec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPECS = os.path.join(ROOT, "specs")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A run in which no test passed is a failure (pytest's 'no tests ran' included)."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    passed = len(reporter.stats.get("passed", [])) if reporter else 0
+    if exitstatus == 0 and passed == 0:
+        session.exitstatus = 1
+
+
+@pytest.fixture(scope="session")
+def examples_bundle(tmp_path_factory):
+    """The example specs built for every CPU ISA level this host supports."""
+    from fusebuild.runtime.cpu import host_isas
+    out = tmp_path_factory.mktemp("examples")
+    plan = spec.load_plan([SPECS], targets=[f"cpu:{i}" for i in host_isas()])
+    result = build.build(plan, str(out), progress=False)
+    return runtime.load(result.path)
+
+
+def random_array(d: dt.DType, shape, rng: np.random.Generator, scale: float = 2.0) -> np.ndarray:
+    if d.is_float:
+        return (rng.standard_normal(shape) * scale).astype(d.numpy)
+    if d.is_bool:
+        return rng.random(shape) < 0.5
+    info = np.iinfo(d.numpy)
+    lo, hi = (info.min, info.max) if d.bits <= 16 else (-1000, 1000) if d.kind == "i" else (0, 255)
+    return rng.integers(lo, hi, size=shape, endpoint=True).astype(d.numpy)
+
+
+def group_of(bundle, name: str) -> ir.Group:
+    return ir.group_from_json(bundle.manifest["groups"][name])
+
+
+def check_call(bundle, name: str, args: list, seed=None, offset=0, out=None):
+    """Call group `name` and compare every output with the reference evaluator."""
+    g = group_of(bundle, name)
+    tensors = [a for a, p in zip(args, g.inputs) if p.kind == "tensor"]
+    scalars = [a for a, p in zip(args, g.inputs) if p.kind == "scalar"]
+    dtypes = {p.name: dt.from_numpy(a.dtype) for a, p in zip(tensors, g.tensor_inputs)}
+    kw = {} if seed is None else {"seed": seed, "offset": offset}
+    got = bundle[name](*args, out=out, **kw)
+    got = got if isinstance(got, tuple) else (got,)
+    want = reference.evaluate(ir.instantiate(g, dtypes, expand=False), tensors, scalars,
+                              seed or 0, offset)
+    for o, value in zip(g.outputs, got):
+        mismatch = reference.compare(value, want.outputs[o.name], want.magnitude[o.name])
+        assert mismatch is None, f"{name} output {o.name} ({bundle[name].key(*args)}): " \
+                                 f"{mismatch.message}"
+    return got

@@ -1,0 +1,113 @@
+"""Every kernel of every example spec against the reference evaluator, on random inputs of
+several shapes: random sizes, 1-element, 0-size, broadcast operands (from the patterns),
+non-contiguous views (groups built with `strided: true`) and in-place outputs."""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+from fusebuild import dtypes as dt, spec
+from fusebuild.argspec import Dim
+from fusebuild.errors import KernelNotFound
+from conftest import SPECS, check_call, random_array
+
+PLAN = spec.load_plan([SPECS])
+
+
+def concrete(shape: tuple, values: dict[str, int]) -> tuple[int, ...]:
+    out = []
+    for size in shape:
+        d = Dim.of(size)
+        n = d.coef
+        for sym in d.syms:
+            n *= values[sym]
+        out.append(n)
+    return tuple(out)
+
+
+def scalar_value(d: dt.DType, rng) -> object:
+    if d.is_float:
+        return float(rng.uniform(0.05, 0.95))
+    if d.is_bool:
+        return bool(rng.integers(2))
+    return int(rng.integers(-50, 50))
+
+
+def make_args(gp, dtypes, shapes, rng, view=None):
+    tensors = iter(zip(dtypes, gp.group.tensor_inputs))
+    args = []
+    for p in gp.group.inputs:
+        if p.kind == "scalar":
+            args.append(scalar_value(p.dtype, rng))
+            continue
+        d, inp = next(tensors)
+        a = random_array(d, shapes[inp.name], rng)
+        args.append(view(a) if view else a)
+    return args
+
+
+def strided_view(a: np.ndarray) -> np.ndarray:
+    """A non-contiguous view holding `a`'s values (every other element of a bigger array)."""
+    if a.ndim == 0:
+        return a
+    big = np.empty(a.shape[:-1] + (a.shape[-1] * 2,), a.dtype)
+    big[..., ::2] = a
+    return big[..., ::2]
+
+
+def symbols(gp) -> list[str]:
+    return sorted({s for pattern in gp.shapes for shape in pattern.values() for d in shape
+                   for s in Dim.of(d).syms})
+
+
+@pytest.mark.parametrize("gp", PLAN.groups, ids=lambda gp: gp.group.name)
+def test_example_group_matches_reference(examples_bundle, gp):
+    rng = np.random.default_rng(zlib.crc32(gp.group.name.encode()))
+    seed = dict(seed=int(rng.integers(0, 2**63)), offset=int(rng.integers(0, 2**40))) \
+        if gp.group.has_random else {}
+    syms = symbols(gp)
+    assignments = [{s: int(rng.integers(2, 9)) for s in syms} for _ in range(3)]
+    assignments += [{s: 1 for s in syms}]                       # one element
+    if syms:
+        assignments += [{**{s: 3 for s in syms}, syms[0]: 0}]    # empty
+    strided = any("s" * len(lay) == lay and lay for v in gp.variants
+                  for lay in [v.key.split(":")[-1].rstrip(")")])
+    for dtypes in dict.fromkeys(v.dtypes for v in gp.variants):
+        for pattern in gp.shapes:
+            for values in assignments:
+                shapes = {k: concrete(s, values) for k, s in pattern.items()}
+                check_call(examples_bundle, gp.group.name, make_args(gp, dtypes, shapes, rng), **seed)
+            shapes = {k: concrete(s, assignments[0]) for k, s in pattern.items()}
+            args = make_args(gp, dtypes, shapes, rng, view=strided_view)
+            if strided:
+                check_call(examples_bundle, gp.group.name, args, **seed)
+            elif not any(p.chunk for p in gp.group.inputs):
+                with pytest.raises(KernelNotFound, match=gp.group.name):
+                    examples_bundle[gp.group.name](*args, **seed)
+
+
+def test_inplace_adam_update_matches_reference(examples_bundle):
+    rng = np.random.default_rng(7)
+    n = 1000
+    p, g, m, v = (random_array(dt.float32, (n,), rng) for _ in range(4))
+    v = np.abs(v)
+    scalars = [1e-3, 0.9, 0.999, 1e-8, 0.1, 0.001]
+    expected = check_call(examples_bundle, "adam", [p.copy(), g, m.copy(), v.copy(), *scalars])
+    examples_bundle.adam(p, g, m, v, *scalars, out=(p, m, v))
+    for got, want in zip((p, m, v), expected):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_random_values_depend_only_on_seed_offset_and_index(examples_bundle):
+    x = np.zeros((8, 16), np.float32)
+    bias = np.zeros(16, np.float32)
+    k = examples_bundle.bias_dropout_residual
+    a = k(x + 1, bias, x, 0.5, seed=42, offset=3)
+    flat = k((x + 1).ravel(), np.zeros(128, np.float32), x.ravel(), 0.5, seed=42, offset=3)
+    np.testing.assert_array_equal(a.ravel(), flat)       # different key/rank, same values
+    assert not np.array_equal(a, k(x + 1, bias, x, 0.5, seed=43, offset=3))
+    assert not np.array_equal(a, k(x + 1, bias, x, 0.5, seed=42, offset=4))
+    kept = (a != 0).mean()
+    assert 0.35 < kept < 0.65

@@ -1,0 +1,166 @@
+"""Runtime behaviour on bad calls and bad bundles, and import hygiene."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fusebuild import runtime
+from fusebuild.errors import ArgumentError, BundleError, KernelNotFound
+
+
+@pytest.fixture
+def bundle_copy(examples_bundle, tmp_path):
+    dst = tmp_path / "b"
+    shutil.copytree(examples_bundle.root, dst)
+    return dst
+
+
+def f32(*shape):
+    return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+
+def test_wrong_number_of_arrays(examples_bundle):
+    with pytest.raises(ArgumentError, match=r"bias_gelu\(x, bias\) -> y takes 2 arguments \(3 given\)"):
+        examples_bundle.bias_gelu(f32(4), f32(4), f32(4))
+
+
+def test_dtype_not_in_bundle_names_key_nearest_and_fix(examples_bundle):
+    with pytest.raises(KernelNotFound) as info:
+        examples_bundle.bias_gelu(np.ones((4, 8)), np.ones(8))
+    e = info.value
+    assert e.key == "bias_gelu(f64:cc,f64:bc)"
+    assert "bias_gelu(f32:cc,f32:bc)" in e.nearest
+    assert "{x: float64, bias: float64}" in str(e) and "matrix.dtype" in str(e)
+
+
+def test_unsupported_dtype(examples_bundle):
+    with pytest.raises(ArgumentError, match="unsupported dtype complex64"):
+        examples_bundle.bias_gelu(np.ones(4, np.complex64), np.ones(4, np.complex64))
+
+
+def test_mismatched_shapes(examples_bundle):
+    with pytest.raises(ArgumentError, match=r"do not broadcast \(x\[4, 8\], bias\[7\]\)"):
+        examples_bundle.bias_gelu(f32(4, 8), f32(7))
+
+
+def test_chunk_that_does_not_divide(examples_bundle):
+    with pytest.raises(ArgumentError, match="chunked 4 ways along dim 1"):
+        examples_bundle.lstm_cell(f32(2, 10), f32(2, 2))
+
+
+@pytest.mark.parametrize("out,pattern", [
+    (np.empty((4, 7), np.float32), r"must be float32\[4, 8\]"),
+    (np.empty((4, 8), np.float64), r"must be float32\[4, 8\]"),
+    (np.empty((8, 4), np.float32).T, "C-contiguous"),
+    ([np.empty((4, 8), np.float32)] * 2, "has 1 outputs"),
+    ([1.0], "must be a numpy array"),
+])
+def test_bad_out(examples_bundle, out, pattern):
+    with pytest.raises(ArgumentError, match=pattern):
+        examples_bundle.bias_gelu(f32(4, 8), f32(8), out=out)
+
+
+def test_out_overlapping_an_input_is_refused_but_exact_in_place_works(examples_bundle):
+    x, b = f32(4, 8), f32(8)
+    want = examples_bundle.silu_add(x, x)
+    buf = np.zeros(40, np.float32)
+    buf[:32] = x.ravel()
+    with pytest.raises(ArgumentError, match="overlaps input 'x'"):
+        examples_bundle.silu_add(buf[:32], buf[:32], out=buf[8:40])
+    y = x.copy()
+    examples_bundle.silu_add(y, x, out=y)
+    np.testing.assert_array_equal(y, want)
+    ro = np.empty(8, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ArgumentError, match="writeable"):
+        examples_bundle.bias_gelu(f32(8), b, out=ro)
+
+
+def test_scalar_arguments_are_checked(examples_bundle):
+    img = np.zeros((3, 3), np.uint8)
+    with pytest.raises(ArgumentError, match=r"scalar input 'offset' \(int32\) cannot hold"):
+        examples_bundle.leaky_clip_u8(img, 2**40)
+    with pytest.raises(ArgumentError, match="needs a Python number"):
+        examples_bundle.leaky_clip_u8(img, "3")
+
+
+def test_random_group_needs_seed(examples_bundle):
+    with pytest.raises(ArgumentError, match="pass seed="):
+        examples_bundle.bias_dropout_residual(f32(4), f32(4), f32(4), 0.1)
+    with pytest.raises(ArgumentError, match=r"seed must be an integer in \[0, 2\*\*64\)"):
+        examples_bundle.bias_dropout_residual(f32(4), f32(4), f32(4), 0.1, seed=-1)
+
+
+def test_unknown_group(examples_bundle):
+    with pytest.raises(AttributeError, match="has no group 'nope'"):
+        examples_bundle.nope
+
+
+def test_missing_bundle(tmp_path):
+    with pytest.raises(BundleError, match="not a directory"):
+        runtime.load(str(tmp_path / "missing"))
+    with pytest.raises(BundleError, match="manifest.json is missing"):
+        runtime.load(str(tmp_path))
+
+
+def test_flipped_byte_in_an_artifact_is_refused_naming_the_file(bundle_copy):
+    so = sorted((bundle_copy / "cpu").rglob("*.so"))[3]
+    data = bytearray(so.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    so.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=rf"{so.name} is corrupt or tampered"):
+        runtime.load(str(bundle_copy))
+
+
+def test_tampered_or_incompatible_manifest_is_refused(bundle_copy):
+    path = bundle_copy / "manifest.json"
+    m = json.loads(path.read_text())
+    m["groups"]["bias_gelu"]["body"] = "y = x"
+    path.write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="was modified"):
+        runtime.load(str(bundle_copy))
+    m["format"] = 999
+    path.write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="format 999"):
+        runtime.load(str(bundle_copy))
+    path.write_text("{not json")
+    with pytest.raises(BundleError, match="not JSON"):
+        runtime.load(str(bundle_copy))
+
+
+def test_runtime_imports_no_build_side_and_so_loads_without_numba(examples_bundle):
+    code = f"""
+import sys, numpy as np
+from fusebuild import runtime
+k = runtime.load({examples_bundle.root!r})
+y = k.silu_add(np.ones(1000, np.float32), np.zeros(1000, np.float32))
+assert abs(float(y[0]) - 0.7310586) < 1e-6
+bad = [m for m in ("yaml", "click", "tqdm", "numba", "llvmlite") if m in sys.modules]
+print("BAD" if bad else "CLEAN", bad)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("CLEAN"), proc.stdout
+
+
+def test_shared_objects_need_only_libc_and_libm(examples_bundle):
+    nm = shutil.which("nm")
+    assert nm, "binutils' nm is needed (it comes with the C toolchain the CPU backend links with)"
+    for so in sorted(os.listdir(os.path.join(examples_bundle.root, "cpu"))):
+        folder = os.path.join(examples_bundle.root, "cpu", so)
+        for name in os.listdir(folder):
+            out = subprocess.run([nm, "-D", "--undefined-only", os.path.join(folder, name)],
+                                 capture_output=True, text=True, check=True).stdout
+            syms = {line.split()[-1].split("@")[0] for line in out.splitlines() if line.strip()}
+            syms -= {"__cxa_finalize", "_ITM_deregisterTMCloneTable", "_ITM_registerTMCloneTable",
+                     "__gmon_start__"}
+            libm = {"expf", "exp", "tanhf", "tanh", "logf", "log", "log1pf", "log1p", "erfcf",
+                    "erfc", "expm1f", "expm1", "sqrtf", "sqrt", "pow", "powf", "fmodf", "fmod",
+                    "memcpy", "memset"}
+            assert syms <= libm, (name, syms - libm)
