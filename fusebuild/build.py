@@ -1,26 +1,42 @@
-"""The build: plan -> compile jobs in a process pool -> one bundle.
+"""The build: plan -> modules -> cache lookups -> compile jobs in worker processes -> bundle.
 
-One job per (group, backend module): a CPU job renders the group's numba source once and emits a
-`.so` per requested ISA level; a CUDA job compiles one module per architecture.
+A module is one (group, target) artifact. Modules found in the cache are reused; the others
+become compile jobs: one per (group, CUDA arch), and one per group for all its CPU ISA levels,
+which share one numba lowering. Jobs run in forked worker processes with a per-job timeout.
 """
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 import sys
 import time
 import traceback
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from collections import deque
 from dataclasses import dataclass, field
-from importlib import metadata
+from multiprocessing.connection import wait
 
 from . import __version__
 from . import targets as tg
-from .bundle import make_manifest, write_bundle
+from .bundle import make_manifest, plan_hash, write_bundle
+from .cache import Cache, Entry, default_dir, module_key
 from .codegen.common import KernelSource
-from .errors import BuildError, FusebuildError
+from .errors import BuildError, FusebuildError, UsageError
 from .ir import Group, instantiate
 from .spec import Plan, Variant
+
+DEFAULT_JOB_TIMEOUT = 900.0
+
+
+@dataclass(frozen=True)
+class Module:
+    group: Group
+    variants: tuple[Variant, ...]
+    target: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.group.name} [{self.target}]"
 
 
 @dataclass(frozen=True)
@@ -28,8 +44,7 @@ class Job:
     group: Group
     variants: tuple[Variant, ...]
     backend: str                  # 'cpu' | 'cuda'
-    targets: tuple[str, ...]      # cpu: every CPU target of the group; cuda: one
-    emit_source: bool = False
+    targets: tuple[str, ...]      # cpu: the group's CPU targets to build; cuda: one
 
     @property
     def label(self) -> str:
@@ -49,8 +64,11 @@ class JobResult:
 class BuildResult:
     path: str
     manifest: dict
-    jobs: int
+    modules: int
+    compiled: int
+    cached: int
     seconds: float
+    up_to_date: bool = False
 
     @property
     def n_kernels(self) -> int:
@@ -59,31 +77,33 @@ class BuildResult:
     def summary(self) -> str:
         m = self.manifest
         targets = sorted({k["target"] for k in m["kernels"]})
-        return (f"built {self.n_kernels} kernels ({len(m['groups'])} groups, {len(targets)} "
-                f"targets: {', '.join(targets)}) in {self.seconds:.1f} s -> {self.path} "
-                f"(id {m['id'][:12]})")
+        shard = m.get("shard")
+        what = f"shard {shard['index'] + 1}/{shard['count']}: " if shard else ""
+        state = "up to date" if self.up_to_date else "written"
+        return (f"{what}{self.n_kernels} kernels ({len(m['groups'])} groups, {len(targets)} "
+                f"targets: {', '.join(targets)}); {self.modules} modules: {self.compiled} "
+                f"compiled, {self.cached} cached; {self.seconds:.1f} s -> {self.path} "
+                f"({state}, id {m['id'][:12]})")
 
 
-def plan_jobs(plan: Plan, emit_source: bool = False) -> list[Job]:
-    jobs = []
-    for gp in plan.groups:
-        cpu = tuple(t for t in gp.targets if tg.backend(t) == "cpu")
-        if cpu:
-            jobs.append(Job(gp.group, gp.variants, "cpu", cpu, emit_source))
-        for t in gp.targets:
-            if tg.backend(t) == "cuda":
-                jobs.append(Job(gp.group, gp.variants, "cuda", (t,), emit_source))
-    return jobs
+# ---------------------------------------------------------------- compile jobs -----------------
+
+def kernel_sources(group: Group, variants: tuple[Variant, ...]) -> list[KernelSource]:
+    names = [i.name for i in group.tensor_inputs]
+    return [KernelSource(instantiate(group, dict(zip(names, v.dtypes))), v.key) for v in variants]
 
 
-def kernel_sources(job: Job) -> list[KernelSource]:
-    names = [i.name for i in job.group.tensor_inputs]
-    return [KernelSource(instantiate(job.group, dict(zip(names, v.dtypes))), v.key)
-            for v in job.variants]
+def render_source(group: Group, variants: tuple[Variant, ...], backend: str) -> tuple[str, str]:
+    """The generated source of a group for a backend, and its file extension."""
+    kernels = kernel_sources(group, variants)
+    if backend == "cpu":
+        from .codegen.cpu import render_group
+        return render_group(kernels)[0], "py"
+    from .codegen.cuda import render_module
+    return render_module(kernels), "cu"
 
 
 def _entries(kernels: list[KernelSource], target: str, rel: str, data: bytes) -> list[dict]:
-    import hashlib
     digest = hashlib.sha256(data).hexdigest()
     return [{"key": ks.key, "group": ks.kernel.group, "target": target, "file": rel,
              "symbol": ks.symbol, "sha256": digest,
@@ -95,7 +115,7 @@ def run_job(job: Job) -> JobResult:
     start = time.perf_counter()
     result = JobResult(job.label)
     try:
-        kernels = kernel_sources(job)
+        kernels = kernel_sources(job.group, job.variants)
         name = job.group.name
         if job.backend == "cpu":
             from .codegen.cpu import render_group
@@ -108,22 +128,17 @@ def run_job(job: Job) -> JobResult:
                 rel = f"cpu/{tg.arch(target)}/{name}.so"
                 result.artifacts[rel] = objects[tg.arch(target)]
                 result.kernels += _entries(kernels, target, rel, objects[tg.arch(target)])
-            if job.emit_source:
-                result.artifacts[f"src/{name}.py"] = source.encode()
         elif job.backend == "cuda":
             from .codegen.cuda import render_module, vector_width
             from .toolchain.nvrtc import compile_cuda, ptx_isa
             target, arch = job.targets[0], tg.arch(job.targets[0])
-            source = render_module(kernels)
-            data = compile_cuda(source, target, name)
+            data = compile_cuda(render_module(kernels), target, name)
             ptx = arch.startswith("compute_")
             rel = f"cuda/{arch}/{name}.{'ptx' if ptx else 'cubin'}"
             result.artifacts[rel] = data
             extra = {"ptx_isa": ptx_isa(data)} if ptx else {}
             result.kernels += [{**e, "vector": vector_width(ks), **extra}
                                for e, ks in zip(_entries(kernels, target, rel, data), kernels)]
-            if job.emit_source:
-                result.artifacts[f"src/{name}.cu"] = source.encode()
         else:
             raise BuildError(f"backend '{job.backend}' is not supported by this build")
     except FusebuildError as e:
@@ -134,83 +149,223 @@ def run_job(job: Job) -> JobResult:
     return result
 
 
+def _serve(conn) -> None:
+    """Worker process loop: receive jobs, send results, stop at None or a closed pipe."""
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        conn.send(run_job(job))
+
+
+class WorkerPool:
+    """Worker processes that run jobs with a per-job timeout (a stuck worker is killed)."""
+
+    def __init__(self, workers: int, timeout: float):
+        # fork: workers need no re-import of the caller's __main__ and start fast; the parent
+        # holds no compiler threads (tqdm's monitor thread is disabled).
+        method = "fork" if sys.platform.startswith("linux") else "spawn"
+        self.ctx = multiprocessing.get_context(method)
+        self.timeout = timeout
+        self.idle = [self._spawn() for _ in range(workers)]
+        self.busy: dict = {}
+
+    def _spawn(self):
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_serve, args=(child,), daemon=True)
+        proc.start()
+        child.close()
+        return proc, parent
+
+    def run(self, jobs: list[Job], keep_going: bool, on_result) -> list[JobResult]:
+        queue, results = deque(jobs), []
+        stop = False
+        try:
+            while (queue and not stop) or self.busy:
+                while queue and self.idle and not stop:
+                    proc, conn = self.idle.pop()
+                    job = queue.popleft()
+                    conn.send(job)
+                    self.busy[conn] = (proc, job, time.monotonic())
+                now = time.monotonic()
+                left = min(t + self.timeout - now for _, _, t in self.busy.values())
+                for conn in wait(list(self.busy), timeout=max(0.0, min(left, 1.0))):
+                    proc, job, _ = self.busy.pop(conn)
+                    try:
+                        result = conn.recv()
+                        self.idle.append((proc, conn))
+                    except (EOFError, OSError):
+                        proc.join(1)
+                        result = JobResult(job.label, error=f"the compile worker died (exit code "
+                                                             f"{proc.exitcode})")
+                        self.idle.append(self._spawn())
+                    results.append(result)
+                    on_result(result)
+                    stop = stop or (result.error is not None and not keep_going)
+                for conn, (proc, job, started) in list(self.busy.items()):
+                    if time.monotonic() - started > self.timeout:
+                        proc.kill()
+                        proc.join()
+                        del self.busy[conn]
+                        result = JobResult(job.label, error=f"timed out after {self.timeout:.0f} s "
+                                                            "(raise --job-timeout)")
+                        results.append(result)
+                        on_result(result)
+                        self.idle.append(self._spawn())
+                        stop = stop or not keep_going
+        finally:
+            self.close()
+        return results
+
+    def close(self) -> None:
+        for proc, conn in self.idle + [(p, c) for c, (p, _, _) in self.busy.items()]:
+            try:
+                conn.send(None)
+            except (OSError, ValueError):
+                pass
+            proc.join(0.5)
+            if proc.is_alive():
+                proc.kill()
+        self.idle, self.busy = [], {}
+
+
+# ---------------------------------------------------------------- the build --------------------
+
 def toolchain_versions(plan: Plan) -> dict[str, str]:
+    return backend_versions({tg.backend(t) for t in plan.targets})
+
+
+def backend_versions(backends: set[str]) -> dict[str, str]:
+    """fusebuild's version and those of the toolchains of `backends` ('cpu', 'cuda')."""
     versions = {"fusebuild": __version__}
-    backends = {tg.backend(t) for t in plan.targets}
-    pkgs = (["numba", "llvmlite"] if "cpu" in backends else [])
-    for pkg in pkgs:
-        versions[pkg] = metadata.version(pkg)
+    if "cpu" in backends:
+        from .toolchain import numba as numba_toolchain
+        versions.update(numba_toolchain.versions())
     if "cuda" in backends:
         from .toolchain import nvrtc
         versions.update(nvrtc.versions())
     return versions
 
 
+def plan_modules(plan: Plan, shard: tuple[int, int] | None = None) -> list[Module]:
+    """Every (group, target) module of the plan in a stable order, or shard I of N of them."""
+    modules = [Module(gp.group, gp.variants, t) for gp in plan.groups for t in gp.targets]
+    modules.sort(key=lambda m: (m.group.name, m.target))
+    if shard:
+        index, count = shard
+        modules = modules[index::count]
+    return modules
+
+
+def jobs_for(modules: list[Module]) -> list[Job]:
+    """Compile jobs for modules: CPU modules of one group share a job."""
+    jobs: list[Job] = []
+    cpu: dict[str, list[Module]] = {}
+    for m in modules:
+        if tg.backend(m.target) == "cpu":
+            cpu.setdefault(m.group.name, []).append(m)
+        else:
+            jobs.append(Job(m.group, m.variants, "cuda", (m.target,)))
+    for ms in cpu.values():
+        jobs.append(Job(ms[0].group, ms[0].variants, "cpu", tuple(m.target for m in ms)))
+    return jobs
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' (1-based I) -> (I - 1, N)."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard takes I/N, e.g. 2/4; got {text!r}") from None
+    if not 1 <= i <= n:
+        raise UsageError(f"--shard {text}: I must be between 1 and N")
+    return i - 1, n
+
+
 def build(plan: Plan, out_dir: str = "build", jobs: int | None = None, keep_going: bool = False,
-          emit_source: bool = False, progress: bool | None = None) -> BuildResult:
-    """Compile every kernel of `plan` and write the bundle; raises BuildError on failures
-    (the previous bundle stays in place)."""
+          emit_source: bool = False, progress: bool | None = None, cache_dir: str | None = "",
+          shard: tuple[int, int] | None = None,
+          job_timeout: float = DEFAULT_JOB_TIMEOUT) -> BuildResult:
+    """Compile every kernel of `plan` (or of one shard) and write the bundle.
+
+    cache_dir "" means the default cache directory and None disables the cache. Raises
+    BuildError on failures; the previous bundle stays in place.
+    """
     start = time.perf_counter()
-    job_list = plan_jobs(plan, emit_source)
-    results = _run(job_list, jobs or os.cpu_count() or 1, keep_going, progress)
+    cache = Cache(default_dir() if cache_dir == "" else cache_dir)
+    toolchain = toolchain_versions(plan)
+    modules = plan_modules(plan, shard)
+    entries: dict[tuple[str, str], Entry] = {}
+    keys: dict[tuple[str, str], str] = {}
+    for m in modules:
+        gjson = {k: v for k, v in m.group.to_json().items() if k != "doc"}
+        keys[m.group.name, m.target] = module_key(gjson, [v.key for v in m.variants], m.target,
+                                                  toolchain)
+        hit = cache.get(keys[m.group.name, m.target])
+        if hit is not None:
+            entries[m.group.name, m.target] = hit
+    missing = [m for m in modules if (m.group.name, m.target) not in entries]
+    results = _compile(jobs_for(missing), jobs or os.cpu_count() or 1, keep_going, progress,
+                       job_timeout)
     failed = [r for r in results if r.error]
     if failed:
         lines = [f"  {r.label}: {_excerpt(r.error)}" for r in failed]
-        raise BuildError(f"{len(failed)} of {len(job_list)} compile jobs failed; the previous "
-                         f"bundle was left in place:\n" + "\n".join(lines))
+        raise BuildError(f"{len(failed)} compile job(s) failed; the previous bundle was left in "
+                         f"place:\n" + "\n".join(lines))
+    for r in results:
+        by_target: dict[str, list[dict]] = {}
+        for k in r.kernels:
+            by_target.setdefault(k["target"], []).append(k)
+        for target, ks in by_target.items():
+            entry = Entry({ks[0]["file"]: r.artifacts[ks[0]["file"]]}, ks)
+            entries[ks[0]["group"], target] = entry
+            cache.put(keys[ks[0]["group"], target], entry)
     artifacts: dict[str, bytes] = {}
     kernels: list[dict] = []
-    for r in results:
-        artifacts.update(r.artifacts)
-        kernels += r.kernels
+    for entry in entries.values():
+        artifacts.update(entry.artifacts)
+        kernels += entry.kernels
+    if emit_source:
+        for group, variants, backend in sorted({(m.group, m.variants, tg.backend(m.target))
+                                                for m in modules}, key=lambda t: (t[0].name, t[2])):
+            text, ext = render_source(group, variants, backend)
+            artifacts[f"src/{group.name}.{ext}"] = text.encode()
     groups = {gp.group.name: {**gp.group.to_json(), "spec_hash": gp.group.spec_hash}
               for gp in plan.groups}
-    manifest = make_manifest(plan.name, plan.version, toolchain_versions(plan), groups,
-                             artifacts, kernels)
-    path = write_bundle(out_dir, manifest, artifacts)
-    return BuildResult(path, manifest, len(job_list), time.perf_counter() - start)
+    extra = {"shard": {"index": shard[0], "count": shard[1],
+                       "plan": plan_hash(plan_modules(plan), toolchain, plan.name, plan.version)}
+             } if shard else {}
+    manifest = make_manifest(plan.name, plan.version, toolchain, groups, artifacts, kernels,
+                             **extra)
+    suffix = f".shard-{shard[0] + 1}-of-{shard[1]}" if shard else ""
+    path, written = write_bundle(out_dir, manifest, artifacts, suffix)
+    return BuildResult(path, manifest, len(modules), len(missing), len(modules) - len(missing),
+                       time.perf_counter() - start, up_to_date=not written)
 
 
-def _excerpt(text: str, lines: int = 12) -> str:
+def _excerpt(text: str, lines: int = 15) -> str:
     parts = text.strip().splitlines()
-    shown = parts[:lines] + ([f"... ({len(parts) - lines} more lines)"] if len(parts) > lines else [])
-    return "\n    ".join(shown)
+    if len(parts) > lines:   # the end of a log or traceback says most
+        parts = [f"... ({len(parts) - lines} lines before)"] + parts[-lines:]
+    return "\n    ".join(parts)
 
 
-def _run(job_list: list[Job], workers: int, keep_going: bool, progress: bool | None
-         ) -> list[JobResult]:
+def _compile(job_list: list[Job], workers: int, keep_going: bool, progress: bool | None,
+             timeout: float) -> list[JobResult]:
+    if not job_list:
+        return []
+    pool = WorkerPool(max(1, min(workers, len(job_list))), timeout)
     show = sys.stderr.isatty() if progress is None else progress
     bar = None
     if show:
-        from tqdm import tqdm
-        bar = tqdm(total=len(job_list), unit="job", desc="compiling", leave=False)
-    results: list[JobResult] = []
-    workers = max(1, min(workers, len(job_list)))
+        import tqdm
+        tqdm.tqdm.monitor_interval = 0
+        bar = tqdm.tqdm(total=len(job_list), unit="job", desc="compiling", leave=False)
     try:
-        if workers == 1:
-            for job in job_list:
-                results.append(run_job(job))
-                if bar:
-                    bar.update()
-                if results[-1].error and not keep_going:
-                    break
-            return results
-        # fork: workers need no re-import of the caller's __main__ (scripts without a main guard
-        # work) and start fast; the parent holds no compiler threads.
-        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            pending = {pool.submit(run_job, job) for job in job_list}
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    results.append(fut.result())
-                    if bar:
-                        bar.update()
-                if not keep_going and any(r.error for r in results):
-                    for fut in pending:
-                        fut.cancel()
-                    break
+        return pool.run(job_list, keep_going, lambda r: bar.update() if bar else None)
     finally:
         if bar:
             bar.close()
-    return results

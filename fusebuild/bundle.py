@@ -1,21 +1,28 @@
-"""Writing bundles: manifest assembly and an atomic, reproducible directory write (DESIGN §4)."""
+"""Bundles on disk (DESIGN §4): manifest assembly, atomic reproducible writes, shard merging,
+deterministic archives."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
+import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
+import tarfile
 import tempfile
 
 from .errors import BundleError
-from .runtime.manifest import FORMAT, MANIFEST, bundle_id
+from .runtime.manifest import (FORMAT, MANIFEST, bundle_id, canonical_json, read_manifest,
+                               verify_artifacts)
 
 
 def make_manifest(name: str, version: str, toolchain: dict, groups: dict[str, dict],
-                  artifacts: dict[str, bytes], kernels: list[dict]) -> dict:
+                  artifacts: dict[str, bytes], kernels: list[dict], **extra) -> dict:
     """A manifest with sorted entries and its id; no timestamps, paths or host names."""
     manifest = {
         "format": FORMAT,
@@ -26,66 +33,197 @@ def make_manifest(name: str, version: str, toolchain: dict, groups: dict[str, di
         "artifacts": {rel: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
                       for rel, data in sorted(artifacts.items())},
         "kernels": sorted(kernels, key=lambda k: (k["group"], k["key"], k["target"])),
+        **extra,
     }
     manifest["id"] = bundle_id(manifest)
     return manifest
+
+
+def plan_hash(modules, toolchain: dict, name: str, version: str) -> str:
+    """Identity of a whole build (specs, matrix, targets, toolchain), shared by its shards."""
+    body = {"name": name, "version": version, "toolchain": toolchain,
+            "modules": [[m.group.name, m.target, m.group.spec_hash, [v.key for v in m.variants]]
+                        for m in modules]}
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
 def manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
 
 
+# ---------------------------------------------------------------- atomic writes ----------------
+
 def _exchange(a: str, b: str) -> bool:
     """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
     libc_name = ctypes.util.find_library("c")
-    if not libc_name:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    fn = getattr(libc, "renameat2", None)
+    fn = getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None) if libc_name else None
     if fn is None:
         return False
-    AT_FDCWD, RENAME_EXCHANGE = -100, 2
-    if fn(AT_FDCWD, a.encode(), AT_FDCWD, b.encode(), RENAME_EXCHANGE) == 0:
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, a.encode(), at_fdcwd, b.encode(), rename_exchange) == 0:
         return True
     if ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return False
     raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), b)
 
 
-def write_bundle(out_dir: str, manifest: dict, artifacts: dict[str, bytes]) -> str:
-    """Write the bundle to out_dir/<name>-<version> atomically; returns that path.
+@contextlib.contextmanager
+def _locked(path: str):
+    """An exclusive lock: concurrent writers of one bundle take turns."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
-    Everything is staged in a temporary directory beside the target, then swapped in with one
-    atomic exchange (or rename), so readers and a killed build see the old or the new bundle,
-    never a mix.
+
+def _intact(path: str, manifest: dict) -> bool:
+    try:
+        existing = read_manifest(path)
+        if existing["id"] != manifest["id"]:
+            return False
+        verify_artifacts(path, existing)
+        return True
+    except BundleError:
+        return False
+
+
+def write_bundle(out_dir: str, manifest: dict, artifacts: dict[str, bytes],
+                 suffix: str = "") -> tuple[str, bool]:
+    """Write the bundle to out_dir/<name>-<version><suffix>; returns (path, written).
+
+    Nothing is written when an intact bundle with the same id is already there. Otherwise the
+    bundle is staged in a temporary directory beside the target and swapped in with one atomic
+    exchange (or rename), under a lock, so readers and killed builds see the old or the new
+    bundle, never a mix; stale stages of killed builds are removed.
     """
-    final = os.path.join(out_dir, f"{manifest['name']}-{manifest['version']}")
+    base = f"{manifest['name']}-{manifest['version']}{suffix}"
+    final = os.path.join(out_dir, base)
     try:
         os.makedirs(out_dir, exist_ok=True)
-        stage = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.", suffix=".tmp", dir=out_dir)
+        lock = _locked(os.path.join(out_dir, f".{base}.lock"))
+        lock.__enter__()
     except OSError as e:
         raise BundleError(f"cannot write to output directory {out_dir}: {e.strerror}") from None
     try:
-        for rel, data in artifacts.items():
-            path = os.path.join(stage, rel)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "wb") as f:
-                f.write(data)
-        with open(os.path.join(stage, MANIFEST), "wb") as f:
-            f.write(manifest_bytes(manifest))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(stage, 0o755)
-        if os.path.isdir(final) and _exchange(stage, final):
-            shutil.rmtree(stage, ignore_errors=True)        # stage now holds the old bundle
-        elif os.path.isdir(final):
-            old = stage + ".old"
-            os.rename(final, old)
-            os.rename(stage, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(stage, final)
-    except OSError as e:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise BundleError(f"cannot write bundle {final}: {e.strerror or e}") from None
-    return final
+        if _intact(final, manifest):
+            return final, False
+        for name in os.listdir(out_dir):
+            if name.startswith(f".{base}.") and (name.endswith(".tmp") or name.endswith(".old")):
+                shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+        stage = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=out_dir)
+        try:
+            for rel, data in artifacts.items():
+                path = os.path.join(stage, rel)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(data)
+            with open(os.path.join(stage, MANIFEST), "wb") as f:
+                f.write(manifest_bytes(manifest))
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(stage, 0o755)
+            if os.path.isdir(final) and _exchange(stage, final):
+                shutil.rmtree(stage, ignore_errors=True)        # stage now holds the old bundle
+            elif os.path.isdir(final):
+                old = stage[:-len(".tmp")] + ".old"
+                os.rename(final, old)
+                os.rename(stage, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(stage, final)
+        except OSError as e:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise BundleError(f"cannot write bundle {final}: {e.strerror or e}") from None
+        return final, True
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def read_bundle_files(root: str, manifest: dict) -> dict[str, bytes]:
+    out = {}
+    for rel in manifest["artifacts"]:
+        with open(os.path.join(root, rel), "rb") as f:
+            out[rel] = f.read()
+    return out
+
+
+# ---------------------------------------------------------------- shards -----------------------
+
+def merge_shards(paths: list[str], out_dir: str) -> tuple[str, dict]:
+    """Merge the shard bundles of one build into the bundle an unsharded build writes."""
+    shards = []
+    for p in paths:
+        m = read_manifest(p)
+        verify_artifacts(p, m)
+        if "shard" not in m:
+            raise BundleError(f"{p} is not a shard (it was not built with --shard)")
+        shards.append((p, m))
+    first_path, first = shards[0]
+    seen: dict[int, str] = {}
+    for p, m in shards:
+        s = m["shard"]
+        if s["plan"] != first["shard"]["plan"] or s["count"] != first["shard"]["count"]:
+            raise BundleError(f"shards {first_path} and {p} come from different builds: "
+                              f"{_difference(first, m)}")
+        if s["index"] in seen:
+            raise BundleError(f"overlapping shards: {seen[s['index']]} and {p} are both shard "
+                              f"{s['index'] + 1}/{s['count']}")
+        seen[s["index"]] = p
+    count = first["shard"]["count"]
+    missing = sorted(set(range(count)) - set(seen))
+    if missing:
+        raise BundleError(f"missing shard(s) {', '.join(f'{i + 1}/{count}' for i in missing)}")
+    artifacts: dict[str, bytes] = {}
+    kernels: list[dict] = []
+    for p, m in shards:
+        artifacts.update(read_bundle_files(p, m))
+        kernels += m["kernels"]
+    manifest = make_manifest(first["name"], first["version"], first["toolchain"], first["groups"],
+                             artifacts, kernels)
+    path, _ = write_bundle(out_dir, manifest, artifacts)
+    return path, manifest
+
+
+def _difference(a: dict, b: dict) -> str:
+    if a["toolchain"] != b["toolchain"]:
+        diff = {k: (a["toolchain"].get(k), b["toolchain"].get(k))
+                for k in set(a["toolchain"]) | set(b["toolchain"])
+                if a["toolchain"].get(k) != b["toolchain"].get(k)}
+        return "toolchains differ: " + ", ".join(f"{k} {x} vs {y}" for k, (x, y) in sorted(diff.items()))
+    if (a["name"], a["version"]) != (b["name"], b["version"]):
+        return f"bundles differ: {a['name']}-{a['version']} vs {b['name']}-{b['version']}"
+    groups = sorted(g for g in set(a["groups"]) | set(b["groups"])
+                    if a["groups"].get(g) != b["groups"].get(g))
+    if groups:
+        return "specs differ in group(s) " + ", ".join(groups)
+    return "the spec matrices or targets differ"
+
+
+# ---------------------------------------------------------------- archives ---------------------
+
+def pack(root: str, out: str | None = None) -> str:
+    """A deterministic .tar.gz of a verified bundle (sorted, zero times, no owners)."""
+    root = os.path.abspath(root)
+    manifest = read_manifest(root)
+    verify_artifacts(root, manifest)
+    top = os.path.basename(root.rstrip("/"))
+    out = out or root.rstrip("/") + ".tar.gz"
+    files = [MANIFEST] + sorted(manifest["artifacts"])
+    buf = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as gz:
+        with tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for rel in files:
+                with open(os.path.join(root, rel), "rb") as f:
+                    data = f.read()
+                info = tarfile.TarInfo(f"{top}/{rel}")
+                info.size, info.mode, info.mtime = len(data), 0o644, 0
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+    fd, tmp = tempfile.mkstemp(prefix=".pack-", dir=os.path.dirname(os.path.abspath(out)))
+    with os.fdopen(fd, "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, out)
+    return out

@@ -54,25 +54,46 @@ def _plan(specs, targets, name=None, version=None, max_kernels=None):
 @click.option("-j", "--jobs", type=click.IntRange(1), default=None,
               help="Parallel compile jobs [default: number of cores].")
 @click.option("--keep-going", is_flag=True, help="Compile everything and report every failure.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Build only shard I of N (1-based); combine shards with `fusebuild merge`.")
+@click.option("--cache-dir", default="", metavar="DIR",
+              help="Compile cache [default: $FUSEBUILD_CACHE_DIR or ~/.cache/fusebuild/modules].")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the compile cache.")
+@click.option("--job-timeout", type=click.FloatRange(min=1), default=900, show_default=True,
+              help="Seconds one compile job may take before it is killed and reported.")
 @click.option("--emit-source", is_flag=True, help="Also store the generated source under src/.")
+@click.option("--add-misses", "miss_logs", multiple=True, type=click.Path(), metavar="LOG",
+              help="Also build the keys a runtime logged as missing (FUSEBUILD_MISS_LOG).")
 @click.option("--name", default=None, help="Bundle name (overrides the specs).")
 @click.option("--version", "bundle_version", default=None, help="Bundle version (overrides the specs).")
 @_max
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_errors
-def compile(specs, out_dir, targets, jobs, keep_going, emit_source, name, bundle_version,
-            max_kernels, quiet, as_json):
+def compile(specs, out_dir, targets, jobs, keep_going, shard, cache_dir, no_cache, job_timeout,
+            emit_source, miss_logs, name, bundle_version, max_kernels, quiet, as_json):
     """Compile every kernel of SPECS into a bundle."""
-    from .build import build
+    from .build import build, parse_shard
+    from .spec import add_misses
+    shard_range = parse_shard(shard) if shard else None
     plan = _plan(specs, targets, name, bundle_version, max_kernels)
+    for log in miss_logs:
+        plan, added, skipped = add_misses(plan, log)
+        if not quiet:
+            click.echo(f"{log}: {added} missing keys added"
+                       + (f", {skipped} records of groups not in these specs skipped"
+                          if skipped else ""), err=True)
     result = build(plan, out_dir, jobs, keep_going, emit_source,
-                   progress=False if quiet or as_json else None)
+                   progress=False if quiet or as_json else None,
+                   cache_dir=None if no_cache else cache_dir, shard=shard_range,
+                   job_timeout=job_timeout)
     if as_json:
         m = result.manifest
         click.echo(json.dumps({"bundle": result.path, "id": m["id"], "name": m["name"],
                                "version": m["version"], "kernels": result.n_kernels,
-                               "groups": len(m["groups"]), "jobs": result.jobs,
+                               "groups": len(m["groups"]), "modules": result.modules,
+                               "compiled": result.compiled, "cached": result.cached,
+                               "up_to_date": result.up_to_date,
                                "seconds": round(result.seconds, 3)}))
     elif not quiet:
         click.echo(result.summary())
@@ -121,6 +142,53 @@ def list_(bundle):
         counts[k["group"]] = counts.get(k["group"], 0) + 1
     for name in b.groups:
         click.echo(f"  {b[name].info.signature}    [{counts.get(name, 0)} kernels]")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--numerics", is_flag=True,
+              help="Also run every CPU kernel this host can load against the reference.")
+@_errors
+def verify(bundle, numerics):
+    """Check BUNDLE: schema, format, every hash, every loadable artifact."""
+    from .verify import verify as run
+    click.echo(run(bundle, numerics).summary())
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.argument("key", required=False)
+@click.option("--target", default=None, help="With KEY: the target whose source to show.")
+@_errors
+def inspect(bundle, key, target):
+    """Show the kernels of BUNDLE, or the generated source of KEY."""
+    from .inspection import format_table, kernel_rows, kernel_source
+    from .verify import open_root
+    from .runtime.manifest import read_manifest
+    manifest = read_manifest(open_root(bundle))
+    click.echo(kernel_source(manifest, key, target) if key else format_table(kernel_rows(manifest)))
+
+
+@main.command()
+@click.argument("shards", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--out", "out_dir", required=True, help="Output directory of the merged bundle.")
+@_errors
+def merge(shards, out_dir):
+    """Merge the shard bundles of one build into one bundle."""
+    from .bundle import merge_shards
+    path, manifest = merge_shards(list(shards), out_dir)
+    click.echo(f"merged {len(shards)} shards: {len(manifest['kernels'])} kernels -> {path} "
+               f"(id {manifest['id'][:12]})")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("-o", "--out", default=None, help="Archive path [default: BUNDLE.tar.gz].")
+@_errors
+def pack(bundle, out):
+    """Write BUNDLE as a deterministic .tar.gz (runtime.load accepts it)."""
+    from .bundle import pack as run
+    click.echo(run(bundle, out))
 
 
 if __name__ == "__main__":

@@ -241,6 +241,8 @@ def _cast(x: np.ndarray, src: dt.DType, dst: dt.DType) -> np.ndarray:
 class Result:
     outputs: dict[str, np.ndarray]       # in storage dtype, full output shapes
     magnitude: dict[str, np.ndarray]     # per output element: max |value| over the graph
+    parts: dict[str, list[np.ndarray]]   # per output its cat parts (or itself), iteration shape
+    part_magnitude: np.ndarray           # magnitude over the iteration shape
 
 
 def chunk_views(kernel: Kernel, arrays: list[np.ndarray]) -> list[list[np.ndarray]]:
@@ -258,12 +260,18 @@ def chunk_views(kernel: Kernel, arrays: list[np.ndarray]) -> list[list[np.ndarra
 def evaluate(kernel: Kernel, arrays: list[np.ndarray], scalars: list = (), seed: int = 0,
              offset: int = 0) -> Result:
     """Evaluate an unexpanded kernel graph on numpy arrays (tensor inputs in declared order)."""
+    return evaluate_views(kernel, chunk_views(kernel, [np.asarray(a) for a in arrays]), scalars,
+                          seed, offset)
+
+
+def evaluate_views(kernel: Kernel, views: list[list[np.ndarray]], scalars: list = (),
+                   seed: int = 0, offset: int = 0) -> Result:
+    """Evaluate on per-input views (each input's chunks, or the input itself)."""
     with np.errstate(all="ignore"):
-        return _evaluate(kernel, arrays, scalars, seed, offset)
+        return _evaluate(kernel, views, scalars, seed, offset)
 
 
-def _evaluate(kernel: Kernel, arrays: list, scalars, seed: int, offset: int) -> Result:
-    views = chunk_views(kernel, [np.asarray(a) for a in arrays])
+def _evaluate(kernel: Kernel, views: list, scalars, seed: int, offset: int) -> Result:
     shape = broadcast_shapes([v.shape for vs in views for v in vs])
     values: list[np.ndarray] = []
     mag = np.zeros(shape, np.float64)
@@ -296,15 +304,16 @@ def _evaluate(kernel: Kernel, arrays: list, scalars, seed: int, offset: int) -> 
                 finite = np.where(np.isfinite(v), np.abs(v.astype(np.float64)), 0)
             mag = np.maximum(mag, finite)
         values.append(v)
-    outputs, magnitude = {}, {}
+    outputs, magnitude, all_parts = {}, {}, {}
     for o in kernel.outputs:
         parts = [np.broadcast_to(values[p], shape).astype(o.dtype.numpy) for p in o.parts]
+        all_parts[o.name] = parts
         if o.cat:
             outputs[o.name] = np.concatenate(parts, axis=o.cat[1])
             magnitude[o.name] = np.concatenate([mag] * len(parts), axis=o.cat[1])
         else:
             outputs[o.name], magnitude[o.name] = parts[0], mag
-    return Result(outputs, magnitude)
+    return Result(outputs, magnitude, all_parts, mag)
 
 
 def _eval_op(node, args: list[np.ndarray], arg_dtypes: list[dt.DType]) -> np.ndarray:

@@ -6,6 +6,8 @@ The YAML is composed into nodes so every error can name file:line:column; bodies
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -14,7 +16,8 @@ import yaml
 
 from . import dtypes as dt
 from . import targets as tg
-from .argspec import Dim, broadcast_shapes, canonicalize, contiguous_strides, format_key
+from .argspec import (Dim, broadcast_shapes, canonicalize, contiguous_strides, format_key,
+                      parse_key)
 from .errors import SpecError
 from .ir import Group, SourceMap, instantiate, parse_group
 
@@ -439,3 +442,44 @@ def _layouts(group: Group, shapes: dict[str, tuple], sy: _Y) -> tuple[str, ...]:
         extra.append(contiguous_strides(full))
     return canonicalize(it_shape, views, extra).layouts
 
+
+
+def add_misses(plan: Plan, log_path: str) -> tuple[Plan, int, int]:
+    """Fold the keys of a runtime miss log (JSON lines with "group" and "key") into the plan.
+
+    Returns (plan, keys added, records skipped because their group is not in the specs).
+    """
+    try:
+        with open(log_path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise SpecError(f"cannot read miss log: {e.strerror}", log_path, 0, 0,
+                        "pass the file FUSEBUILD_MISS_LOG pointed to") from None
+    groups = {gp.group.name: gp for gp in plan.groups}
+    added, skipped = {}, 0
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            group, descs = parse_key(rec["key"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise SpecError(f"bad miss record: {e}", log_path, n, 1,
+                            'each line is {"group": ..., "key": "group(f32:c,...)"}') from None
+        gp = groups.get(group)
+        if gp is None:
+            skipped += 1
+            continue
+        if len(descs) != len(gp.group.tensor_inputs):
+            raise SpecError(f"key {rec['key']} does not fit group {group}'s inputs", log_path, n, 1,
+                            "the log comes from a bundle built from other specs")
+        dtypes = tuple(d for d, _ in descs)
+        try:
+            instantiate(gp.group, {i.name: d for i, d in zip(gp.group.tensor_inputs, dtypes)})
+        except SpecError as e:
+            raise SpecError(f"key {rec['key']}: {e.message}", log_path, n, 1, e.hint) from None
+        if all(v.key != rec["key"] for v in gp.variants):
+            added.setdefault(group, {})[rec["key"]] = Variant(rec["key"], dtypes)
+    new_groups = tuple(dataclasses.replace(gp, variants=gp.variants + tuple(
+        added.get(gp.group.name, {}).values())) for gp in plan.groups)
+    return dataclasses.replace(plan, groups=new_groups), sum(map(len, added.values())), skipped

@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import numpy as np
 import pytest
 
 from fusebuild import build, dtypes as dt, ir, reference, runtime, spec
+from fusebuild.argspec import Dim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECS = os.path.join(ROOT, "specs")
+# tests (and the CLI processes they start) never touch the user's cache
+os.environ["FUSEBUILD_CACHE_DIR"] = tempfile.mkdtemp(prefix="fusebuild-test-cache-")
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -38,6 +42,47 @@ def random_array(d: dt.DType, shape, rng: np.random.Generator, scale: float = 2.
     info = np.iinfo(d.numpy)
     lo, hi = (info.min, info.max) if d.bits <= 16 else (-1000, 1000) if d.kind == "i" else (0, 255)
     return rng.integers(lo, hi, size=shape, endpoint=True).astype(d.numpy)
+
+
+def concrete(shape: tuple, values: dict[str, int]) -> tuple[int, ...]:
+    out = []
+    for size in shape:
+        d = Dim.of(size)
+        n = d.coef
+        for sym in d.syms:
+            n *= values[sym]
+        out.append(n)
+    return tuple(out)
+
+
+def scalar_value(d: dt.DType, rng) -> object:
+    if d.is_float:
+        return float(rng.uniform(0.05, 0.95))
+    if d.is_bool:
+        return bool(rng.integers(2))
+    return int(rng.integers(-50, 50))
+
+
+def make_args(gp, dtypes, shapes, rng, view=None):
+    tensors = iter(zip(dtypes, gp.group.tensor_inputs))
+    args = []
+    for p in gp.group.inputs:
+        if p.kind == "scalar":
+            args.append(scalar_value(p.dtype, rng))
+            continue
+        d, inp = next(tensors)
+        a = random_array(d, shapes[inp.name], rng)
+        args.append(view(a) if view else a)
+    return args
+
+
+def strided_view(a: np.ndarray) -> np.ndarray:
+    """A non-contiguous view holding `a`'s values (every other element of a bigger array)."""
+    if a.ndim == 0:
+        return a
+    big = np.empty(a.shape[:-1] + (a.shape[-1] * 2,), a.dtype)
+    big[..., ::2] = a
+    return big[..., ::2]
 
 
 def group_of(bundle, name: str) -> ir.Group:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from fusebuild import build, dtypes as dt, runtime, spec
+from fusebuild import build, runtime, spec
 from fusebuild.argspec import (Dim, broadcast_shapes, canonicalize, contiguous_strides,
                                format_key, parse_key, symbol_name)
 

@@ -11,50 +11,9 @@ import pytest
 from fusebuild import dtypes as dt, spec
 from fusebuild.argspec import Dim
 from fusebuild.errors import KernelNotFound
-from conftest import SPECS, check_call, random_array
+from conftest import SPECS, check_call, concrete, make_args, random_array, strided_view
 
 PLAN = spec.load_plan([SPECS])
-
-
-def concrete(shape: tuple, values: dict[str, int]) -> tuple[int, ...]:
-    out = []
-    for size in shape:
-        d = Dim.of(size)
-        n = d.coef
-        for sym in d.syms:
-            n *= values[sym]
-        out.append(n)
-    return tuple(out)
-
-
-def scalar_value(d: dt.DType, rng) -> object:
-    if d.is_float:
-        return float(rng.uniform(0.05, 0.95))
-    if d.is_bool:
-        return bool(rng.integers(2))
-    return int(rng.integers(-50, 50))
-
-
-def make_args(gp, dtypes, shapes, rng, view=None):
-    tensors = iter(zip(dtypes, gp.group.tensor_inputs))
-    args = []
-    for p in gp.group.inputs:
-        if p.kind == "scalar":
-            args.append(scalar_value(p.dtype, rng))
-            continue
-        d, inp = next(tensors)
-        a = random_array(d, shapes[inp.name], rng)
-        args.append(view(a) if view else a)
-    return args
-
-
-def strided_view(a: np.ndarray) -> np.ndarray:
-    """A non-contiguous view holding `a`'s values (every other element of a bigger array)."""
-    if a.ndim == 0:
-        return a
-    big = np.empty(a.shape[:-1] + (a.shape[-1] * 2,), a.dtype)
-    big[..., ::2] = a
-    return big[..., ::2]
 
 
 def symbols(gp) -> list[str]:

@@ -3,12 +3,14 @@
 Each ArgSpec becomes a function `kN(P, M, start, stop)` following `abi.Abi`; the numba toolchain
 compiles them into one `.so` exporting one C symbol per ArgSpec. The loop nest walks rows of the
 canonical iteration space; the inner loop has compile-time inner strides (1 for 'c', 0 for 'b'),
-so LLVM's loop vectorizer turns it into SIMD code. float16/bfloat16 are converted with integer
-bit manipulation (round-to-nearest-even, NaN preserved), which vectorizes on every ISA level.
+so LLVM's loop vectorizer turns it into SIMD code. float16/bfloat16 are converted by 32-bit integer
+intrinsics (round-to-nearest-even, NaN preserved), which vectorize on every ISA level, and
+float32 transcendentals use the branch-free approximations of `MATH_F32` instead of libm.
 """
 from __future__ import annotations
 
 import math
+import re
 
 from .. import __version__
 from .. import dtypes as dt
@@ -159,62 +161,6 @@ def rshift_{t}(a, b):
         return {T}(np.int64(a) >> np.int64(b))
     return {T}(-1) if a < 0 else {T}(0)
 """,
-    "f16": """
-@njit
-def f16_to_f32(h):
-    h = np.int64(h)
-    sign = (h & 0x8000) << 16
-    e = (h >> 10) & 0x1F
-    m = h & 0x3FF
-    bits = sign | ((e + 112) << 23) | (m << 13)
-    if e == 31:
-        bits = sign | 0x7F800000 | (m << 13)
-    sub = np.float32(m) * np.float32(5.9604644775390625e-08)
-    if sign != 0:
-        sub = -sub
-    return sub if e == 0 else f32_from_bits(np.uint32(bits))
-
-
-@njit
-def f32_to_f16(f):
-    # round to nearest even; NaN stays NaN (quiet, top payload bits kept); overflow -> inf
-    x = np.int64(bits_from_f32(f))
-    sign = (x >> 16) & 0x8000
-    a = x & 0x7FFFFFFF
-    sub = np.int64(np.rint(abs(f) * np.float32(16777216.0)))
-    r = sign | sub
-    if a >= 0x38800000:
-        r = sign | (((a + 0xFFF + ((a >> 13) & 1)) >> 13) - (112 << 10))
-    if a >= 0x477FF000:
-        r = sign | 0x7C00
-    if a > 0x7F800000:
-        r = sign | 0x7E00 | ((a >> 13) & 0x3FF)
-    return np.uint16(r)
-
-
-@njit
-def round_f16(f):
-    return f16_to_f32(f32_to_f16(f))
-""",
-    "bf16": """
-@njit
-def bf16_to_f32(h):
-    return f32_from_bits(np.uint32(np.int64(h) << 16))
-
-
-@njit
-def f32_to_bf16(f):
-    x = np.int64(bits_from_f32(f))
-    r = (x + 0x7FFF + ((x >> 16) & 1)) >> 16
-    if (x & 0x7FFFFFFF) > 0x7F800000:
-        r = (x >> 16) | 0x40
-    return np.uint16(r)
-
-
-@njit
-def round_bf16(f):
-    return bf16_to_f32(f32_to_bf16(f))
-""",
     "to_int": """
 @njit
 def to_{d}_{t}(x):
@@ -252,6 +198,369 @@ def philox(index, seed, offset):
 """,
 }
 
+# float32 math (float16/bfloat16 compute in float32): branch-free approximations written with
+# selects only, so the loop vectorizer turns them into SIMD code (libm's scalar expf & co. would
+# keep the loop scalar). Accuracy against float64 references is measured in tests/test_cpu_math.py.
+# The exp/log family works in float32 with Cody-Waite reduction and the cephes polynomials;
+# erf/erfc, sin/cos/tan, sinh/cosh and pow evaluate in float64 lanes and round once. Helpers call
+# each other by name; `MATH_F32` maps each to its source and `math_helpers` orders dependencies.
+# Integer work goes through the 32-bit exponent intrinsics of toolchain/numba_support.py.
+MATH_F32: dict[str, str] = {
+    "_F": """
+_F = np.float32
+""",
+    "_expr_f32": """
+@njit
+def _expr_f32(r):
+    # e**r - 1 - r on [-ln2/2, ln2/2] (cephes expf polynomial)
+    p = muladd(_F(1.9875691500e-4), r, _F(1.3981999507e-3))
+    p = muladd(p, r, _F(8.3334519073e-3))
+    p = muladd(p, r, _F(4.1665795894e-2))
+    p = muladd(p, r, _F(1.6666665459e-1))
+    p = muladd(p, r, _F(5.0000001201e-1))
+    return p * (r * r)
+""",
+    "_exp_reduce_f32": """
+@njit
+def _exp_reduce_f32(x):
+    # x = n ln2 + r, |r| <= ln2/2, for x clamped to [-104, 89] (NaN -> -104: callers restore it);
+    # n * ln2_hi is exact and so is the subtraction (Cody-Waite)
+    xc = x if x > _F(-104.0) else _F(-104.0)
+    xc = xc if xc < _F(89.0) else _F(89.0)
+    n = np.rint(xc * _F(1.44269504089))
+    return n, muladd(n, _F(-1.428606765330187e-06), muladd(n, _F(-0.693145751953125), xc))
+""",
+    "exp_f32": """
+@njit
+def exp_f32(x):
+    n, r = _exp_reduce_f32(x)
+    y = f32_ldexp((_expr_f32(r) + r) + _F(1.0), n)
+    return y if x == x else x
+""",
+    "exp2_f32": """
+@njit
+def exp2_f32(x):
+    xc = x if x > _F(-152.0) else _F(-152.0)
+    xc = xc if xc < _F(129.0) else _F(129.0)
+    n = np.rint(xc)
+    r = xc - n
+    # 2**r on [-1/2, 1/2] (cephes exp2f polynomial)
+    p = muladd(_F(1.535336188319500e-4), r, _F(1.339887440266574e-3))
+    p = muladd(p, r, _F(9.618437357674640e-3))
+    p = muladd(p, r, _F(5.550332471162809e-2))
+    p = muladd(p, r, _F(2.402264791363012e-1))
+    p = muladd(p, r, _F(6.931472028550421e-1))
+    y = f32_ldexp(muladd(p, r, _F(1.0)), n)
+    return y if x == x else x
+""",
+    "expm1_f32": """
+@njit
+def expm1_f32(x):
+    # 2**n (e**r - 1) + (2**n - 1); for n = 128 scale by 2**127, then by 2 (inf if it overflows)
+    n, r = _exp_reduce_f32(x if x > _F(-30.0) else _F(-30.0))   # below -30 the result is -1
+    em = _expr_f32(r) + r
+    top = n > _F(127.0)
+    s = f32_pow2(n - _F(1.0) if top else n)
+    y = s * em + (s - _F(1.0))
+    y = y * _F(2.0) if top else y
+    return y if abs(x) > _F(0.0) else x
+""",
+    "_log_parts_f32": """
+@njit
+def _log_parts_f32(x):
+    # x > 0 as 2**e (1 + f) with f in [sqrt(1/2) - 1, sqrt(2) - 1); subnormals scaled by 2**23
+    sub = x < _F(1.1754943508222875e-38)
+    xs = x * _F(8388608.0) if sub else x
+    m = f32_significand(xs)
+    e = f32_exponent(xs) - (_F(150.0) if sub else _F(127.0))
+    big = m > _F(1.41421356)
+    m = m * _F(0.5) if big else m
+    e = e + _F(1.0) if big else e
+    return e, m - _F(1.0)
+""",
+    "_log1p_tail_f32": """
+@njit
+def _log1p_tail_f32(f):
+    # log(1 + f) - f on [sqrt(1/2) - 1, sqrt(2) - 1] (cephes logf polynomial)
+    p = muladd(_F(7.0376836292e-2), f, _F(-1.1514610310e-1))
+    p = muladd(p, f, _F(1.1676998740e-1))
+    p = muladd(p, f, _F(-1.2420140846e-1))
+    p = muladd(p, f, _F(1.4249322787e-1))
+    p = muladd(p, f, _F(-1.6668057665e-1))
+    p = muladd(p, f, _F(2.0000714765e-1))
+    p = muladd(p, f, _F(-2.4999993993e-1))
+    p = muladd(p, f, _F(3.3333331174e-1))
+    z = f * f
+    return p * f * z - _F(0.5) * z
+""",
+    "_log_special_f32": """
+@njit
+def _log_special_f32(y, x):
+    # the log family at x = 0 (-inf), x < 0 (NaN), +inf and NaN
+    y = y if x > _F(0.0) else (_F(-np.inf) if x == _F(0.0) else _F(np.nan))
+    return y if x < _F(np.inf) else x
+""",
+    "log_f32": """
+@njit
+def log_f32(x):
+    e, f = _log_parts_f32(x)
+    y = f + (_log1p_tail_f32(f) + e * _F(-2.12194440e-4)) + e * _F(0.693359375)
+    return _log_special_f32(y, x)
+""",
+    "log2_f32": """
+@njit
+def log2_f32(x):
+    e, f = _log_parts_f32(x)
+    l = f + _log1p_tail_f32(f)
+    y = e + (l * _F(1.44269502162933349609375) + l * _F(1.925963033500011079e-8))
+    return _log_special_f32(y, x)
+""",
+    "log10_f32": """
+@njit
+def log10_f32(x):
+    e, f = _log_parts_f32(x)
+    l = f + _log1p_tail_f32(f)
+    y = e * _F(0.30102539062) + (l * _F(0.4342944819) + e * _F(4.6050389811952135e-6))
+    return _log_special_f32(y, x)
+""",
+    "log1p_f32": """
+@njit
+def log1p_f32(x):
+    # log(u) for u = 1 + x, plus the rounding error of u relative to u
+    u = _F(1.0) + x
+    e, f = _log_parts_f32(u)
+    c = (x - (u - _F(1.0))) / u
+    y = f + (_log1p_tail_f32(f) + (e * _F(-2.12194440e-4) + c)) + e * _F(0.693359375)
+    y = _log_special_f32(y, u)
+    return y if abs(x) > _F(0.0) else x
+""",
+    "tanh_f32": """
+@njit
+def tanh_f32(x):
+    a = abs(x)
+    z = x * x
+    # |x| < 0.625: odd polynomial (cephes tanhf); otherwise 1 - 2 / (e**2|x| + 1), signed
+    p = muladd(_F(-5.70498872745e-3), z, _F(2.06390887954e-2))
+    p = muladd(p, z, _F(-5.37397155531e-2))
+    p = muladd(p, z, _F(1.33314422036e-1))
+    p = muladd(p, z, _F(-3.33332819422e-1))
+    p = muladd(p * z, x, x)
+    q = _F(1.0) - _F(2.0) / (exp_f32(a + a) + _F(1.0))
+    q = q if x > _F(0.0) else -q
+    y = p if a < _F(0.625) else q
+    return y if a > _F(0.0) else x
+""",
+    "sigmoid_f32": """
+@njit
+def sigmoid_f32(x):
+    # 1 / (1 + e) for x >= 0, e / (1 + e) below, with e = exp(-|x|) (no overflow, no cancellation)
+    e = exp_f32(-abs(x))
+    return (_F(1.0) if x >= _F(0.0) else e) / (_F(1.0) + e)
+""",
+    "_exp_f64": """
+@njit
+def _exp_f64(y):
+    # e**y in float64 to 2**-34 relative (float32 results), y clamped to [-700, 700]
+    # (NaN -> -700: callers restore it); minimax polynomial on [-ln2/2, ln2/2]
+    y = y if y > -700.0 else -700.0
+    y = y if y < 700.0 else 700.0
+    n = np.rint(y * 1.4426950408889634)
+    s = (y - n * 0.6931471803691238) - n * 1.9082149292705877e-10
+    p = muladd(0.00019775175135311387, s, 0.0013948196642978323)
+    p = muladd(p, s, 0.008333561159718918)
+    p = muladd(p, s, 0.041666225228416925)
+    p = muladd(p, s, 0.1666666512526597)
+    p = muladd(p, s, 0.5000000104605771)
+    p = muladd(p, s, 1.0000000002432943)
+    p = muladd(p, s, 0.9999999999616481)
+    return p * f64_pow2(n)
+""",
+    "_erfc_abs_f64": """
+@njit
+def _erfc_abs_f64(x):
+    # erfc(|x|) in float64: exp(-a*a) g(t) / (1 + 2a) with a*a exact, g = (1 + 2a) erfcx(a) a
+    # minimax polynomial in t = (a - 3) / (a + 3) to 2**-28.8 relative on [0, 10.5]
+    a = np.float64(abs(x))
+    a = a if a < 10.5 else 10.5
+    t = (a - 3.0) / (a + 3.0)
+    g = muladd(-0.0002643564101484771, t, -0.0007678648660944534)
+    g = muladd(g, t, 0.0020077011061298985)
+    g = muladd(g, t, 0.002563946969314958)
+    g = muladd(g, t, -0.02380151856989787)
+    g = muladd(g, t, 0.06829577333400563)
+    g = muladd(g, t, -0.119270245313475)
+    g = muladd(g, t, 0.12964648334583975)
+    g = muladd(g, t, -0.04756244185583042)
+    g = muladd(g, t, -0.13562114245661386)
+    g = muladd(g, t, 1.253008059516892)
+    return _exp_f64(-(a * a)) * g / (1.0 + a + a)
+""",
+    "erf_f32": """
+@njit
+def erf_f32(x):
+    # |x| < 0.75: x + x P(x*x) (minimax, float32); otherwise 1 - erfc(|x|) in float64, signed
+    z = x * x
+    p = muladd(_F(-0.0006749479798600078), z, _F(0.005114341154694557))
+    p = muladd(p, z, _F(-0.026834622025489807))
+    p = muladd(p, z, _F(0.11283376812934875))
+    p = muladd(p, z, _F(-0.3761261999607086))
+    p = muladd(p, z, _F(0.12837916612625122))
+    q = np.float32(1.0 - _erfc_abs_f64(x))
+    q = q if x > _F(0.0) else -q
+    y = muladd(p, x, x) if abs(x) < _F(0.75) else q
+    return y if x == x else x
+""",
+    "erfc_f32": """
+@njit
+def erfc_f32(x):
+    e = _erfc_abs_f64(x)
+    y = np.float32(e if x >= _F(0.0) else 2.0 - e)
+    return y if x == x else x
+""",
+    "_reduce_pio2_f64": """
+_TWO_OVER_PI = 0xA2F9836E4E441529FC2757D1F534DDC0DB6295993C439041FE5163ABDEBBC561  # 2/pi * 2**256
+
+
+def _two_over_pi_chunks():
+    # row i: four 24-bit chunks of 2/pi starting at bit i + 1 (float64, exact); float32
+    # x < 2**(i + 26) times the bits before bit i + 1 is a multiple of 4, which the reduction drops
+    return np.array([[math.ldexp((_TWO_OVER_PI >> (233 - j - 24 * k)) & 0xFFFFFF, -(j + 24 * k + 23))
+                      for k in range(4)] for j in range(1, 104)], dtype=np.float64)
+
+
+_PIO2_CHUNKS = _two_over_pi_chunks()
+
+
+@njit
+def _reduce_pio2_f64(x):
+    # float32 x = (n + f) pi/2 with |f| <= 1/2, for every finite x (Payne-Hanek without branches):
+    # the row of chunks is picked by x's exponent, each product x * chunk is exact, and the sum is
+    # ordered so that the terms that cancel are added exactly. Returns (f pi/2, n mod 4).
+    xd = np.float64(x)
+    i = f32_exponent(x) - _F(152.0)
+    at = np.int32(i if i > _F(0.0) else _F(0.0)) * 4
+    table = _PIO2_CHUNKS.ctypes.data   # loaded with ld_f64: read-only, not aliasing stores
+    p0 = xd * ld_f64(table, at)
+    p0 = p0 - 4.0 * np.rint(p0 * 0.25)
+    p1 = xd * ld_f64(table, at + 1)
+    n = np.rint(p0 + p1)
+    f = (((p0 - n) + p1) + xd * ld_f64(table, at + 2)) + xd * ld_f64(table, at + 3)
+    return f * 1.5707963267948966, n - 4.0 * np.floor(n * 0.25)
+""",
+    "_sincos_f64": """
+@njit
+def _sincos_f64(r):
+    # sin(r), cos(r) on [-pi/4, pi/4] (minimax, 2**-37 and 2**-33.8 relative)
+    z = r * r
+    s = muladd(2.7181203543346494e-06, z, -0.00019839312137211185)
+    s = muladd(s, z, 0.008333329304436077)
+    s = muladd(s, z, -0.1666666664079359)
+    s = muladd(s * z, r, r)
+    c = muladd(2.4383553527311877e-05, z, -0.0013886681502362115)
+    c = muladd(c, z, 0.04166662035255256)
+    c = muladd(c, z, -0.49999999694435826)
+    c = muladd(c, z, 1.0)
+    return s, c
+""",
+    "_sin_quadrant_f32": """
+@njit
+def _sin_quadrant_f32(x, quarter):
+    # sin(x + quarter pi/2), rounded once to float32
+    r, q = _reduce_pio2_f64(x)
+    s, c = _sincos_f64(r)
+    q = q + quarter
+    q = q - 4.0 if q > 3.0 else q
+    y = c if (q == 1.0) | (q == 3.0) else s
+    return np.float32(-y if q >= 2.0 else y)
+""",
+    "sin_f32": """
+@njit
+def sin_f32(x):
+    y = _sin_quadrant_f32(x, 0.0)
+    return y if x != _F(0.0) else x
+""",
+    "cos_f32": """
+@njit
+def cos_f32(x):
+    return _sin_quadrant_f32(x, 1.0)
+""",
+    "tan_f32": """
+@njit
+def tan_f32(x):
+    r, q = _reduce_pio2_f64(x)
+    s, c = _sincos_f64(r)
+    odd = (q == 1.0) | (q == 3.0)
+    y = np.float32((-c if odd else s) / (s if odd else c))
+    return y if x != _F(0.0) else x
+""",
+    "sinh_f32": """
+@njit
+def sinh_f32(x):
+    # float64: |x| < 1/2 odd Taylor polynomial, else (e - 1/e) / 2 with e = exp(|x|); signed
+    a = np.float64(abs(x))
+    z = a * a
+    p = muladd(2.7557319223985893e-06, z, 0.0001984126984126984)
+    p = muladd(p, z, 0.008333333333333333)
+    p = muladd(p, z, 0.16666666666666666)
+    e = _exp_f64(a)
+    h = muladd(p * z, a, a) if a < 0.5 else 0.5 * (e - 1.0 / e)
+    y = np.float32(h)
+    y = y if x > _F(0.0) else -y
+    return y if abs(x) > _F(0.0) else x
+""",
+    "cosh_f32": """
+@njit
+def cosh_f32(x):
+    e = _exp_f64(np.float64(abs(x)))
+    y = np.float32(0.5 * (e + 1.0 / e))
+    return y if x == x else x
+""",
+    "pow_f32": """
+@njit
+def pow_f32(a, b):
+    # |a|**b = e**(b ln|a|) in float64: ln(1 + f) = 2 atanh(s), s = f / (2 + f), to 2**-37.6
+    # relative, so b ln|a| is good to ~2**-30 wherever the result is finite and nonzero. Then
+    # C99 powf's special cases: sign for odd integer b, NaN for a < 0 and non-integer b, 1 for
+    # b = 0, a = 1 and a = -1 with b = +-inf.
+    ax = abs(a)
+    e, f = _log_parts_f32(ax)
+    fd = np.float64(f)
+    s = fd / (2.0 + fd)
+    z = s * s
+    p = muladd(0.23581965320337014, z, 0.2853732258156679)
+    p = muladd(p, z, 0.40000334890944544)
+    p = muladd(p, z, 0.6666666564720684)
+    ln = np.float64(e) * 0.6931471805599453 + muladd(p * z, s, s + s)
+    ln = ln if ax > _F(0.0) else -np.inf
+    ln = ln if ax < _F(np.inf) else np.inf
+    y = np.float32(_exp_f64(np.float64(b) * ln))
+    integer = np.trunc(b) == b
+    odd = integer & (np.trunc(b * _F(0.5)) != b * _F(0.5))
+    y = -y if odd & (np.copysign(_F(1.0), a) < _F(0.0)) else y
+    y = _F(np.nan) if (a < _F(0.0)) & (a > _F(-np.inf)) & ~integer else y
+    y = a + b if (a != a) | (b != b) else y
+    one = (b == _F(0.0)) | (a == _F(1.0)) | ((a == _F(-1.0)) & (abs(b) == _F(np.inf)))
+    return _F(1.0) if one else y
+""",
+}
+_CALL = re.compile(r"\b(_F|_?[a-z0-9]+(?:_[a-z0-9]+)*_f(?:32|64))\b")
+
+
+def math_helpers(name: str) -> list[str]:
+    """`name` and the math helpers it uses, dependencies first."""
+    out: list[str] = []
+
+    def visit(n: str) -> None:
+        if n in out:
+            return
+        for dep in _CALL.findall(MATH_F32[n]):
+            if dep != n and dep in MATH_F32:
+                visit(dep)
+        out.append(n)
+    visit(name)
+    return out
+
+
 _HEADER = """# fusebuild {version}: numba source of group '{group}'. Generated; do not edit.
 import math
 
@@ -272,6 +581,10 @@ class NumbaRenderer(Renderer):
         if name not in self.helpers:
             self.helpers[name] = HELPERS[template].format(**fmt)
 
+    def need_math(self, name: str) -> None:
+        for n in math_helpers(name):
+            self.helpers.setdefault(n, MATH_F32[n])
+
     def type_name(self, d: dt.DType) -> str:
         return _NP[d.compute.name]
 
@@ -291,6 +604,9 @@ class NumbaRenderer(Renderer):
         return dict(T=self.type_name(t), t=t.compute.short, bits=t.bits)
 
     def op(self, name: str, args: list[str], t: dt.DType) -> str:
+        if t.compute == dt.float32 and f"{name}_f32" in MATH_F32:
+            self.need_math(f"{name}_f32")
+            return f"{name}_f32({', '.join(args)})"
         kind = "f" if t.is_float else "i"
         helper = {"sigmoid": "sigmoid", "floor_divide": f"floordiv_{kind}",
                   "remainder": f"remainder_{kind}", "pow": f"pow_{kind}"}.get(name)
@@ -305,8 +621,7 @@ class NumbaRenderer(Renderer):
     def round_to(self, x: str, d: dt.DType) -> str:
         """Round a float32-held value to float16/bfloat16 precision (kept in float32)."""
         short = "f16" if d.name == "float16" else "bf16"
-        self.need(short, short)
-        return f"round_{short}({x})"
+        return f"{short}_value({short}_bits({x}))"
 
     def cast(self, x: str, src: dt.DType, dst: dt.DType) -> str:
         if dst.is_bool:
@@ -330,8 +645,7 @@ class NumbaRenderer(Renderer):
         addr, index = f"p{pos}_{k}", self.index[pos]
         if d.name in ("float16", "bfloat16"):
             short = "f16" if d.name == "float16" else "bf16"
-            self.need(short, short)
-            return f"{short}_to_f32(ld_u16({addr}, {index}))"
+            return f"{short}_value(ld_u16({addr}, {index}))"
         if d.is_bool:
             return f"(ld_u8({addr}, {index}) != 0)"
         return f"ld_{d.short}({addr}, {index})"
@@ -339,8 +653,7 @@ class NumbaRenderer(Renderer):
     def store(self, addr: str, index: str, value: str, d: dt.DType) -> str:
         if d.name in ("float16", "bfloat16"):
             short = "f16" if d.name == "float16" else "bf16"
-            self.need(short, short)
-            return f"st_u16({addr}, {index}, f32_to_{short}({value}))"
+            return f"st_u16({addr}, {index}, {short}_bits({value}))"
         if d.is_bool:
             return f"st_u8({addr}, {index}, np.uint8({value}))"
         return f"st_{d.short}({addr}, {index}, {value})"
@@ -391,6 +704,8 @@ def _render_kernel(r: NumbaRenderer, ks: KernelSource, fn: str) -> list[str]:
         word = f"M[{abi.scalar(s)}]"
         value = {"float32": f"f32_from_bits(np.uint32({word}))",
                  "float64": f"f64_from_bits({word})"}.get(d.name, f"{r.type_name(d)}({word})")
+        if d.name in ("float16", "bfloat16"):     # passed as float32 bits, held rounded
+            value = r.round_to(f"f32_from_bits(np.uint32({word}))", d)
         if d.is_bool:
             value = f"({word} != 0)"
         lines.append(f"    a{s} = {value}")
@@ -415,7 +730,7 @@ def _render_kernel(r: NumbaRenderer, ks: KernelSource, fn: str) -> list[str]:
         lines.append("    for j in range(start, stop):")
         lines += [f"        {b}" for b in body]
         return lines
-    lines += [f"    i = start", "    while i < stop:",
+    lines += ["    i = start", "    while i < stop:",
               f"        row = i // n{rank - 1}",
               f"        j0 = i - row * n{rank - 1}",
               f"        j1 = min(n{rank - 1}, j0 + (stop - i))"]

@@ -13,7 +13,7 @@ import numpy as np
 from .. import dtypes as dt
 from ..abi import Abi
 from ..argspec import Canonical, broadcast_shapes, canonicalize, contiguous_strides, format_key
-from ..errors import ArgumentError, KernelNotFound
+from ..errors import ArgumentError
 
 
 @dataclass(frozen=True)

@@ -1,40 +1,59 @@
-"""A loaded bundle: kernels indexed by key, group callers, CPU launches."""
+"""A loaded bundle: kernels indexed by key, group callers, CPU launches, the miss loop."""
 from __future__ import annotations
 
+import ctypes
+import json
 import os
+import struct
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
 
 import numpy as np
 
+from .. import dtypes as dt
 from ..abi import Abi
-from ..argspec import parse_key
+from ..argspec import contiguous_strides, parse_key
 from ..errors import ArgumentError, BundleError, KernelNotFound
-from . import cuda, dispatch
+from . import cuda, dispatch, fastcall, interop, threads
+from .archive import cache_home
 from .cpu import Libraries, host_isas
 from .manifest import KernelEntry, kernel_entries, read_manifest, verify_artifacts
+
+ON_MISS = ("error", "jit")
+_MAX_PLANS = 4096          # memoized call plans per group; cleared beyond this
 
 
 class Bundle:
     """A fusebuild bundle. Groups are attributes: `bundle.bias_gelu(x, bias)`."""
 
-    def __init__(self, root: str, manifest: dict):
-        self.root, self.manifest = root, manifest
+    def __init__(self, root: str, manifest: dict, on_miss: str = "error"):
+        if on_miss not in ON_MISS:
+            raise ArgumentError(f"on_miss must be one of {', '.join(ON_MISS)}, got {on_miss!r}")
+        self.root, self.manifest, self.on_miss = root, manifest, on_miss
         self.name, self.version, self.id = manifest["name"], manifest["version"], manifest["id"]
         self._index: dict[str, dict[str, KernelEntry]] = {}
         self._by_dtypes: dict[tuple, list[tuple[tuple[str, ...], str]]] = {}
         for e in kernel_entries(manifest):
-            if e.key not in self._index:
-                group, descs = parse_key(e.key)
-                sig = (group, tuple(d for d, _ in descs))
-                self._by_dtypes.setdefault(sig, []).append((tuple(lay for _, lay in descs), e.key))
-            self._index.setdefault(e.key, {})[e.target] = e
-        for cands in self._by_dtypes.values():   # prefer low rank, then few 's'
-            cands.sort(key=lambda c: (len(c[0][0]) if c[0] else 0, "".join(c[0]).count("s"), c[1]))
+            self._add(e)
         self._resolved: dict[str, KernelEntry] = {}
-        self._callers = {name: GroupCaller(self, dispatch.GroupInfo.from_manifest(g, _signature(g)))
-                         for name, g in manifest["groups"].items()}
+        self._callers = {name: _caller_class(g)(self, dispatch.GroupInfo.from_manifest(
+            g, _signature(g))) for name, g in manifest["groups"].items()}
         self._libs = Libraries(root)
         self._cuda: cuda.CudaKernels | None = None     # created by the first CUDA call
         self._cpu_targets = tuple(f"cpu:{isa}" for isa in reversed(host_isas()))
+        self.threads = threads.configured_threads()
+        self._jit_lock = threading.Lock()
+
+    def _add(self, e: KernelEntry) -> None:
+        if e.key not in self._index:
+            group, descs = parse_key(e.key)
+            cands = self._by_dtypes.setdefault((group, tuple(d for d, _ in descs)), [])
+            cands.append((tuple(lay for _, lay in descs), e.key))
+            # prefer low rank, then few 's'
+            cands.sort(key=lambda c: (len(c[0][0]) if c[0] else 0, "".join(c[0]).count("s"), c[1]))
+        self._index.setdefault(e.key, {})[e.target] = e
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -72,7 +91,8 @@ class Bundle:
                         if k != key and (empty or dispatch.serves(lays, layouts))]
 
     def find_cpu(self, key: str, empty: bool = False) -> KernelEntry:
-        """The kernel for a call of `key` at the best ISA level this host runs."""
+        """The kernel for a call of `key` at the best ISA level this host runs; on a miss,
+        logs it (FUSEBUILD_MISS_LOG) and compiles it when on_miss="jit"."""
         entry = self._resolved.get(key)
         if entry is not None:
             return entry
@@ -83,14 +103,20 @@ class Bundle:
                     if not empty:
                         self._resolved[key] = entries[target]
                     return entries[target]
+        self._log_miss(key)
+        if self.on_miss == "jit" and self._cpu_targets:
+            return self._jit(key)
+        raise self._not_found(key)
+
+    def _not_found(self, key: str) -> KernelNotFound:
         have = sorted({t for es in self._index.values() for t in es})
         if not any(t.startswith("cpu:") for t in have):
-            raise KernelNotFound(f"bundle {self.name}-{self.version} has only CUDA kernels "
-                                 f"({', '.join(have)}) and was called with CPU arrays: pass CUDA "
-                                 "arrays (cupy, torch, ...) or rebuild with --target cpu", key)
+            return KernelNotFound(f"bundle {self.name}-{self.version} has only CUDA kernels "
+                                  f"({', '.join(have)}) and was called with CPU arrays: pass CUDA "
+                                  "arrays (cupy, torch, ...) or rebuild with --target cpu", key)
         near = dispatch.nearest_keys(key, list(self._index))
         where = ", ".join(self._cpu_targets) or "no CPU ISA level (not an x86-64 host)"
-        raise KernelNotFound(
+        return KernelNotFound(
             f"bundle {self.name}-{self.version} has no kernel {key} for this CPU ({where}); "
             f"bundle targets: {', '.join(have)}.\n  nearest keys present: "
             f"{', '.join(near) or 'none'}\n  to add it: {self._suggest(key)}", key, near)
@@ -103,7 +129,60 @@ class Bundle:
         dmap = ", ".join(f"{n}: {d.name}" for n, (d, _) in zip(names, descs))
         return (f"in group '{group}' of your spec, add `{{{dmap}}}` under matrix.dtype and a "
                 f"shape pattern of this call under matrix.shapes"
-                + (" with `strided: true`" if strided else "") + ", then rebuild")
+                + (" with `strided: true`" if strided else "")
+                + ", then rebuild (or log misses with FUSEBUILD_MISS_LOG and rebuild with "
+                  "`fusebuild compile --add-misses LOG`)")
+
+    def _log_miss(self, key: str) -> None:
+        path = os.environ.get("FUSEBUILD_MISS_LOG")
+        if not path:
+            return
+        record = {"bundle": self.name, "version": self.version, "id": self.id,
+                  "group": parse_key(key)[0], "key": key,
+                  "target": self._cpu_targets[0] if self._cpu_targets else None,
+                  "on_miss": self.on_miss}
+        try:
+            with open(path, "a", encoding="utf-8") as f:   # one short append: atomic with O_APPEND
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise BundleError(f"cannot append to FUSEBUILD_MISS_LOG={path}: {e.strerror}") from None
+
+    def _jit(self, key: str) -> KernelEntry:
+        """Compile a missing kernel in a child process (build extras needed) and index it."""
+        with self._jit_lock:
+            if key in self._resolved:
+                return self._resolved[key]
+            group = parse_key(key)[0]
+            request = {"group": self.manifest["groups"][group], "key": key,
+                       "target": self._cpu_targets[0],
+                       "out_dir": os.path.join(cache_home(), "jit", self.id)}
+            proc = subprocess.run([sys.executable, "-m", "fusebuild.jit"], text=True,
+                                  input=json.dumps(request), capture_output=True)
+            try:
+                reply = json.loads(proc.stdout)
+            except ValueError:
+                reply = {"error": proc.stderr.strip()[-2000:] or f"exit code {proc.returncode}"}
+            if "entry" not in reply:
+                raise KernelNotFound(f"{key} is not in bundle {self.name}-{self.version} and "
+                                     f"compiling it on the fly failed (on_miss='jit' needs "
+                                     f"`pip install fusebuild[build]`):\n{reply['error']}", key)
+            e = reply["entry"]
+            entry = KernelEntry(e["key"], e["group"], e["target"], e["file"], e["symbol"],
+                                e["sha256"], tuple(e["outputs"]))
+            self._add(entry)
+            self._resolved[key] = entry
+            return entry
+
+
+def _caller_class(g: dict) -> type:
+    """A GroupCaller subclass whose __call__ is specialized to the group's signature."""
+    params = g["inputs"]
+    call = fastcall.make_call(
+        len(params), tuple(i for i, p in enumerate(params) if p["kind"] == "tensor"),
+        tuple(i for i, p in enumerate(params) if p["kind"] == "scalar"),
+        tuple(p["chunk"][0] if p["chunk"] else 1 for p in params if p["kind"] == "tensor"),
+        tuple(o["cat"][0] if o["cat"] else 1 for o in g["outputs"]), g["has_random"])
+    return type(f"GroupCaller_{g['name']}", (GroupCaller,), {"__call__": call})
 
 
 def _signature(g: dict) -> str:
@@ -118,82 +197,203 @@ def _numpy_describe(a):
     return a.shape, a.strides, a.dtype
 
 
+def _address(a: np.ndarray) -> int:
+    """Data pointer of a numpy array (the buffer protocol is ~4x faster than ctypes/interface)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))
+    except (TypeError, ValueError, BufferError):    # read-only or non-contiguous views
+        return a.__array_interface__["data"][0]
+
+
+@dataclass
+class _Plan:
+    """What a CPU call with given shapes, strides and dtypes needs, computed once."""
+    entry: KernelEntry
+    fn: object                     # ctypes function
+    n: int                         # elements to compute
+    in_ptrs: tuple                 # (tensor argument index, byte offset) per input pointer
+    outs: tuple                    # (shape, numpy dtype, nbytes) per output
+    out_ptrs: tuple                # (output index, byte offset) per output pointer
+    ptr_type: type                 # ctypes array type of the pointer words
+    meta: object                   # ctypes array of the meta words (seed/scalars zero)
+    seed_slot: int | None
+    scalar_slots: tuple[int, ...]
+    lo: tuple[int, ...]            # per tensor input: byte extent around its data pointer
+    hi: tuple[int, ...]
+    same: tuple                    # same[i][o]: input i laid out exactly like output o
+
+    def __post_init__(self):       # plain attributes: the hot path reads them on every call
+        self.offs = tuple(off for _, off in self.in_ptrs + self.out_ptrs)
+        self.meta_type = type(self.meta)
+        self.parallel = self.n >= 2 * threads.MIN_PER_THREAD
+
+
+def _plan_key(tensors: list) -> tuple:
+    """What a plan depends on; fastcall builds the same flat tuple inline."""
+    return tuple(v for a in tensors for v in (a.shape, a.strides, a.dtype))
+
+
+def _extent(a: np.ndarray) -> tuple[int, int]:
+    """Bytes [lo, hi) an array touches relative to its data pointer."""
+    if a.size == 0:
+        return 0, 0
+    lo = sum(s * (n - 1) for n, s in zip(a.shape, a.strides) if s < 0)
+    hi = sum(s * (n - 1) for n, s in zip(a.shape, a.strides) if s > 0)
+    return lo, hi + a.itemsize
+
+
+def _scalar_word(name: str, value, d: dt.DType) -> int:
+    """`dispatch._scalar_bits` with a fast path for Python floats into float32/float64."""
+    if type(value) is float and d.is_float:
+        try:
+            if d == dt.float64:
+                return struct.unpack("<q", struct.pack("<d", value))[0]
+            return struct.unpack("<I", struct.pack("<f", value))[0]
+        except OverflowError:
+            pass
+    return dispatch._scalar_bits(name, value, d)
+
+
 class GroupCaller:
     """Calls one group's kernels; `caller(*inputs, out=None, seed=None, offset=0)`."""
 
     def __init__(self, bundle: Bundle, info: dispatch.GroupInfo):
         self.bundle, self.info = bundle, info
         self.__doc__ = info.signature
+        self._tensor_pos = tuple(i for i, (_, k, _) in enumerate(info.params) if k == "tensor")
+        self._scalars = tuple((i, n, dt.lookup(d)) for i, (n, k, d) in enumerate(info.params)
+                              if k == "scalar")
+        self._plans: dict[tuple, _Plan] = {}
 
     def __repr__(self) -> str:
         return f"<fusebuild group {self.info.signature}>"
 
-    def _prepare(self, args: tuple) -> dispatch.Call:
+    def _check_count(self, args: tuple) -> None:
         if len(args) != len(self.info.params):
             raise ArgumentError(f"{self.info.signature} takes {len(self.info.params)} arguments "
                                 f"({len(args)} given)")
-        arrays = tuple(_as_array(a, p) for a, p in zip(args, self.info.params))
-        return dispatch.prepare(self.info, arrays, _numpy_describe)
+
+    def _host_args(self, args: tuple) -> tuple:
+        names = self.info.params
+        return tuple(interop.as_numpy(a, names[i][0]) if i in self._tensor_pos else a
+                     for i, a in enumerate(args))
 
     def key(self, *args) -> str:
         """The ArgSpec key these arguments select."""
+        self._check_count(args)
         if _on_cuda(self.info, args):
             return cuda.key(self.info, args)
-        return self._prepare(args).key
+        return dispatch.prepare(self.info, self._host_args(args), _numpy_describe).key
 
     def __call__(self, *args, out=None, seed=None, offset=0):
-        info = self.info
-        if _on_cuda(info, args):
-            return cuda.call(self, args, out, seed, offset)
-        call = self._prepare(args)
-        if info.has_random and seed is None:
-            raise ArgumentError(f"{info.name} draws random numbers: pass seed= (and offset=)")
-        n = dispatch.element_count(call)
-        entry = self.bundle.find_cpu(call.key, empty=n == 0)
-        outs = self._outputs(call, entry, out)
-        if n:
-            rank = len(parse_key(entry.key)[1][0][1])
-            call.canon = dispatch.pad(call.canon, rank)
-            abi = Abi(rank, tuple(c[0] if c else 1 for c in info.chunks),
-                      tuple(cat[0] if cat else 1 for _, cat in info.outputs), info.has_random,
-                      len(call.scalars))
-            ptrs = np.empty(abi.n_ptrs, np.int64)
-            for i, (a, (_, _, step)) in enumerate(zip(call.arrays, call.views)):
-                base = a.__array_interface__["data"][0]
-                for k in range(abi.chunks[i]):
-                    ptrs[abi.in_ptr(i, k)] = base + k * step * a.itemsize
-            for o, (arr, (_, cat)) in enumerate(zip(outs, info.outputs)):
-                base = arr.__array_interface__["data"][0]
-                step = 0
-                if cat:
-                    axis = cat[1] + arr.ndim if cat[1] < 0 else cat[1]
-                    step = arr.shape[axis] // cat[0] * arr.strides[axis]
-                for k in range(abi.parts[o]):
-                    ptrs[abi.out_ptr(o, k)] = base + k * step
-            meta = dispatch.meta_words(call, abi, seed or 0, offset)
-            fn = self.bundle._libs.function(entry.file, entry.symbol)
-            fn(ptrs.ctypes.data, meta.ctypes.data, 0, n)
+        return self._call(args, out, seed, offset)
+
+    def _scalar_word(self, k: int, value) -> int:
+        _, name, d = self._scalars[k]
+        return _scalar_word(name, value, d)
+
+    def _call(self, args: tuple, out, seed, offset):
+        """The generic path: any arguments, first calls, errors (see fastcall for the rest)."""
+        self._check_count(args)
+        tensors = [args[i] for i in self._tensor_pos]
+        if not all(type(a) is np.ndarray for a in tensors):
+            return self._call_foreign(args, out, seed, offset)
+        plan = self._plans.get(_plan_key(tensors))
+        if plan is None:
+            plan = self._plan(args, tensors)
+        if self.info.has_random:
+            _check_seed(seed, offset, self.info.name)
+        if out is None:
+            outs = [np.empty(shape, d) for shape, d, _ in plan.outs]
+        else:
+            outs = self._check_out(out, plan, tensors)
+        if plan.n:
+            ptrs = plan.ptr_type(*[_address(tensors[i]) + off for i, off in plan.in_ptrs],
+                                 *[_address(outs[o]) + off for o, off in plan.out_ptrs])
+            meta = plan.meta
+            if plan.seed_slot is not None or plan.scalar_slots:
+                meta = type(meta).from_buffer_copy(meta)
+                for slot, (i, name, d) in zip(plan.scalar_slots, self._scalars):
+                    meta[slot] = _scalar_word(name, args[i], d)
+                if plan.seed_slot is not None:     # uint64 bits in int64 words
+                    meta[plan.seed_slot] = seed - (seed >> 63 << 64)
+                    meta[plan.seed_slot + 1] = offset - (offset >> 63 << 64)
+            if plan.n >= 2 * threads.MIN_PER_THREAD and self.bundle.threads > 1:
+                threads.run(plan.fn, ptrs, meta, plan.n, self.bundle.threads)
+            else:
+                plan.fn(ptrs, meta, 0, plan.n)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
-    def _outputs(self, call: dispatch.Call, entry: KernelEntry, out) -> list[np.ndarray]:
-        from .. import dtypes as dt
-        want = [(shape, dt.lookup(d).numpy) for shape, d in zip(call.out_shapes, entry.outputs)]
+    def _call_foreign(self, args: tuple, out, seed, offset):
+        """CUDA arrays go to the CUDA kernels; other host arrays are viewed as numpy and the
+        outputs returned in their framework (torch in, torch out)."""
+        if _on_cuda(self.info, args):
+            return cuda.call(self, args, out, seed, offset)
+        framework = interop.framework_of([args[i] for i in self._tensor_pos])
+        if isinstance(out, (tuple, list)):
+            out = [interop.as_numpy(o, "out") for o in out]
+        elif out is not None:
+            out = interop.as_numpy(out, "out")
+        result = self(*self._host_args(args), out=out, seed=seed, offset=offset)
+        if framework is None:
+            return result
+        if isinstance(result, tuple):
+            return tuple(interop.to_framework(framework, r) for r in result)
+        return interop.to_framework(framework, result)
+
+    def _plan(self, args: tuple, tensors: list) -> _Plan:
+        info = self.info
+        call = dispatch.prepare(info, args, _numpy_describe)
+        n = dispatch.element_count(call)
+        entry = self.bundle.find_cpu(call.key, empty=n == 0)
+        rank = len(parse_key(entry.key)[1][0][1]) if n else len(call.canon.sizes)
+        call.canon = dispatch.pad(call.canon, rank)
+        abi = Abi(rank, tuple(c[0] if c else 1 for c in info.chunks),
+                  tuple(cat[0] if cat else 1 for _, cat in info.outputs), info.has_random,
+                  len(call.scalars))
+        in_ptrs = tuple((i, k * step * a.itemsize)
+                        for i, (a, (_, _, step)) in enumerate(zip(tensors, call.views))
+                        for k in range(abi.chunks[i]))
+        outs = tuple((tuple(shape), dt.lookup(d).numpy,
+                      int(np.prod(shape, dtype=np.int64)) * dt.lookup(d).itemsize)
+                     for shape, d in zip(call.out_shapes, entry.outputs))
+        out_ptrs = []
+        for o, ((shape, d, _), (_, cat)) in enumerate(zip(outs, info.outputs)):
+            step = 0
+            if cat:
+                axis = cat[1] + len(shape) if cat[1] < 0 else cat[1]
+                step = shape[axis] // cat[0] * contiguous_strides(shape)[axis] * d.itemsize
+            out_ptrs += [(o, k * step) for k in range(abi.parts[o])]
+        meta = dispatch.meta_words(call, abi, 0, 0)     # (an empty call never launches)
+        plan = _Plan(entry, n and self.bundle._libs.function(entry.file, entry.symbol), n, in_ptrs,
+                     outs, tuple(out_ptrs), ctypes.c_int64 * max(1, abi.n_ptrs),
+                     (ctypes.c_int64 * max(1, abi.n_meta))(*meta.tolist()),
+                     abi.seed if info.has_random else None,
+                     tuple(abi.scalar(k) for k in range(abi.n_scalars)),
+                     tuple(_extent(a)[0] for a in tensors), tuple(_extent(a)[1] for a in tensors),
+                     tuple(tuple(a.shape == shape and a.dtype == d and a.strides ==
+                                 tuple(st * d.itemsize for st in contiguous_strides(shape))
+                                 for shape, d, _ in outs) for a in tensors))
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.clear()
+        self._plans[_plan_key(tensors)] = plan
+        return plan
+
+    def _check_out(self, out, plan: _Plan, tensors: list) -> list[np.ndarray]:
         names = [n for n, _ in self.info.outputs]
-        if out is None:
-            return [np.empty(s, d) for s, d in want]
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
-        if len(outs) != len(want):
-            raise ArgumentError(f"{self.info.name} has {len(want)} outputs ({', '.join(names)}); "
-                                f"out= gave {len(outs)}")
-        for name, o, (shape, d) in zip(names, outs, want):
+        if len(outs) != len(plan.outs):
+            raise ArgumentError(f"{self.info.name} has {len(plan.outs)} outputs "
+                                f"({', '.join(names)}); out= gave {len(outs)}")
+        for name, o, (shape, d, _) in zip(names, outs, plan.outs):
             if not isinstance(o, np.ndarray):
                 raise ArgumentError(f"out= for '{name}' must be a numpy array, got {type(o).__name__}")
-            if o.shape != tuple(shape) or o.dtype != d:
+            if o.shape != shape or o.dtype != d:
                 raise ArgumentError(f"out= for '{name}' must be {np.dtype(d).name}{list(shape)}, got "
                                     f"{o.dtype.name}{list(o.shape)}")
             if not o.flags.c_contiguous or not o.flags.writeable:
                 raise ArgumentError(f"out= for '{name}' must be a writeable C-contiguous array")
-            for a, tname in zip(call.arrays, self.info.tensor_names):
+            for a, tname in zip(tensors, self.info.tensor_names):
                 if np.may_share_memory(o, a) and not _same_memory(o, a):
                     raise ArgumentError(f"out= for '{name}' overlaps input '{tname}' without being "
                                         "the same array; only exact in-place updates are allowed")
@@ -204,15 +404,17 @@ class GroupCaller:
         return outs
 
 
+def _check_seed(seed, offset, group: str) -> None:
+    if seed is None:
+        raise ArgumentError(f"{group} draws random numbers: pass seed= (and offset=)")
+    for value, what in ((seed, "seed"), (offset, "offset")):
+        if not isinstance(value, (int, np.integer)) or not 0 <= value < 1 << 64:
+            raise ArgumentError(f"{what} must be an integer in [0, 2**64), got {value!r}")
+
+
 def _same_memory(out: np.ndarray, a: np.ndarray) -> bool:
     return (a.__array_interface__["data"][0] == out.__array_interface__["data"][0]
             and a.shape == out.shape and a.strides == out.strides)
-
-
-def _as_array(a, param):
-    if param[1] == "scalar" or isinstance(a, np.ndarray):
-        return a
-    return np.asarray(a)
 
 
 def _on_cuda(info: dispatch.GroupInfo, args: tuple) -> bool:
@@ -221,12 +423,20 @@ def _on_cuda(info: dispatch.GroupInfo, args: tuple) -> bool:
                for (_, kind, _), a in zip(info.params, args))
 
 
-def load(path: str) -> Bundle:
-    """Open a bundle directory: check its format and every artifact's hash, index its kernels."""
+def load(path: str, on_miss: str = "error") -> Bundle:
+    """Open a bundle directory or packed .tar.gz: check its format and every artifact's hash,
+    index its kernels. Archives are extracted once per bundle id into the cache directory.
+
+    on_miss="jit" compiles kernels missing from the bundle on first use (needs the build
+    extras); every miss is appended to the JSON-lines file FUSEBUILD_MISS_LOG names, if set.
+    """
+    if os.path.isfile(path) and path.endswith((".tar.gz", ".tgz")):
+        from .archive import extract
+        path = extract(path)
     root = os.path.abspath(path)
     manifest = read_manifest(root)
     verify_artifacts(root, manifest)
-    return Bundle(root, manifest)
+    return Bundle(root, manifest, on_miss)
 
 
 __all__ = ["Bundle", "GroupCaller", "load", "BundleError", "KernelNotFound"]

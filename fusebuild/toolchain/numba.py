@@ -9,11 +9,9 @@ into a stripped `.so` whose only undefined symbols are libc/libm.
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("NUMBA_OPT", "0")   # numba's own O3 would vectorize for the host CPU
-
+import contextlib
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -27,9 +25,16 @@ LINK_FLAGS = ("-shared", "-Wl,--build-id=none", "-Wl,-s", "-Wl,-z,noexecstack")
 
 
 def versions() -> dict[str, str]:
-    import llvmlite
-    import numba
-    return {"numba": numba.__version__, "llvmlite": llvmlite.__version__}
+    """numba, llvmlite and the linker's version line (all of them shape the bytes)."""
+    from importlib import metadata
+    cc = _find_cc()
+    try:
+        proc = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+        line = proc.stdout.splitlines()[0].strip() if proc.returncode == 0 and proc.stdout else cc
+    except subprocess.TimeoutExpired:
+        line = cc
+    return {"numba": metadata.version("numba"), "llvmlite": metadata.version("llvmlite"),
+            "cc": line}
 
 
 def _find_cc() -> str:
@@ -55,6 +60,26 @@ def source_to_llvm(source: str, entries: dict[str, str], filename: str = "<fuseb
 
     `entries` maps function names in the source to the C symbols to export.
     """
+    with _numba_unoptimized():
+        return _compile_entries(source, entries, filename)
+
+
+@contextlib.contextmanager
+def _numba_unoptimized():
+    """numba's own pipeline at O0 while we compile: its O3 would vectorize for the host CPU.
+    Our per-ISA pipeline optimizes afterwards. Held under numba's compiler lock."""
+    from numba.core import config
+    from numba.core.compiler_lock import global_compiler_lock
+    with global_compiler_lock:
+        saved = config.OPT
+        config.OPT = type(saved)(0)
+        try:
+            yield
+        finally:
+            config.OPT = saved
+
+
+def _compile_entries(source: str, entries: dict[str, str], filename: str) -> str:
     from numba import cfunc, types
 
     namespace: dict = {"__name__": "fusebuild_generated_" + hashlib.sha1(

@@ -4,6 +4,10 @@ Kernels receive raw addresses as int64; these intrinsics turn them into typed lo
 (`ld_f32(addr, index)`, `st_f32(addr, index, value)`) and reinterpret bits (`f32_from_bits`).
 Loads are marked as not aliasing stores: the runtime never passes overlapping inputs and outputs,
 and this lets LLVM vectorize loops with many operands without run-time alias checks.
+The exponent intrinsics (`f32_ldexp`, `f32_pow2`, `f32_exponent`, `f32_significand`, `f64_pow2`)
+and the float16/bfloat16 conversions (`f16_value`, `f16_bits`, `bf16_value`, `bf16_bits`) are written with 32-bit
+integer operations (numba would widen integer arithmetic to 64 bits), so the loop vectorizer keeps
+them in 32-bit lanes on every ISA level.
 """
 from __future__ import annotations
 
@@ -75,6 +79,160 @@ def _make_bitcast(src, dst):
     return bitcast
 
 
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+
+
+def _f32_bits(builder, context, value, nb_type):
+    return builder.bitcast(context.cast(builder, value, nb_type, types.float32), _I32)
+
+
+def _i32(v: int) -> ir.Constant:
+    return ir.Constant(_I32, v)
+
+
+def _pow2_f32(builder, n):
+    """2**n as float32 for an i32 n in [-126, 127]."""
+    return builder.bitcast(builder.shl(builder.add(n, _i32(127)), _i32(23)), ir.FloatType())
+
+
+@intrinsic
+def f32_ldexp(typingctx, x, k):
+    """x * 2**k for an integer-valued float32 k in [-252, 254], as two exact power-of-two factors:
+    a result that underflows is rounded once, one that overflows becomes inf."""
+    def codegen(context, builder, sig, args):
+        x = context.cast(builder, args[0], sig.args[0], types.float32)
+        n = builder.fptosi(context.cast(builder, args[1], sig.args[1], types.float32), _I32)
+        half = builder.ashr(n, _i32(1))
+        y = builder.fmul(x, _pow2_f32(builder, half))
+        return builder.fmul(y, _pow2_f32(builder, builder.sub(n, half)))
+    return types.float32(x, k), codegen
+
+
+@intrinsic
+def f32_pow2(typingctx, k):
+    """2**k for an integer-valued float32 k in [-126, 127] (exponent field assembly)."""
+    def codegen(context, builder, sig, args):
+        n = builder.fptosi(context.cast(builder, args[0], sig.args[0], types.float32), _I32)
+        return _pow2_f32(builder, n)
+    return types.float32(k), codegen
+
+
+@intrinsic
+def f32_exponent(typingctx, x):
+    """The biased exponent field of float32 x (0..255), as a float32."""
+    def codegen(context, builder, sig, args):
+        bits = _f32_bits(builder, context, args[0], sig.args[0])
+        field = builder.and_(builder.lshr(bits, ir.Constant(_I32, 23)), ir.Constant(_I32, 255))
+        return builder.sitofp(field, ir.FloatType())
+    return types.float32(x), codegen
+
+
+@intrinsic
+def f32_significand(typingctx, x):
+    """float32 x with its sign cleared and its exponent set to 0: in [1, 2) for normal x."""
+    def codegen(context, builder, sig, args):
+        bits = _f32_bits(builder, context, args[0], sig.args[0])
+        mant = builder.or_(builder.and_(bits, ir.Constant(_I32, 0x007FFFFF)),
+                           ir.Constant(_I32, 0x3F800000))
+        return builder.bitcast(mant, ir.FloatType())
+    return types.float32(x), codegen
+
+
+@intrinsic
+def f64_pow2(typingctx, k):
+    """2**k for an integer-valued float64 k in [-1022, 1023]; the integer is taken from the low
+    bits of k + 1.5 * 2**52, so no float-to-int64 conversion is needed (none before AVX-512)."""
+    def codegen(context, builder, sig, args):
+        k = context.cast(builder, args[0], sig.args[0], types.float64)
+        shifted = builder.fadd(k, ir.Constant(ir.DoubleType(), 6755399441055744.0 + 1023.0))
+        biased = builder.shl(builder.bitcast(shifted, _I64), ir.Constant(_I64, 52))
+        return builder.bitcast(biased, ir.DoubleType())
+    return types.float64(k), codegen
+
+
+@intrinsic
+def muladd(typingctx, a, b, c):
+    """a * b + c, fused where the ISA has FMA (llvm.fmuladd); for polynomial evaluation."""
+    if not (a == b == c and isinstance(a, types.Float)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ftype = context.get_value_type(sig.return_type)
+        fn = builder.module.declare_intrinsic("llvm.fmuladd", [ftype],
+                                             ir.FunctionType(ftype, [ftype] * 3))
+        return builder.call(fn, args)
+    return a(a, b, c), codegen
+
+
+@intrinsic
+def f16_value(typingctx, h):
+    """float16 bits (uint16) -> float32, exact for every value (subnormals, inf, NaN payload)."""
+    def codegen(context, builder, sig, args):
+        f32 = ir.FloatType()
+        h32 = builder.zext(context.cast(builder, args[0], sig.args[0], types.uint16), _I32)
+        a = builder.and_(h32, _i32(0x7FFF))
+        wide = builder.shl(a, _i32(13))
+        normal = builder.add(wide, _i32(112 << 23))
+        special = builder.or_(wide, _i32(0x7F800000))
+        sub = builder.bitcast(builder.fmul(builder.sitofp(a, f32), ir.Constant(f32, 2.0 ** -24)),
+                              _I32)
+        r = builder.select(builder.icmp_unsigned(">=", a, _i32(0x7C00)), special, normal)
+        r = builder.select(builder.icmp_unsigned("<", a, _i32(0x400)), sub, r)
+        sign = builder.shl(builder.and_(h32, _i32(0x8000)), _i32(16))
+        return builder.bitcast(builder.or_(r, sign), f32)
+    return types.float32(h), codegen
+
+
+@intrinsic
+def bf16_value(typingctx, h):
+    """bfloat16 bits (uint16) -> float32 (exact)."""
+    def codegen(context, builder, sig, args):
+        h32 = builder.zext(context.cast(builder, args[0], sig.args[0], types.uint16), _I32)
+        return builder.bitcast(builder.shl(h32, _i32(16)), ir.FloatType())
+    return types.float32(h), codegen
+
+
+@intrinsic
+def bf16_bits(typingctx, x):
+    """float32 -> bfloat16 bits: round to nearest even; NaN stays NaN (quiet, sign and top
+    payload bits kept)."""
+    def codegen(context, builder, sig, args):
+        bits = _f32_bits(builder, context, args[0], sig.args[0])
+        lsb = builder.and_(builder.lshr(bits, _i32(16)), _i32(1))
+        rounded = builder.lshr(builder.add(builder.add(bits, _i32(0x7FFF)), lsb), _i32(16))
+        nan = builder.icmp_unsigned(">", builder.and_(bits, _i32(0x7FFFFFFF)), _i32(0x7F800000))
+        quiet = builder.or_(builder.lshr(bits, _i32(16)), _i32(0x40))
+        return builder.trunc(builder.select(nan, quiet, rounded), ir.IntType(16))
+    return types.uint16(x), codegen
+
+
+@intrinsic
+def f16_bits(typingctx, x):
+    """float32 -> float16 bits: round to nearest even (subnormals included), overflow to inf,
+    NaN stays NaN (quiet, top payload bits kept)."""
+    def codegen(context, builder, sig, args):
+        f32 = ir.FloatType()
+        bits = _f32_bits(builder, context, args[0], sig.args[0])
+        sign = builder.and_(builder.lshr(bits, _i32(16)), _i32(0x8000))
+        a = builder.and_(bits, _i32(0x7FFFFFFF))
+        normal = builder.icmp_unsigned(">=", a, _i32(0x38800000))
+        # |x| < 2**-14: the float16 subnormal count is |x| * 2**24 rounded to nearest even
+        tiny = builder.bitcast(builder.select(normal, _i32(0), a), f32)
+        rint = builder.module.declare_intrinsic("llvm.rint", [f32])
+        sub = builder.fptosi(builder.call(rint, [builder.fmul(tiny, ir.Constant(f32, 2.0 ** 24))]),
+                             _I32)
+        lsb = builder.and_(builder.lshr(a, _i32(13)), _i32(1))
+        norm = builder.sub(builder.lshr(builder.add(builder.add(a, _i32(0xFFF)), lsb), _i32(13)),
+                           _i32(112 << 10))
+        r = builder.select(normal, norm, sub)
+        r = builder.select(builder.icmp_unsigned(">=", a, _i32(0x477FF000)), _i32(0x7C00), r)
+        nan = builder.or_(builder.and_(builder.lshr(a, _i32(13)), _i32(0x3FF)), _i32(0x7E00))
+        r = builder.select(builder.icmp_unsigned(">", a, _i32(0x7F800000)), nan, r)
+        return builder.trunc(builder.or_(r, sign), ir.IntType(16))
+    return types.uint16(x), codegen
+
+
 for _name, (_nb, _ll) in _STORAGE.items():
     globals()[f"ld_{_name}"] = _make_load(_nb, _ll)
     globals()[f"st_{_name}"] = _make_store(_nb, _ll)
@@ -85,4 +243,5 @@ f64_from_bits = _make_bitcast(types.int64, types.float64)
 bits_from_f64 = _make_bitcast(types.float64, types.uint64)
 
 __all__ = [f"{op}_{n}" for n in _STORAGE for op in ("ld", "st")] + [
-    "f32_from_bits", "bits_from_f32", "f64_from_bits", "bits_from_f64"]
+    "f32_from_bits", "bits_from_f32", "f64_from_bits", "bits_from_f64", "f32_ldexp", "f32_pow2",
+    "f32_exponent", "f32_significand", "f64_pow2", "muladd", "bf16_bits", "bf16_value", "f16_bits", "f16_value"]

@@ -1,0 +1,151 @@
+"""Runtime benchmark (JSON lines): per-call overhead against a bare ctypes call of the same
+symbol, numexpr and unfused numpy; load() time of a 2,000-kernel bundle; cold start of a fresh
+process to the first CPU result; thread scaling at 2^24 elements.
+
+    python benchmarks/runtime_bench.py [--out results.jsonl] [--quick]
+
+Targets (issue 5): overhead on 1,024 float32 <= 1.5x a bare ctypes call and below numexpr and
+numpy; load of 2,000 kernels <= 30 ms; fresh process to first result <= 150 ms more than
+`python -c "import numpy"`; 2 threads >= 1.7x 1 thread at 2^24 elements where bandwidth allows.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import timeit
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+
+def per_call_us(fn, number: int = 20000) -> float:
+    return min(timeit.repeat(fn, number=number, repeat=7)) / number * 1e6
+
+
+def compile_bundle(specs: str, out: str, target: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "fusebuild", "compile", specs, "-o", out,
+                        "--target", target, "--json", "-q"], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(r.stderr)
+    return json.loads(r.stdout)["bundle"]
+
+
+def cold_start_ms(code: str, runs: int = 7) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="also append the JSON lines to this file")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions, small synthetic bundle")
+    args = ap.parse_args()
+    rows = []
+
+    def emit(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    from fusebuild.runtime.cpu import host_isas
+    isa = host_isas()[-1]
+    emit({"what": "machine", "cpu": platform.processor() or platform.machine(), "isa": isa,
+          "cores": os.cpu_count(), "python": platform.python_version(),
+          "numpy": np.__version__})
+    work = tempfile.mkdtemp(prefix="fusebuild-rt-bench-")
+    try:
+        measure(args, emit, work, isa)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def measure(args, emit, work: str, isa: str) -> None:
+    from fusebuild import runtime
+    path = compile_bundle(os.path.join(ROOT, "specs"), work, f"cpu:{isa}")
+    k = runtime.load(path)
+
+    # per-call overhead, 1,024 float32 elements, silu_add: y = x * sigmoid(x) + b
+    x = np.random.default_rng(0).standard_normal(1024).astype(np.float32)
+    b = np.ones(1024, np.float32)
+    y = np.empty_like(x)
+    entry = k.find_cpu(k.silu_add.key(x, b))
+    fn = ctypes.CDLL(os.path.join(path, entry.file))[entry.symbol]
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    ptrs = (ctypes.c_int64 * 3)(x.ctypes.data, b.ctypes.data, y.ctypes.data)
+    meta = (ctypes.c_int64 * 5)(1024, 1, 1, 1, 0)
+    n = 2000 if args.quick else 20000
+    bare = per_call_us(lambda: fn(ptrs, meta, 0, 1024), n)
+    ours_out = per_call_us(lambda: k.silu_add(x, b, out=y), n)
+    ours = per_call_us(lambda: k.silu_add(x, b), n)
+    npy = per_call_us(lambda: x / (1 + np.exp(-x)) + b, n)
+    row = {"what": "call_overhead_1024_f32", "group": "silu_add", "bare_ctypes_us": round(bare, 3),
+           "fusebuild_out_us": round(ours_out, 3), "fusebuild_alloc_us": round(ours, 3),
+           "numpy_unfused_us": round(npy, 3), "ratio_vs_bare": round(ours_out / bare, 2),
+           "target_ratio": 1.5}
+    try:
+        import numexpr as ne
+        row["numexpr_us"] = round(per_call_us(
+            lambda: ne.evaluate("x / (1 + exp(-x)) + b", local_dict={"x": x, "b": b}, out=y), n), 3)
+    except ImportError:
+        row["numexpr_us"] = None
+    emit(row)
+
+    # load() of a ~2,000-kernel bundle
+    from build_bench import synthetic_spec
+    synth = os.path.join(work, "synth")
+    os.makedirs(synth)
+    with open(os.path.join(synth, "s.yaml"), "w") as f:
+        f.write(synthetic_spec(4 if args.quick else 37).replace("cpu:x86-64-v3", f"cpu:{isa}"))
+    big = compile_bundle(synth, os.path.join(work, "big"), f"cpu:{isa}")
+    loads = []
+    for _ in range(3 if args.quick else 11):
+        t0 = time.perf_counter()
+        bk = runtime.load(big)
+        loads.append((time.perf_counter() - t0) * 1e3)
+    emit({"what": "load_ms", "kernels": len(bk.manifest["kernels"]),
+          "ms": round(statistics.median(loads), 2), "target_ms": 30})
+
+    # a fresh process to the first CPU result, against `python -c "import numpy"`
+    first = (f"import numpy as np; from fusebuild import runtime; k = runtime.load({path!r}); "
+             "k.silu_add(np.ones(1024, np.float32), np.ones(1024, np.float32))")
+    base = cold_start_ms("import numpy", 3 if args.quick else 9)
+    cold = cold_start_ms(first, 3 if args.quick else 9)
+    emit({"what": "cold_start_ms", "import_numpy_ms": round(base, 1),
+          "first_result_ms": round(cold, 1), "extra_ms": round(cold - base, 1),
+          "target_extra_ms": 150})
+
+    # thread scaling at 2^24 elements
+    n = 1 << (20 if args.quick else 24)
+    xs = np.random.default_rng(1).standard_normal(n).astype(np.float32)
+    bs = np.ones(n, np.float32)
+    ys = np.empty_like(xs)
+    for group in ("silu_add", "bias_gelu_tanh"):
+        times = {}
+        for t in (1, 2):
+            k.threads = t
+            times[t] = per_call_us(lambda: k[group](xs, bs, out=ys), 3 if args.quick else 20)
+        copy = per_call_us(lambda: np.copyto(ys, xs), 3 if args.quick else 20)
+        emit({"what": "threads_2p24", "group": group, "t1_ms": round(times[1] / 1e3, 3),
+              "t2_ms": round(times[2] / 1e3, 3), "speedup": round(times[1] / times[2], 2),
+              "copy_ms": round(copy / 1e3, 3), "target_speedup": 1.7})
+
+
+if __name__ == "__main__":
+    main()

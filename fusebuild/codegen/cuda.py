@@ -1,0 +1,474 @@
+"""CUDA codegen: typed kernels -> CUDA C++ (one module per group, one symbol per ArgSpec).
+
+Every ArgSpec becomes `extern "C" __global__ void <symbol>(const fb_args_N p)` whose single
+parameter is a struct of int64 words `{ptr[abi.n_ptrs], meta[abi.n_meta], start, stop, flags}`
+(`abi.Abi` gives ptr and meta), so the host launches it from one int64 buffer. The launch is flat:
+128-thread blocks, each thread computing V consecutive elements `start + V * thread`. The body is
+written once as a template over (index type, V):
+  - flags bit 0 (vector path): V = `vector_width(ks)` elements per thread with 16-byte (or
+    narrower) vector loads of 'c'-inner inputs and vector stores; 'b'-inner inputs are loaded
+    once per thread. The host sets it only when the inner extent is a multiple of V and every
+    vector access is aligned. Kernels with an 's'-inner input have V = 1 (no vector path).
+  - flags bit 1: 64-bit indexing; clear, offsets are computed in 32 bits (host: every operand's
+    offsets and the element count below 2^31).
+float16/bfloat16 are computed in float32 and rounded once on store (PTX `cvt.rn` on the device,
+NaN payloads kept like the CPU backend; integer round-to-nearest-even bit tricks on the host).
+Integer semantics, casts, Philox and uniform draws follow the CPU backend bit for bit.
+"""
+from __future__ import annotations
+
+import math
+
+from .. import __version__
+from .. import dtypes as dt
+from ..ir import Node, int_range
+from ..ops import PRIMITIVES
+from .common import KernelSource, Renderer, check_complete
+
+BLOCK = 128          # threads per block, fixed in the kernels
+VECTOR_BYTES = 16    # bytes per thread and operand on the vector path
+
+_COMPUTE = {"float32": "float", "float16": "float", "bfloat16": "float", "float64": "double",
+            "int8": "signed char", "int16": "short", "int32": "int", "int64": "long long",
+            "uint8": "unsigned char", "bool": "bool"}
+_STORAGE = {**_COMPUTE, "float16": "unsigned short", "bfloat16": "unsigned short",
+            "bool": "unsigned char"}
+
+_MATH1 = ("exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt", "sin", "cos", "tan",
+          "asin", "acos", "atan", "sinh", "cosh", "tanh", "erf", "erfc", "lgamma")
+CUDA_OPS: dict[str, dict[str, str]] = {
+    **{n: {"f": f"fb_{n}({{a}})"} for n in _MATH1},
+    "rsqrt": {"f": "fb_rsqrt({a})"},
+    "sigmoid": {"f": "fb_sigmoid({a})"},
+    "ceil": {"f": "fb_ceil({a})"}, "floor": {"f": "fb_floor({a})"},
+    "round": {"f": "fb_rint({a})"}, "trunc": {"f": "fb_trunc({a})"},
+    "abs": {"f": "fb_fabs({a})", "i": "fb_iabs({a})"},
+    "neg": {"f": "(-{a})", "i": "fb_wneg({a})"},
+    "sign": {"f": "fb_fsign({a})", "i": "fb_isign({a})"},
+    "isnan": {"f": "({a} != {a})"},
+    "isinf": {"f": "(fb_fabs({a}) == fb_inf<{T}>())"},
+    "isfinite": {"f": "(fb_fabs({a}) < fb_inf<{T}>())"},
+    "add": {"f": "({a} + {b})", "i": "fb_wadd({a}, {b})"},
+    "sub": {"f": "({a} - {b})", "i": "fb_wsub({a}, {b})"},
+    "mul": {"f": "({a} * {b})", "i": "fb_wmul({a}, {b})"},
+    "div": {"f": "({a} / {b})"},
+    "floor_divide": {"f": "fb_floordiv({a}, {b})", "i": "fb_floordiv_i({a}, {b})"},
+    "remainder": {"f": "fb_remainder({a}, {b})", "i": "fb_remainder_i({a}, {b})"},
+    "fmod": {"f": "fb_fmod({a}, {b})", "i": "fb_fmod_i({a}, {b})"},
+    "pow": {"f": "fb_pow({a}, {b})", "i": "fb_pow_i({a}, {b})"},
+    "atan2": {"f": "fb_atan2({a}, {b})"},
+    # NaN-propagating like torch.minimum/numpy.minimum
+    "min": {"f": "(({a} < {b} || {a} != {a}) ? {a} : {b})", "*": "(({a} < {b}) ? {a} : {b})"},
+    "max": {"f": "(({a} > {b} || {a} != {a}) ? {a} : {b})", "*": "(({a} > {b}) ? {a} : {b})"},
+    "eq": {"*": "({a} == {b})"}, "ne": {"*": "({a} != {b})"}, "lt": {"*": "({a} < {b})"},
+    "le": {"*": "({a} <= {b})"}, "gt": {"*": "({a} > {b})"}, "ge": {"*": "({a} >= {b})"},
+    "logical_and": {"b": "({a} && {b})"}, "logical_or": {"b": "({a} || {b})"},
+    "logical_xor": {"b": "({a} != {b})"}, "logical_not": {"b": "(!{a})"},
+    "bitwise_and": {"i": "(({T})({a} & {b}))", "b": "({a} && {b})"},
+    "bitwise_or": {"i": "(({T})({a} | {b}))", "b": "({a} || {b})"},
+    "bitwise_xor": {"i": "(({T})({a} ^ {b}))", "b": "({a} != {b})"},
+    "bitwise_not": {"i": "(({T})~{a})", "b": "(!{a})"},
+    "lshift": {"i": "fb_shl({a}, {b})"}, "rshift": {"i": "fb_shr({a}, {b})"},
+    "where": {"*": "({a} ? {b} : {c})"},
+}
+
+PRELUDE = r"""// fusebuild {version}: CUDA source of group '{group}'. Generated; do not edit.
+// Kernels take one struct of int64 words {{ptr[], meta[], start, stop, flags}} (fusebuild/abi.py);
+// flags bit 0: vector path, bit 1: 64-bit indexing.
+
+template <typename T, int V> struct alignas(sizeof(T) * V) fb_vec {{ T v[V]; }};
+template <typename T, int V>
+__device__ __forceinline__ fb_vec<T, V> fb_load(const T* p) {{
+  return *reinterpret_cast<const fb_vec<T, V>*>(p);
+}}
+template <typename T, int V>
+__device__ __forceinline__ void fb_store(T* p, const fb_vec<T, V>& x) {{
+  *reinterpret_cast<fb_vec<T, V>*>(p) = x;
+}}
+template <typename I> struct fb_unsigned;
+template <> struct fb_unsigned<int> {{ typedef unsigned int type; }};
+template <> struct fb_unsigned<long long> {{ typedef unsigned long long type; }};
+
+// ---- float math: one name for float and double
+#define FB_MATH1(name) \
+  __device__ __forceinline__ float fb_##name(float x) {{ return name##f(x); }} \
+  __device__ __forceinline__ double fb_##name(double x) {{ return name(x); }}
+#define FB_MATH2(name) \
+  __device__ __forceinline__ float fb_##name(float x, float y) {{ return name##f(x, y); }} \
+  __device__ __forceinline__ double fb_##name(double x, double y) {{ return name(x, y); }}
+{math1}
+FB_MATH1(rsqrt) FB_MATH1(ceil) FB_MATH1(floor) FB_MATH1(rint) FB_MATH1(trunc) FB_MATH1(fabs)
+FB_MATH2(fmod) FB_MATH2(atan2) FB_MATH2(copysign)
+template <typename F> __device__ __forceinline__ F fb_inf();
+template <> __device__ __forceinline__ float fb_inf<float>() {{
+  return __int_as_float(0x7f800000);
+}}
+template <> __device__ __forceinline__ double fb_inf<double>() {{
+  return __longlong_as_double(0x7ff0000000000000LL);
+}}
+template <typename F> __device__ __forceinline__ F fb_nan();
+template <> __device__ __forceinline__ float fb_nan<float>() {{
+  return __int_as_float(0x7fc00000);
+}}
+template <> __device__ __forceinline__ double fb_nan<double>() {{
+  return __longlong_as_double(0x7ff8000000000000LL);
+}}
+template <typename F> __device__ __forceinline__ F fb_fsign(F x) {{
+  return x > (F)0 ? (F)1 : (x < (F)0 ? (F)-1 : x);
+}}
+template <typename F> __device__ __forceinline__ F fb_sigmoid(F x) {{
+  const F e = fb_exp(-fb_fabs(x));
+  const F r = (F)1 / ((F)1 + e);
+  return x >= (F)0 ? r : e * r;
+}}
+__device__ __forceinline__ float fb_pow(float a, float b) {{
+  return (float)pow((double)a, (double)b);   // as the CPU backend: correctly rounded
+}}
+__device__ __forceinline__ double fb_pow(double a, double b) {{ return pow(a, b); }}
+// numpy's npy_divmod: floor(a / b) without double rounding
+template <typename F> __device__ __forceinline__ F fb_floordiv(F a, F b) {{
+  const F mod = fb_fmod(a, b);
+  F div = (a - mod) / b;
+  if (mod != (F)0 && ((b < (F)0) != (mod < (F)0))) div = div - (F)1;
+  F fl = fb_floor(div);
+  if (div - fl > (F)0.5) fl = fl + (F)1;
+  if (div == (F)0) fl = fb_copysign((F)0, a / b);
+  return b == (F)0 ? a / b : fl;
+}}
+template <typename F> __device__ __forceinline__ F fb_remainder(F a, F b) {{
+  F mod = fb_fmod(a, b);
+  if (b != (F)0) {{
+    if (mod != (F)0) {{
+      if ((b < (F)0) != (mod < (F)0)) mod = mod + b;
+    }} else {{
+      mod = fb_copysign((F)0, b);
+    }}
+  }}
+  return mod;
+}}
+
+// ---- integers: two's-complement wrap-around, x // 0 == x % 0 == 0, MIN // -1 == MIN
+template <typename T> struct fb_wide {{ typedef unsigned int type; }};
+template <> struct fb_wide<long long> {{ typedef unsigned long long type; }};
+template <typename T> __device__ __forceinline__ T fb_wadd(T a, T b) {{
+  typedef typename fb_wide<T>::type W; return (T)((W)a + (W)b);
+}}
+template <typename T> __device__ __forceinline__ T fb_wsub(T a, T b) {{
+  typedef typename fb_wide<T>::type W; return (T)((W)a - (W)b);
+}}
+template <typename T> __device__ __forceinline__ T fb_wmul(T a, T b) {{
+  typedef typename fb_wide<T>::type W; return (T)((W)a * (W)b);
+}}
+template <typename T> __device__ __forceinline__ T fb_wneg(T a) {{
+  typedef typename fb_wide<T>::type W; return (T)((W)0 - (W)a);
+}}
+template <typename T> __device__ __forceinline__ T fb_iabs(T a) {{ return a < 0 ? fb_wneg(a) : a; }}
+template <typename T> __device__ __forceinline__ T fb_isign(T a) {{
+  return (T)((a > 0) - (a < 0));
+}}
+template <typename T> __device__ __forceinline__ T fb_floordiv_i(T a, T b) {{
+  if (b == 0) return (T)0;
+  if (b == -1) return fb_wneg(a);
+  T q = (T)(a / b);
+  if ((T)(a % b) != 0 && ((a < 0) != (b < 0))) q = (T)(q - 1);
+  return q;
+}}
+template <typename T> __device__ __forceinline__ T fb_remainder_i(T a, T b) {{
+  if (b == 0 || b == -1) return (T)0;
+  T r = (T)(a % b);
+  if (r != 0 && ((r < 0) != (b < 0))) r = (T)(r + b);
+  return r;
+}}
+template <typename T> __device__ __forceinline__ T fb_fmod_i(T a, T b) {{
+  return (b == 0 || b == -1) ? (T)0 : (T)(a % b);
+}}
+template <typename T> __device__ __forceinline__ T fb_pow_i(T a, T b) {{
+  if (b < 0) return (T)(a == 1 ? 1 : (a == -1 ? ((b & 1) ? -1 : 1) : 0));
+  unsigned long long r = 1, base = (unsigned long long)(long long)a;
+  for (long long e = b; e > 0; e >>= 1) {{
+    if (e & 1) r *= base;
+    base *= base;
+  }}
+  return (T)r;
+}}
+template <typename T> __device__ __forceinline__ T fb_shl(T a, T b) {{
+  return (b >= 0 && b < (int)(8 * sizeof(T)))
+      ? (T)((unsigned long long)(long long)a << (long long)b) : (T)0;
+}}
+template <typename T> __device__ __forceinline__ T fb_shr(T a, T b) {{
+  return (b >= 0 && b < (int)(8 * sizeof(T))) ? (T)((long long)a >> (long long)b)
+                                              : (a < 0 ? (T)-1 : (T)0);
+}}
+// saturating float -> int, NaN -> 0 (bounds lo and hi + 1 are powers of two, exact in F)
+template <typename T, typename F>
+__device__ __forceinline__ T fb_f2i(F x, F lo, F hi1, T tlo, T thi) {{
+  return x != x ? (T)0 : (x >= hi1 ? thi : (x < lo ? tlo : (T)x));
+}}
+
+// ---- float16 / bfloat16 <-> float32, round to nearest even, NaN payload kept (quiet)
+__device__ __forceinline__ float fb_f16_to_f32(unsigned short h) {{
+  const unsigned sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  if (e == 31u) return __uint_as_float(sign | 0x7f800000u | (m << 13));
+#ifdef __CUDA_ARCH__
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+#else
+  if (e == 0u) {{
+    const float s = (float)m * 5.9604644775390625e-08f;
+    return sign ? -s : s;
+  }}
+  return __uint_as_float(sign | ((e + 112u) << 23) | (m << 13));
+#endif
+}}
+__device__ __forceinline__ unsigned short fb_f32_to_f16(float f) {{
+  const unsigned x = __float_as_uint(f), sign = (x >> 16) & 0x8000u, a = x & 0x7fffffffu;
+  if (a > 0x7f800000u) return (unsigned short)(sign | 0x7e00u | ((a >> 13) & 0x3ffu));
+#ifdef __CUDA_ARCH__
+  unsigned short h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+#else
+  if (a >= 0x477ff000u) return (unsigned short)(sign | 0x7c00u);
+  if (a >= 0x38800000u)
+    return (unsigned short)(sign | (((a + 0xfffu + ((a >> 13) & 1u)) >> 13) - (112u << 10)));
+  return (unsigned short)(sign | (unsigned)rintf(fabsf(f) * 16777216.0f));
+#endif
+}}
+__device__ __forceinline__ float fb_bf16_to_f32(unsigned short h) {{
+  return __uint_as_float((unsigned)h << 16);
+}}
+__device__ __forceinline__ unsigned short fb_f32_to_bf16(float f) {{
+  const unsigned x = __float_as_uint(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((x >> 16) | 0x40u);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  unsigned short h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+#else
+  return (unsigned short)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+#endif
+}}
+__device__ __forceinline__ float fb_round_f16(float f) {{ return fb_f16_to_f32(fb_f32_to_f16(f)); }}
+__device__ __forceinline__ float fb_round_bf16(float f) {{
+  return fb_bf16_to_f32(fb_f32_to_bf16(f));
+}}
+
+// ---- Philox4x32-10: counter (index lo, index hi, offset lo, offset hi), key (seed lo, seed hi)
+__device__ __forceinline__ void fb_philox(unsigned w[4], unsigned long long index,
+                                          unsigned long long seed, unsigned long long offset) {{
+  unsigned c0 = (unsigned)index, c1 = (unsigned)(index >> 32);
+  unsigned c2 = (unsigned)offset, c3 = (unsigned)(offset >> 32);
+  unsigned k0 = (unsigned)seed, k1 = (unsigned)(seed >> 32);
+#pragma unroll
+  for (int r = 0; r < 10; ++r) {{
+    const unsigned hi0 = __umulhi(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
+    const unsigned hi1 = __umulhi(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }}
+  w[0] = c0; w[1] = c1; w[2] = c2; w[3] = c3;
+}}
+"""
+
+
+def storage_type(d: dt.DType) -> str:
+    return _STORAGE[d.name]
+
+
+def _inner(layout: str) -> str:
+    """The inner letter of an input layout ('b' for rank 0: one element for every thread)."""
+    return layout[-1] if layout else "b"
+
+
+def vector_width(ks: KernelSource) -> int:
+    """Elements per thread on the vector path: 16 bytes of the widest vector-accessed operand
+    ('c'-inner inputs and outputs); 1 (no vector path) for rank 0 or an 's'-inner input."""
+    inners = [_inner(lay) for lay in ks.layouts]
+    if ks.rank == 0 or "s" in inners:
+        return 1
+    sizes = [d.itemsize for d, letter in zip(ks.kernel.in_dtypes, inners) if letter == "c"]
+    sizes += [o.dtype.itemsize for o in ks.kernel.outputs]
+    return VECTOR_BYTES // max(sizes)
+
+
+class CudaRenderer(Renderer):
+    ops = CUDA_OPS
+
+    def __init__(self):
+        self.inner: tuple[str, ...] = ()    # inner letter per tensor input of the kernel
+
+    def type_name(self, d: dt.DType) -> str:
+        return _COMPUTE[d.compute.name]
+
+    def assign(self, var: str, d: dt.DType, expr: str) -> str:
+        return f"const {self.type_name(d)} {var} = {expr};"
+
+    def const(self, value, d: dt.DType) -> str:
+        if d.is_bool:
+            return "true" if value else "false"
+        T = self.type_name(d)
+        if d.is_float:
+            if math.isnan(value):
+                return f"fb_nan<{T}>()"
+            if math.isinf(value):
+                return f"{'-' if value < 0 else ''}fb_inf<{T}>()"
+            return repr(float(value)) + ("f" if T == "float" else "")
+        return _int_literal(int(value), T)
+
+    def cast(self, x: str, src: dt.DType, dst: dt.DType) -> str:
+        if dst.is_bool:
+            return f"({x} != 0)"
+        T = self.type_name(dst)
+        if dst.is_float:
+            if dst.name in ("float16", "bfloat16"):   # through float32, held in float32
+                return f"fb_round_{dst.short}((float){x})"
+            return f"({T}){x}"
+        if src.is_float:
+            F = self.type_name(src)
+            lo, hi = int_range(dst)
+            suffix = "f" if F == "float" else ""
+            return (f"fb_f2i<{T}, {F}>({x}, {float(lo)!r}{suffix}, {float(hi + 1)!r}{suffix}, "
+                    f"{_int_literal(lo, T)}, {_int_literal(hi, T)})")
+        return f"({T}){x}"
+
+    def load(self, node: Node) -> str:
+        pos, k = node.attr
+        j = "j" if self.inner[pos] == "c" else "0"
+        value = f"l{pos}_{k}.v[{j}]"
+        if node.dtype.name in ("float16", "bfloat16"):
+            return f"fb_{node.dtype.short}_to_f32({value})"
+        if node.dtype.is_bool:
+            return f"({value} != 0)"
+        return value
+
+    def store(self, value: str, d: dt.DType) -> str:
+        if d.name in ("float16", "bfloat16"):
+            return f"fb_f32_to_{d.short}({value})"
+        if d.is_bool:
+            return f"(unsigned char){value}"
+        return value
+
+    def rand(self, node: Node) -> str:
+        w = node.attr
+        if node.dtype == dt.float64:
+            return (f"(double)((((unsigned long long)rw[{w}] << 32) | rw[{w + 1}]) >> 11)"
+                    " * 1.1102230246251565e-16")
+        mant = {"float32": 24, "float16": 11, "bfloat16": 8}[node.dtype.name]
+        return f"(float)(rw[{w}] >> {32 - mant}) * {2.0 ** -mant!r}f"
+
+
+check_complete(CudaRenderer(), PRIMITIVES)
+
+
+def _int_literal(v: int, T: str) -> str:
+    if v == -(1 << 63):
+        return f"({T})(-9223372036854775807LL - 1)"
+    return f"({T}){v}LL"
+
+
+def _scalar(d: dt.DType, word: str) -> str:
+    """A scalar input from its meta word (bits of its value; float32 bits for float16/bfloat16)."""
+    if d == dt.float64:
+        return f"__longlong_as_double({word})"
+    if d.is_float:
+        value = f"__uint_as_float((unsigned){word})"
+        return value if d == dt.float32 else f"fb_round_{d.short}({value})"
+    if d.is_bool:
+        return f"({word} != 0)"
+    return f"({_COMPUTE[d.name]}){word}"
+
+
+def _render_kernel(r: CudaRenderer, ks: KernelSource, n: int) -> list[str]:
+    k, abi, rank, layouts = ks.kernel, ks.abi, ks.rank, ks.layouts
+    n_in = len(k.in_dtypes)
+    V = vector_width(ks)
+    r.inner = tuple(_inner(lay) for lay in layouts)
+    meta = f" long long meta[{abi.n_meta}];" if abi.n_meta else ""
+    lines = [f"struct fb_args_{n} {{ long long ptr[{abi.n_ptrs}];{meta} "
+             "long long start, stop, flags; };", "",
+             f"// {ks.key}",
+             "template <typename I, int V>",
+             f"__device__ __forceinline__ void fb_body_{n}(const fb_args_{n}& p) {{",
+             "  typedef typename fb_unsigned<I>::type U;",
+             f"  const U t = (U)blockIdx.x * {BLOCK}u + (U)threadIdx.x;",
+             "  if (t >= (U)((p.stop - p.start) / V)) return;",
+             "  const long long e = p.start + (long long)t * V;   // first element of this thread"]
+
+    def size(d: int) -> str:
+        return f"(U)p.meta[{abi.size(d)}]"
+
+    def stride(op: int, d: int) -> str:
+        return f"(I)p.meta[{abi.stride(op, d)}]"
+
+    if rank == 1:
+        lines.append("  const I x0 = (I)e;")
+    elif rank > 1:
+        lines.append("  U r = (U)e;")
+        for d in range(rank - 1, 0, -1):
+            lines.append(f"  const I x{d} = (I)(r % {size(d)}); r /= {size(d)};")
+        lines.append("  const I x0 = (I)r;")
+
+    def offset(op: int, letters: str) -> str:
+        terms = [f"x{d} * {stride(op, d)}" for d in range(rank - 1) if letters[d] != "b"]
+        inner = letters[-1] if letters else "b"
+        terms += {"c": [f"x{rank - 1}"], "s": [f"x{rank - 1} * {stride(op, rank - 1)}"],
+                  "b": []}[inner]
+        return " + ".join(terms) or "(I)0"
+
+    loaded = sorted({n_.attr for n_ in k.nodes if n_.op == "load"})
+    for pos in sorted({p for p, _ in loaded}):
+        lines.append(f"  const I o{pos} = {offset(pos, layouts[pos])};")
+    for pos, c in loaded:
+        S, W = storage_type(k.in_dtypes[pos]), "V" if r.inner[pos] == "c" else "1"
+        lines.append(f"  const fb_vec<{S}, {W}> l{pos}_{c} = "
+                     f"fb_load<{S}, {W}>((const {S}*)p.ptr[{abi.in_ptr(pos, c)}] + o{pos});")
+    for o, out in enumerate(k.outputs):
+        op = n_in + o
+        where = offset(op, "s" * rank) if out.cat else "(I)e"
+        lines.append(f"  const I q{o} = {where};")
+    if abi.random:
+        lines += [f"  const unsigned long long {name} = (unsigned long long)p.meta[{slot}];"
+                  for name, slot in (("seed", abi.seed), ("offset", abi.offset))]
+    scalars = {n_.attr: n_.dtype for n_ in k.nodes if n_.op == "scalar"}
+    for s, d in sorted(scalars.items()):
+        lines.append(f"  const {r.type_name(d)} a{s} = {_scalar(d, f'p.meta[{abi.scalar(s)}]')};")
+    pre = ["unsigned rw[4];", "fb_philox(rw, (unsigned long long)(e + j), seed, offset);"] \
+        if abi.random else []
+    post, stores = [], []
+    for o, out in enumerate(k.outputs):
+        S = storage_type(out.dtype)
+        for c, part in enumerate(out.parts):
+            lines.append(f"  fb_vec<{S}, V> s{o}_{c};")
+            post.append(f"s{o}_{c}.v[j] = {r.store(f'v{part}', out.dtype)};")
+            stores.append(f"  fb_store<{S}, V>(({S}*)p.ptr[{abi.out_ptr(o, c)}] + q{o}, s{o}_{c});")
+    lines += ["#pragma unroll", "  for (int j = 0; j < V; ++j) {"]
+    lines += [f"    {b}" for b in pre + r.render_nodes(k) + post]
+    lines += ["  }"] + stores + ["}", ""]
+    lines += [f'extern "C" __global__ void __launch_bounds__({BLOCK}) '
+              f"{ks.symbol}(const fb_args_{n} p) {{", *_dispatch(n, V), "}"]
+    return lines
+
+
+def _dispatch(n: int, V: int) -> list[str]:
+    """Pick the instantiation of kernel n's body for the flags (bit 0 vector, bit 1 64-bit)."""
+    def pick(I: str) -> str:
+        scalar = f"fb_body_{n}<{I}, 1>(p);"
+        return scalar if V == 1 else f"if (p.flags & 1) fb_body_{n}<{I}, {V}>(p); else {scalar}"
+    return [f"  if (p.flags & 2) {{ {pick('long long')} }}", f"  else {{ {pick('int')} }}"]
+
+
+def render_module(kernels: list[KernelSource]) -> str:
+    """CUDA C++ of one group: one `extern "C"` kernel per ArgSpec, named `KernelSource.symbol`."""
+    group = kernels[0].kernel.group if kernels else ""
+    math1 = "\n".join(" ".join(f"FB_MATH1({n})" for n in _MATH1[i:i + 7])
+                      for i in range(0, len(_MATH1), 7))
+    parts = [PRELUDE.format(version=__version__, group=group, math1=math1)]
+    r = CudaRenderer()
+    for n, ks in enumerate(kernels):
+        parts.append("\n".join(_render_kernel(r, ks, n)))
+    return "\n\n".join(parts) + "\n"

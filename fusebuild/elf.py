@@ -1,0 +1,46 @@
+"""Minimal ELF64 reading: machine, flags and exported function symbols (for bundle checks)."""
+from __future__ import annotations
+
+import struct
+
+EM_X86_64 = 62
+EM_CUDA = 190
+_SHT_SYMTAB, _SHT_DYNSYM = 2, 11
+
+
+def header(data: bytes) -> tuple[int, int, int]:
+    """(e_machine, EI_ABIVERSION, e_flags); ValueError if not a little-endian ELF64 file."""
+    if data[:4] != b"\x7fELF" or len(data) < 64 or data[4] != 2 or data[5] != 1:
+        raise ValueError("not a little-endian ELF64 file")
+    (machine,) = struct.unpack_from("<H", data, 18)
+    (flags,) = struct.unpack_from("<I", data, 48)
+    return machine, data[8], flags
+
+
+def cubin_sm(data: bytes) -> int:
+    """The SM a cubin is for: e_flags bits 8-15 from CUDA ELF ABI version 8 (CUDA 12.8) on,
+    bits 0-7 before."""
+    machine, abi, flags = header(data)
+    if machine != EM_CUDA:
+        raise ValueError(f"e_machine {machine} is not EM_CUDA")
+    return (flags >> 8) & 0xFF if abi >= 8 else flags & 0xFF
+
+
+def functions(data: bytes) -> set[str]:
+    """Names of defined global function symbols (static and dynamic symbol tables)."""
+    header(data)
+    (shoff,) = struct.unpack_from("<Q", data, 40)
+    shentsize, shnum, _ = struct.unpack_from("<HHH", data, 58)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize)
+                for i in range(shnum)]
+    names = set()
+    for _, sh_type, _, _, offset, size, link, _, _, entsize in sections:
+        if sh_type not in (_SHT_SYMTAB, _SHT_DYNSYM) or not entsize:
+            continue
+        strtab = sections[link][4]
+        for pos in range(offset, offset + size, entsize):
+            st_name, st_info, _, st_shndx, _, _ = struct.unpack_from("<IBBHQQ", data, pos)
+            if st_info >> 4 == 1 and st_info & 0xF == 2 and st_shndx != 0:   # GLOBAL FUNC
+                start = strtab + st_name
+                names.add(data[start:data.index(b"\0", start)].decode())
+    return names

@@ -1,0 +1,177 @@
+"""Checking a bundle: schema, format and hashes, every artifact this host can load, and with
+`numerics` every CPU kernel against the reference evaluator rebuilt from the manifest's IR."""
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import dtypes as dt
+from . import elf, ir, reference
+from . import targets as tg
+from .argspec import Canonical, contiguous_strides, parse_key, symbol_name
+from .codegen.common import KernelSource
+from .errors import BundleError, SpecError
+from .runtime import dispatch
+from .runtime.archive import extract
+from .runtime.cpu import host_isas
+from .runtime.manifest import read_manifest, verify_artifacts
+
+
+@dataclass
+class Report:
+    root: str
+    bundle_id: str
+    artifacts: int = 0
+    loaded: int = 0
+    symbols: int = 0
+    numerics: int = 0
+
+    def summary(self) -> str:
+        text = (f"ok: {self.root} (id {self.bundle_id[:12]}): {self.artifacts} artifacts match "
+                f"their sha256, {self.symbols} kernel symbols present, {self.loaded} shared "
+                f"objects loaded")
+        return text + (f", {self.numerics} CPU kernels match the reference" if self.numerics else "")
+
+
+def open_root(path: str) -> str:
+    if os.path.isfile(path) and path.endswith((".tar.gz", ".tgz")):
+        return extract(path)
+    return os.path.abspath(path)
+
+
+def check_schema(manifest: dict) -> dict[str, ir.Group]:
+    """Every group parses and every kernel entry is consistent; returns the groups."""
+    groups = {}
+    for name, g in manifest["groups"].items():
+        try:
+            groups[name] = ir.group_from_json(g)
+        except (SpecError, KeyError, TypeError) as e:
+            raise BundleError(f"group {name} of the manifest is invalid: {e}") from None
+    for k in manifest["kernels"]:
+        where = f"kernel {k.get('key')} [{k.get('target')}]"
+        try:
+            group, descs = parse_key(k["key"])
+            tg.expand([k["target"]])
+            outputs = [dt.lookup(o) for o in k["outputs"]]
+        except (KeyError, ValueError) as e:
+            raise BundleError(f"{where} of the manifest is invalid: {e}") from None
+        if group != k["group"] or group not in groups:
+            raise BundleError(f"{where}: group {k['group']!r} does not match its key or is unknown")
+        if len(descs) != len(groups[group].tensor_inputs) or \
+                len(outputs) != len(groups[group].outputs):
+            raise BundleError(f"{where} does not fit the inputs/outputs of group {group}")
+        if k["symbol"] != symbol_name(k["key"]) or k["file"] not in manifest["artifacts"]:
+            raise BundleError(f"{where}: symbol or file does not match the manifest")
+        if manifest["artifacts"][k["file"]]["sha256"] != k["sha256"]:
+            raise BundleError(f"{where}: its sha256 differs from its file's")
+    return groups
+
+
+def _check_artifact(root: str, rel: str, kernels: list[dict], host: tuple[str, ...]) -> bool:
+    """ELF checks for one artifact; loads it when this host can. Returns whether it loaded."""
+    with open(os.path.join(root, rel), "rb") as f:
+        data = f.read()
+    target = kernels[0]["target"]
+    symbols = {k["symbol"] for k in kernels}
+    if rel.endswith(".ptx"):
+        missing = {s for s in symbols if f".entry {s}(".encode() not in data}
+    else:
+        try:
+            machine = elf.header(data)[0]
+            if tg.backend(target) == "cpu" and machine != elf.EM_X86_64:
+                raise ValueError(f"e_machine {machine} is not x86-64")
+            if tg.backend(target) == "cuda" and elf.cubin_sm(data) != \
+                    int(tg.arch(target)[3:].rstrip("a")):
+                raise ValueError(f"it is for sm_{elf.cubin_sm(data)}, not {tg.arch(target)}")
+        except ValueError as e:
+            raise BundleError(f"{rel}: {e}") from None
+        missing = symbols - elf.functions(data)
+    if missing:
+        raise BundleError(f"{rel} does not export {', '.join(sorted(missing))}")
+    if tg.backend(target) == "cpu" and tg.arch(target) in host:
+        try:
+            lib = ctypes.CDLL(os.path.join(root, rel))
+            for s in symbols:
+                getattr(lib, s)
+        except (OSError, AttributeError) as e:
+            raise BundleError(f"{rel} does not load: {e}") from None
+        return True
+    return False
+
+
+def _strided_view(d: dt.DType, sizes: tuple, letters: str, rng) -> np.ndarray:
+    """A random array of `sizes` whose strides follow `letters` (c dense, b 0, s gapped)."""
+    dense = contiguous_strides(sizes)
+    strides = [0 if c == "b" else dense[i] * 2 + (i == len(sizes) - 1) if c == "s" else dense[i]
+               for i, c in enumerate(letters)]
+    n = 1 + sum((s - 1) * st for s, st in zip(sizes, strides))
+    base = np.ascontiguousarray(
+        (rng.standard_normal(n) * 2).astype(d.numpy) if d.is_float else
+        rng.random(n) < 0.5 if d.is_bool else
+        rng.integers(*_int_range(d), size=n).astype(d.numpy))
+    return np.lib.stride_tricks.as_strided(base, sizes, [s * base.itemsize for s in strides])
+
+
+def _int_range(d: dt.DType) -> tuple[int, int]:
+    lo, hi = ir.int_range(d)
+    return max(lo, -1000), min(hi, 1000) + 1
+
+
+def check_numerics(root: str, group: ir.Group, entry: dict, rng: np.random.Generator) -> None:
+    """Run one CPU kernel on random inputs of its key's layout and compare with the reference."""
+    _, descs = parse_key(entry["key"])
+    names = [i.name for i in group.tensor_inputs]
+    dtypes = {n: d for n, (d, _) in zip(names, descs)}
+    ks = KernelSource(ir.instantiate(group, dtypes), entry["key"])
+    abi = ks.abi
+    sizes = tuple(int(x) for x in rng.integers(2, 7, abi.rank))
+    views = [[_strided_view(d, sizes, lay, rng) for _ in range(abi.chunks[i])]
+             for i, (d, lay) in enumerate(descs)]
+    scalars = [float(rng.uniform(0.05, 0.95)) if s.dtype.is_float else int(rng.integers(-50, 50))
+               for s in group.scalar_inputs]
+    bits = [dispatch._scalar_bits(s.name, v, s.dtype) for s, v in zip(group.scalar_inputs, scalars)]
+    outs = [[np.empty(sizes, dt.lookup(o).numpy) for _ in range(n)]
+            for o, n in zip(entry["outputs"], abi.parts)]
+    strides = [tuple(st // v[0].itemsize for st in v[0].strides) for v in views] + \
+        [contiguous_strides(sizes)] * len(outs)
+    canon = Canonical(sizes, tuple(strides), tuple(lay for _, lay in descs))
+    call = dispatch.Call([], [], [], bits, sizes, [], canon, entry["key"])
+    seed, offset = int(rng.integers(0, 2**63)), int(rng.integers(0, 2**32))
+    meta = dispatch.meta_words(call, abi, seed, offset)
+    ptrs = np.array([v.__array_interface__["data"][0] for vs in views for v in vs] +
+                    [o.ctypes.data for os_ in outs for o in os_], np.int64)
+    fn = getattr(ctypes.CDLL(os.path.join(root, entry["file"])), entry["symbol"])
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    fn(ptrs.ctypes.data, meta.ctypes.data, 0, int(np.prod(sizes)))
+    want = reference.evaluate_views(ir.instantiate(group, dtypes, expand=False), views, scalars,
+                                    seed, offset)
+    for o, parts in zip(group.outputs, outs):
+        for k, part in enumerate(parts):
+            m = reference.compare(part, want.parts[o.name][k], want.part_magnitude)
+            if m:
+                raise BundleError(f"{entry['key']} [{entry['target']}] output {o.name}: {m.message}")
+
+
+def verify(path: str, numerics: bool = False, seed: int = 0) -> Report:
+    root = open_root(path)
+    manifest = read_manifest(root)
+    verify_artifacts(root, manifest)
+    groups = check_schema(manifest)
+    report = Report(root, manifest["id"], artifacts=len(manifest["artifacts"]))
+    by_file: dict[str, list[dict]] = {}
+    for k in manifest["kernels"]:
+        by_file.setdefault(k["file"], []).append(k)
+    host = host_isas()
+    for rel, kernels in sorted(by_file.items()):
+        report.loaded += _check_artifact(root, rel, kernels, host)
+        report.symbols += len(kernels)
+    if numerics:
+        rng = np.random.default_rng(seed)
+        for k in manifest["kernels"]:
+            if tg.backend(k["target"]) == "cpu" and tg.arch(k["target"]) in host:
+                check_numerics(root, groups[k["group"]], k, rng)
+                report.numerics += 1
+    return report

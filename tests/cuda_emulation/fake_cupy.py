@@ -1,0 +1,74 @@
+"""A stand-in for the part of cupy the CUDA runtime uses, over host memory: `launchKernel` reads
+the parameter buffer from its `extra` argument and runs the emulated kernel, so the runtime's
+whole call path (routing, target choice, outputs, parameter words, launch) runs without a GPU."""
+from __future__ import annotations
+
+import ctypes
+import types
+
+import numpy as np
+
+
+class FakeArray:
+    """A 'cupy' array: a numpy array (view) whose memory the emulated kernels use."""
+
+    def __init__(self, host: np.ndarray):
+        self.host = host
+        self.data = types.SimpleNamespace(ptr=host.ctypes.data)
+        self.shape, self.strides, self.dtype = host.shape, host.strides, host.dtype
+        self.device = types.SimpleNamespace(id=0)
+
+    def get(self) -> np.ndarray:
+        return self.host.copy()
+
+
+FakeArray.__module__ = "cupy_fake"      # the runtime recognizes cupy arrays by their module
+
+
+class CUDADriverError(RuntimeError):
+    pass
+
+
+def fake_cupy(libs: dict[str, ctypes.CDLL], capability: str = "90", driver: int = 13000):
+    """A cupy namespace for one imaginary device; `libs` maps kernel symbols to emulation libs."""
+    launched: list[str] = []
+    functions: dict[int, str] = {}
+
+    class Device:
+        def __init__(self, index: int = 0):
+            self.compute_capability = capability
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    class Module:
+        def load(self, image: bytes) -> None:
+            assert image[:4] == b"\x7fELF"
+
+        def get_function(self, symbol: str):
+            functions[id(symbol)] = symbol
+            return types.SimpleNamespace(ptr=id(symbol))
+
+    def launch(f, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        assert (gy, gz, bx, by, bz, shared, params) == (1, 1, 128, 1, 1, 0, 0)
+        tags = (ctypes.c_void_p * 5).from_address(extra)
+        assert (tags[0], tags[2], tags[4]) == (1, 2, None)
+        size = ctypes.c_size_t.from_address(tags[3]).value
+        words = np.frombuffer((ctypes.c_char * size).from_address(tags[1]), np.int64).copy()
+        symbol = functions[f]
+        lib = libs[symbol]
+        assert getattr(lib, f"emu_bytes_{symbol}")() == size
+        getattr(lib, f"emu_{symbol}")(words.ctypes.data, gx)
+        launched.append(symbol)
+
+    runtime = types.SimpleNamespace(driverGetVersion=lambda: driver,
+                                    getDeviceProperties=lambda i: {"name": b"Emulated GPU"})
+    cuda = types.SimpleNamespace(
+        Device=Device, runtime=runtime, get_current_stream=lambda: types.SimpleNamespace(ptr=0),
+        function=types.SimpleNamespace(Module=Module),
+        driver=types.SimpleNamespace(launchKernel=launch, CUDADriverError=CUDADriverError))
+    return types.SimpleNamespace(cuda=cuda, launched=launched,
+                                 empty=lambda shape, dtype: FakeArray(np.empty(shape, dtype)))

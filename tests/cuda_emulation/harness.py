@@ -1,0 +1,151 @@
+"""Compile generated CUDA source for the host (g++ with emu.h) and launch its kernels on numpy
+arrays through the runtime's own host-side launch code (`fusebuild.runtime.cuda`)."""
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+import numpy as np
+
+from fusebuild import dtypes as dt, ir
+from fusebuild.abi import Abi
+from fusebuild.argspec import parse_key
+from fusebuild.codegen.common import KernelSource
+from fusebuild.codegen.cuda import BLOCK, vector_width
+from fusebuild.runtime import cuda, dispatch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CXX = os.environ.get("CXX", "g++")
+CXXFLAGS = ("-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-w")
+
+
+def have_compiler() -> bool:
+    return shutil.which(CXX) is not None
+
+
+def compile_source(text: str, out_dir: str, name: str) -> ctypes.CDLL:
+    """g++ `text` (which includes emu.h) into out_dir/name.so and load it."""
+    src, so = os.path.join(out_dir, f"{name}.cc"), os.path.join(out_dir, f"{name}.so")
+    with open(src, "w") as f:
+        f.write(text)
+    proc = subprocess.run([CXX, *CXXFLAGS, f"-I{HERE}", "-o", so, src], capture_output=True,
+                          text=True)
+    if proc.returncode:
+        raise RuntimeError(f"g++ failed on {src}:\n{proc.stderr[-4000:]}")
+    return ctypes.CDLL(so)
+
+
+def launchers(symbols: list[str]) -> str:
+    """One host launcher per kernel symbol, and the size of its parameter struct."""
+    return "\n".join(
+        f'extern "C" void emu_{s}(const long long *w, unsigned grid) '
+        f"{{ fb_emulate({s}, w, grid, {BLOCK}u); }}\n"
+        f'extern "C" unsigned long long emu_bytes_{s}(void) {{ return fb_param_bytes({s}); }}'
+        for s in symbols)
+
+
+@dataclass
+class Launch:
+    key: str              # the kernel that ran
+    flags: int
+    outputs: list[np.ndarray]
+
+
+class EmulatedGroup:
+    """One group's kernels compiled for the host, called like the CUDA runtime calls them."""
+
+    def __init__(self, group: ir.Group, kernels: list[KernelSource], lib: ctypes.CDLL):
+        self.group, self.lib = group, lib
+        self.kernels = {ks.key: ks for ks in kernels}
+        self.info = dispatch.GroupInfo.from_manifest(group.to_json(), group.signature())
+        for ks in kernels:
+            getattr(lib, f"emu_{ks.symbol}").argtypes = [ctypes.c_void_p, ctypes.c_uint]
+            getattr(lib, f"emu_bytes_{ks.symbol}").restype = ctypes.c_ulonglong
+
+    def resolve(self, key: str) -> str:
+        """The kernel the runtime picks for a call of `key` (same rules as Bundle.candidates)."""
+        if key in self.kernels:
+            return key
+        group, descs = parse_key(key)
+        layouts = tuple(lay for _, lay in descs)
+        fits = [k for k, ks in self.kernels.items()
+                if [d for d, _ in parse_key(k)[1]] == [d for d, _ in descs]
+                and dispatch.serves(ks.layouts, layouts)]
+        fits.sort(key=lambda k: (self.kernels[k].rank,
+                                 "".join(self.kernels[k].layouts).count("s"), k))
+        if not fits:
+            raise LookupError(f"no kernel serves {key}")
+        return fits[0]
+
+    def __call__(self, args: list, seed: int = 0, offset: int = 0, flags=None,
+                 start: int = 0) -> Launch:
+        """Run on numpy arrays; `flags(host_flags) -> flags` may override the host's choice.
+
+        A `start` (a multiple of the element count) runs elements [start, start + n) with every
+        pointer moved back by the offset of element `start`: the same results, computed from
+        element indices and offsets beyond 32 bits.
+        """
+        described = tuple(_host(a) if kind == "tensor" else a
+                          for (_, kind, _), a in zip(self.info.params, args))
+        call = dispatch.prepare(self.info, described, lambda a: (a.shape, a.strides, a.dtype))
+        key = self.resolve(call.key)
+        ks = self.kernels[key]
+        outs = [np.empty(shape, o.dtype.numpy)
+                for shape, o in zip(call.out_shapes, ks.kernel.outputs)]
+        n = dispatch.element_count(call)
+        if not n:
+            return Launch(key, 0, outs)
+        call.canon = dispatch.pad(call.canon, ks.rank)
+        abi: Abi = ks.abi
+        vector = vector_width(ks)
+        words, _ = cuda.launch_words(abi, call, [_host(o) for o in outs],
+                                     [cat for _, cat in self.info.outputs], ks.layouts, vector,
+                                     seed, offset)
+        if flags is not None:
+            words[-1] = flags(int(words[-1]))
+        if start:
+            _shift(words, ks, call, outs, [cat for _, cat in self.info.outputs], start)
+        grid = cuda.grid_size(n, vector, int(words[-1]))
+        assert getattr(self.lib, f"emu_bytes_{ks.symbol}")() == words.nbytes
+        getattr(self.lib, f"emu_{ks.symbol}")(words.ctypes.data, grid)
+        return Launch(key, int(words[-1]), outs)
+
+
+def _shift(words: np.ndarray, ks: KernelSource, call: dispatch.Call, outs: list, cats: list,
+           start: int) -> None:
+    """Make a launch compute elements [start, start + n) of a grid `start // n` times taller:
+    move each pointer back by `start // n * size[0]` times the stride the kernel applies to the
+    outermost dim (its layout letter decides: 'b' 0, inner 'c' 1, plain outputs dense)."""
+    abi, sizes, n = ks.abi, call.canon.sizes, dispatch.element_count(call)
+    assert abi.rank and start % n == 0
+    rows = start // n * sizes[0]
+    letters = [lay[0] for lay in ks.layouts] + ["s" if cat else "d" for cat in cats]
+    itemsizes = [a.dtype.itemsize for a in call.arrays] + [o.itemsize for o in outs]
+    slots = [[abi.in_ptr(i, k) for k in range(c)] for i, c in enumerate(abi.chunks)]
+    slots += [[abi.out_ptr(o, k) for k in range(c)] for o, c in enumerate(abi.parts)]
+    for op, (letter, size, op_slots) in enumerate(zip(letters, itemsizes, slots)):
+        stride = {"b": 0, "d": math.prod(sizes[1:]),
+                  "c": 1 if abi.rank == 1 else call.canon.strides[op][0]}.get(
+                      letter, call.canon.strides[op][0])
+        for slot in op_slots:
+            words[slot] -= rows * stride * size
+    words[abi.n_ptrs + abi.n_meta:abi.n_ptrs + abi.n_meta + 2] = (start, start + n)
+
+
+def _host(a: np.ndarray) -> cuda.DeviceArray:
+    """A numpy array seen as 'device' memory by the emulated kernels."""
+    return cuda.DeviceArray(a.ctypes.data, a.shape, a.strides, a.dtype, 0, a)
+
+
+def kernel_sources(group: ir.Group, variants) -> list[KernelSource]:
+    names = [i.name for i in group.tensor_inputs]
+    return [KernelSource(ir.instantiate(group, dict(zip(names, v.dtypes))), v.key)
+            for v in variants]
+
+
+def dtype_map(group: ir.Group, dtypes) -> dict[str, dt.DType]:
+    return {i.name: d for i, d in zip(group.tensor_inputs, dtypes)}

@@ -1,0 +1,141 @@
+"""Each ISA level's shared object runs vector code of that level in its hot loop (issue 6).
+
+objdump (binutils, which comes with the C toolchain the CPU backend links with) disassembles the
+`.so` of a few example groups; the hot loop of a kernel is its innermost loop (conditional
+backward branch) holding the most packed single-precision instructions on the level's widest
+registers. x86-64-v2 must use packed SSE on xmm
+registers and no AVX encoding anywhere, v3 packed AVX on ymm and no zmm anywhere, v4 zmm.
+float16/bfloat16 kernels must load and store their 16-bit values with packed widening and
+narrowing instructions, not one element at a time, and no kernel may call libm.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from fusebuild.runtime.cpu import host_isas
+from fusebuild.toolchain.numba import ISAS
+
+pytestmark = pytest.mark.skipif(shutil.which("objdump") is None,
+                                reason="objdump (binutils) is not installed")
+
+GROUPS = ("silu_add", "bias_gelu_tanh", "lstm_cell")
+DTYPES = ("f32", "bf16", "f16")
+REGISTER = {"x86-64-v2": "xmm", "x86-64-v3": "ymm", "x86-64-v4": "zmm"}
+WIDEN = re.compile(r"^v?(pmovzxwd|punpck[lh]wd)$")            # u16 lanes -> u32 lanes
+NARROW = re.compile(r"^v?(packusdw|packssdw|pmovdw|pshufb)$")  # u32 lanes -> u16 lanes
+REG16 = r"%(?:[abcd]x|[sd]i|r\d+w)"
+
+
+def scalar_16bit_access(op: str, args: str) -> bool:
+    """A load of one 16-bit element into a general register, or a store of one from it."""
+    return op in ("movzwl", "movzwq") or (op in ("mov", "movw") and bool(re.match(REG16 + ",", args))
+                                         and "(" in args)
+LIBM = re.compile(r"^(exp|exp2|expm1|log|log2|log10|log1p|sin|cos|tan|sinh|cosh|tanh|erf|erfc|"
+                  r"pow|atan2?|asin|acos|lgamma)f?$")
+
+Insn = tuple[int, str, str]   # address, mnemonic, operands
+
+
+def disassemble(path: str) -> dict[str, list[Insn]]:
+    """Instructions of each labelled function of a shared object."""
+    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", path], capture_output=True,
+                         text=True, check=True).stdout
+    functions: dict[str, list[Insn]] = {}
+    current: list[Insn] | None = None
+    for line in out.splitlines():
+        label = re.match(r"^[0-9a-f]+ <([^>]+)>:$", line)
+        if label:
+            current = functions.setdefault(label.group(1), [])
+            continue
+        insn = re.match(r"^\s+([0-9a-f]+):\s+(\S+)\s*(.*)$", line)
+        if insn and current is not None:
+            current.append((int(insn.group(1), 16), insn.group(2), insn.group(3)))
+    return functions
+
+
+def packed_single(body: list[Insn], register: str) -> list[Insn]:
+    """Packed single-precision instructions on `register`s (xmm, ymm or zmm)."""
+    return [i for i in body if i[1].endswith("ps") and not i[1].startswith("vbroadcast")
+            and register in i[2]]
+
+
+def hot_loop(function: list[Insn], register: str) -> list[Insn]:
+    """The innermost loop (conditional backward branch) with the most packed single-precision
+    instructions on `register`s: the vectorizer's main loop (its epilogue runs narrower)."""
+    index = {addr: n for n, (addr, _, _) in enumerate(function)}
+    spans = []
+    for n, (addr, op, args) in enumerate(function):
+        target = re.match(r"([0-9a-f]+) <", args)
+        if op.startswith("j") and op != "jmp" and target:
+            start = int(target.group(1), 16)
+            if start <= addr and start in index:
+                spans.append((index[start], n))
+    innermost = [(a, b) for a, b in spans
+                 if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
+    assert innermost, "kernel has no loop"
+    return max((function[a:b + 1] for a, b in innermost),
+               key=lambda body: len(packed_single(body, register)))
+
+
+def kernels(bundle, group: str, dtype: str) -> list[dict]:
+    """Manifest entries of a group's kernels for one dtype whose inner dimension is contiguous
+    or broadcast (strided inner loops are not expected to vectorize)."""
+    out = [k for k in bundle.manifest["kernels"] if k["group"] == group
+           and k["key"].startswith(f"{group}({dtype}:")
+           and all(d.split(":")[1][-1:] != "s" for d in k["key"][len(group) + 1:-1].split(","))]
+    assert out, f"no {dtype} kernels of {group}"
+    return out
+
+
+def test_every_isa_level_is_built(examples_bundle):
+    targets = {k["target"] for k in examples_bundle.manifest["kernels"]}
+    assert {f"cpu:{isa}" for isa in host_isas()} <= targets
+    assert set(host_isas()) <= set(ISAS)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("isa", ISAS)
+def test_hot_loop_uses_vectors_of_the_isa_level(examples_bundle, group, dtype, isa):
+    entries = [k for k in kernels(examples_bundle, group, dtype) if k["target"] == f"cpu:{isa}"]
+    if dtype == "f16" and not entries:
+        pytest.skip(f"{group} has no float16 variant")
+    assert entries, f"{group} {dtype} not built for {isa}"
+    path = os.path.join(examples_bundle.root, entries[0]["file"])
+    functions = disassemble(path)
+    everything = [i for body in functions.values() for i in body]
+    wider = {"x86-64-v2": ("ymm", "zmm"), "x86-64-v3": ("zmm",), "x86-64-v4": ()}[isa]
+    assert not [i for i in everything if any(w in i[2] for w in wider)], \
+        f"{path} uses registers wider than {isa} allows"
+    if isa == "x86-64-v2":
+        assert not [i for i in everything if i[1].startswith("v")], f"{path} uses AVX encodings"
+    for entry in entries:
+        loop = hot_loop(functions[entry["symbol"]], REGISTER[isa])
+        vector = packed_single(loop, REGISTER[isa])
+        listing = "\n".join(f"  {op} {args}" for _, op, args in loop)
+        assert len(vector) >= 8, f"{entry['key']} at {isa}: hot loop has {len(vector)} packed " \
+                                 f"{REGISTER[isa]} float ops:\n{listing}"
+        if dtype in ("bf16", "f16"):
+            ops = [op for _, op, _ in loop]
+            assert any(WIDEN.match(op) for op in ops), f"{entry['key']} at {isa}: 16-bit loads " \
+                                                       f"are not widened as vectors:\n{listing}"
+            assert any(NARROW.match(op) for op in ops), f"{entry['key']} at {isa}: 16-bit " \
+                                                        f"stores are not narrowed as vectors:\n{listing}"
+            scalar = [f"{op} {args}" for _, op, args in loop if scalar_16bit_access(op, args)]
+            assert not scalar, f"{entry['key']} at {isa}: scalar 16-bit memory access {scalar}"
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_no_libm_calls(examples_bundle, group):
+    """The float32/float16/bfloat16 math is inlined vector code: no libm function is imported."""
+    files = {k["file"] for k in examples_bundle.manifest["kernels"] if k["group"] == group}
+    for rel in files:
+        out = subprocess.run(["objdump", "-T", os.path.join(examples_bundle.root, rel)],
+                             capture_output=True, text=True, check=True).stdout
+        undefined = [line.split()[-1] for line in out.splitlines() if "*UND*" in line]
+        assert not [s for s in undefined if LIBM.match(s)], f"{rel} imports {undefined}"

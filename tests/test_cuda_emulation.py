@@ -1,0 +1,337 @@
+"""The generated CUDA source run on the host: every example kernel, compiled with g++ against an
+emulation header (tests/cuda_emulation/emu.h) and launched through the runtime's host-side launch
+code over small shapes, on the vector and the scalar path and with 32- and 64-bit indexing,
+compared with the reference evaluator. Random values, Philox and the float16/bfloat16
+conversions are checked bit for bit."""
+from __future__ import annotations
+
+import ctypes
+import os
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from fusebuild import build, dtypes as dt, ir, reference, runtime, spec
+from fusebuild.argspec import format_key, parse_key
+from fusebuild.codegen.common import KernelSource
+from fusebuild.codegen.cuda import render_module, vector_width
+from fusebuild.errors import ArgumentError
+from fusebuild.runtime import cuda as runtime_cuda
+from fusebuild.runtime.cuda import VECTOR, WIDE
+from conftest import SPECS, random_array
+from cuda_emulation.cases import Case, example_cases
+from cuda_emulation.fake_cupy import FakeArray, fake_cupy
+from opcases import op_bodies, operand_values, spec_text
+from test_ops_cpu import relative_to_magnitude
+from cuda_emulation.harness import (EmulatedGroup, compile_source, have_compiler, kernel_sources,
+                                    launchers)
+
+pytestmark = pytest.mark.skipif(not have_compiler(), reason="needs g++ for the host emulation")
+PLAN = spec.load_plan([SPECS])
+
+
+def emulate(group: ir.Group, kernels: list[KernelSource], out_dir: str) -> EmulatedGroup:
+    text = '#include "emu.h"\n' + render_module(kernels) + launchers([k.symbol for k in kernels])
+    return EmulatedGroup(group, kernels, compile_source(text, out_dir, group.name))
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory) -> dict[str, EmulatedGroup]:
+    out = str(tmp_path_factory.mktemp("emulation"))
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        groups = pool.map(lambda gp: emulate(gp.group, kernel_sources(gp.group, gp.variants), out),
+                          PLAN.groups)
+        return {g.group.name: g for g in groups}
+
+
+def check(em: EmulatedGroup, case: Case, flags=None, start: int = 0, magnitude: bool = True):
+    launch = em(case.args, case.seed, case.offset, flags, start)
+    tensors = [a for a, p in zip(case.args, em.group.inputs) if p.kind == "tensor"]
+    scalars = [a for a, p in zip(case.args, em.group.inputs) if p.kind == "scalar"]
+    dtypes = {i.name: d for i, d in zip(em.group.tensor_inputs, case.dtypes)}
+    want = reference.evaluate(ir.instantiate(em.group, dtypes, expand=False), tensors, scalars,
+                              case.seed, case.offset)
+    for o, got in zip(em.group.outputs, launch.outputs):
+        bad = reference.compare(got, want.outputs[o.name],
+                                want.magnitude[o.name] if magnitude else None)
+        assert bad is None, f"{case.label} {launch.key} flags={launch.flags} output {o.name}: " \
+                            f"{bad.message}"
+    return launch
+
+
+@pytest.mark.parametrize("gp", PLAN.groups, ids=lambda gp: gp.group.name)
+def test_every_example_kernel_matches_reference(emulated, gp):
+    em = emulated[gp.group.name]
+    rng = np.random.default_rng(zlib.crc32(gp.group.name.encode()))
+    has_strided = any(all(set(lay) == {"s"} for lay in ks.layouts) for ks in em.kernels.values())
+    ran, vectorized = set(), set()
+    for case in example_cases(gp, rng, has_strided):
+        host = check(em, case)
+        runs = [lambda f: f | WIDE]
+        if host.flags & VECTOR:
+            runs += [lambda f: f & ~VECTOR, lambda f: (f & ~VECTOR) | WIDE]
+            vectorized.add(host.key)
+        if "misaligned" in case.label:
+            assert not host.flags & VECTOR, f"{case.label}: vector path on misaligned arrays"
+        assert not host.flags & WIDE, "small calls index in 32 bits"
+        for flags in runs:
+            check(em, case, flags)
+        if not gp.group.has_random:    # indices and offsets past 2**32 (rand would differ)
+            n = host.outputs[0].size // (gp.group.outputs[0].cat or (1,))[0]
+            check(em, case, lambda f: f | WIDE, start=n * ((1 << 33) // n + 1))
+        ran.add(host.key)
+    assert ran == set(em.kernels), f"kernels never run: {set(em.kernels) - ran}"
+    assert vectorized == {k for k, ks in em.kernels.items() if vector_width(ks) > 1}
+
+
+@pytest.fixture(scope="module")
+def op_groups(tmp_path_factory):
+    """The op-test groups of tests/opcases.py, emulated (one translation unit per CPU)."""
+    out = tmp_path_factory.mktemp("ops")
+    (out / "ops.yaml").write_text(spec_text())
+    plan = spec.load_plan([str(out / "ops.yaml")])
+    parts = [plan.groups[i::os.cpu_count() or 1] for i in range(os.cpu_count() or 1)]
+
+    def compile_part(i: int) -> list[EmulatedGroup]:
+        kernels = {gp.group.name: kernel_sources(gp.group, gp.variants) for gp in parts[i]}
+        flat = [k for ks in kernels.values() for k in ks]
+        text = '#include "emu.h"\n' + render_module(flat) + launchers([k.symbol for k in flat])
+        lib = compile_source(text, str(out), f"ops{i}")
+        return [EmulatedGroup(gp.group, kernels[gp.group.name], lib) for gp in parts[i]]
+
+    with ThreadPoolExecutor(len(parts)) as pool:
+        return plan, {em.group.name: em for ems in pool.map(compile_part, range(len(parts)))
+                      for em in ems}
+
+
+@pytest.mark.parametrize("name", list(op_bodies()))
+def test_every_op_matches_reference_for_every_dtype(op_groups, name):
+    """Special values (NaN, infinities, signed zeros, limits, shift counts) and random values,
+    with the tolerances of tests/test_ops_cpu.py."""
+    plan, groups = op_groups
+    gp = next(g for g in plan.groups if g.group.name == f"op_{name}")
+    em = groups[gp.group.name]
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    for v in gp.variants:
+        arrays = operand_values(v.dtypes[-1], len(v.dtypes), rng)
+        if gp.group.tensor_inputs[0].name == "cond":
+            arrays[0] = rng.random(arrays[1].shape) < 0.5
+        case = Case(v.key, v.dtypes, arrays, 99, 5)
+        for flags in (None, lambda f: (f & ~VECTOR) | WIDE):
+            check(em, case, flags, magnitude=relative_to_magnitude(name))
+
+
+def test_layout_corner_cases(tmp_path):
+    """Inner-broadcast operands on the vector path, and outer strides that forbid it."""
+    decl = [(n, "tensor", None) for n in ("x", "s", "t")]
+    group = ir.parse_group("layouts", decl, [("y", None)], "y = x * s + t", ir.SourceMap())
+    types = (dt.float32, dt.float16, dt.uint8, dt.float64)
+    kernels = [KernelSource(ir.instantiate(group, dict.fromkeys("xst", d)),
+                            format_key("layouts", [(d, x), (d, "sb"), (d, "bc")]))
+               for d in types for x in ("cc", "sc")]
+    kernels.append(KernelSource(ir.instantiate(group, dict.fromkeys("xst", dt.float16)),
+                                format_key("layouts", [(dt.float16, "")] * 3)))
+    em = emulate(group, kernels, str(tmp_path))
+    rng = np.random.default_rng(11)
+    scalars = Case("rank 0", (dt.float16,) * 3,
+                   [np.array(random_array(dt.float16, (), rng)) for _ in "xst"])
+    assert check(em, scalars).key == "layouts(f16:,f16:,f16:)"
+    check(em, scalars, lambda f: f | WIDE)
+    for d in types:
+        V = 16 // d.itemsize
+        for width in (16, 17, 16 + V, 20):
+            x = random_array(d, (5, width), rng)[:, :16]
+            case = Case(f"{d.name} x[:, :16] of width {width}", (d,) * 3,
+                        [x, random_array(d, (5, 1), rng), random_array(d, (16,), rng)])
+            host = check(em, case)
+            assert host.key.startswith(f"layouts({d.short}:{'cc' if width == 16 else 'sc'},")
+            assert bool(host.flags & VECTOR) == (width % V == 0), case.label
+            for flags in (lambda f: f | WIDE, lambda f: f & ~VECTOR):
+                check(em, case, flags)
+            check(em, case, lambda f: f | WIDE, start=80 << 28)
+
+
+def test_scalar_inputs_of_every_dtype(tmp_path):
+    """Scalars arrive as meta words (float16/bfloat16 as float32 bits, rounded in the kernel)."""
+    names = [f"s_{d.short}" for d in dt.ALL]
+    decl = [("x", "tensor", None)] + [(n, "scalar", d) for n, d in zip(names, dt.ALL)]
+    body = "\n".join(f"y_{n} = x + float64({n})" for n in names)
+    group = ir.parse_group("scalars", decl, [(f"y_{n}", None) for n in names], body,
+                           ir.SourceMap())
+    kernels = [KernelSource(ir.instantiate(group, {"x": dt.float64}), "scalars(f64:c)")]
+    em = emulate(group, kernels, str(tmp_path))
+    values = [True, -100, -30000, -2**31, -2**63, 255, 1.0009765625 + 2**-12, 1.00390625 + 2**-9,
+              0.1, 1e300]
+    case = Case("scalars", (dt.float64,), [np.arange(5, dtype=np.float64), *values])
+    check(em, case, magnitude=False)
+
+
+RAND_BODY = "y = rand_like(x)\nz = rand_like(float64(x))"
+
+
+@pytest.mark.parametrize("d", dt.FLOATS, ids=lambda d: d.name)
+def test_random_values_are_bit_identical_to_the_reference(tmp_path, d):
+    group = ir.parse_group("rand_probe", [("x", "tensor", None)], [("y", None), ("z", None)],
+                           RAND_BODY, ir.SourceMap())
+    keys = [format_key("rand_probe", [(d, "c")]), format_key("rand_probe", [(d, "sc")])]
+    kernels = [KernelSource(ir.instantiate(group, {"x": d}), k) for k in keys]
+    em = emulate(group, kernels, str(tmp_path))
+    rng = np.random.default_rng(5)
+    for shape, view in (((1000,), None), ((1024,), None), ((7, 64), lambda a: a[:, :32])):
+        x = np.zeros(shape, d.numpy)
+        x = view(x) if view else x
+        seed = int(rng.integers(1 << 32, 1 << 64, dtype=np.uint64))
+        offset = int(rng.integers(1 << 40))
+        for flags in (None, lambda f: f | WIDE):
+            launch = em([x], seed, offset, flags)
+            want = reference.evaluate(ir.instantiate(group, {"x": d}, expand=False), [x], [], seed,
+                                      offset)
+            for name, got in zip("yz", launch.outputs):
+                w = want.outputs[name]
+                np.testing.assert_array_equal(got.view(f"u{got.itemsize}"),
+                                              w.view(f"u{w.itemsize}"), err_msg=f"{name} {shape}")
+
+
+PROBES = r"""
+extern "C" void probe_philox(const unsigned long long *index, int n, unsigned long long seed,
+                             unsigned long long offset, unsigned *out) {
+  for (int i = 0; i < n; ++i) fb_philox(out + 4 * i, index[i], seed, offset);
+}
+extern "C" void probe_to_f16(const float *x, unsigned short *y, int n) {
+  for (int i = 0; i < n; ++i) y[i] = fb_f32_to_f16(x[i]);
+}
+extern "C" void probe_to_bf16(const float *x, unsigned short *y, int n) {
+  for (int i = 0; i < n; ++i) y[i] = fb_f32_to_bf16(x[i]);
+}
+extern "C" void probe_from_f16(const unsigned short *x, float *y, int n) {
+  for (int i = 0; i < n; ++i) y[i] = fb_f16_to_f32(x[i]);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def probes(tmp_path_factory):
+    text = '#include "emu.h"\n' + render_module([]) + PROBES
+    lib = compile_source(text, str(tmp_path_factory.mktemp("probes")), "probes")
+    p, n = ctypes.c_void_p, ctypes.c_int
+    lib.probe_philox.argtypes = [p, n, ctypes.c_ulonglong, ctypes.c_ulonglong, p]
+    for name in ("probe_to_f16", "probe_to_bf16", "probe_from_f16"):
+        getattr(lib, name).argtypes = [p, p, n]
+    return lib
+
+
+def test_philox_matches_the_reference_on_high_counter_and_key_words(probes):
+    index = np.array([0, 1, 2**32 - 1, 2**32, 2**40 + 7, 2**63, 2**64 - 1], np.uint64)
+    out = np.empty((len(index), 4), np.uint32)
+    for seed, offset in ((0, 0), (2**64 - 1, 2**64 - 1), (0x123456789ABCDEF0, 2**33 + 5)):
+        probes.probe_philox(index.ctypes.data, len(index), seed, offset, out.ctypes.data)
+        want = np.stack(reference.philox_words(index, seed, offset), axis=1)
+        np.testing.assert_array_equal(out, want)
+
+
+def _convert(fn, x: np.ndarray, out_dtype) -> np.ndarray:
+    y = np.empty(x.shape, out_dtype)
+    fn(x.ctypes.data, y.ctypes.data, len(x))
+    return y
+
+
+def _float32_samples() -> np.ndarray:
+    rng = np.random.default_rng(3)
+    halves = np.arange(1 << 16, dtype=np.uint16)
+    f16 = halves.view(np.float16).astype(np.float32).view(np.uint32).astype(np.int64)
+    bf16 = halves.astype(np.int64) << 16
+    near = np.concatenate([f16, bf16])
+    near = np.concatenate([near + k for k in (-1, 0, 1)] +
+                          [f16 + (1 << 12), f16 + (1 << 12) - 1, bf16 + (1 << 15)])  # midpoints
+    bits = np.concatenate([near & 0xFFFFFFFF, rng.integers(0, 1 << 32, 1 << 18)])
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def test_float32_to_float16_and_bfloat16_round_like_the_cpu_backend(probes):
+    x = _float32_samples()
+    bits = x.view(np.uint32)
+    nan = np.isnan(x)
+    for fn, storage, nan_bits in (
+            (probes.probe_to_f16, np.float16,
+             ((bits >> 16) & 0x8000) | 0x7E00 | ((bits >> 13) & 0x3FF)),
+            (probes.probe_to_bf16, ml_dtypes.bfloat16, (bits >> 16) | 0x40)):
+        got = _convert(fn, x, np.uint16)
+        with np.errstate(over="ignore", invalid="ignore"):
+            want = x.astype(storage).view(np.uint16)
+        want = np.where(nan, nan_bits.astype(np.uint16), want)
+        np.testing.assert_array_equal(got, want, err_msg=storage.__name__)
+
+
+def test_float16_to_float32_is_exact_for_every_value(probes):
+    h = np.arange(1 << 16, dtype=np.uint16)
+    got = _convert(probes.probe_from_f16, h, np.float32).view(np.uint32)
+    want = h.view(np.float16).astype(np.float32).view(np.uint32)
+    nan = (h & 0x7FFF) > 0x7C00
+    hu = h.astype(np.uint32)
+    nan_bits = ((hu & 0x8000) << 16) | 0x7F800000 | ((hu & 0x3FF) << 13)
+    np.testing.assert_array_equal(got, np.where(nan, nan_bits, want))
+
+
+@pytest.fixture(scope="module")
+def fake_device(emulated, tmp_path_factory):
+    """The examples bundle for sm_90 with cupy replaced by `fake_cupy` over the emulation."""
+    plan = spec.load_plan([SPECS], targets=["cuda:sm_90"])
+    bundle = runtime.load(build.build(plan, str(tmp_path_factory.mktemp("fake")),
+                                      progress=False).path)
+    libs = {ks.symbol: em.lib for em in emulated.values() for ks in em.kernels.values()}
+    return bundle, fake_cupy(libs)
+
+
+@pytest.mark.parametrize("gp", PLAN.groups, ids=lambda gp: gp.group.name)
+def test_runtime_call_path_on_the_emulated_device(fake_device, monkeypatch, gp):
+    bundle, cp = fake_device
+    monkeypatch.setattr(runtime_cuda, "_cupy", lambda: cp)
+    rng = np.random.default_rng(zlib.crc32(gp.group.name.encode()) + 1)
+    has_strided = any(all(set(lay) == {"s"} for _, lay in parse_key(v.key)[1]) for v in gp.variants)
+    for case in example_cases(gp, rng, has_strided):
+        args = [FakeArray(a) if isinstance(a, np.ndarray) else a for a in case.args]
+        kw = {"seed": case.seed, "offset": case.offset} if gp.group.has_random else {}
+        got = bundle[gp.group.name](*args, **kw)
+        got = got if isinstance(got, tuple) else (got,)
+        tensors = [a for a, p in zip(case.args, gp.group.inputs) if p.kind == "tensor"]
+        scalars = [a for a, p in zip(case.args, gp.group.inputs) if p.kind == "scalar"]
+        dtypes = {i.name: d for i, d in zip(gp.group.tensor_inputs, case.dtypes)}
+        want = reference.evaluate(ir.instantiate(gp.group, dtypes, expand=False), tensors, scalars,
+                                  case.seed, case.offset)
+        assert bundle[gp.group.name].key(*args) == bundle[gp.group.name].key(*case.args)
+        for o, value in zip(gp.group.outputs, got):
+            w = want.outputs[o.name]
+            host = value.get()
+            host = host.view(w.dtype) if w.dtype == np.dtype(ml_dtypes.bfloat16) else host
+            bad = reference.compare(host, w, want.magnitude[o.name])
+            assert bad is None, f"{case.label} output {o.name}: {bad.message}"
+    assert cp.launched
+
+
+def test_runtime_in_place_update_on_the_emulated_device(fake_device, monkeypatch):
+    bundle, cp = fake_device
+    monkeypatch.setattr(runtime_cuda, "_cupy", lambda: cp)
+    rng = np.random.default_rng(8)
+    p, g, m, v = (random_array(dt.float32, (1001,), rng) for _ in range(4))
+    v = np.abs(v)
+    scalars = [1e-3, 0.9, 0.999, 1e-8, 0.1, 0.001]
+    group = ir.group_from_json(bundle.manifest["groups"]["adam"])
+    want = reference.evaluate(ir.instantiate(group, dict.fromkeys(
+        ("param", "grad", "exp_avg", "exp_avg_sq"), dt.float32), expand=False), [p, g, m, v],
+        scalars)
+    dp, dg, dm, dv = (FakeArray(a.copy()) for a in (p, g, m, v))
+    result = bundle.adam(dp, dg, dm, dv, *scalars, out=(dp, dm, dv))
+    assert result[0] is dp and result[1] is dm and result[2] is dv
+    for got, name in zip((dp, dm, dv), ("param_out", "exp_avg_out", "exp_avg_sq_out")):
+        assert reference.compare(got.get(), want.outputs[name], want.magnitude[name]) is None
+    buffer = np.zeros(1002, np.float32)
+    shifted = FakeArray(buffer[1:])
+    with pytest.raises(ArgumentError, match="out= for 'param_out' overlaps input 'grad'"):
+        bundle.adam(dp, FakeArray(buffer[:1001]), dm, dv, *scalars, out=(shifted, dm, dv))
+    with pytest.raises(ArgumentError, match="out= arrays overlap each other"):
+        bundle.adam(dp, dg, dm, dv, *scalars, out=(dp, FakeArray(dp.host), dv))
+    with pytest.raises(ArgumentError, match="must be float32.1001."):
+        bundle.adam(dp, dg, dm, dv, *scalars, out=(FakeArray(np.empty(1001)), dm, dv))
