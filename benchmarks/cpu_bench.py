@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -278,17 +278,16 @@ class Case:
 
 
 def group_shapes(n: int, side: int) -> dict[str, list[tuple[str, dict[str, tuple]]]]:
-    """Per group: (label, {input: shape}) with n output elements, then the broadcast case."""
-    r = 1 << (int(math.log2(n)) // 2)       # n = r * c
-    c = n // r
+    """Per group: (label, {input: shape}) with n = side**2 output elements, then the broadcast
+    case."""
+    r = c = side
     b, t = 16, n // (16 * side)
-    flat2 = {"x": (n,), "b": (n,)}
     return {
         "bias_gelu": [(f"[{n}]", {"x": (n,), "bias": (n,)}),
                       (f"[{side},{side}]+[{side}]", {"x": (side, side), "bias": (side,)})],
         "bias_gelu_tanh": [(f"[{n}]", {"x": (n,), "bias": (n,)}),
                            (f"[{side},{side}]+[{side}]", {"x": (side, side), "bias": (side,)})],
-        "silu_add": [(f"[{n}]", flat2)],
+        "silu_add": [(f"[{n}]", {"x": (n,), "b": (n,)})],
         "swiglu": [(f"[{r},{2 * c}]", {"h": (r, 2 * c)})],
         "softplus_act": [(f"[{n}]", {"x": (n,)})],
         "mish": [(f"[{n}]", {"x": (n,)})],
@@ -336,7 +335,7 @@ def make_cases(manifest: dict, groups: list[str], n: int, side: int, rng) -> lis
         g = manifest["groups"][group]
         fixed = {i["name"]: i["dtype"] for i in g["inputs"] if i["kind"] == "tensor" and i["dtype"]}
         for label, shapes in group_shapes(n, side)[group]:
-            for dtype in ("f32", "bf16") if not len(fixed) == len(shapes) else ("u8",):
+            for dtype in ("f32", "bf16") if len(fixed) < len(shapes) else ("u8",):
                 # the group's float tensors take `dtype` unless its spec fixes them (adam: grad)
                 if not any(k.startswith(f"{group}(") and f"{dtype}:" in k for k in keys):
                     continue
@@ -373,7 +372,9 @@ C_SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <omp.h>
-static inline float bf2f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline float bf2f(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f;
+}
 static inline uint16_t f2bf(float f) {
     uint32_t u; memcpy(&u, &f, 4);
     return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((u >> 16) | 0x40)
@@ -415,7 +416,8 @@ void NAME(int64_t rows, int64_t h, const T *gates, const T *cx, T *hy, T *cy) { 
         const T *g = gates + r * 4 * h; \
         _Pragma("omp simd") \
         for (int64_t c = 0; c < h; c++) { \
-            float cn = sig(LD(g[h + c])) * LD(cx[r * h + c]) + sig(LD(g[c])) * tanhf(LD(g[2 * h + c])); \
+            float cn = sig(LD(g[h + c])) * LD(cx[r * h + c]) \
+                       + sig(LD(g[c])) * tanhf(LD(g[2 * h + c])); \
             cy[r * h + c] = ST(cn); \
             hy[r * h + c] = ST(sig(LD(g[3 * h + c])) * tanhf(cn)); \
         } \
@@ -480,8 +482,9 @@ def copy_gbps(lib, nbytes: int, repeats: int) -> float:
     if lib is None:
         ms = best_ms(lambda: np.copyto(dst, src), repeats)
     else:
-        ms = best_ms(lambda: lib.copy_bytes(ctypes.c_int64(nbytes), ctypes.c_void_p(src.ctypes.data),
-                                            ctypes.c_void_p(dst.ctypes.data)), repeats)
+        args = (ctypes.c_int64(nbytes), ctypes.c_void_p(src.ctypes.data),
+                ctypes.c_void_p(dst.ctypes.data))
+        ms = best_ms(lambda: lib.copy_bytes(*args), repeats)
     return 2 * nbytes / ms / 1e6
 
 
@@ -536,7 +539,8 @@ def build_examples(tmp: str, groups: list[str] | None) -> str:
     isa = host_isas()[-1]
     plan = spec.load_plan([os.path.join(ROOT, "specs")], targets=[f"cpu:{isa}"])
     if groups:
-        plan.groups[:] = [gp for gp in plan.groups if gp.group.name in groups]
+        plan = replace(plan, groups=tuple(gp for gp in plan.groups if gp.group.name in groups))
+    # no cache: measure what the code generator of this checkout emits
     return build.build(plan, os.path.join(tmp, "bundle"), progress=False, cache_dir=None).path
 
 
@@ -568,8 +572,10 @@ def main() -> None:
     side = 1 << (int(math.log2(n)) // 2)
     repeats = 2 if args.quick else 5
     out = open(args.out, "w") if args.out else None
+    rows: list[dict] = []
 
     def emit(row: dict) -> None:
+        rows.append(row)
         line = json.dumps(row)
         print(line, flush=True)
         if out:
@@ -604,8 +610,46 @@ def main() -> None:
             emit({"what": "copy_bw", "threads": threads, "GBps": round(copy, 2)})
             for case in cases:
                 run_case(case, bundle, threads, copy, lib, numba_fns, numpy_ms, repeats, emit)
+    for row in target_rows(rows):
+        emit(row)
+    emit({"what": "loadavg_at_end", "loadavg": os.getloadavg()})
     if out:
         out.close()
+
+
+def target_rows(rows: list[dict]) -> list[dict]:
+    """The issue's targets at 2 threads, each with its worst case and the cases that miss it."""
+    by_case: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if r.get("threads") == 2 and "impl" in r and r.get("ms"):
+            by_case.setdefault((r["group"], r["dtype"], r["shape"]), {})[r["impl"]] = r
+    checks = {   # name: (bound, value per case or None where the target does not apply)
+        "6x numpy (silu_add, bias_gelu_tanh; f32)": (6.0, lambda c, i: i["numpy"][
+            "fusebuild_speedup"] if c[0] in ("silu_add", "bias_gelu_tanh") and c[1] == "f32"
+            and "numpy" in i else None),
+        "1.2x numexpr": (1.2, lambda c, i: i["numexpr"]["fusebuild_speedup"]
+                         if "numexpr" in i else None),
+        "1.2x numba parallel": (1.2, lambda c, i: i["numba"]["fusebuild_speedup"]
+                                if "numba" in i else None),
+        "within 1.3x of C (C time / fusebuild time >= 1/1.3)": (
+            1 / 1.3, lambda c, i: i["c_fastmath"]["fusebuild_speedup"] if "c_fastmath" in i
+            else None),
+        "bf16 4x numpy (f32 compute with casts)": (4.0, lambda c, i: i["numpy"][
+            "fusebuild_speedup"] if c[1] == "bf16" and "numpy" in i else None),
+        "memory-bound 0.7x copy bandwidth": (0.7, lambda c, i: i["fusebuild"]["frac_of_copy"]
+                                             if i["fusebuild"]["memory_bound"] else None),
+    }
+    out = []
+    for name, (bound, value) in checks.items():
+        values = {c: v for c, i in by_case.items() if (v := value(c, i)) is not None}
+        if not values:
+            continue
+        worst = min(values, key=values.get)
+        out.append({"what": "target", "target": name, "bound": round(bound, 3),
+                    "met": all(v >= bound for v in values.values()), "cases": len(values),
+                    "worst": " ".join(worst), "worst_value": values[worst],
+                    "missed": [" ".join(c) + f": {v}" for c, v in values.items() if v < bound]})
+    return out
 
 
 def run_case(case: Case, bundle, threads: int, copy: float, lib, numba_fns, numpy_ms,

@@ -123,7 +123,7 @@ def canonicalize(shape: Sequence[Size], inputs: Sequence[tuple[Sequence[Size], S
 # ---------------------------------------------------------------- keys -------------------------
 
 _KEY_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\((.*)\)$")
-_DESC_RE = re.compile(r"^([a-z0-9]+):([cbs]*)$")
+_LAYOUT_RE = re.compile(r"^[cbs]*$")
 
 
 def format_key(group: str, descs: Sequence[tuple[DType, str]]) -> str:
@@ -137,10 +137,10 @@ def parse_key(key: str) -> tuple[str, tuple[tuple[DType, str], ...]]:
         raise ValueError(f"malformed key {key!r}: expected group(dtype:layout,...)")
     descs = []
     for part in m.group(2).split(","):
-        d = _DESC_RE.match(part.strip())
-        if not d or d.group(1) not in BY_SHORT:
+        short, _, layout = part.strip().partition(":")
+        if short not in BY_SHORT or not _LAYOUT_RE.match(layout) or ":" not in part:
             raise ValueError(f"malformed descriptor {part!r} in key {key!r}")
-        descs.append((BY_SHORT[d.group(1)], d.group(2)))
+        descs.append((BY_SHORT[short], layout))
     ranks = {len(layout) for _, layout in descs}
     if len(ranks) > 1:
         raise ValueError(f"descriptors of key {key!r} have different ranks")

@@ -301,9 +301,8 @@ def build(plan: Plan, out_dir: str = "build", jobs: int | None = None, keep_goin
     entries: dict[tuple[str, str], Entry] = {}
     keys: dict[tuple[str, str], str] = {}
     for m in modules:
-        gjson = {k: v for k, v in m.group.to_json().items() if k != "doc"}
-        keys[m.group.name, m.target] = module_key(gjson, [v.key for v in m.variants], m.target,
-                                                  toolchain)
+        keys[m.group.name, m.target] = module_key(m.group.ir_json(), [v.key for v in m.variants],
+                                                  m.target, toolchain)
         hit = cache.get(keys[m.group.name, m.target])
         if hit is not None:
             entries[m.group.name, m.target] = hit

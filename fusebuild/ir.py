@@ -118,18 +118,13 @@ class Group:
                 "outputs": [o.to_json() for o in self.outputs],
                 "body": self.body, "has_random": self.has_random}
 
+    def ir_json(self) -> dict:
+        """to_json without the doc: everything that determines the generated code."""
+        return {k: v for k, v in self.to_json().items() if k != "doc"}
+
     @property
     def spec_hash(self) -> str:
-        text = json.dumps({k: v for k, v in self.to_json().items() if k != "doc"}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()
-
-    def signature(self) -> str:
-        """Call signature for listings: `name(x, bias, *, seed=, offset=) -> y`."""
-        args = [i.name if i.kind == "tensor" else f"{i.name}: {i.dtype.name}" for i in self.inputs]
-        if self.has_random:
-            args += ["*", "seed=0", "offset=0"]
-        outs = ", ".join(o.name for o in self.outputs)
-        return f"{self.name}({', '.join(args)}) -> {outs}"
+        return hashlib.sha256(json.dumps(self.ir_json(), sort_keys=True).encode()).hexdigest()
 
 
 def group_from_json(d: dict, file: str = "<manifest>") -> Group:

@@ -24,9 +24,8 @@ def compile_missing(group_json: dict, key: str, target: str, out_dir: str) -> di
     group = ir.group_from_json(group_json)
     variants = (Variant(key, tuple(d for d, _ in parse_key(key)[1])),)
     toolchain = build.backend_versions({"cpu"})
-    gjson = {k: v for k, v in group.to_json().items() if k != "doc"}
     cache = Cache(default_dir())
-    ckey = module_key(gjson, [key], target, toolchain)
+    ckey = module_key(group.ir_json(), [key], target, toolchain)
     entry = cache.get(ckey)
     if entry is None:
         result = build.run_job(build.Job(group, variants, "cpu", (target,)))

@@ -34,6 +34,35 @@ def examples_bundle(tmp_path_factory):
     return runtime.load(result.path)
 
 
+def bundles_per_isa(tmp_path_factory, name: str, text: str):
+    """Build spec `text` for every host ISA level; (plan, {isa: Bundle loaded at that level})."""
+    from fusebuild.runtime.cpu import host_isas
+    d = tmp_path_factory.mktemp(name)
+    (d / f"{name}.yaml").write_text(text)
+    plan = spec.load_plan([str(d / f"{name}.yaml")], targets=[f"cpu:{i}" for i in host_isas()])
+    path = build.build(plan, str(d / "out"), progress=False).path
+    bundles = {}
+    mp = pytest.MonkeyPatch()
+    for isa in host_isas():
+        mp.setenv("FUSEBUILD_CPU_ISA", isa)
+        bundles[isa] = runtime.load(path)
+    mp.undo()
+    return plan, bundles
+
+
+def adam_case(bundle, n: int, seed: int = 8):
+    """Inputs, scalars and the reference result of one float32 Adam step of `n` elements."""
+    rng = np.random.default_rng(seed)
+    p, g, m, v = (random_array(dt.float32, (n,), rng) for _ in range(4))
+    v = np.abs(v)
+    scalars = [1e-3, 0.9, 0.999, 1e-8, 0.1, 0.001]
+    group = ir.group_from_json(bundle.manifest["groups"]["adam"])
+    want = reference.evaluate(ir.instantiate(group, dict.fromkeys(
+        ("param", "grad", "exp_avg", "exp_avg_sq"), dt.float32), expand=False), [p, g, m, v],
+        scalars)
+    return (p, g, m, v), scalars, want
+
+
 def random_array(d: dt.DType, shape, rng: np.random.Generator, scale: float = 2.0) -> np.ndarray:
     if d.is_float:
         return (rng.standard_normal(shape) * scale).astype(d.numpy)

@@ -21,7 +21,7 @@ from fusebuild.codegen.cuda import render_module, vector_width
 from fusebuild.errors import ArgumentError
 from fusebuild.runtime import cuda as runtime_cuda
 from fusebuild.runtime.cuda import VECTOR, WIDE
-from conftest import SPECS, random_array
+from conftest import SPECS, adam_case, random_array
 from cuda_emulation.cases import Case, example_cases
 from cuda_emulation.fake_cupy import FakeArray, fake_cupy
 from opcases import op_bodies, operand_values, spec_text
@@ -314,14 +314,7 @@ def test_runtime_call_path_on_the_emulated_device(fake_device, monkeypatch, gp):
 def test_runtime_in_place_update_on_the_emulated_device(fake_device, monkeypatch):
     bundle, cp = fake_device
     monkeypatch.setattr(runtime_cuda, "_cupy", lambda: cp)
-    rng = np.random.default_rng(8)
-    p, g, m, v = (random_array(dt.float32, (1001,), rng) for _ in range(4))
-    v = np.abs(v)
-    scalars = [1e-3, 0.9, 0.999, 1e-8, 0.1, 0.001]
-    group = ir.group_from_json(bundle.manifest["groups"]["adam"])
-    want = reference.evaluate(ir.instantiate(group, dict.fromkeys(
-        ("param", "grad", "exp_avg", "exp_avg_sq"), dt.float32), expand=False), [p, g, m, v],
-        scalars)
+    (p, g, m, v), scalars, want = adam_case(bundle, 1001)
     dp, dg, dm, dv = (FakeArray(a.copy()) for a in (p, g, m, v))
     result = bundle.adam(dp, dg, dm, dv, *scalars, out=(dp, dm, dv))
     assert result[0] is dp and result[1] is dm and result[2] is dv

@@ -17,7 +17,7 @@ from fusebuild.argspec import parse_key
 from fusebuild.errors import ArgumentError, KernelNotFound
 from fusebuild.runtime.cuda import max_ptx_isa
 from fusebuild.toolchain import nvrtc
-from conftest import SPECS, random_array
+from conftest import SPECS, adam_case
 from cuda_emulation.cases import Case, example_cases
 from opcases import op_bodies, operand_values, spec_text
 from test_ops_cpu import relative_to_magnitude
@@ -259,14 +259,7 @@ def test_calls_past_2_pow_31_elements(examples, cp):
 # ---------------------------------------------------------------- runtime behaviour ------------
 
 def test_in_place_update_and_streams(examples, cp):
-    rng = np.random.default_rng(8)
-    p, g, m, v = (random_array(dt.float32, (4097,), rng) for _ in range(4))
-    v = np.abs(v)
-    scalars = [1e-3, 0.9, 0.999, 1e-8, 0.1, 0.001]
-    group = ir.group_from_json(examples.manifest["groups"]["adam"])
-    want = reference.evaluate(ir.instantiate(group, dict.fromkeys(
-        ("param", "grad", "exp_avg", "exp_avg_sq"), dt.float32), expand=False), [p, g, m, v],
-        scalars)
+    (p, g, m, v), scalars, want = adam_case(examples, 4097)
     dp, dg, dm, dv = (cp.asarray(a) for a in (p, g, m, v))
     cp.cuda.Device().synchronize()      # the uploads ran on the null stream
     stream = cp.cuda.Stream(non_blocking=True)

@@ -15,9 +15,9 @@ import zlib
 import numpy as np
 import pytest
 
-from fusebuild import build, ir, reference, runtime, spec
+from fusebuild import ir, reference
 from fusebuild.ops import OPS
-from fusebuild.runtime.cpu import host_isas
+from conftest import bundles_per_isa
 from opcases import op_bodies, operand_values, spec_text
 
 STEPWISE = {"lerp", "addcmul", "clamp", "relu", "relu6", "hardtanh", "threshold"}
@@ -26,17 +26,7 @@ STEPWISE = {"lerp", "addcmul", "clamp", "relu", "relu6", "hardtanh", "threshold"
 @pytest.fixture(scope="session")
 def op_bundles(tmp_path_factory):
     """The op-test groups built for every host ISA level; one loaded Bundle per level."""
-    d = tmp_path_factory.mktemp("ops")
-    (d / "ops.yaml").write_text(spec_text())
-    plan = spec.load_plan([str(d / "ops.yaml")], targets=[f"cpu:{i}" for i in host_isas()])
-    path = build.build(plan, str(d / "out"), progress=False).path
-    bundles = {}
-    mp = pytest.MonkeyPatch()
-    for isa in host_isas():
-        mp.setenv("FUSEBUILD_CPU_ISA", isa)
-        bundles[isa] = runtime.load(path)
-    mp.undo()
-    return plan, bundles
+    return bundles_per_isa(tmp_path_factory, "ops", spec_text())
 
 
 def relative_to_magnitude(op: str) -> bool:
@@ -98,7 +88,7 @@ def test_half_conversions_are_exact_round_to_nearest_even(op_bundles, storage):
     x = np.concatenate([_ties_and_neighbours(storage),
                         rng.integers(0, 1 << 32, 200_000, dtype=np.uint64).astype(np.uint32)
                         .view(np.float32),
-                        np.array([np.inf, -np.inf, 65520.0, 65519.99, 3.5e38], np.float32)])
+                        np.array([np.inf, -np.inf, 65520.0, 65519.99, 3.4e38], np.float32)])
     with np.errstate(over="ignore", invalid="ignore"):
         want = x.astype(t)
     all_bits = np.arange(0, 1 << 16, dtype=np.uint16).view(t)

@@ -20,7 +20,6 @@ from .common import KernelSource, Renderer, check_complete
 
 _NP = {"float32": "np.float32", "float64": "np.float64", "int8": "np.int8", "int16": "np.int16",
        "int32": "np.int32", "int64": "np.int64", "uint8": "np.uint8", "bool": "np.bool_"}
-_STORAGE = {"float16": "u16", "bfloat16": "u16", "bool": "u8"}
 
 _F = "math.{}({{a}})"
 NUMBA_OPS: dict[str, dict[str, str]] = {
@@ -59,7 +58,7 @@ NUMBA_OPS: dict[str, dict[str, str]] = {
     "bitwise_xor": {"i": "{T}({a} ^ {b})", "b": "({a} != {b})"},
     "bitwise_not": {"i": "{T}(~{a})", "b": "(not {a})"},
     "lshift": {"i": "lshift_{t}({a}, {b})"}, "rshift": {"i": "rshift_{t}({a}, {b})"},
-    "where": {"*": "({b} if {a} else {c})"},
+    "where": {"*": "select({a}, {b}, {c})"},
 }
 
 # Helper functions emitted into the module when used; formatted with T, t, bits and the integer
@@ -178,7 +177,7 @@ _M32 = np.uint64(0xFFFFFFFF)
 _S32 = np.uint64(32)
 
 
-@njit
+@njit(inline="always")   # LLVM's inliner may keep a call per element in modules of many kernels
 def philox(index, seed, offset):
     # Philox4x32-10: counter (index, offset), key seed
     i = np.uint64(index)
@@ -204,24 +203,26 @@ def philox(index, seed, offset):
 # The exp/log family works in float32 with Cody-Waite reduction and the cephes polynomials;
 # erf/erfc, sin/cos/tan, sinh/cosh and pow evaluate in float64 lanes and round once. Helpers call
 # each other by name; `MATH_F32` maps each to its source and `math_helpers` orders dependencies.
-# Integer work goes through the 32-bit exponent intrinsics of toolchain/numba_support.py.
+# Integer work goes through the 32-bit exponent intrinsics of toolchain/numba_support.py. numba
+# inlines every helper (inline="always"): LLVM's inliner leaves a big helper out of line when
+# several kernels of a module call it, and a call per element keeps the loop scalar.
 MATH_F32: dict[str, str] = {
     "_F": """
 _F = np.float32
 """,
     "_expr_f32": """
-@njit
+@njit(inline="always")
 def _expr_f32(r):
-    # e**r - 1 - r on [-ln2/2, ln2/2] (cephes expf polynomial)
-    p = muladd(_F(1.9875691500e-4), r, _F(1.3981999507e-3))
-    p = muladd(p, r, _F(8.3334519073e-3))
-    p = muladd(p, r, _F(4.1665795894e-2))
-    p = muladd(p, r, _F(1.6666665459e-1))
-    p = muladd(p, r, _F(5.0000001201e-1))
-    return p * (r * r)
+    # e**r - 1 - r on [-ln2/2, ln2/2] (cephes expf polynomial; Estrin's scheme: a shorter
+    # dependency chain than Horner's, which matters when a kernel chains several functions)
+    r2 = r * r
+    p = muladd(_F(1.6666665459e-1), r, _F(5.0000001201e-1))
+    q = muladd(_F(8.3334519073e-3), r, _F(4.1665795894e-2))
+    s = muladd(_F(1.9875691500e-4), r, _F(1.3981999507e-3))
+    return muladd(muladd(s, r2, q), r2, p) * r2
 """,
     "_exp_reduce_f32": """
-@njit
+@njit(inline="always")
 def _exp_reduce_f32(x):
     # x = n ln2 + r, |r| <= ln2/2, for x clamped to [-104, 89] (NaN -> -104: callers restore it);
     # n * ln2_hi is exact and so is the subtraction (Cody-Waite)
@@ -231,14 +232,14 @@ def _exp_reduce_f32(x):
     return n, muladd(n, _F(-1.428606765330187e-06), muladd(n, _F(-0.693145751953125), xc))
 """,
     "exp_f32": """
-@njit
+@njit(inline="always")
 def exp_f32(x):
     n, r = _exp_reduce_f32(x)
     y = f32_ldexp((_expr_f32(r) + r) + _F(1.0), n)
     return y if x == x else x
 """,
     "exp2_f32": """
-@njit
+@njit(inline="always")
 def exp2_f32(x):
     xc = x if x > _F(-152.0) else _F(-152.0)
     xc = xc if xc < _F(129.0) else _F(129.0)
@@ -254,7 +255,7 @@ def exp2_f32(x):
     return y if x == x else x
 """,
     "expm1_f32": """
-@njit
+@njit(inline="always")
 def expm1_f32(x):
     # 2**n (e**r - 1) + (2**n - 1); for n = 128 scale by 2**127, then by 2 (inf if it overflows)
     n, r = _exp_reduce_f32(x if x > _F(-30.0) else _F(-30.0))   # below -30 the result is -1
@@ -266,7 +267,7 @@ def expm1_f32(x):
     return y if abs(x) > _F(0.0) else x
 """,
     "_log_parts_f32": """
-@njit
+@njit(inline="always")
 def _log_parts_f32(x):
     # x > 0 as 2**e (1 + f) with f in [sqrt(1/2) - 1, sqrt(2) - 1); subnormals scaled by 2**23
     sub = x < _F(1.1754943508222875e-38)
@@ -279,36 +280,34 @@ def _log_parts_f32(x):
     return e, m - _F(1.0)
 """,
     "_log1p_tail_f32": """
-@njit
+@njit(inline="always")
 def _log1p_tail_f32(f):
-    # log(1 + f) - f on [sqrt(1/2) - 1, sqrt(2) - 1] (cephes logf polynomial)
-    p = muladd(_F(7.0376836292e-2), f, _F(-1.1514610310e-1))
-    p = muladd(p, f, _F(1.1676998740e-1))
-    p = muladd(p, f, _F(-1.2420140846e-1))
-    p = muladd(p, f, _F(1.4249322787e-1))
-    p = muladd(p, f, _F(-1.6668057665e-1))
-    p = muladd(p, f, _F(2.0000714765e-1))
-    p = muladd(p, f, _F(-2.4999993993e-1))
-    p = muladd(p, f, _F(3.3333331174e-1))
+    # log(1 + f) - f on [sqrt(1/2) - 1, sqrt(2) - 1] (cephes logf polynomial, Estrin's scheme)
     z = f * f
-    return p * f * z - _F(0.5) * z
+    z2 = z * z
+    p0 = muladd(_F(-2.4999993993e-1), f, _F(3.3333331174e-1))
+    p1 = muladd(_F(-1.6668057665e-1), f, _F(2.0000714765e-1))
+    p2 = muladd(_F(-1.2420140846e-1), f, _F(1.4249322787e-1))
+    p3 = muladd(_F(-1.1514610310e-1), f, _F(1.1676998740e-1))
+    p = muladd(_F(7.0376836292e-2), z2 * z2, muladd(muladd(p3, z, p2), z2, muladd(p1, z, p0)))
+    return muladd(p * f, z, _F(-0.5) * z)
 """,
     "_log_special_f32": """
-@njit
+@njit(inline="always")
 def _log_special_f32(y, x):
     # the log family at x = 0 (-inf), x < 0 (NaN), +inf and NaN
     y = y if x > _F(0.0) else (_F(-np.inf) if x == _F(0.0) else _F(np.nan))
     return y if x < _F(np.inf) else x
 """,
     "log_f32": """
-@njit
+@njit(inline="always")
 def log_f32(x):
     e, f = _log_parts_f32(x)
     y = f + (_log1p_tail_f32(f) + e * _F(-2.12194440e-4)) + e * _F(0.693359375)
     return _log_special_f32(y, x)
 """,
     "log2_f32": """
-@njit
+@njit(inline="always")
 def log2_f32(x):
     e, f = _log_parts_f32(x)
     l = f + _log1p_tail_f32(f)
@@ -316,7 +315,7 @@ def log2_f32(x):
     return _log_special_f32(y, x)
 """,
     "log10_f32": """
-@njit
+@njit(inline="always")
 def log10_f32(x):
     e, f = _log_parts_f32(x)
     l = f + _log1p_tail_f32(f)
@@ -324,7 +323,7 @@ def log10_f32(x):
     return _log_special_f32(y, x)
 """,
     "log1p_f32": """
-@njit
+@njit(inline="always")
 def log1p_f32(x):
     # log(u) for u = 1 + x, plus the rounding error of u relative to u
     u = _F(1.0) + x
@@ -335,7 +334,7 @@ def log1p_f32(x):
     return y if abs(x) > _F(0.0) else x
 """,
     "tanh_f32": """
-@njit
+@njit(inline="always")
 def tanh_f32(x):
     a = abs(x)
     z = x * x
@@ -351,14 +350,14 @@ def tanh_f32(x):
     return y if a > _F(0.0) else x
 """,
     "sigmoid_f32": """
-@njit
+@njit(inline="always")
 def sigmoid_f32(x):
     # 1 / (1 + e) for x >= 0, e / (1 + e) below, with e = exp(-|x|) (no overflow, no cancellation)
     e = exp_f32(-abs(x))
     return (_F(1.0) if x >= _F(0.0) else e) / (_F(1.0) + e)
 """,
     "_exp_f64": """
-@njit
+@njit(inline="always")
 def _exp_f64(y):
     # e**y in float64 to 2**-34 relative (float32 results), y clamped to [-700, 700]
     # (NaN -> -700: callers restore it); minimax polynomial on [-ln2/2, ln2/2]
@@ -376,7 +375,7 @@ def _exp_f64(y):
     return p * f64_pow2(n)
 """,
     "_erfc_abs_f64": """
-@njit
+@njit(inline="always")
 def _erfc_abs_f64(x):
     # erfc(|x|) in float64: exp(-a*a) g(t) / (1 + 2a) with a*a exact, g = (1 + 2a) erfcx(a) a
     # minimax polynomial in t = (a - 3) / (a + 3) to 2**-28.8 relative on [0, 10.5]
@@ -396,7 +395,7 @@ def _erfc_abs_f64(x):
     return _exp_f64(-(a * a)) * g / (1.0 + a + a)
 """,
     "erf_f32": """
-@njit
+@njit(inline="always")
 def erf_f32(x):
     # |x| < 0.75: x + x P(x*x) (minimax, float32); otherwise 1 - erfc(|x|) in float64, signed
     z = x * x
@@ -411,7 +410,7 @@ def erf_f32(x):
     return y if x == x else x
 """,
     "erfc_f32": """
-@njit
+@njit(inline="always")
 def erfc_f32(x):
     e = _erfc_abs_f64(x)
     y = np.float32(e if x >= _F(0.0) else 2.0 - e)
@@ -424,14 +423,15 @@ _TWO_OVER_PI = 0xA2F9836E4E441529FC2757D1F534DDC0DB6295993C439041FE5163ABDEBBC56
 def _two_over_pi_chunks():
     # row i: four 24-bit chunks of 2/pi starting at bit i + 1 (float64, exact); float32
     # x < 2**(i + 26) times the bits before bit i + 1 is a multiple of 4, which the reduction drops
-    return np.array([[math.ldexp((_TWO_OVER_PI >> (233 - j - 24 * k)) & 0xFFFFFF, -(j + 24 * k + 23))
-                      for k in range(4)] for j in range(1, 104)], dtype=np.float64)
+    return np.array([[math.ldexp((_TWO_OVER_PI >> (233 - j - 24 * k)) & 0xFFFFFF,
+                                 -(j + 24 * k + 23)) for k in range(4)] for j in range(1, 104)],
+                    dtype=np.float64)
 
 
 _PIO2_CHUNKS = _two_over_pi_chunks()
 
 
-@njit
+@njit(inline="always")
 def _reduce_pio2_f64(x):
     # float32 x = (n + f) pi/2 with |f| <= 1/2, for every finite x (Payne-Hanek without branches):
     # the row of chunks is picked by x's exponent, each product x * chunk is exact, and the sum is
@@ -448,7 +448,7 @@ def _reduce_pio2_f64(x):
     return f * 1.5707963267948966, n - 4.0 * np.floor(n * 0.25)
 """,
     "_sincos_f64": """
-@njit
+@njit(inline="always")
 def _sincos_f64(r):
     # sin(r), cos(r) on [-pi/4, pi/4] (minimax, 2**-37 and 2**-33.8 relative)
     z = r * r
@@ -463,7 +463,7 @@ def _sincos_f64(r):
     return s, c
 """,
     "_sin_quadrant_f32": """
-@njit
+@njit(inline="always")
 def _sin_quadrant_f32(x, quarter):
     # sin(x + quarter pi/2), rounded once to float32
     r, q = _reduce_pio2_f64(x)
@@ -474,18 +474,18 @@ def _sin_quadrant_f32(x, quarter):
     return np.float32(-y if q >= 2.0 else y)
 """,
     "sin_f32": """
-@njit
+@njit(inline="always")
 def sin_f32(x):
     y = _sin_quadrant_f32(x, 0.0)
     return y if x != _F(0.0) else x
 """,
     "cos_f32": """
-@njit
+@njit(inline="always")
 def cos_f32(x):
     return _sin_quadrant_f32(x, 1.0)
 """,
     "tan_f32": """
-@njit
+@njit(inline="always")
 def tan_f32(x):
     r, q = _reduce_pio2_f64(x)
     s, c = _sincos_f64(r)
@@ -494,7 +494,7 @@ def tan_f32(x):
     return y if x != _F(0.0) else x
 """,
     "sinh_f32": """
-@njit
+@njit(inline="always")
 def sinh_f32(x):
     # float64: |x| < 1/2 odd Taylor polynomial, else (e - 1/e) / 2 with e = exp(|x|); signed
     a = np.float64(abs(x))
@@ -509,14 +509,14 @@ def sinh_f32(x):
     return y if abs(x) > _F(0.0) else x
 """,
     "cosh_f32": """
-@njit
+@njit(inline="always")
 def cosh_f32(x):
     e = _exp_f64(np.float64(abs(x)))
     y = np.float32(0.5 * (e + 1.0 / e))
     return y if x == x else x
 """,
     "pow_f32": """
-@njit
+@njit(inline="always")
 def pow_f32(a, b):
     # |a|**b = e**(b ln|a|) in float64: ln(1 + f) = 2 atanh(s), s = f / (2 + f), to 2**-37.6
     # relative, so b ln|a| is good to ~2**-30 wherever the result is finite and nonzero. Then
@@ -567,7 +567,7 @@ import math
 import numpy as np
 from numba import njit
 
-from fusebuild.toolchain.numba_support import *  # noqa: F401,F403  (ld_*, st_*, bit casts)
+from fusebuild.toolchain.numba_support import *  # noqa: F401,F403  (ld_*, st_*, intrinsics)
 """
 
 

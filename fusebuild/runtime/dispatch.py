@@ -27,20 +27,20 @@ class GroupInfo:
     signature: str
 
     @staticmethod
-    def from_manifest(g: dict, signature: str) -> "GroupInfo":
+    def from_manifest(g: dict) -> "GroupInfo":
         params = tuple((i["name"], i["kind"], i["dtype"]) for i in g["inputs"])
         chunks = tuple(tuple(i["chunk"]) if i["chunk"] else None for i in g["inputs"]
                        if i["kind"] == "tensor")
         outputs = tuple((o["name"], tuple(o["cat"]) if o["cat"] else None) for o in g["outputs"])
+        args = [n if k == "tensor" else f"{n}: {d}" for n, k, d in params]
+        if g["has_random"]:
+            args += ["*", "seed", "offset=0"]
+        signature = f"{g['name']}({', '.join(args)}) -> {', '.join(n for n, _ in outputs)}"
         return GroupInfo(g["name"], params, chunks, outputs, g["has_random"], signature)
 
     @property
     def tensor_names(self) -> list[str]:
         return [n for n, k, _ in self.params if k == "tensor"]
-
-    @property
-    def scalar_dtypes(self) -> list[dt.DType]:
-        return [dt.lookup(d) for _, k, d in self.params if k == "scalar"]
 
 
 @dataclass

@@ -9,6 +9,7 @@ the generic path, `GroupCaller._call`, which raises the proper errors.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import numpy as np
 
@@ -54,8 +55,9 @@ def _source(n_args: int, tensors: tuple[int, ...], scalars: tuple[int, ...], chu
     lines.append("        try:")
     lines += [f"            p{j} = addressof(from_buffer({x}))" for j, x in enumerate(t)]
     lines += [f"            q{k} = addressof(from_buffer({o}))" for k, o in enumerate(outs)]
-    lines.append("        except (TypeError, ValueError, BufferError):")
-    lines.append("            return self._call(args, out, seed, offset)")
+    lines.append("        except (TypeError, ValueError, BufferError):   # read-only, strided, bf16")
+    lines += [f"            p{j} = {x}.__array_interface__['data'][0]" for j, x in enumerate(t)]
+    lines += [f"            q{k} = {o}.__array_interface__['data'][0]" for k, o in enumerate(outs)]
     overlap = []     # out= overlapping an input (other than exactly in place) or another out=
     for k in range(n_out):
         overlap += [f"(q{k} < p{j} + plan.hi[{j}] and p{j} + plan.lo[{j}] < q{k} + "
@@ -75,7 +77,11 @@ def _source(n_args: int, tensors: tuple[int, ...], scalars: tuple[int, ...], chu
         for _ in range(c):
             words.append(f"q{k} + plan.offs[{slot}]")
             slot += 1
-    lines.append(f"        ptrs = plan.ptr_type({', '.join(words)})")
+    lines += ["        try:",
+              "            ptrs = plan.local.ptrs",
+              "        except AttributeError:",
+              "            ptrs = plan.local.ptrs = plan.ptr_type()"]
+    lines += [f"        ptrs[{i}] = {w}" for i, w in enumerate(words)]
     lines.append("        meta = plan.meta")
     if scalars or random:
         lines.append("        meta = plan.meta_type.from_buffer_copy(meta)")
@@ -87,11 +93,12 @@ def _source(n_args: int, tensors: tuple[int, ...], scalars: tuple[int, ...], chu
     lines += ["        if plan.parallel and self.bundle.threads > 1:",
               "            run_threads(plan.fn, ptrs, meta, plan.n, self.bundle.threads)",
               "        else:",
-              "            plan.fn(ptrs, meta, 0, plan.n)",
+              "            plan.fn(ptrs, meta, plan.start, plan.stop)",
               f"    return {outs[0] if n_out == 1 else '(' + ', '.join(outs) + ')'}"]
     return "\n".join(lines) + "\n"
 
 
+@functools.lru_cache(maxsize=None)
 def make_call(n_args: int, tensors: tuple[int, ...], scalars: tuple[int, ...], chunks: tuple,
               parts: tuple, random: bool):
     """The specialized `__call__` for a group of this shape of signature."""

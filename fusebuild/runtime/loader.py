@@ -36,23 +36,25 @@ class Bundle:
         self._index: dict[str, dict[str, KernelEntry]] = {}
         self._by_dtypes: dict[tuple, list[tuple[tuple[str, ...], str]]] = {}
         for e in kernel_entries(manifest):
-            self._add(e)
+            self._add(e, sort=False)
+        for cands in self._by_dtypes.values():
+            cands.sort(key=_preference)
         self._resolved: dict[str, KernelEntry] = {}
-        self._callers = {name: _caller_class(g)(self, dispatch.GroupInfo.from_manifest(
-            g, _signature(g))) for name, g in manifest["groups"].items()}
+        self._callers = {name: _caller_class(g)(self, dispatch.GroupInfo.from_manifest(g))
+                         for name, g in manifest["groups"].items()}
         self._libs = Libraries(root)
         self._cuda: cuda.CudaKernels | None = None     # created by the first CUDA call
         self._cpu_targets = tuple(f"cpu:{isa}" for isa in reversed(host_isas()))
         self.threads = threads.configured_threads()
         self._jit_lock = threading.Lock()
 
-    def _add(self, e: KernelEntry) -> None:
+    def _add(self, e: KernelEntry, sort: bool = True) -> None:
         if e.key not in self._index:
             group, descs = parse_key(e.key)
             cands = self._by_dtypes.setdefault((group, tuple(d for d, _ in descs)), [])
             cands.append((tuple(lay for _, lay in descs), e.key))
-            # prefer low rank, then few 's'
-            cands.sort(key=lambda c: (len(c[0][0]) if c[0] else 0, "".join(c[0]).count("s"), c[1]))
+            if sort:
+                cands.sort(key=_preference)
         self._index.setdefault(e.key, {})[e.target] = e
 
     @property
@@ -174,6 +176,12 @@ class Bundle:
             return entry
 
 
+def _preference(candidate: tuple) -> tuple:
+    """Among kernels that serve a call: low rank first, then few 's' letters."""
+    layouts, key = candidate
+    return len(layouts[0]) if layouts else 0, "".join(layouts).count("s"), key
+
+
 def _caller_class(g: dict) -> type:
     """A GroupCaller subclass whose __call__ is specialized to the group's signature."""
     params = g["inputs"]
@@ -183,14 +191,6 @@ def _caller_class(g: dict) -> type:
         tuple(p["chunk"][0] if p["chunk"] else 1 for p in params if p["kind"] == "tensor"),
         tuple(o["cat"][0] if o["cat"] else 1 for o in g["outputs"]), g["has_random"])
     return type(f"GroupCaller_{g['name']}", (GroupCaller,), {"__call__": call})
-
-
-def _signature(g: dict) -> str:
-    args = [i["name"] if i["kind"] == "tensor" else f"{i['name']}: {i['dtype']}"
-            for i in g["inputs"]]
-    if g["has_random"]:
-        args += ["*", "seed", "offset=0"]
-    return f"{g['name']}({', '.join(args)}) -> {', '.join(o['name'] for o in g['outputs'])}"
 
 
 def _numpy_describe(a):
@@ -226,6 +226,8 @@ class _Plan:
         self.offs = tuple(off for _, off in self.in_ptrs + self.out_ptrs)
         self.meta_type = type(self.meta)
         self.parallel = self.n >= 2 * threads.MIN_PER_THREAD
+        self.start, self.stop = ctypes.c_int64(0), ctypes.c_int64(self.n)
+        self.local = threading.local()     # per-thread pointer words, reused across calls
 
 
 def _plan_key(tensors: list) -> tuple:
@@ -318,10 +320,10 @@ class GroupCaller:
                 if plan.seed_slot is not None:     # uint64 bits in int64 words
                     meta[plan.seed_slot] = seed - (seed >> 63 << 64)
                     meta[plan.seed_slot + 1] = offset - (offset >> 63 << 64)
-            if plan.n >= 2 * threads.MIN_PER_THREAD and self.bundle.threads > 1:
+            if plan.parallel and self.bundle.threads > 1:
                 threads.run(plan.fn, ptrs, meta, plan.n, self.bundle.threads)
             else:
-                plan.fn(ptrs, meta, 0, plan.n)
+                plan.fn(ptrs, meta, plan.start, plan.stop)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _call_foreign(self, args: tuple, out, seed, offset):

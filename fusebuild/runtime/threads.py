@@ -2,6 +2,7 @@
 while they run, so one call can use every core; small calls run inline."""
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -44,13 +45,11 @@ def ranges(n: int, threads: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, n)) for a in range(0, n, step)]
 
 
-def run(fn, ptrs: int, meta: int, n: int, threads: int) -> None:
-    """Call kernel `fn` over [0, n), split over up to `threads` threads."""
-    parts = ranges(n, threads)
-    if len(parts) == 1:
-        fn(ptrs, meta, 0, n)
-        return
-    pool = _executor(threads)
+def run(fn, ptrs, meta, n: int, threads: int) -> None:
+    """Call kernel `fn(ptrs, meta, start, stop)` over [0, n), split over up to `threads`
+    threads (`fn` takes ctypes values, see runtime.cpu.Libraries)."""
+    parts = [(ctypes.c_int64(a), ctypes.c_int64(b)) for a, b in ranges(n, threads)]
+    pool = _executor(threads) if len(parts) > 1 else None
     futures = [pool.submit(fn, ptrs, meta, a, b) for a, b in parts[1:]]
     fn(ptrs, meta, *parts[0])
     for f in futures:

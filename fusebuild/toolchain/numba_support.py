@@ -4,10 +4,11 @@ Kernels receive raw addresses as int64; these intrinsics turn them into typed lo
 (`ld_f32(addr, index)`, `st_f32(addr, index, value)`) and reinterpret bits (`f32_from_bits`).
 Loads are marked as not aliasing stores: the runtime never passes overlapping inputs and outputs,
 and this lets LLVM vectorize loops with many operands without run-time alias checks.
-The exponent intrinsics (`f32_ldexp`, `f32_pow2`, `f32_exponent`, `f32_significand`, `f64_pow2`)
-and the float16/bfloat16 conversions (`f16_value`, `f16_bits`, `bf16_value`, `bf16_bits`) are written with 32-bit
-integer operations (numba would widen integer arithmetic to 64 bits), so the loop vectorizer keeps
-them in 32-bit lanes on every ISA level.
+The exponent intrinsics of the math helpers (`f32_ldexp`, `f32_pow2`, `f32_exponent`,
+`f32_significand`, `f64_pow2`) and the float16/bfloat16 conversions (`f16_value`, `f16_bits`,
+`bf16_value`, `bf16_bits`) are written with 32-bit integer operations (numba would widen integer
+arithmetic to 64 bits), so the loop vectorizer keeps them in 32-bit lanes on every ISA level;
+`muladd` lets polynomials use FMA where the ISA has it, and `select` keeps `where` branch-free.
 """
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ def f32_exponent(typingctx, x):
     """The biased exponent field of float32 x (0..255), as a float32."""
     def codegen(context, builder, sig, args):
         bits = _f32_bits(builder, context, args[0], sig.args[0])
-        field = builder.and_(builder.lshr(bits, ir.Constant(_I32, 23)), ir.Constant(_I32, 255))
+        field = builder.and_(builder.lshr(bits, _i32(23)), _i32(255))
         return builder.sitofp(field, ir.FloatType())
     return types.float32(x), codegen
 
@@ -133,8 +134,7 @@ def f32_significand(typingctx, x):
     """float32 x with its sign cleared and its exponent set to 0: in [1, 2) for normal x."""
     def codegen(context, builder, sig, args):
         bits = _f32_bits(builder, context, args[0], sig.args[0])
-        mant = builder.or_(builder.and_(bits, ir.Constant(_I32, 0x007FFFFF)),
-                           ir.Constant(_I32, 0x3F800000))
+        mant = builder.or_(builder.and_(bits, _i32(0x007FFFFF)), _i32(0x3F800000))
         return builder.bitcast(mant, ir.FloatType())
     return types.float32(x), codegen
 
@@ -163,6 +163,21 @@ def muladd(typingctx, a, b, c):
                                              ir.FunctionType(ftype, [ftype] * 3))
         return builder.call(fn, args)
     return a(a, b, c), codegen
+
+
+@intrinsic
+def select(typingctx, cond, a, b):
+    """`a if cond else b` as one LLVM select: no branch for LLVM to sink an operand's load into
+    (the loop vectorizer would then need masked or scalarized loads)."""
+    t = typingctx.unify_types(a, b)
+    if t is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        c = context.cast(builder, args[0], sig.args[0], types.boolean)
+        return builder.select(c, context.cast(builder, args[1], sig.args[1], t),
+                              context.cast(builder, args[2], sig.args[2], t))
+    return t(cond, a, b), codegen
 
 
 @intrinsic
@@ -244,4 +259,5 @@ bits_from_f64 = _make_bitcast(types.float64, types.uint64)
 
 __all__ = [f"{op}_{n}" for n in _STORAGE for op in ("ld", "st")] + [
     "f32_from_bits", "bits_from_f32", "f64_from_bits", "bits_from_f64", "f32_ldexp", "f32_pow2",
-    "f32_exponent", "f32_significand", "f64_pow2", "muladd", "bf16_bits", "bf16_value", "f16_bits", "f16_value"]
+    "f32_exponent", "f32_significand", "f64_pow2", "muladd", "bf16_bits", "bf16_value",
+    "f16_bits", "f16_value", "select"]

@@ -61,7 +61,7 @@ class EmulatedGroup:
     def __init__(self, group: ir.Group, kernels: list[KernelSource], lib: ctypes.CDLL):
         self.group, self.lib = group, lib
         self.kernels = {ks.key: ks for ks in kernels}
-        self.info = dispatch.GroupInfo.from_manifest(group.to_json(), group.signature())
+        self.info = dispatch.GroupInfo.from_manifest(group.to_json())
         for ks in kernels:
             getattr(lib, f"emu_{ks.symbol}").argtypes = [ctypes.c_void_p, ctypes.c_uint]
             getattr(lib, f"emu_bytes_{ks.symbol}").restype = ctypes.c_ulonglong
