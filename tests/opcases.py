@@ -109,3 +109,11 @@ def operand_values(d: dt.DType, n_inputs: int, rng: np.random.Generator, n_rando
             out.append(np.concatenate([col.astype(np.float64) if d.is_float else col,
                                        rnd]).astype(d.numpy))
     return out
+
+
+def op_arrays(group, dtypes: tuple, rng: np.random.Generator) -> list[np.ndarray]:
+    """Inputs for one variant of an op group: `operand_values`, and a random bool `cond`."""
+    arrays = operand_values(dtypes[-1], len(dtypes), rng)
+    if group.tensor_inputs[0].name == "cond":
+        arrays[0] = rng.random(arrays[1].shape) < 0.5
+    return arrays

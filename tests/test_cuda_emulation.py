@@ -24,7 +24,7 @@ from fusebuild.runtime.cuda import VECTOR, WIDE
 from conftest import SPECS, adam_case, random_array
 from cuda_emulation.cases import Case, example_cases
 from cuda_emulation.fake_cupy import FakeArray, fake_cupy
-from opcases import op_bodies, operand_values, spec_text
+from opcases import op_arrays, op_bodies, spec_text
 from test_ops_cpu import relative_to_magnitude
 from cuda_emulation.harness import (EmulatedGroup, compile_source, have_compiler, kernel_sources,
                                     launchers)
@@ -116,10 +116,7 @@ def test_every_op_matches_reference_for_every_dtype(op_groups, name):
     em = groups[gp.group.name]
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     for v in gp.variants:
-        arrays = operand_values(v.dtypes[-1], len(v.dtypes), rng)
-        if gp.group.tensor_inputs[0].name == "cond":
-            arrays[0] = rng.random(arrays[1].shape) < 0.5
-        case = Case(v.key, v.dtypes, arrays, 99, 5)
+        case = Case(v.key, v.dtypes, op_arrays(gp.group, v.dtypes, rng), 99, 5)
         for flags in (None, lambda f: (f & ~VECTOR) | WIDE):
             check(em, case, flags, magnitude=relative_to_magnitude(name))
 

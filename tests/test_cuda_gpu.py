@@ -19,7 +19,7 @@ from fusebuild.runtime.cuda import max_ptx_isa
 from fusebuild.toolchain import nvrtc
 from conftest import SPECS, adam_case
 from cuda_emulation.cases import Case, example_cases
-from opcases import op_bodies, operand_values, spec_text
+from opcases import op_arrays, op_bodies, spec_text
 from test_ops_cpu import relative_to_magnitude
 
 
@@ -187,10 +187,7 @@ def test_every_op_on_the_device(op_bundle, name):
     gp = next(g for g in plan.groups if g.group.name == f"op_{name}")
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     for v in gp.variants:
-        arrays = operand_values(v.dtypes[-1], len(v.dtypes), rng)
-        if gp.group.tensor_inputs[0].name == "cond":
-            arrays[0] = rng.random(arrays[1].shape) < 0.5
-        case = Case(v.key, v.dtypes, arrays, 99, 5)
+        case = Case(v.key, v.dtypes, op_arrays(gp.group, v.dtypes, rng), 99, 5)
         for xp in backends(case)[:1]:
             run_and_check(bundle, gp.group, case, xp, magnitude=relative_to_magnitude(name))
 
