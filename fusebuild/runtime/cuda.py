@@ -47,11 +47,8 @@ class DeviceArray:
     @property
     def extent(self) -> tuple[int, int]:
         """[first byte, last byte + 1) touched by the array (0-size arrays: empty)."""
-        if 0 in self.shape:
-            return self.ptr, self.ptr
-        lo = sum(s * (n - 1) for n, s in zip(self.shape, self.strides) if s < 0)
-        hi = sum(s * (n - 1) for n, s in zip(self.shape, self.strides) if s > 0)
-        return self.ptr + lo, self.ptr + hi + self.dtype.itemsize
+        lo, hi = dispatch.byte_extent(self.shape, self.strides, self.dtype.itemsize)
+        return self.ptr + lo, self.ptr + hi
 
     @property
     def c_contiguous(self) -> bool:
@@ -404,8 +401,8 @@ def call(caller, args: tuple, out, seed, offset: int):
     with cp.cuda.Device(device):
         stream = cp.cuda.get_current_stream().ptr
         c = prepare(info, args, stream)
-        if info.has_random and seed is None:
-            raise ArgumentError(f"{info.name} draws random numbers: pass seed= (and offset=)")
+        if info.has_random:
+            dispatch.check_seed(info.name, seed, offset)
         n = dispatch.element_count(c)
         kernels = caller.bundle._cuda or _attach(caller.bundle)
         kernel = kernels.find(c.key, device, empty=n == 0)

@@ -174,6 +174,28 @@ def pad(canon: Canonical, rank: int) -> Canonical:
                      tuple("b" * extra + lay for lay in canon.layouts))
 
 
+def check_seed(group: str, seed, offset) -> None:
+    """Random groups need seed=; seed and offset are uint64 values."""
+    if seed is None:
+        raise ArgumentError(f"{group} draws random numbers: pass seed= (and offset=)")
+    check_seed_word(seed, "seed")
+    check_seed_word(offset, "offset")
+
+
+def check_seed_word(value, what: str) -> None:
+    if not isinstance(value, (int, np.integer)) or not 0 <= value < 1 << 64:
+        raise ArgumentError(f"{what} must be an integer in [0, 2**64), got {value!r}")
+
+
+def byte_extent(shape, strides, itemsize: int) -> tuple[int, int]:
+    """Bytes [lo, hi) an array touches relative to its data pointer ((0, 0) when empty)."""
+    if 0 in shape:
+        return 0, 0
+    lo = sum(s * (n - 1) for n, s in zip(shape, strides) if s < 0)
+    hi = sum(s * (n - 1) for n, s in zip(shape, strides) if s > 0)
+    return lo, hi + itemsize
+
+
 def meta_words(call: Call, abi: Abi, seed: int, offset: int) -> np.ndarray:
     meta = np.zeros(abi.n_meta, np.int64)
     rank = abi.rank
@@ -182,8 +204,7 @@ def meta_words(call: Call, abi: Abi, seed: int, offset: int) -> np.ndarray:
         meta[abi.stride(op, 0):abi.stride(op, 0) + rank] = strides
     if abi.random:
         for slot, value, what in ((abi.seed, seed, "seed"), (abi.offset, offset, "offset")):
-            if not isinstance(value, (int, np.integer)) or not 0 <= value < 1 << 64:
-                raise ArgumentError(f"{what} must be an integer in [0, 2**64), got {value!r}")
+            check_seed_word(value, what)
             meta[slot] = np.array(value, np.uint64).view(np.int64)
     for k, bits in enumerate(call.scalars):
         meta[abi.scalar(k)] = bits

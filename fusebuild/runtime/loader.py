@@ -235,15 +235,6 @@ def _plan_key(tensors: list) -> tuple:
     return tuple(v for a in tensors for v in (a.shape, a.strides, a.dtype))
 
 
-def _extent(a: np.ndarray) -> tuple[int, int]:
-    """Bytes [lo, hi) an array touches relative to its data pointer."""
-    if a.size == 0:
-        return 0, 0
-    lo = sum(s * (n - 1) for n, s in zip(a.shape, a.strides) if s < 0)
-    hi = sum(s * (n - 1) for n, s in zip(a.shape, a.strides) if s > 0)
-    return lo, hi + a.itemsize
-
-
 def _scalar_word(name: str, value, d: dt.DType) -> int:
     """`dispatch._scalar_bits` with a fast path for Python floats into float32/float64."""
     if type(value) is float and d.is_float:
@@ -300,11 +291,12 @@ class GroupCaller:
         tensors = [args[i] for i in self._tensor_pos]
         if not all(type(a) is np.ndarray for a in tensors):
             return self._call_foreign(args, out, seed, offset)
-        plan = self._plans.get(_plan_key(tensors))
+        key = _plan_key(tensors)
+        plan = self._plans.get(key)
         if plan is None:
-            plan = self._plan(args, tensors)
+            plan = self._plan(args, tensors, key)
         if self.info.has_random:
-            _check_seed(seed, offset, self.info.name)
+            dispatch.check_seed(self.info.name, seed, offset)
         if out is None:
             outs = [np.empty(shape, d) for shape, d, _ in plan.outs]
         else:
@@ -343,7 +335,7 @@ class GroupCaller:
             return tuple(interop.to_framework(framework, r) for r in result)
         return interop.to_framework(framework, result)
 
-    def _plan(self, args: tuple, tensors: list) -> _Plan:
+    def _plan(self, args: tuple, tensors: list, key: tuple) -> _Plan:
         info = self.info
         call = dispatch.prepare(info, args, _numpy_describe)
         n = dispatch.element_count(call)
@@ -372,13 +364,13 @@ class GroupCaller:
                      (ctypes.c_int64 * max(1, abi.n_meta))(*meta.tolist()),
                      abi.seed if info.has_random else None,
                      tuple(abi.scalar(k) for k in range(abi.n_scalars)),
-                     tuple(_extent(a)[0] for a in tensors), tuple(_extent(a)[1] for a in tensors),
+                     *zip(*(dispatch.byte_extent(a.shape, a.strides, a.itemsize) for a in tensors)),
                      tuple(tuple(a.shape == shape and a.dtype == d and a.strides ==
                                  tuple(st * d.itemsize for st in contiguous_strides(shape))
                                  for shape, d, _ in outs) for a in tensors))
         if len(self._plans) >= _MAX_PLANS:
             self._plans.clear()
-        self._plans[_plan_key(tensors)] = plan
+        self._plans[key] = plan
         return plan
 
     def _check_out(self, out, plan: _Plan, tensors: list) -> list[np.ndarray]:
@@ -404,14 +396,6 @@ class GroupCaller:
                 if np.may_share_memory(o, o2):
                     raise ArgumentError("out= arrays overlap each other")
         return outs
-
-
-def _check_seed(seed, offset, group: str) -> None:
-    if seed is None:
-        raise ArgumentError(f"{group} draws random numbers: pass seed= (and offset=)")
-    for value, what in ((seed, "seed"), (offset, "offset")):
-        if not isinstance(value, (int, np.integer)) or not 0 <= value < 1 << 64:
-            raise ArgumentError(f"{what} must be an integer in [0, 2**64), got {value!r}")
 
 
 def _same_memory(out: np.ndarray, a: np.ndarray) -> bool:
