@@ -82,9 +82,12 @@ def lookup(name: str) -> DType:
 
 
 def from_numpy(dt) -> DType:
-    """The DType of a numpy dtype (bfloat16 from ml_dtypes included); KeyError if unsupported."""
-    name = np.dtype(dt).name
-    return BY_NAME[name]
+    """The DType of a numpy dtype (bfloat16 from ml_dtypes included); KeyError if unsupported
+    (byte-swapped dtypes included: kernels read native byte order)."""
+    dt = np.dtype(dt)
+    if not dt.isnative:
+        raise KeyError(f"{dt.str} is not in native byte order")
+    return BY_NAME[dt.name]
 
 
 def promote_pair(a: DType, b: DType) -> DType:

@@ -22,7 +22,7 @@ from fusebuild.errors import ArgumentError
 from fusebuild.runtime import cuda as runtime_cuda
 from fusebuild.runtime.cuda import VECTOR, WIDE
 from conftest import SPECS, adam_case, random_array
-from cuda_emulation.cases import Case, example_cases
+from cuda_emulation.cases import Case, check_outputs, example_cases
 from cuda_emulation.fake_cupy import FakeArray, fake_cupy
 from opcases import op_arrays, op_bodies, spec_text
 from test_ops_cpu import relative_to_magnitude
@@ -292,19 +292,8 @@ def test_runtime_call_path_on_the_emulated_device(fake_device, monkeypatch, gp):
         args = [FakeArray(a) if isinstance(a, np.ndarray) else a for a in case.args]
         kw = {"seed": case.seed, "offset": case.offset} if gp.group.has_random else {}
         got = bundle[gp.group.name](*args, **kw)
-        got = got if isinstance(got, tuple) else (got,)
-        tensors = [a for a, p in zip(case.args, gp.group.inputs) if p.kind == "tensor"]
-        scalars = [a for a, p in zip(case.args, gp.group.inputs) if p.kind == "scalar"]
-        dtypes = {i.name: d for i, d in zip(gp.group.tensor_inputs, case.dtypes)}
-        want = reference.evaluate(ir.instantiate(gp.group, dtypes, expand=False), tensors, scalars,
-                                  case.seed, case.offset)
         assert bundle[gp.group.name].key(*args) == bundle[gp.group.name].key(*case.args)
-        for o, value in zip(gp.group.outputs, got):
-            w = want.outputs[o.name]
-            host = value.get()
-            host = host.view(w.dtype) if w.dtype == np.dtype(ml_dtypes.bfloat16) else host
-            bad = reference.compare(host, w, want.magnitude[o.name])
-            assert bad is None, f"{case.label} output {o.name}: {bad.message}"
+        check_outputs(gp, case, got if isinstance(got, tuple) else (got,))
     assert cp.launched
 
 

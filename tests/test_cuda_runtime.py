@@ -3,18 +3,26 @@ flags, DLPack descriptors, routing of CUDA arrays and its errors. (Kernel numeri
 test_cuda_emulation.py, the device itself by test_cuda_gpu.py.)"""
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from fusebuild import build, runtime, spec
+from fusebuild import build, dtypes as dt, reference, runtime, spec
 from fusebuild.argspec import Canonical
+from fusebuild.codegen.cuda import render_module
 from fusebuild.errors import ArgumentError, KernelNotFound
-from fusebuild.runtime import cuda
+from fusebuild.runtime import cuda, dispatch
 from fusebuild.runtime.cuda import VECTOR, WIDE, launch_flags, max_ptx_isa, select_target
-from conftest import SPECS
+from conftest import SPECS, adam_case
+from cuda_emulation.cases import Case, check_outputs, example_cases
+from cuda_emulation.fake_cupy import FakeArray, fake_cupy as emulated_cupy
+from cuda_emulation.harness import (EmulatedGroup, compile_source, have_compiler, kernel_sources,
+                                    launchers)
 
 
 def entries(*targets: str, isa: str = "9.5") -> dict[str, dict]:
@@ -186,3 +194,230 @@ def test_argument_count_is_checked_on_the_cuda_path(cuda_only):
         cuda_only.silu_add.key(FakeCuda(), FakeCuda(), FakeCuda())
     with pytest.raises(ArgumentError, match=r"takes 2 arguments \(1 given\)"):
         cuda_only.silu_add(FakeCuda())
+
+
+# ---------------------------------------------------------------- remembered launch plans ------
+# Calls on (fake) cupy arrays like an earlier call run by that call's plan; the fake cupy runs the
+# generated CUDA source on the host, so results are checked against the reference.
+
+PLANNED = ("silu_add", "lstm_cell", "gru_cell", "rotary_embedding", "bias_dropout_residual",
+           "masked_scores", "leaky_clip_u8", "adam")
+
+
+@pytest.fixture(scope="module")
+def device(tmp_path_factory):
+    """Some example groups built for sm_90, a fake cupy over their emulation, their plans."""
+    if not have_compiler():
+        pytest.skip("needs g++ for the host emulation")
+    plan = spec.load_plan([SPECS], targets=["cuda:sm_90"])
+    plan = dataclasses.replace(plan, groups=tuple(g for g in plan.groups
+                                                  if g.group.name in PLANNED))
+    out = tmp_path_factory.mktemp("planned")
+
+    def emulate(gp) -> EmulatedGroup:
+        ks = kernel_sources(gp.group, gp.variants)
+        text = '#include "emu.h"\n' + render_module(ks) + launchers([k.symbol for k in ks])
+        return EmulatedGroup(gp.group, ks, compile_source(text, str(out), gp.group.name))
+
+    with ThreadPoolExecutor(len(plan.groups)) as pool:
+        emulated = list(pool.map(emulate, plan.groups))
+    bundle = runtime.load(build.build(plan, str(out / "bundle"), progress=False).path)
+    libs = {k.symbol: em.lib for em in emulated for k in em.kernels.values()}
+    return bundle, emulated_cupy(libs), {gp.group.name: gp for gp in plan.groups}
+
+
+@pytest.fixture
+def fake(device, monkeypatch):
+    bundle, cp, plans = device
+    monkeypatch.setattr(cuda, "_cupy", lambda: cp)
+    return bundle, cp, plans
+
+
+def refuse(*args):
+    raise AssertionError("the generic path ran")
+
+
+def spy(cp, monkeypatch) -> list[tuple[np.ndarray, int, int]]:
+    """Record each launch: parameter words, grid, current device."""
+    seen, launch = [], cp.cuda.driver.launchKernel
+
+    def record(f, grid, *rest):
+        tags = (ctypes.c_void_p * 5).from_address(rest[-1])
+        size = ctypes.c_size_t.from_address(tags[3]).value
+        words = np.frombuffer((ctypes.c_char * size).from_address(tags[1]), np.int64).copy()
+        seen.append((words, grid, cp.cuda.runtime.getDevice()))
+        launch(f, grid, *rest)
+
+    monkeypatch.setattr(cp.cuda.driver, "launchKernel", record)
+    return seen
+
+
+def vector_cases(gp, seed: int) -> dict[str, Case]:
+    """Cases of the group's first dtypes on vector-path shapes (and misaligned), by label."""
+    found = example_cases(gp, np.random.default_rng(seed), has_strided=False)
+    return {c.label: c for c in found if c.dtypes == found[0].dtypes and " vector" in c.label}
+
+
+def run(bundle, gp, case: Case, out=None) -> tuple[list, tuple]:
+    args = [FakeArray(a) if isinstance(a, np.ndarray) else a for a in case.args]
+    kw = {"seed": case.seed, "offset": case.offset} if gp.group.has_random else {}
+    got = bundle[gp.group.name](*args, out=out, **kw)
+    return args, got if isinstance(got, tuple) else (got,)
+
+
+@pytest.mark.parametrize("name", [n for n in PLANNED if n not in ("silu_add", "adam")])
+def test_repeated_calls_run_by_their_plan_match_the_reference(fake, monkeypatch, name):
+    """Chunked inputs, cat outputs, several outputs, seeds and scalars: after one call, calls of
+    the same layouts with other data, seeds, scalars and alignment never reach the generic path;
+    with out= their parameter words are the generic path's."""
+    bundle, cp, plans = fake
+    gp = plans[name]
+    cases, others = vector_cases(gp, 1), vector_cases(gp, 2)
+    warm = [c for label, c in cases.items() if not label.endswith("misaligned")]
+    generic = []                # (arguments, outputs, the generic path's words with out=)
+    for case in warm:
+        args, got = run(bundle, gp, case)
+        check_outputs(gp, case, got)
+        with monkeypatch.context() as mp:
+            seen = spy(cp, mp)
+            cuda.call(bundle[name], tuple(args), got, case.seed, case.offset)
+        generic.append((args, got, seen[-1][0]))
+    assert bundle._cuda.memos[name].plans
+    monkeypatch.setattr(dispatch, "prepare", refuse)
+    seen = spy(cp, monkeypatch)
+    for case, (args, got, words) in zip(warm, generic):
+        kw = {"seed": case.seed, "offset": case.offset} if gp.group.has_random else {}
+        result = bundle[name](*args, out=got if len(got) > 1 else got[0], **kw)
+        assert all(r is g for r, g in zip(result if len(got) > 1 else (result,), got))
+        np.testing.assert_array_equal(seen[-1][0], words)
+        check_outputs(gp, case, got)
+    for case in [*others.values(), *cases.values()]:
+        check_outputs(gp, case, run(bundle, gp, case)[1])
+    flags = [int(words[-1]) for words, _, _ in seen]
+    assert any(f & VECTOR for f in flags) and not all(f & VECTOR for f in flags)
+
+
+def aligned(a: np.ndarray, shift: int = 0) -> np.ndarray:
+    """A copy of `a` starting `shift` elements past a 16-byte boundary."""
+    flat = np.zeros(a.size + 16, a.dtype)
+    start = (-flat.ctypes.data) % 16 // a.itemsize + shift
+    view = flat[start:start + a.size].reshape(a.shape)
+    view[...] = a
+    return view
+
+
+def test_alignment_decides_the_vector_path_of_each_call(fake, monkeypatch):
+    bundle, cp, plans = fake
+    rng = np.random.default_rng(3)
+    x, b = (rng.standard_normal(1024).astype(np.float32) for _ in range(2))
+    case = Case("silu_add", (dt.float32, dt.float32), [x, b])
+    y = bundle.silu_add(FakeArray(aligned(x)), FakeArray(aligned(b)))
+    check_outputs(plans["silu_add"], case, (y,))
+    monkeypatch.setattr(dispatch, "prepare", refuse)
+    seen = spy(cp, monkeypatch)
+    for xs, bs, ys, vector in ((0, 0, 0, True), (1, 0, 0, False), (0, 3, 0, False),
+                               (0, 0, 1, False), (4, 4, 4, True)):
+        y = FakeArray(aligned(np.zeros(1024, np.float32), ys))
+        got = bundle.silu_add(FakeArray(aligned(x, xs)), FakeArray(aligned(b, bs)), out=y)
+        assert got is y
+        check_outputs(plans["silu_add"], case, (y,))
+        words, grid, _ = seen[-1]
+        assert bool(words[-1] & VECTOR) == vector and grid == (2 if vector else 8)
+
+
+def first_error(call) -> str:
+    with pytest.raises(ArgumentError) as e:
+        call()
+    return str(e.value)
+
+
+def test_out_and_argument_errors_after_warm_up_are_the_cold_ones(fake, monkeypatch):
+    bundle, cp, plans = fake
+    (p, g, m, v), scalars, want = adam_case(bundle, 1001)
+    dp, dg, dm, dv = (FakeArray(a.copy()) for a in (p, g, m, v))
+    buffer = np.zeros(1002, np.float32)
+    f32 = lambda n: np.empty(n, np.float32)    # noqa: E731
+    bad_outs = [(FakeArray(buffer[1:]), dm, dv), (dp, FakeArray(dp.host), dv), (dp, dm),
+                (FakeArray(np.empty(1001)), dm, dv), (FakeArray(f32(1002)), dm, dv),
+                (FakeArray(f32(2002)[::2]), dm, dv), (f32(1001), dm, dv),
+                (dp, FakeArray(f32(1001), device=1), dv)]
+    adam = [lambda out=out: bundle.adam(dp, FakeArray(buffer[:1001]), dm, dv, *scalars, out=out)
+            for out in bad_outs]
+    x = FakeArray(np.ones(16, np.float32))
+    calls = adam + [
+        lambda: bundle.bias_dropout_residual(x, x, x, 0.5),
+        lambda: bundle.bias_dropout_residual(x, x, x, 0.5, seed=-1),
+        lambda: bundle.bias_dropout_residual(x, x, x, 0.5, seed=1, offset=1 << 64),
+        lambda: bundle.bias_dropout_residual(x, x, x, "0.5", seed=1),
+        lambda: bundle.leaky_clip_u8(FakeArray(np.ones((4, 16), np.uint8)), 1 << 40),
+        lambda: bundle.leaky_clip_u8(FakeArray(np.ones((4, 16), np.uint8)), 1.5)]
+    assert "adam" not in (bundle._cuda.memos if bundle._cuda else {})
+    cold = [first_error(c) for c in calls]
+    bundle.adam(dp, dg, dm, dv, *scalars)
+    bundle.bias_dropout_residual(x, x, x, 0.5, seed=1)
+    bundle.leaky_clip_u8(FakeArray(np.ones((4, 16), np.uint8)), 3)
+    assert [first_error(c) for c in calls] == cold
+    dp, dg, dm, dv = (FakeArray(a.copy()) for a in (p, g, m, v))
+    with monkeypatch.context() as mp:           # in place, by the plan
+        mp.setattr(dispatch, "prepare", refuse)
+        result = bundle.adam(dp, dg, dm, dv, *scalars, out=(dp, dm, dv))
+    assert result[0] is dp and result[1] is dm and result[2] is dv
+    for got, name in zip((dp, dm, dv), ("param_out", "exp_avg_out", "exp_avg_sq_out")):
+        assert reference.compare(got.get(), want.outputs[name], want.magnitude[name]) is None
+
+
+def test_other_layouts_dtypes_and_devices_are_not_run_by_an_old_plan(fake, monkeypatch):
+    bundle, cp, plans = fake
+    if bundle._cuda:
+        bundle._cuda.memos.pop("silu_add", None)
+    generic, prepare = [], dispatch.prepare
+    monkeypatch.setattr(dispatch, "prepare", lambda *a: generic.append(a) or prepare(*a))
+    monkeypatch.setattr(cuda, "_MAX_PLANS", 5)
+    seen = spy(cp, monkeypatch)
+    rng = np.random.default_rng(4)
+    x, b = (rng.standard_normal(n).astype(np.float32) for n in (2000, 1000))
+    calls = [(x[:1000], b, 0), (x[:1000], b, 0), (x[:999], b[:999], 0), (x[::2], b, 0),
+             (x[:1000].astype(np.float16), b.astype(np.float16), 0), (x[:1000], b, 1),
+             (x[:1000], b, 1), (x[:1000], b, 0), (x[:998], b[:998], 0)]
+    for i, (xs, bs, device) in enumerate(calls):
+        cold = len(generic)
+        y = bundle.silu_add(FakeArray(xs, device), FakeArray(bs, device))
+        d = dt.from_numpy(xs.dtype)
+        check_outputs(plans["silu_add"], Case(f"call {i}", (d, d), [xs, bs]), (y,))
+        assert (len(generic) > cold) == (i not in (1, 6, 7)), f"call {i}"
+        assert seen[-1][2] == device == y.device.id and cp.cuda.runtime.getDevice() == 0
+        assert len(bundle._cuda.memos["silu_add"].plans) <= 5
+    assert len(bundle._cuda.memos["silu_add"].plans) == 1       # cleared at the bound
+
+
+def test_threads_calling_one_group_get_their_own_results(fake, monkeypatch):
+    bundle, cp, plans = fake
+    rng = np.random.default_rng(5)
+    gp = plans["bias_dropout_residual"]
+    inputs = [[FakeArray(rng.standard_normal(4096).astype(np.float32)) for _ in range(3)]
+              for _ in range(6)]
+    seeds = [int(s) for s in rng.integers(1 << 62, size=len(inputs))]
+    want = [bundle.bias_dropout_residual(*a, 0.25 + k / 16, seed=s, offset=k).get()
+            for k, (a, s) in enumerate(zip(inputs, seeds))]
+    check_outputs(gp, Case("k=0", (dt.float32,) * 3, [a.host for a in inputs[0]] + [0.25],
+                           seeds[0], 0), (FakeArray(want[0]),))
+    monkeypatch.setattr(dispatch, "prepare", refuse)
+    launch = cp.cuda.driver.launchKernel        # other threads run between filling and launching
+    monkeypatch.setattr(cp.cuda.driver, "launchKernel", lambda *a: time.sleep(0) or launch(*a))
+
+    def work(t: int) -> None:
+        for i in range(50):
+            k = (t + i) % len(inputs)
+            got = bundle.bias_dropout_residual(*inputs[k], 0.25 + k / 16, seed=seeds[k], offset=k)
+            np.testing.assert_array_equal(got.get(), want[k])
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(work, range(4)))
+
+
+@pytest.mark.parametrize("d", dt.FLOATS, ids=lambda d: d.name)
+def test_float_scalar_words_are_the_generic_conversion(d):
+    packer = cuda._F64 if d == dt.float64 else cuda._F32
+    for value in (0.1, -0.0, 1 / 3, 2.5, 1e300, -1e300, 3.4028235e38, 3.4028236e38, 1e-45,
+                  7e-46, float("inf"), float("-inf"), float("nan"), 1e-310):
+        assert cuda._scalar_word(value, "s", d, packer) == dispatch._scalar_bits("s", value, d)

@@ -6,16 +6,21 @@ with `__cuda_array_interface__`. Outputs are allocated with cupy on the inputs' 
 returned as cupy arrays, or through `from_dlpack` of the inputs' framework (torch in, torch out).
 
 The host side of a launch (pointer words, vector-path and index-width flags, grid) is made of pure
-functions over numpy, shared with the host-side emulation tests.
+functions over numpy, shared with the host-side emulation tests. A call on cupy arrays with the
+device, shapes, strides and dtypes of an earlier one runs by that call's plan (`serve`): its
+parameter words with the data pointers, seed and scalars filled in, and the vector path chosen by
+the pointers' alignment.
 """
 from __future__ import annotations
 
 import ctypes
 import math
 import os
+import struct
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 
@@ -164,27 +169,43 @@ def pointers(abi: Abi, call: dispatch.Call, outputs: list[DeviceArray],
     return ptrs
 
 
-def launch_flags(canon: Canonical, layouts: tuple[str, ...], vector: int,
-                 operand_ptrs: list[list[int]], itemsizes: list[int]) -> int:
-    """The flags word of a launch.
+def vector_alignment(canon: Canonical, layouts: tuple[str, ...], vector: int,
+                     itemsizes: list[int]) -> list[int] | None:
+    """Byte alignment each operand's pointers need for the vector path (1: any), or None when
+    the kernel, the inner extent or the strides rule it out.
 
-    WIDE (64-bit indexing) when the element count or any operand's offset span reaches 2^31.
-    VECTOR when the kernel has a vector path (vector > 1), the inner extent is a multiple of it,
-    and every vector-accessed operand (inputs whose kernel layout is 'c' inside, all outputs) has
-    inner stride 1, outer strides that are multiples of `vector` and aligned pointers.
+    The vector path needs a kernel with one (vector > 1), an inner extent that is a multiple of
+    it, and every vector-accessed operand (inputs whose kernel layout is 'c' inside, all outputs)
+    with inner stride 1, outer strides that are multiples of `vector` and aligned pointers.
     Operands are the inputs (kernel `layouts`), then the outputs, as in `canon.strides`.
     """
     sizes = canon.sizes
-    spans = [sum((n - 1) * abs(s) for n, s in zip(sizes, st)) for st in canon.strides]
-    flags = WIDE if math.prod(sizes) >= 1 << 31 or max(spans, default=0) >= 1 << 31 else 0
     if vector == 1 or not sizes or sizes[-1] % vector:
-        return flags
+        return None
     letters = [lay[-1] if lay else "b" for lay in layouts]
     letters += ["c"] * (len(canon.strides) - len(layouts))
-    for st, ptrs, size, letter in zip(canon.strides, operand_ptrs, itemsizes, letters):
-        if letter == "c" and (st[-1] != 1 or any(s % vector for s in st[:-1])
-                              or any(p % (vector * size) for p in ptrs)):
-            return flags
+    aligns = []
+    for st, size, letter in zip(canon.strides, itemsizes, letters):
+        if letter != "c":
+            aligns.append(1)
+        elif st[-1] != 1 or any(s % vector for s in st[:-1]):
+            return None
+        else:
+            aligns.append(vector * size)
+    return aligns
+
+
+def launch_flags(canon: Canonical, layouts: tuple[str, ...], vector: int,
+                 operand_ptrs: list[list[int]], itemsizes: list[int]) -> int:
+    """The flags word of a launch: WIDE (64-bit indexing) when the element count or any
+    operand's offset span reaches 2^31; VECTOR when `vector_alignment` allows it and every
+    operand's pointers are aligned."""
+    sizes = canon.sizes
+    spans = [sum((n - 1) * abs(s) for n, s in zip(sizes, st)) for st in canon.strides]
+    flags = WIDE if math.prod(sizes) >= 1 << 31 or max(spans, default=0) >= 1 << 31 else 0
+    aligns = vector_alignment(canon, layouts, vector, itemsizes)
+    if aligns is None or any(p % a for ptrs, a in zip(operand_ptrs, aligns) for p in ptrs):
+        return flags
     return flags | VECTOR
 
 
@@ -198,15 +219,18 @@ def grid_size(n: int, vector: int, flags: int) -> int:
     return -(-n // per_block)
 
 
+def operand_slots(abi: Abi) -> list[list[int]]:
+    """The ptr words of each operand: the inputs' chunks, then the outputs' cat parts."""
+    return [[abi.in_ptr(i, k) for k in range(c)] for i, c in enumerate(abi.chunks)] + \
+        [[abi.out_ptr(o, k) for k in range(c)] for o, c in enumerate(abi.parts)]
+
+
 def launch_words(abi: Abi, call: dispatch.Call, outputs: list[DeviceArray], cats: list,
                  layouts: tuple[str, ...], vector: int, seed: int, offset: int
                  ) -> tuple[np.ndarray, int]:
     """The parameter words and grid size of a launch of a non-empty call."""
     ptrs = pointers(abi, call, outputs, cats)
-    operand_ptrs = [[int(ptrs[abi.in_ptr(i, k)]) for k in range(c)]
-                    for i, c in enumerate(abi.chunks)]
-    operand_ptrs += [[int(ptrs[abi.out_ptr(o, k)]) for k in range(c)]
-                     for o, c in enumerate(abi.parts)]
+    operand_ptrs = [[int(ptrs[s]) for s in slots] for slots in operand_slots(abi)]
     itemsizes = [a.dtype.itemsize for a in call.arrays] + [o.dtype.itemsize for o in outputs]
     flags = launch_flags(call.canon, layouts, vector, operand_ptrs, itemsizes)
     n = dispatch.element_count(call)
@@ -286,6 +310,11 @@ class CudaKernels:
         self._modules: dict[tuple[str, int], object] = {}
         self._kernels: dict[tuple[str, int], _Kernel] = {}
         self._lock = threading.Lock()
+        self.memos: dict[str, _Memo] = {}     # per group name
+
+    def memo(self, info: dispatch.GroupInfo) -> "_Memo":
+        """The remembered plans of a group's cupy calls."""
+        return self.memos.get(info.name) or self.memos.setdefault(info.name, _Memo(info))
 
     def find(self, key: str, device: int, empty: bool) -> _Kernel:
         cached = self._kernels.get((key, device))
@@ -343,11 +372,228 @@ def _capability(cp, device: int) -> tuple[int, int]:
     return int(cc[:-1]), int(cc[-1])
 
 
-def _launch(cp, function, grid: int, words: np.ndarray, stream: int) -> None:
-    size = ctypes.c_size_t(words.nbytes)
-    extra = (ctypes.c_void_p * 5)(1, words.ctypes.data, 2, ctypes.addressof(size), 0)
-    cp.cuda.driver.launchKernel(function.ptr, grid, 1, 1, BLOCK, 1, 1, 0, stream, 0,
-                                ctypes.addressof(extra))
+class _Params(threading.local):
+    """This thread's parameter buffer, and launchKernel's `extra` array that points to it (the
+    driver copies the parameters during the launch, so one buffer per thread serves all)."""
+
+    def __init__(self):
+        self.reserve(64)
+
+    def reserve(self, words: int) -> None:
+        buffer, size = (ctypes.c_int64 * words)(), ctypes.c_size_t()
+        # CU_LAUNCH_PARAM_BUFFER_POINTER, buffer, CU_LAUNCH_PARAM_BUFFER_SIZE, &size, END
+        extra = (ctypes.c_void_p * 5)(1, ctypes.addressof(buffer), 2, ctypes.addressof(size), 0)
+        self.state = buffer, size, extra, ctypes.addressof(extra)
+
+
+_PARAMS = _Params()
+
+
+def _launch(cp, function: int, grid: int, words: list[int], stream: int) -> None:
+    n = len(words)
+    if n > len(_PARAMS.state[0]):
+        _PARAMS.reserve(n)
+    buffer, size, _, extra = _PARAMS.state
+    buffer[:n] = words
+    size.value = 8 * n
+    cp.cuda.driver.launchKernel(function, grid, 1, 1, BLOCK, 1, 1, 0, stream, 0, extra)
+
+
+# ---------------------------------------------------------------- launch plans -----------------
+
+_MAX_PLANS = 4096          # remembered plans per group; cleared beyond this
+_CUPY_TYPES: set[type] = set()     # array types of remembered plans (module 'cupy...')
+_U64 = 1 << 64
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A launch for one call signature with the data pointers, seed and scalars left out.
+
+    Pointer words are filled from `bases`: the inputs' data pointers, then the outputs'.
+    """
+    cp: object
+    device: int
+    function: int                             # CUfunction handle
+    words: tuple[int, ...]                    # parameter words; pointer words hold byte offsets
+    ptr_slots: tuple[tuple[int, int], ...]    # (word, base) per pointer word
+    aligns: tuple[tuple[int, int], ...]       # (word, bytes) the vector path needs
+    grid: int                                 # blocks (on the vector path if `words` say so)
+    scalar_grid: int                          # blocks on the scalar path
+    random: bool
+    fill_at: int                              # word of the seed (random groups) or first scalar
+    scalars: tuple[tuple[int, str, dt.DType, struct.Struct | None], ...]  # (argument, name,
+    #                                           dtype, packer of Python floats)
+    alloc: tuple[tuple[tuple, np.dtype], ...]  # per output: shape, storage dtype
+    outs: tuple[tuple[tuple, np.dtype, tuple, int], ...]  # per output, what out= must be:
+    #                                           shape, dtype, strides, bytes
+    extents: tuple[tuple[int, int], ...]      # per input: bytes touched around its pointer
+    same: tuple[tuple[bool, ...], ...]        # same[i][o]: input i laid out like output o
+
+    def fill(self, bases: list[int], fills: list[int]) -> tuple[list[int], int]:
+        """The parameter words and grid of a launch; `fills` are the words from `fill_at` on
+        (seed and offset, then scalars)."""
+        words = list(self.words)
+        for slot, base in self.ptr_slots:
+            words[slot] += bases[base]
+        if fills:
+            words[self.fill_at:self.fill_at + len(fills)] = fills
+        for slot, align in self.aligns:
+            if words[slot] % align:
+                words[-1] &= ~VECTOR
+                return words, self.scalar_grid
+        return words, self.grid
+
+
+def _plan(cp, info: dispatch.GroupInfo, c: dispatch.Call, abi: Abi, kernel: _Kernel,
+          device: int) -> _Plan:
+    """The plan of a non-empty call (`c.canon` padded to the kernel's rank)."""
+    cats = [cat for _, cat in info.outputs]
+    dtypes = [dt.lookup(d) for d in kernel.entry["outputs"]]
+    outs = [DeviceArray(0, tuple(shape), tuple(s * d.itemsize for s in contiguous_strides(shape)),
+                        d.numpy, device) for shape, d in zip(c.out_shapes, dtypes)]
+    at_zero = replace(c, arrays=[replace(a, ptr=0) for a in c.arrays])
+    vector = kernel.entry.get("vector", 1)
+    words, grid = launch_words(abi, at_zero, outs, cats, kernel.layouts, vector, 0, 0)
+    slots = operand_slots(abi)
+    aligns = vector_alignment(c.canon, kernel.layouts, vector,
+                              [a.dtype.itemsize for a in c.arrays + outs]) \
+        if words[-1] & VECTOR else [1] * len(slots)
+    scalars = [(i, name, dt.lookup(d)) for i, (name, kind, d) in enumerate(info.params)
+               if kind == "scalar"]
+    return _Plan(
+        cp=cp, device=device, function=kernel.function.ptr, words=tuple(words.tolist()),
+        ptr_slots=tuple((s, op) for op, ss in enumerate(slots) for s in ss),
+        aligns=tuple((s, a) for ss, a in zip(slots, aligns) for s in ss if a > 1), grid=grid,
+        scalar_grid=grid_size(dispatch.element_count(c), vector, int(words[-1]) & ~VECTOR),
+        random=info.has_random, fill_at=abi.n_ptrs + abi.seed,
+        scalars=tuple((i, name, d, (_F64 if d == dt.float64 else _F32) if d.is_float else None)
+                      for i, name, d in scalars),
+        alloc=tuple((o.shape, np.dtype(np.uint16) if d == dt.bfloat16 else o.dtype)   # as _outputs
+                    for o, d in zip(outs, dtypes)),
+        outs=tuple((o.shape, o.dtype, o.strides, o.extent[1]) for o in outs),
+        extents=tuple(dispatch.byte_extent(a.shape, a.strides, a.dtype.itemsize)
+                      for a in c.arrays),
+        same=tuple(tuple(a.shape == o.shape and a.strides == o.strides for o in outs)
+                   for a in c.arrays))
+
+
+_F32, _F64 = struct.Struct("<f"), struct.Struct("<d")
+
+
+def _scalar_word(value, name: str, d: dt.DType, packer: struct.Struct | None) -> int:
+    """`dispatch._scalar_bits`, quicker for Python floats (C casts, as numpy's)."""
+    if packer is not None and type(value) is float and value == value:
+        try:
+            return int.from_bytes(packer.pack(value), "little", signed=packer is _F64)
+        except OverflowError:     # a finite double beyond float32: numpy gives inf
+            pass
+    return dispatch._scalar_bits(name, value, d)
+
+
+class _Memo:
+    """The plans of one group's calls on cupy arrays, by device and tensor layouts."""
+
+    def __init__(self, info: dispatch.GroupInfo):
+        self.n_args = len(info.params)
+        self.tensor_pos = tuple(i for i, (_, kind, _) in enumerate(info.params) if kind == "tensor")
+        self.plans: dict[tuple, _Plan] = {}
+
+    def signature(self, args: tuple) -> tuple[tuple, list[int]] | None:
+        """The plan key of a call whose tensors are arrays of `_CUPY_TYPES`, and their data
+        pointers; None for any other call."""
+        key, ptrs = [], []
+        for i in self.tensor_pos:
+            a = args[i]
+            if type(a) not in _CUPY_TYPES:
+                return None
+            m = a.data
+            ptrs.append(m.ptr)
+            key.append((m.device_id, a.shape, a.strides, a.dtype))
+        return tuple(key), ptrs
+
+    def remember(self, args: tuple, make: Callable[[], _Plan]) -> None:
+        """Keep the plan of a call whose tensors are all cupy arrays (made once per signature;
+        not kept when a misaligned call would need too many blocks)."""
+        types = [type(args[i]) for i in self.tensor_pos]
+        if not all(t.__module__.startswith("cupy") for t in types):
+            return
+        _CUPY_TYPES.update(types)
+        key = self.signature(args)[0]
+        if key not in self.plans:
+            plan = make()
+            if plan.scalar_grid <= MAX_GRID:
+                if len(self.plans) >= _MAX_PLANS:
+                    self.plans.clear()
+                self.plans[key] = plan
+
+    def serve(self, args: tuple, out, seed, offset):
+        """The result of a call run by its remembered plan; None when the plan might not run it
+        as `call` would (which then runs it, or raises its error)."""
+        found = self.signature(args) if len(args) == self.n_args else None
+        plan = found and self.plans.get(found[0])
+        if plan is None:
+            return None
+        devices = plan.cp.cuda
+        if devices.runtime.getDevice() == plan.device:
+            return _run(plan, found[1], args, out, seed, offset)
+        with devices.Device(plan.device):
+            return _run(plan, found[1], args, out, seed, offset)
+
+
+def _run(plan: _Plan, bases: list[int], args: tuple, out, seed, offset):
+    """`_Memo.serve` on the plan's device, `bases` holding the inputs' data pointers."""
+    fills = []
+    if plan.random:
+        if type(seed) is not int or type(offset) is not int \
+                or not (0 <= seed < _U64 and 0 <= offset < _U64):
+            return None
+        fills += (seed - (seed >> 63 << 64), offset - (offset >> 63 << 64))
+    for i, name, d, packer in plan.scalars:
+        try:
+            fills.append(_scalar_word(args[i], name, d, packer))
+        except ArgumentError:
+            return None
+    cp = plan.cp
+    if out is None:
+        results = []
+        for shape, storage in plan.alloc:
+            a = cp.empty(shape, storage)
+            results.append(a)
+            bases.append(a.data.ptr)
+    else:
+        results = list(out) if isinstance(out, (tuple, list)) else [out]
+        if not _fits(plan, bases, results):
+            return None
+    words, grid = plan.fill(bases, fills)
+    _launch(cp, plan.function, grid, words, cp.cuda.get_current_stream().ptr)
+    return results[0] if len(results) == 1 else tuple(results)
+
+
+def _fits(plan: _Plan, bases: list[int], given: list) -> bool:
+    """Whether `out=` arrays surely pass `_outputs`' checks (their pointers go to `bases`):
+    cupy arrays on the device, of the shapes and dtypes, C-contiguous with the usual strides,
+    each overlapping no input (unless it is exactly that input) and no other output."""
+    if len(given) != len(plan.outs):
+        return False
+    n_in = len(plan.extents)
+    for o, (a, (shape, dtype, strides, nbytes)) in enumerate(zip(given, plan.outs)):
+        if type(a) not in _CUPY_TYPES:
+            return False
+        m = a.data
+        p = m.ptr
+        if m.device_id != plan.device or a.shape != shape or a.strides != strides \
+                or a.dtype != dtype:
+            return False
+        for i, (lo, hi) in enumerate(plan.extents):
+            if bases[i] + lo < p + nbytes and p < bases[i] + hi \
+                    and not (plan.same[i][o] and p == bases[i]):
+                return False
+        for k in range(o):
+            if bases[n_in + k] < p + nbytes and p < bases[n_in + k] + plan.outs[k][3]:
+                return False
+        bases.append(p)
+    return True
 
 
 # ---------------------------------------------------------------- calls ------------------------
@@ -393,8 +639,17 @@ def key(info: dispatch.GroupInfo, args: tuple) -> str:
         return prepare(info, args, cp.cuda.get_current_stream().ptr).key
 
 
+def serve(caller, args: tuple, out, seed, offset: int):
+    """The result of a call on cupy arrays like an earlier call, run by that call's plan; None
+    for any other call, which `call` then runs."""
+    kernels = caller.bundle._cuda
+    memo = None if kernels is None else kernels.memos.get(caller.info.name)
+    return None if memo is None else memo.serve(args, out, seed, offset)
+
+
 def call(caller, args: tuple, out, seed, offset: int):
-    """Run group `caller.info` on CUDA arrays; returns the output(s)."""
+    """Run group `caller.info` on CUDA arrays (any, and every error); returns the output(s).
+    Remembers the plans of calls on cupy arrays for `serve`."""
     info = caller.info
     device = call_device(info, args)
     cp = _cupy()
@@ -419,7 +674,8 @@ def call(caller, args: tuple, out, seed, offset: int):
             if grid > MAX_GRID:
                 raise ArgumentError(f"{info.name}: {n} elements need {grid} blocks, over CUDA's "
                                     f"limit of {MAX_GRID}")
-            _launch(cp, kernel.function, grid, words, stream)
+            _launch(cp, kernel.function.ptr, grid, words.tolist(), stream)
+            kernels.memo(info).remember(args, lambda: _plan(cp, info, c, abi, kernel, device))
     return results[0] if len(results) == 1 else tuple(results)
 
 

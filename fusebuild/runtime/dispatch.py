@@ -72,8 +72,11 @@ def prepare(info: GroupInfo, args: tuple, describe) -> Call:
         try:
             d = dt.from_numpy(npdtype)
         except (KeyError, TypeError):
-            raise ArgumentError(f"input '{name}' of {info.name} has unsupported dtype {npdtype}; "
-                                f"supported: {', '.join(x.name for x in dt.ALL)}") from None
+            swapped = isinstance(npdtype, np.dtype) and not npdtype.isnative
+            raise ArgumentError(f"input '{name}' of {info.name} has unsupported dtype {npdtype}"
+                                + (" (byte-swapped; convert with "
+                                   "a.astype(a.dtype.newbyteorder('=')))" if swapped else "")
+                                + f"; supported: {', '.join(x.name for x in dt.ALL)}") from None
         if any(s % d.itemsize for s in byte_strides):
             raise ArgumentError(f"input '{name}' has strides {byte_strides} that are not a "
                                 f"multiple of its itemsize {d.itemsize}")

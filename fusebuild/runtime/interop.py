@@ -15,9 +15,10 @@ def _torch_module(a):
 
 
 def as_numpy(a, name: str) -> np.ndarray:
-    """A numpy view of host array `a` (bfloat16 torch tensors via ml_dtypes)."""
+    """A numpy view of host array `a` (bfloat16 torch tensors via ml_dtypes; an ndarray
+    subclass as a plain ndarray)."""
     if isinstance(a, np.ndarray):
-        return a
+        return a.view(np.ndarray)
     torch = _torch_module(a)
     if torch is not None and isinstance(a, torch.Tensor):
         if a.device.type != "cpu":

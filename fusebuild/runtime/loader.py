@@ -4,7 +4,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import struct
 import subprocess
 import sys
 import threading
@@ -16,7 +15,8 @@ from .. import dtypes as dt
 from ..abi import Abi
 from ..argspec import contiguous_strides, parse_key
 from ..errors import ArgumentError, BundleError, KernelNotFound
-from . import cuda, dispatch, fastcall, interop, threads
+from . import cuda, dispatch, interop, threads
+from ._dispatch import Caller
 from .archive import cache_home
 from .cpu import Libraries, host_isas
 from .manifest import KernelEntry, kernel_entries, read_manifest, verify_artifacts
@@ -40,13 +40,16 @@ class Bundle:
         for cands in self._by_dtypes.values():
             cands.sort(key=_preference)
         self._resolved: dict[str, KernelEntry] = {}
-        self._callers = {name: _caller_class(g)(self, dispatch.GroupInfo.from_manifest(g))
+        self._callers = {name: GroupCaller(self, dispatch.GroupInfo.from_manifest(g))
                          for name, g in manifest["groups"].items()}
         self._libs = Libraries(root)
         self._cuda: cuda.CudaKernels | None = None     # created by the first CUDA call
         self._cpu_targets = tuple(f"cpu:{isa}" for isa in reversed(host_isas()))
         self.threads = threads.configured_threads()
         self._jit_lock = threading.Lock()
+        for name, caller in self._callers.items():     # plain attributes: no __getattr__ per call
+            if name not in self.__dict__ and not hasattr(type(self), name):
+                setattr(self, name, caller)
 
     def _add(self, e: KernelEntry, sort: bool = True) -> None:
         if e.key not in self._index:
@@ -182,17 +185,6 @@ def _preference(candidate: tuple) -> tuple:
     return len(layouts[0]) if layouts else 0, "".join(layouts).count("s"), key
 
 
-def _caller_class(g: dict) -> type:
-    """A GroupCaller subclass whose __call__ is specialized to the group's signature."""
-    params = g["inputs"]
-    call = fastcall.make_call(
-        len(params), tuple(i for i, p in enumerate(params) if p["kind"] == "tensor"),
-        tuple(i for i, p in enumerate(params) if p["kind"] == "scalar"),
-        tuple(p["chunk"][0] if p["chunk"] else 1 for p in params if p["kind"] == "tensor"),
-        tuple(o["cat"][0] if o["cat"] else 1 for o in g["outputs"]), g["has_random"])
-    return type(f"GroupCaller_{g['name']}", (GroupCaller,), {"__call__": call})
-
-
 def _numpy_describe(a):
     return a.shape, a.strides, a.dtype
 
@@ -222,33 +214,43 @@ class _Plan:
     hi: tuple[int, ...]
     same: tuple                    # same[i][o]: input i laid out exactly like output o
 
-    def __post_init__(self):       # plain attributes: the hot path reads them on every call
-        self.offs = tuple(off for _, off in self.in_ptrs + self.out_ptrs)
-        self.meta_type = type(self.meta)
+    def __post_init__(self):
         self.parallel = self.n >= 2 * threads.MIN_PER_THREAD
         self.start, self.stop = ctypes.c_int64(0), ctypes.c_int64(self.n)
-        self.local = threading.local()     # per-thread pointer words, reused across calls
+
+    def fast(self, scalars: tuple) -> tuple | None:
+        """The arguments of `Caller._remember` (after the arrays) that let the C fast path
+        serve this plan; None for calls split over threads, which stay in Python."""
+        if self.parallel:
+            return None
+        n_in = len(self.same)
+        src = [i for i, _ in self.in_ptrs] + [n_in + o for o, _ in self.out_ptrs]
+        words = []
+        for slot, (_, _, d) in zip(self.scalar_slots, scalars):
+            kind = (_F64 if d == dt.float64 else _F32) if d.is_float else _BOOL if d.is_bool else _INT
+            lo = -(1 << (d.bits - 1)) if d.kind == "i" else 0
+            hi = min((1 << (d.bits - (d.kind == "i"))) - 1, (1 << 63) - 1)
+            words += [slot, kind, lo, hi]
+        return (ctypes.cast(self.fn, ctypes.c_void_p).value if self.n else 0, self.n, src,
+                [off for _, off in self.in_ptrs + self.out_ptrs], list(self.meta), words,
+                -1 if self.seed_slot is None else self.seed_slot, self.outs, self.lo, self.hi,
+                [int(x) for row in self.same for x in row], self.fn)
+
+
+_F32, _F64, _INT, _BOOL = range(4)      # scalar kinds of _dispatch.c
 
 
 def _plan_key(tensors: list) -> tuple:
-    """What a plan depends on; fastcall builds the same flat tuple inline."""
+    """What a plan depends on (in Python; _dispatch.c keys its table the same way)."""
     return tuple(v for a in tensors for v in (a.shape, a.strides, a.dtype))
 
 
-def _scalar_word(name: str, value, d: dt.DType) -> int:
-    """`dispatch._scalar_bits` with a fast path for Python floats into float32/float64."""
-    if type(value) is float and d.is_float:
-        try:
-            if d == dt.float64:
-                return struct.unpack("<q", struct.pack("<d", value))[0]
-            return struct.unpack("<I", struct.pack("<f", value))[0]
-        except OverflowError:
-            pass
-    return dispatch._scalar_bits(name, value, d)
+class GroupCaller(Caller):
+    """Calls one group's kernels: `caller(*inputs, out=None, seed=None, offset=0)`.
 
-
-class GroupCaller:
-    """Calls one group's kernels; `caller(*inputs, out=None, seed=None, offset=0)`."""
+    A call whose numpy arrays have shapes, strides and dtypes seen before is served in C by the
+    base class (`_dispatch.Caller`); every other call comes to `_call`.
+    """
 
     def __init__(self, bundle: Bundle, info: dispatch.GroupInfo):
         self.bundle, self.info = bundle, info
@@ -257,6 +259,8 @@ class GroupCaller:
         self._scalars = tuple((i, n, dt.lookup(d)) for i, (n, k, d) in enumerate(info.params)
                               if k == "scalar")
         self._plans: dict[tuple, _Plan] = {}
+        super().__init__(info.name, len(info.params), self._tensor_pos,
+                         tuple(i for i, _, _ in self._scalars), len(info.outputs), info.has_random)
 
     def __repr__(self) -> str:
         return f"<fusebuild group {self.info.signature}>"
@@ -278,15 +282,11 @@ class GroupCaller:
             return cuda.key(self.info, args)
         return dispatch.prepare(self.info, self._host_args(args), _numpy_describe).key
 
-    def __call__(self, *args, out=None, seed=None, offset=0):
-        return self._call(args, out, seed, offset)
-
-    def _scalar_word(self, k: int, value) -> int:
-        _, name, d = self._scalars[k]
-        return _scalar_word(name, value, d)
-
     def _call(self, args: tuple, out, seed, offset):
-        """The generic path: any arguments, first calls, errors (see fastcall for the rest)."""
+        """The generic path: any arguments, first calls, errors (_dispatch.c for the rest)."""
+        result = cuda.serve(self, args, out, seed, offset)     # a cupy call like an earlier one
+        if result is not None:
+            return result
         self._check_count(args)
         tensors = [args[i] for i in self._tensor_pos]
         if not all(type(a) is np.ndarray for a in tensors):
@@ -295,6 +295,8 @@ class GroupCaller:
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plan(args, tensors, key)
+        if plan.fast_args is not None:     # no-op when known; a dtype numpy spells two ways
+            self._remember(tuple(tensors), *plan.fast_args)
         if self.info.has_random:
             dispatch.check_seed(self.info.name, seed, offset)
         if out is None:
@@ -308,7 +310,7 @@ class GroupCaller:
             if plan.seed_slot is not None or plan.scalar_slots:
                 meta = type(meta).from_buffer_copy(meta)
                 for slot, (i, name, d) in zip(plan.scalar_slots, self._scalars):
-                    meta[slot] = _scalar_word(name, args[i], d)
+                    meta[slot] = dispatch._scalar_bits(name, args[i], d)
                 if plan.seed_slot is not None:     # uint64 bits in int64 words
                     meta[plan.seed_slot] = seed - (seed >> 63 << 64)
                     meta[plan.seed_slot + 1] = offset - (offset >> 63 << 64)
@@ -368,8 +370,10 @@ class GroupCaller:
                      tuple(tuple(a.shape == shape and a.dtype == d and a.strides ==
                                  tuple(st * d.itemsize for st in contiguous_strides(shape))
                                  for shape, d, _ in outs) for a in tensors))
+        plan.fast_args = plan.fast(self._scalars)
         if len(self._plans) >= _MAX_PLANS:
             self._plans.clear()
+            self._forget()
         self._plans[key] = plan
         return plan
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
+from fusebuild import ir, reference
 from fusebuild.argspec import Dim
 from conftest import concrete, make_args, strided_view
 
@@ -56,3 +58,19 @@ def example_cases(gp, rng: np.random.Generator, has_strided: bool) -> list[Case]
                     label = f"{'/'.join(d.short for d in dtypes)} pattern {p} {name} {vname}"
                     cases.append(Case(label.strip(), dtypes, args, seed, offset))
     return cases
+
+
+def check_outputs(gp, case: Case, got: tuple) -> None:
+    """Compare the device outputs `got` (arrays with `.get()`) of group plan `gp` on `case` with
+    the reference evaluator."""
+    tensors = [a for a, p in zip(case.args, gp.group.inputs) if p.kind == "tensor"]
+    scalars = [a for a, p in zip(case.args, gp.group.inputs) if p.kind == "scalar"]
+    dtypes = {i.name: d for i, d in zip(gp.group.tensor_inputs, case.dtypes)}
+    want = reference.evaluate(ir.instantiate(gp.group, dtypes, expand=False), tensors, scalars,
+                              case.seed, case.offset)
+    for o, value in zip(gp.group.outputs, got):
+        w = want.outputs[o.name]
+        host = value.get()
+        host = host.view(w.dtype) if w.dtype == np.dtype(ml_dtypes.bfloat16) else host
+        bad = reference.compare(host, w, want.magnitude[o.name])
+        assert bad is None, f"{case.label} output {o.name}: {bad.message}"

@@ -4,6 +4,7 @@ whole call path (routing, target choice, outputs, parameter words, launch) runs 
 from __future__ import annotations
 
 import ctypes
+import threading
 import types
 
 import numpy as np
@@ -12,11 +13,11 @@ import numpy as np
 class FakeArray:
     """A 'cupy' array: a numpy array (view) whose memory the emulated kernels use."""
 
-    def __init__(self, host: np.ndarray):
+    def __init__(self, host: np.ndarray, device: int = 0):
         self.host = host
-        self.data = types.SimpleNamespace(ptr=host.ctypes.data)
+        self.data = types.SimpleNamespace(ptr=host.ctypes.data, device_id=device)  # MemoryPointer
         self.shape, self.strides, self.dtype = host.shape, host.strides, host.dtype
-        self.device = types.SimpleNamespace(id=0)
+        self.device = types.SimpleNamespace(id=device)
 
     def get(self) -> np.ndarray:
         return self.host.copy()
@@ -34,14 +35,18 @@ def fake_cupy(libs: dict[str, ctypes.CDLL], capability: str = "90", driver: int 
     launched: list[str] = []
     functions: dict[int, str] = {}
 
+    current = threading.local()     # each thread's current device (0 unless `with Device(i)`)
+
     class Device:
         def __init__(self, index: int = 0):
-            self.compute_capability = capability
+            self.id, self.compute_capability = index, capability
 
         def __enter__(self):
+            self.previous, current.id = getattr(current, "id", 0), self.id
             return self
 
         def __exit__(self, *exc):
+            current.id = self.previous
             return False
 
     class Module:
@@ -65,10 +70,12 @@ def fake_cupy(libs: dict[str, ctypes.CDLL], capability: str = "90", driver: int 
         launched.append(symbol)
 
     runtime = types.SimpleNamespace(driverGetVersion=lambda: driver,
+                                    getDevice=lambda: getattr(current, "id", 0),
                                     getDeviceProperties=lambda i: {"name": b"Emulated GPU"})
     cuda = types.SimpleNamespace(
         Device=Device, runtime=runtime, get_current_stream=lambda: types.SimpleNamespace(ptr=0),
         function=types.SimpleNamespace(Module=Module),
         driver=types.SimpleNamespace(launchKernel=launch, CUDADriverError=CUDADriverError))
     return types.SimpleNamespace(cuda=cuda, launched=launched,
-                                 empty=lambda shape, dtype: FakeArray(np.empty(shape, dtype)))
+                                 empty=lambda shape, dtype: FakeArray(np.empty(shape, dtype),
+                                                                      runtime.getDevice()))
