@@ -107,6 +107,14 @@ def measure(args, emit, work: str, isa: str) -> None:
     except ImportError:
         row["numexpr_us"] = None
     emit(row)
+    try:        # torch CPU tensors in, torch out, against torch eager (unfused)
+        import torch
+        xt, bt = torch.from_numpy(x), torch.from_numpy(b)
+        emit({"what": "call_overhead_1024_f32_torch_cpu", "group": "silu_add",
+              "fusebuild_alloc_us": round(per_call_us(lambda: k.silu_add(xt, bt), n), 3),
+              "torch_eager_us": round(per_call_us(lambda: xt * torch.sigmoid(xt) + bt, n), 3)})
+    except ImportError:
+        pass
 
     # load() of a ~2,000-kernel bundle
     from build_bench import synthetic_spec

@@ -1,6 +1,6 @@
 """The CPU benchmark runs end to end on a tiny size (two groups, one with a broadcast case and
 one with a C reference), writes parseable JSON lines, and every peer computes what the fused
-kernel computes."""
+kernel computes; the runtime benchmark runs end to end in its --quick mode."""
 from __future__ import annotations
 
 import json
@@ -41,3 +41,20 @@ def test_cpu_bench_quick_smoke(tmp_path):
             if name != "fusebuild":
                 tolerance = 1e-2 if case[1] == "bf16" else 1e-5
                 assert r["max_rel_diff"] <= tolerance, (case, name, r["max_rel_diff"])
+
+
+def test_runtime_bench_quick_smoke(tmp_path):
+    """Every row of the runtime benchmark comes out (figures are not checked: no timed tests)."""
+    pytest.importorskip("numexpr")
+    out = tmp_path / "runtime.jsonl"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "runtime_bench.py"), "--quick",
+         "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["what"] + r.get("group", ""): r for r in map(json.loads, out.read_text().splitlines())}
+    call = rows["call_overhead_1024_f32silu_add"]
+    assert all(call[k] > 0 for k in ("bare_ctypes_us", "fusebuild_out_us", "fusebuild_alloc_us",
+                                     "numpy_unfused_us", "numexpr_us"))
+    assert rows["load_ms"]["kernels"] > 0 and rows["load_ms"]["ms"] > 0
+    assert rows["cold_start_ms"]["first_result_ms"] > 0
+    assert {"threads_2p24silu_add", "threads_2p24bias_gelu_tanh"} <= set(rows)

@@ -42,6 +42,7 @@ def test_torch_cpu_tensors_in_torch_out(examples_bundle):
     y = examples_bundle.bias_gelu(x, b)
     assert isinstance(y, torch.Tensor) and y.dtype == torch.float32
     np.testing.assert_array_equal(y.numpy(), examples_bundle.bias_gelu(x.numpy(), b.numpy()))
+    assert torch.equal(examples_bundle.bias_gelu(x.clone().requires_grad_(), b), y)  # no autograd
     xb, bb = x.to(torch.bfloat16), b.to(torch.bfloat16)
     yb = examples_bundle.bias_gelu(xb, bb)
     assert yb.dtype == torch.bfloat16

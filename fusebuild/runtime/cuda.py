@@ -67,6 +67,9 @@ def is_cuda_array(a) -> bool:
         return False
     if type(a).__module__.startswith("cupy"):
         return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(a, torch.Tensor):
+        return a.is_cuda            # (a quarter of a microsecond; __dlpack_device__ takes ~1.3)
     device = getattr(a, "__dlpack_device__", None)
     if device is not None:
         try:

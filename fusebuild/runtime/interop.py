@@ -27,7 +27,7 @@ def as_numpy(a, name: str) -> np.ndarray:
         if a.dtype == torch.bfloat16:
             import ml_dtypes
             return a.detach().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return a.detach().numpy()
+        return a.detach().numpy() if a.requires_grad else a.numpy()
     if hasattr(a, "__dlpack__") and not hasattr(a, "__array_interface__"):
         try:
             return np.from_dlpack(a)
@@ -50,6 +50,9 @@ def framework_of(args) -> object | None:
 
 def to_framework(framework, a: np.ndarray):
     """A numpy output as a tensor of `framework`, sharing memory."""
-    if a.dtype.name == "bfloat16":
+    try:
+        return framework.from_numpy(a)
+    except TypeError:           # numpy's bfloat16 (ml_dtypes) is foreign to it: pass the bits
+        if a.dtype.name != "bfloat16":
+            raise
         return framework.from_numpy(a.view(np.int16)).view(framework.bfloat16)
-    return framework.from_numpy(a)
