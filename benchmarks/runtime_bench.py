@@ -109,8 +109,9 @@ def measure(args, emit, work: str, isa: str) -> None:
     emit(row)
     try:        # torch CPU tensors in, torch out, against torch eager (unfused)
         import torch
-        xt, bt = torch.from_numpy(x), torch.from_numpy(b)
+        xt, bt, yt = torch.from_numpy(x), torch.from_numpy(b), torch.from_numpy(y)
         emit({"what": "call_overhead_1024_f32_torch_cpu", "group": "silu_add",
+              "fusebuild_out_us": round(per_call_us(lambda: k.silu_add(xt, bt, out=yt), n), 3),
               "fusebuild_alloc_us": round(per_call_us(lambda: k.silu_add(xt, bt), n), 3),
               "torch_eager_us": round(per_call_us(lambda: xt * torch.sigmoid(xt) + bt, n), 3)})
     except ImportError:

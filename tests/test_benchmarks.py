@@ -55,6 +55,8 @@ def test_runtime_bench_quick_smoke(tmp_path):
     call = rows["call_overhead_1024_f32silu_add"]
     assert all(call[k] > 0 for k in ("bare_ctypes_us", "fusebuild_out_us", "fusebuild_alloc_us",
                                      "numpy_unfused_us", "numexpr_us"))
+    if "call_overhead_1024_f32_torch_cpusilu_add" in rows:
+        assert rows["call_overhead_1024_f32_torch_cpusilu_add"]["fusebuild_out_us"] > 0
     assert rows["load_ms"]["kernels"] > 0 and rows["load_ms"]["ms"] > 0
     assert rows["cold_start_ms"]["first_result_ms"] > 0
     assert {"threads_2p24silu_add", "threads_2p24bias_gelu_tanh"} <= set(rows)

@@ -248,3 +248,48 @@ groups:
         check_call(k, "sum18", xs)
         check_call(k, "outs9", xs[:1])
     assert k.sum18._fast_plans == 0 and k.outs9._fast_plans == 0
+
+
+def test_torch_cpu_tensors_are_served_in_c(examples_bundle, python_path_fails):
+    torch = pytest.importorskip("torch")
+    k = examples_bundle
+    x, b = torch.randn(4, 8), torch.randn(8)
+    xw = torch.randn(8, 4).t()                                   # a transposed view
+    xb, bb = x.to(torch.bfloat16), b.to(torch.bfloat16)
+    gates, cx = torch.randn(3, 64), torch.randn(3, 16)
+    y = torch.empty(4, 8)
+    calls = [lambda: k.bias_gelu(x, b), lambda: k.bias_gelu(xw, b), lambda: k.bias_gelu(xb, bb),
+             lambda: k.lstm_cell(gates, cx), lambda: k.bias_gelu(x, b, out=y),
+             lambda: k.bias_dropout_residual(x, b, x, 0.5, seed=3),
+             lambda: k.bias_gelu(x.clone().requires_grad_(), b)]
+    first = [c() for c in calls]
+    python_path_fails()
+    for call, want in zip(calls, first):
+        got = call()
+        for g, w in zip(got if isinstance(got, tuple) else (got,),
+                        want if isinstance(want, tuple) else (want,)):
+            assert type(g) is torch.Tensor and g.dtype == w.dtype and not g.requires_grad
+            assert torch.equal(g, w)
+    assert k.bias_gelu(x, b, out=y) is y
+    np.testing.assert_array_equal(first[0].numpy(), k.bias_gelu(x.numpy(), b.numpy()))
+    before = [sys.getrefcount(t) for t in (x, b, y, gates, cx)]
+    for _ in range(1000):
+        k.bias_gelu(x, b, out=y), k.bias_gelu(x, b), k.lstm_cell(gates, cx)
+    assert [sys.getrefcount(t) for t in (x, b, y, gates, cx)] == before
+
+
+def test_torch_errors_and_odd_tensors_after_warm_up(examples_bundle):
+    torch = pytest.importorskip("torch")
+    k = examples_bundle
+    buf = torch.randn(40)
+    x, b = buf[:32].view(4, 8), torch.randn(8)
+    k.bias_gelu(x, b)
+    k.bias_gelu(x, b, out=torch.empty(4, 8))
+    with pytest.raises(ArgumentError, match=r"must be float32\[4, 8\]"):
+        k.bias_gelu(x, b, out=torch.empty(4, 8, dtype=torch.float64))
+    with pytest.raises(ArgumentError, match="overlaps input 'x'"):
+        k.bias_gelu(x, b, out=buf[1:33].view(4, 8))           # x shifted by one element
+    z = torch.randn(4, 8, dtype=torch.complex64)
+    with pytest.raises(ArgumentError, match="negative-bit view"):
+        k.bias_gelu(z.conj().imag, b)
+    np.testing.assert_array_equal(k.bias_gelu(x, b.numpy()).numpy(), k.bias_gelu(x, b).numpy())

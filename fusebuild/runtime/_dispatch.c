@@ -5,7 +5,10 @@
    Python side with `_remember`): it reads the arrays' descriptors, finds the plan in an open
    addressing table, converts scalars and the seed, allocates or checks the outputs, fills the
    kernel's pointer and meta words on the stack and calls the kernel's C symbol directly.
-   Anything it does not recognize (first calls, foreign arrays, numpy scalars, calls large
+   torch CPU tensors are served the same way once `use_torch` has named their type: their
+   sizes, strides, dtype and data pointer are read through their (C-implemented) attributes and
+   outputs are made by torch.empty.
+   Anything it does not recognize (first calls, other foreign arrays, numpy scalars, calls large
    enough to split over threads, anything that must raise an error) goes to the Python method
    `_call`, which handles every case and raises the proper errors. So this file never decides
    what a call means; it only repeats, faster, what `_call` did for the same plan. */
@@ -22,7 +25,9 @@
 #define MAX_SCALARS 16
 #define MAX_PTRS 64
 #define MAX_META 512
-#define MAX_KEY (MAX_TENSORS * (1 + 2 * NPY_MAXDIMS))
+#define MAX_KEY (MAX_TENSORS * (2 + 2 * NPY_MAXDIMS))
+#define TORCH_MAXDIMS 16          /* torch tensors of higher rank take the Python path */
+#define TORCH_KEY (1ll << 62)     /* marks a torch tensor's first key word */
 #define MAX_PLANS 4096
 #define GIL_FREE_ELEMENTS 16384   /* below this, releasing the GIL costs more than it lends */
 
@@ -43,7 +48,14 @@ typedef struct {
     int16_t ptr_src[MAX_PTRS];     /* < n_tensors: tensor input; else n_tensors + output */
     int64_t ptr_off[MAX_PTRS];
     struct { int slot, kind; int64_t lo, hi; } scalar[MAX_SCALARS];
-    struct { int ndim; npy_intp *dims; PyArray_Descr *descr; int64_t nbytes; } out[MAX_OUTS];
+    int torch;                     /* a plan for torch tensors (outputs by torch.empty) */
+    struct {
+        int ndim;
+        npy_intp *dims;
+        PyArray_Descr *descr;      /* numpy plans */
+        PyObject *shape, *dtype;   /* torch plans: torch.empty's arguments */
+        int64_t nbytes;
+    } out[MAX_OUTS];
     int64_t lo[MAX_TENSORS], hi[MAX_TENSORS];    /* bytes an input touches around its pointer */
     uint8_t same[MAX_TENSORS][MAX_OUTS];          /* input laid out exactly like the output */
 } Plan;
@@ -60,23 +72,105 @@ typedef struct {
 } Caller;
 
 static PyObject *str_out, *str_seed, *str_offset, *str_call, *zero;
+static PyObject *str_is_cpu, *str_is_neg, *str_shape, *str_stride, *str_dtype, *str_data_ptr;
+static PyObject *kw_dtype;                  /* ("dtype",) */
+static PyTypeObject *torch_tensor;          /* torch.Tensor, once use_torch() named it */
+static PyObject *torch_empty;
+
+/* ---- arrays ---- */
+
+/* What the fast path reads of a tensor input or output. */
+typedef struct {
+    int nd;
+    int64_t type;                  /* numpy: type_num and byte order; torch: the dtype object */
+    const npy_intp *dims, *strides;    /* byte strides (numpy), element strides (torch) */
+    char *data;
+    npy_intp buf[2 * TORCH_MAXDIMS];
+} View;
+
+static int int_tuple(PyObject *t, npy_intp *dst, Py_ssize_t n)
+{
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != n)
+        return 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        dst[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(t, i));
+        if (dst[i] == -1 && PyErr_Occurred())
+            return 0;
+    }
+    return 1;
+}
+
+/* 1: `t` is a plain torch CPU tensor (no negative-bit view) and v describes it; 0: it is not,
+   or something could not be read (the error is cleared: the Python path will say what). */
+static int torch_view(PyObject *t, View *v)
+{
+    PyObject *cpu, *neg = NULL, *shape = NULL, *strides = NULL, *dtype = NULL, *ptr = NULL;
+    int ok = 0;
+    if (!torch_tensor || Py_TYPE(t) != torch_tensor)
+        return 0;
+    cpu = PyObject_GetAttr(t, str_is_cpu);
+    if (cpu == Py_True && (neg = PyObject_CallMethodNoArgs(t, str_is_neg)) == Py_False
+        && (shape = PyObject_GetAttr(t, str_shape)) && PyTuple_Check(shape)
+        && PyTuple_GET_SIZE(shape) <= TORCH_MAXDIMS
+        && (strides = PyObject_CallMethodNoArgs(t, str_stride))
+        && (dtype = PyObject_GetAttr(t, str_dtype))
+        && (ptr = PyObject_CallMethodNoArgs(t, str_data_ptr))) {
+        v->nd = (int)PyTuple_GET_SIZE(shape);
+        v->dims = v->buf;
+        v->strides = v->buf + TORCH_MAXDIMS;
+        v->type = (int64_t)(intptr_t)dtype;     /* torch's dtype objects live as long as torch */
+        v->data = (char *)PyLong_AsVoidPtr(ptr);
+        ok = int_tuple(shape, v->buf, v->nd) && int_tuple(strides, v->buf + TORCH_MAXDIMS, v->nd)
+             && !PyErr_Occurred();
+    }
+    Py_XDECREF(cpu);
+    Py_XDECREF(neg);
+    Py_XDECREF(shape);
+    Py_XDECREF(strides);
+    Py_XDECREF(dtype);
+    Py_XDECREF(ptr);
+    PyErr_Clear();
+    return ok;
+}
+
+/* The view of a tensor argument: an exact ndarray, or a torch tensor when `torch`. */
+static int view_of(PyObject *a, int torch, View *v)
+{
+    if (torch)
+        return torch_view(a, v);
+    if (Py_TYPE(a) != &PyArray_Type)
+        return 0;
+    PyArrayObject *arr = (PyArrayObject *)a;
+    PyArray_Descr *d = PyArray_DESCR(arr);
+    v->nd = PyArray_NDIM(arr);
+    v->type = d->type_num | (int64_t)(uint8_t)d->byteorder << 32;
+    v->dims = PyArray_DIMS(arr);
+    v->strides = PyArray_STRIDES(arr);
+    v->data = PyArray_BYTES(arr);
+    return 1;
+}
+
+/* Whether the first tensor argument is a torch tensor (then all must be). */
+static int torch_call(Caller *self, PyObject *const *args)
+{
+    return torch_tensor && self->n_tensors && Py_TYPE(args[self->tensor_pos[0]]) == torch_tensor;
+}
 
 /* ---- plan table ---- */
 
-/* What a plan depends on: rank, dtype, sizes and byte strides of every tensor input. */
-static uint64_t key_of(int n_tensors, PyArrayObject **tensors, int64_t *key, Py_ssize_t *len)
+/* What a plan depends on: kind (numpy or torch), rank, dtype, sizes and strides of every
+   tensor input. */
+static uint64_t key_of(int n_tensors, int torch, const View *views, int64_t *key, Py_ssize_t *len)
 {
     uint64_t h = 0x9E3779B97F4A7C15ull;
     Py_ssize_t k = 0;
     for (int j = 0; j < n_tensors; j++) {
-        PyArrayObject *a = tensors[j];
-        PyArray_Descr *d = PyArray_DESCR(a);
-        int nd = PyArray_NDIM(a);
-        npy_intp *dims = PyArray_DIMS(a), *strides = PyArray_STRIDES(a);
-        key[k++] = nd | (int64_t)d->type_num << 8 | (int64_t)(uint8_t)d->byteorder << 40;
-        for (int i = 0; i < nd; i++) {
-            key[k++] = dims[i];
-            key[k++] = strides[i];
+        const View *v = &views[j];
+        key[k++] = v->nd | (torch ? TORCH_KEY : 0);
+        key[k++] = v->type;
+        for (int i = 0; i < v->nd; i++) {
+            key[k++] = v->dims[i];
+            key[k++] = v->strides[i];
         }
     }
     for (Py_ssize_t i = 0; i < k; i++)
@@ -97,8 +191,11 @@ static Plan **slot_of(Caller *self, uint64_t h, const int64_t *key, Py_ssize_t l
 
 static void free_plan(Plan *p)
 {
-    for (int k = 0; k < MAX_OUTS; k++)
+    for (int k = 0; k < MAX_OUTS; k++) {
         Py_XDECREF(p->out[k].descr);
+        Py_XDECREF(p->out[k].shape);
+        Py_XDECREF(p->out[k].dtype);
+    }
     Py_XDECREF(p->keep);
     PyMem_Free(p->words);
     PyMem_Free(p);
@@ -203,24 +300,49 @@ static int seed_word(PyObject *v, int64_t *word)
     return 1;
 }
 
+/* Whether `o` surely passes the Python path's out= checks for output k (other than overlaps). */
+static int numpy_out_fits(PyObject *o, const Plan *p, int k, View *v)
+{
+    if (!view_of(o, 0, v) || v->nd != p->out[k].ndim
+        || !PyArray_CHKFLAGS((PyArrayObject *)o, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_WRITEABLE)
+        || memcmp(v->dims, p->out[k].dims, v->nd * sizeof(npy_intp)))
+        return 0;
+    PyArray_Descr *d = PyArray_DESCR((PyArrayObject *)o);
+    return d == p->out[k].descr || PyArray_EquivTypes(d, p->out[k].descr);
+}
+
+static int torch_out_fits(PyObject *o, const Plan *p, int k, View *v)
+{
+    if (!torch_view(o, v) || v->nd != p->out[k].ndim
+        || v->type != (int64_t)(intptr_t)p->out[k].dtype
+        || memcmp(v->dims, p->out[k].dims, v->nd * sizeof(npy_intp)))
+        return 0;
+    npy_intp step = 1;
+    for (int i = v->nd - 1; i >= 0; i--) {      /* contiguous, with the usual strides */
+        if (v->strides[i] != step)
+            return 0;
+        step *= v->dims[i];
+    }
+    return 1;
+}
+
 /* 1: served (*result set), 0: not served (no error set), -1: error. */
-static int serve(Caller *self, Plan *p, PyObject *const *args, PyArrayObject **tensors,
-                 PyObject *out, int64_t *meta, PyObject **result);
+static int serve(Caller *self, Plan *p, const View *views, PyObject *out, int64_t *meta,
+                 PyObject **result);
 
 static int fast_call(Caller *self, PyObject *const *args, Py_ssize_t nargs, PyObject *out,
                      PyObject *seed, PyObject *offset, PyObject **result)
 {
     int64_t key[MAX_KEY], meta[MAX_META];
-    PyArrayObject *tensors[MAX_TENSORS];
+    View views[MAX_TENSORS];
     Py_ssize_t len;
     if (nargs != self->n_args || !self->count)
         return 0;
-    for (int j = 0; j < self->n_tensors; j++) {
-        tensors[j] = (PyArrayObject *)args[self->tensor_pos[j]];
-        if (Py_TYPE(tensors[j]) != &PyArray_Type)
+    int torch = torch_call(self, args);
+    for (int j = 0; j < self->n_tensors; j++)
+        if (!view_of(args[self->tensor_pos[j]], torch, &views[j]))
             return 0;
-    }
-    uint64_t h = key_of(self->n_tensors, tensors, key, &len);
+    uint64_t h = key_of(self->n_tensors, torch, views, key, &len);
     Plan *p = *slot_of(self, h, key, len);
     if (!p)
         return 0;
@@ -233,33 +355,43 @@ static int fast_call(Caller *self, PyObject *const *args, Py_ssize_t nargs, PyOb
                               || !seed_word(offset, &meta[p->seed_slot + 1])))
         return 0;
     p->users++;
-    int served = serve(self, p, args, tensors, out, meta, result);
+    int served = serve(self, p, views, out, meta, result);
     if (--p->users == 0 && p->dropped)
         free_plan(p);
     return served;
 }
 
 /* fast_call once the plan is found and its scalar and seed words are in `meta`. */
-static int serve(Caller *self, Plan *p, PyObject *const *args, PyArrayObject **tensors,
-                 PyObject *out, int64_t *meta, PyObject **result)
+static int serve(Caller *self, Plan *p, const View *views, PyObject *out, int64_t *meta,
+                 PyObject **result)
 {
     int64_t ptrs[MAX_PTRS];
-    PyArrayObject *outs[MAX_OUTS];
+    PyObject *outs[MAX_OUTS];
     char *in_data[MAX_TENSORS], *out_data[MAX_OUTS];
     for (int j = 0; j < self->n_tensors; j++)
-        in_data[j] = PyArray_BYTES(tensors[j]);
+        in_data[j] = views[j].data;
 
     if (out == Py_None) {
         for (int k = 0; k < self->n_outs; k++) {
-            Py_INCREF(p->out[k].descr);
-            outs[k] = (PyArrayObject *)PyArray_NewFromDescr(
-                &PyArray_Type, p->out[k].descr, p->out[k].ndim, p->out[k].dims, NULL, NULL, 0, NULL);
-            if (!outs[k]) {
-                while (k--)
+            if (p->torch) {
+                PyObject *argv[2] = {p->out[k].shape, p->out[k].dtype}, *ptr = NULL;
+                outs[k] = PyObject_Vectorcall(torch_empty, argv, 1, kw_dtype);
+                if (outs[k] && (ptr = PyObject_CallMethodNoArgs(outs[k], str_data_ptr))) {
+                    out_data[k] = (char *)PyLong_AsVoidPtr(ptr);
+                    Py_DECREF(ptr);
+                }
+            } else {
+                Py_INCREF(p->out[k].descr);
+                outs[k] = PyArray_NewFromDescr(&PyArray_Type, p->out[k].descr, p->out[k].ndim,
+                                               p->out[k].dims, NULL, NULL, 0, NULL);
+                if (outs[k])
+                    out_data[k] = PyArray_BYTES((PyArrayObject *)outs[k]);
+            }
+            if (!outs[k] || PyErr_Occurred()) {
+                for (k += outs[k] != NULL; k--;)
                     Py_DECREF(outs[k]);
                 return -1;
             }
-            out_data[k] = PyArray_BYTES(outs[k]);
         }
     } else {
         PyObject *const *given = &out;
@@ -271,22 +403,21 @@ static int serve(Caller *self, Plan *p, PyObject *const *args, PyArrayObject **t
             return 0;
         }
         for (int k = 0; k < self->n_outs; k++) {
-            PyArrayObject *o = (PyArrayObject *)given[k];
-            if (Py_TYPE(o) != &PyArray_Type || PyArray_NDIM(o) != p->out[k].ndim
-                || !PyArray_CHKFLAGS(o, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_WRITEABLE)
-                || memcmp(PyArray_DIMS(o), p->out[k].dims, p->out[k].ndim * sizeof(npy_intp))
-                || (PyArray_DESCR(o) != p->out[k].descr
-                    && !PyArray_EquivTypes(PyArray_DESCR(o), p->out[k].descr)))
+            View v;
+            if (!(p->torch ? torch_out_fits(given[k], p, k, &v)
+                           : numpy_out_fits(given[k], p, k, &v)))
                 return 0;
-            outs[k] = o;
-            out_data[k] = PyArray_BYTES(o);
+            outs[k] = given[k];
+            out_data[k] = v.data;
             /* overlap with an input (other than exactly in place) or another output */
             for (int j = 0; j < self->n_tensors; j++)
-                if (out_data[k] < in_data[j] + p->hi[j] && in_data[j] + p->lo[j] < out_data[k] + p->out[k].nbytes
+                if (out_data[k] < in_data[j] + p->hi[j]
+                    && in_data[j] + p->lo[j] < out_data[k] + p->out[k].nbytes
                     && !(in_data[j] == out_data[k] && p->same[j][k]))
                     return 0;
             for (int m = 0; m < k; m++)
-                if (out_data[k] < out_data[m] + p->out[m].nbytes && out_data[m] < out_data[k] + p->out[k].nbytes)
+                if (out_data[k] < out_data[m] + p->out[m].nbytes
+                    && out_data[m] < out_data[k] + p->out[k].nbytes)
                     return 0;
         }
         for (int k = 0; k < self->n_outs; k++)
@@ -310,7 +441,7 @@ static int serve(Caller *self, Plan *p, PyObject *const *args, PyArrayObject **t
         }
     }
     if (self->n_outs == 1) {
-        *result = (PyObject *)outs[0];
+        *result = outs[0];
         return 1;
     }
     PyObject *tuple = PyTuple_New(self->n_outs);
@@ -320,7 +451,7 @@ static int serve(Caller *self, Plan *p, PyObject *const *args, PyArrayObject **t
         return -1;
     }
     for (int k = 0; k < self->n_outs; k++)
-        PyTuple_SET_ITEM(tuple, k, (PyObject *)outs[k]);
+        PyTuple_SET_ITEM(tuple, k, outs[k]);
     *result = tuple;
     return 1;
 }
@@ -392,9 +523,11 @@ static Py_ssize_t int_items(PyObject *seq, Py_ssize_t max, int64_t *dst)
    fn the kernel's address, n its element count; pointer word i is input ptr_src[i] (or output
    ptr_src[i] - n_tensors) plus ptr_off[i] bytes; meta the meta words (scalars and seed zero);
    scalars (slot, kind, lo, hi) flattened, per scalar input; seed_slot -1 if none; outs
-   ((shape, dtype, nbytes), ...); lo, hi per input; same[j * n_outs + k]: input j laid out exactly
+   ((shape, dtype, nbytes), ...) with numpy dtypes, or torch dtypes when `arrays` are torch
+   tensors (see use_torch); lo, hi per input; same[j * n_outs + k]: input j laid out exactly
    like output k; keep an object to hold while the plan lives. A known key is left as it is.
-   Returns whether the fast path serves these arrays (False: too big for it, not exact ndarrays). */
+   Returns whether the fast path serves these arrays (False: too big for it, not exact ndarrays
+   or plain torch CPU tensors). */
 static PyObject *Caller_remember(Caller *self, PyObject *a)
 {
     PyObject *arrays, *ptr_src, *ptr_off, *meta, *scalars, *outs, *lo, *hi, *same, *keep;
@@ -403,20 +536,22 @@ static PyObject *Caller_remember(Caller *self, PyObject *a)
     int seed_slot;
     int64_t key[MAX_KEY], words[MAX_META], tmp[MAX_TENSORS * MAX_OUTS];
     Py_ssize_t len;
-    if (!PyArg_ParseTuple(a, "O!KLOOOOiO!OOOO", &PyTuple_Type, &arrays, &fn, &n, &ptr_src, &ptr_off,
-                          &meta, &scalars, &seed_slot, &PyTuple_Type, &outs, &lo, &hi, &same, &keep))
+    if (!PyArg_ParseTuple(a, "O!KLOOOOiO!OOOO", &PyTuple_Type, &arrays, &fn, &n, &ptr_src,
+                          &ptr_off, &meta, &scalars, &seed_slot, &PyTuple_Type, &outs, &lo, &hi,
+                          &same, &keep))
         return NULL;
     if (self->too_big)
         Py_RETURN_FALSE;
     if (PyTuple_GET_SIZE(arrays) != self->n_tensors || PyTuple_GET_SIZE(outs) != self->n_outs)
-        return PyErr_Format(PyExc_ValueError, "plan does not match the signature of %U", self->name);
-    PyArrayObject *tensors[MAX_TENSORS];
-    for (int j = 0; j < self->n_tensors; j++) {
-        tensors[j] = (PyArrayObject *)PyTuple_GET_ITEM(arrays, j);
-        if (Py_TYPE(tensors[j]) != &PyArray_Type)
-            Py_RETURN_FALSE;         /* only exact ndarrays take the fast path */
-    }
-    uint64_t h = key_of(self->n_tensors, tensors, key, &len);
+        return PyErr_Format(PyExc_ValueError, "plan does not match the signature of %U",
+                            self->name);
+    View views[MAX_TENSORS];
+    PyObject *const *items = &PyTuple_GET_ITEM(arrays, 0);
+    int torch = torch_tensor && self->n_tensors && Py_TYPE(items[0]) == torch_tensor;
+    for (int j = 0; j < self->n_tensors; j++)
+        if (!view_of(items[j], torch, &views[j]))
+            Py_RETURN_FALSE;
+    uint64_t h = key_of(self->n_tensors, torch, views, key, &len);
     if (self->count && *slot_of(self, h, key, len))
         Py_RETURN_TRUE;
     if (self->count >= MAX_PLANS)
@@ -432,6 +567,7 @@ static PyObject *Caller_remember(Caller *self, PyObject *a)
     p->fn = (kernel_fn)(uintptr_t)fn;
     p->n = n;
     p->seed_slot = seed_slot;
+    p->torch = torch;
     Py_ssize_t n_meta = int_items(meta, MAX_META, words), n_dims = 0;
     Py_ssize_t n_ptrs = n_meta < 0 ? -1 : int_items(ptr_src, MAX_PTRS, tmp);
     if (n_ptrs < 0)
@@ -472,12 +608,19 @@ static PyObject *Caller_remember(Caller *self, PyObject *a)
     for (int k = 0; k < self->n_outs; k++) {
         PyObject *shape, *dtype;
         long long nbytes;
-        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(outs, k), "OOL", &shape, &dtype, &nbytes)
-            || !PyArray_DescrConverter(dtype, &p->out[k].descr))
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(outs, k), "O!OL", &PyTuple_Type, &shape, &dtype,
+                              &nbytes)
+            || (!torch && !PyArray_DescrConverter(dtype, &p->out[k].descr)))
             goto fail;
-        Py_ssize_t nd = int_items(shape, NPY_MAXDIMS, tmp);
+        Py_ssize_t nd = int_items(shape, torch ? TORCH_MAXDIMS : NPY_MAXDIMS, tmp);
         if (nd < 0)
             goto fail;
+        if (torch) {
+            Py_INCREF(shape);
+            Py_INCREF(dtype);
+            p->out[k].shape = shape;
+            p->out[k].dtype = dtype;
+        }
         p->out[k].ndim = (int)nd;
         p->out[k].nbytes = nbytes;
         n_dims += nd;
@@ -552,7 +695,8 @@ static int Caller_init(Caller *self, PyObject *args, PyObject *kwds)
     Py_XSETREF(self->name, name);
     clear_table(self);
     self->vectorcall = Caller_vectorcall;
-    /* Python 3.12 lets a subclass that keeps tp_call inherit vectorcall; do the same on 3.10/3.11. */
+    /* Python 3.12 lets a subclass that keeps tp_call inherit vectorcall: do the same on 3.10
+       and 3.11. */
     PyTypeObject *tp = Py_TYPE(self);
     if (tp->tp_call == PyVectorcall_Call)
         tp->tp_flags |= Py_TPFLAGS_HAVE_VECTORCALL;
@@ -593,8 +737,27 @@ static PyTypeObject CallerType = {
     .tp_getset = Caller_getset,
 };
 
+/* use_torch(Tensor, empty): serve torch CPU tensors too (torch.Tensor, torch.empty). */
+static PyObject *use_torch(PyObject *module, PyObject *args)
+{
+    PyObject *tensor, *empty;
+    if (!PyArg_ParseTuple(args, "O!O", &PyType_Type, &tensor, &empty))
+        return NULL;
+    Py_INCREF(tensor);
+    Py_INCREF(empty);
+    Py_XSETREF(torch_tensor, (PyTypeObject *)tensor);
+    Py_XSETREF(torch_empty, empty);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"use_torch", use_torch, METH_VARARGS,
+     "Serve torch CPU tensors too: use_torch(torch.Tensor, torch.empty)."},
+    {NULL},
+};
+
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_dispatch", "The C fast path of CPU group calls.", -1, NULL,
+    PyModuleDef_HEAD_INIT, "_dispatch", "The C fast path of CPU group calls.", -1, module_methods,
 };
 
 PyMODINIT_FUNC PyInit__dispatch(void)
@@ -607,7 +770,15 @@ PyMODINIT_FUNC PyInit__dispatch(void)
     str_offset = PyUnicode_InternFromString("offset");
     str_call = PyUnicode_InternFromString("_call");
     zero = PyLong_FromLong(0);
-    if (!str_out || !str_seed || !str_offset || !str_call || !zero)
+    str_is_cpu = PyUnicode_InternFromString("is_cpu");
+    str_is_neg = PyUnicode_InternFromString("is_neg");
+    str_shape = PyUnicode_InternFromString("shape");
+    str_stride = PyUnicode_InternFromString("stride");
+    str_dtype = PyUnicode_InternFromString("dtype");
+    str_data_ptr = PyUnicode_InternFromString("data_ptr");
+    kw_dtype = str_dtype ? PyTuple_Pack(1, str_dtype) : NULL;
+    if (!str_out || !str_seed || !str_offset || !str_call || !zero || !str_is_cpu || !str_is_neg
+        || !str_shape || !str_stride || !str_data_ptr || !kw_dtype)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m)

@@ -24,6 +24,9 @@ def as_numpy(a, name: str) -> np.ndarray:
         if a.device.type != "cpu":
             raise ArgumentError(f"input '{name}' is a torch tensor on {a.device}; CUDA tensors go "
                                 "to the CUDA kernels with every other input on the same device")
+        if a.is_neg():
+            raise ArgumentError(f"input '{name}' is a torch negative-bit view (such as "
+                                "z.conj().imag); pass it through .resolve_neg() first")
         if a.dtype == torch.bfloat16:
             import ml_dtypes
             return a.detach().view(torch.int16).numpy().view(ml_dtypes.bfloat16)

@@ -16,6 +16,7 @@ from ..abi import Abi
 from ..argspec import contiguous_strides, parse_key
 from ..errors import ArgumentError, BundleError, KernelNotFound
 from . import cuda, dispatch, interop, threads
+from . import _dispatch
 from ._dispatch import Caller
 from .archive import cache_home
 from .cpu import Libraries, host_isas
@@ -218,22 +219,25 @@ class _Plan:
         self.parallel = self.n >= 2 * threads.MIN_PER_THREAD
         self.start, self.stop = ctypes.c_int64(0), ctypes.c_int64(self.n)
 
-    def fast(self, scalars: tuple) -> tuple | None:
+    def fast(self, scalars: tuple, outs: tuple | None = None) -> tuple | None:
         """The arguments of `Caller._remember` (after the arrays) that let the C fast path
-        serve this plan; None for calls split over threads, which stay in Python."""
+        serve this plan; None for calls split over threads, which stay in Python. `outs`
+        replaces `self.outs` (torch dtypes for calls on torch tensors)."""
         if self.parallel:
             return None
         n_in = len(self.same)
         src = [i for i, _ in self.in_ptrs] + [n_in + o for o, _ in self.out_ptrs]
         words = []
         for slot, (_, _, d) in zip(self.scalar_slots, scalars):
-            kind = (_F64 if d == dt.float64 else _F32) if d.is_float else _BOOL if d.is_bool else _INT
+            kind = ((_F64 if d == dt.float64 else _F32) if d.is_float
+                    else _BOOL if d.is_bool else _INT)
             lo = -(1 << (d.bits - 1)) if d.kind == "i" else 0
             hi = min((1 << (d.bits - (d.kind == "i"))) - 1, (1 << 63) - 1)
             words += [slot, kind, lo, hi]
         return (ctypes.cast(self.fn, ctypes.c_void_p).value if self.n else 0, self.n, src,
                 [off for _, off in self.in_ptrs + self.out_ptrs], list(self.meta), words,
-                -1 if self.seed_slot is None else self.seed_slot, self.outs, self.lo, self.hi,
+                -1 if self.seed_slot is None else self.seed_slot, outs or self.outs, self.lo,
+                self.hi,
                 [int(x) for row in self.same for x in row], self.fn)
 
 
@@ -330,12 +334,25 @@ class GroupCaller(Caller):
             out = [interop.as_numpy(o, "out") for o in out]
         elif out is not None:
             out = interop.as_numpy(out, "out")
-        result = self(*self._host_args(args), out=out, seed=seed, offset=offset)
+        host = self._host_args(args)
+        result = self(*host, out=out, seed=seed, offset=offset)
         if framework is None:
             return result
+        self._remember_torch(framework, args, host)
         if isinstance(result, tuple):
             return tuple(interop.to_framework(framework, r) for r in result)
         return interop.to_framework(framework, result)
+
+    def _remember_torch(self, torch, args: tuple, host: tuple) -> None:
+        """Let the C fast path serve later calls on torch CPU tensors laid out like `args`
+        (viewed as `host`), with outputs made by torch.empty; a no-op once it does."""
+        plan = self._plans.get(_plan_key([host[i] for i in self._tensor_pos]))
+        if plan is None or plan.fast_args is None:
+            return
+        _dispatch.use_torch(torch.Tensor, torch.empty)
+        outs = tuple((shape, getattr(torch, np.dtype(d).name), nbytes)
+                     for shape, d, nbytes in plan.outs)
+        self._remember(tuple(args[i] for i in self._tensor_pos), *plan.fast(self._scalars, outs))
 
     def _plan(self, args: tuple, tensors: list, key: tuple) -> _Plan:
         info = self.info
