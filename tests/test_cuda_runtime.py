@@ -413,11 +413,3 @@ def test_threads_calling_one_group_get_their_own_results(fake, monkeypatch):
 
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(work, range(4)))
-
-
-@pytest.mark.parametrize("d", dt.FLOATS, ids=lambda d: d.name)
-def test_float_scalar_words_are_the_generic_conversion(d):
-    packer = cuda._F64 if d == dt.float64 else cuda._F32
-    for value in (0.1, -0.0, 1 / 3, 2.5, 1e300, -1e300, 3.4028235e38, 3.4028236e38, 1e-45,
-                  7e-46, float("inf"), float("-inf"), float("nan"), 1e-310):
-        assert cuda._scalar_word(value, "s", d, packer) == dispatch._scalar_bits("s", value, d)

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from fusebuild import runtime
+from fusebuild import dtypes as dt, runtime
+from fusebuild.runtime import dispatch
 from fusebuild.errors import ArgumentError, BundleError, KernelNotFound
 
 
@@ -164,3 +165,14 @@ def test_shared_objects_need_only_libc_and_libm(examples_bundle):
                     "erfc", "expm1f", "expm1", "sqrtf", "sqrt", "pow", "powf", "fmodf", "fmod",
                     "memcpy", "memset"}
             assert syms <= libm, (name, syms - libm)
+
+
+@pytest.mark.parametrize("d", dt.FLOATS, ids=lambda d: d.name)
+def test_float_scalar_words_are_numpys_conversion(d):
+    """Python floats take a struct-packing shortcut to their meta word; it gives numpy's bits."""
+    for value in (0.1, -0.0, 1 / 3, 2.5, 1e300, -1e300, 3.4028235e38, 3.4028236e38, 1e-45,
+                  7e-46, float("inf"), float("-inf"), float("nan"), 1e-310):
+        with np.errstate(over="ignore"):
+            want = (np.array(value, np.float64).view(np.int64) if d == dt.float64
+                    else np.array(value, np.float32).view(np.uint32))
+        assert dispatch._scalar_bits("s", value, d) == int(want)

@@ -20,6 +20,8 @@
 #include <stdint.h>
 #include <string.h>
 
+_Static_assert(sizeof(npy_intp) == sizeof(int64_t), "64-bit platforms only");
+
 #define MAX_TENSORS 16
 #define MAX_OUTS 8
 #define MAX_SCALARS 16
@@ -150,10 +152,10 @@ static int view_of(PyObject *a, int torch, View *v)
     return 1;
 }
 
-/* Whether the first tensor argument is a torch tensor (then all must be). */
-static int torch_call(Caller *self, PyObject *const *args)
+/* Whether a call is on torch tensors: its first tensor argument (NULL: none) is one. */
+static int torch_call(PyObject *first)
 {
-    return torch_tensor && self->n_tensors && Py_TYPE(args[self->tensor_pos[0]]) == torch_tensor;
+    return first && torch_tensor && Py_TYPE(first) == torch_tensor;
 }
 
 /* ---- plan table ---- */
@@ -338,7 +340,7 @@ static int fast_call(Caller *self, PyObject *const *args, Py_ssize_t nargs, PyOb
     Py_ssize_t len;
     if (nargs != self->n_args || !self->count)
         return 0;
-    int torch = torch_call(self, args);
+    int torch = torch_call(self->n_tensors ? args[self->tensor_pos[0]] : NULL);
     for (int j = 0; j < self->n_tensors; j++)
         if (!view_of(args[self->tensor_pos[j]], torch, &views[j]))
             return 0;
@@ -535,6 +537,7 @@ static PyObject *Caller_remember(Caller *self, PyObject *a)
     long long n;
     int seed_slot;
     int64_t key[MAX_KEY], words[MAX_META], tmp[MAX_TENSORS * MAX_OUTS];
+    int64_t out_dims[MAX_OUTS * NPY_MAXDIMS];    /* every output's sizes, one after another */
     Py_ssize_t len;
     if (!PyArg_ParseTuple(a, "O!KLOOOOiO!OOOO", &PyTuple_Type, &arrays, &fn, &n, &ptr_src,
                           &ptr_off, &meta, &scalars, &seed_slot, &PyTuple_Type, &outs, &lo, &hi,
@@ -547,7 +550,7 @@ static PyObject *Caller_remember(Caller *self, PyObject *a)
                             self->name);
     View views[MAX_TENSORS];
     PyObject *const *items = &PyTuple_GET_ITEM(arrays, 0);
-    int torch = torch_tensor && self->n_tensors && Py_TYPE(items[0]) == torch_tensor;
+    int torch = torch_call(self->n_tensors ? items[0] : NULL);
     for (int j = 0; j < self->n_tensors; j++)
         if (!view_of(items[j], torch, &views[j]))
             Py_RETURN_FALSE;
@@ -612,7 +615,7 @@ static PyObject *Caller_remember(Caller *self, PyObject *a)
                               &nbytes)
             || (!torch && !PyArray_DescrConverter(dtype, &p->out[k].descr)))
             goto fail;
-        Py_ssize_t nd = int_items(shape, torch ? TORCH_MAXDIMS : NPY_MAXDIMS, tmp);
+        Py_ssize_t nd = int_items(shape, torch ? TORCH_MAXDIMS : NPY_MAXDIMS, out_dims + n_dims);
         if (nd < 0)
             goto fail;
         if (torch) {
@@ -632,13 +635,11 @@ static PyObject *Caller_remember(Caller *self, PyObject *a)
     }
     memcpy(p->words, key, len * 8);
     memcpy(p->words + len, words, n_meta * 8);
+    memcpy(p->words + len + n_meta, out_dims, n_dims * 8);      /* npy_intp is int64 here */
     npy_intp *dims = (npy_intp *)(p->words + len + n_meta);
     for (int k = 0; k < self->n_outs; k++) {
-        int64_t shape[NPY_MAXDIMS];
-        int_items(PyTuple_GET_ITEM(PyTuple_GET_ITEM(outs, k), 0), NPY_MAXDIMS, shape);
         p->out[k].dims = dims;
-        for (int i = 0; i < p->out[k].ndim; i++)
-            *dims++ = (npy_intp)shape[i];
+        dims += p->out[k].ndim;
     }
     Py_INCREF(keep);
     p->keep = keep;

@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import math
 import os
-import struct
 import sys
 import threading
 from dataclasses import dataclass, replace
@@ -425,8 +424,7 @@ class _Plan:
     scalar_grid: int                          # blocks on the scalar path
     random: bool
     fill_at: int                              # word of the seed (random groups) or first scalar
-    scalars: tuple[tuple[int, str, dt.DType, struct.Struct | None], ...]  # (argument, name,
-    #                                           dtype, packer of Python floats)
+    scalars: tuple[tuple[int, str, dt.DType], ...]  # (argument, name, dtype)
     alloc: tuple[tuple[tuple, np.dtype], ...]  # per output: shape, storage dtype
     outs: tuple[tuple[tuple, np.dtype, tuple, int], ...]  # per output, what out= must be:
     #                                           shape, dtype, strides, bytes
@@ -470,8 +468,7 @@ def _plan(cp, info: dispatch.GroupInfo, c: dispatch.Call, abi: Abi, kernel: _Ker
         aligns=tuple((s, a) for ss, a in zip(slots, aligns) for s in ss if a > 1), grid=grid,
         scalar_grid=grid_size(dispatch.element_count(c), vector, int(words[-1]) & ~VECTOR),
         random=info.has_random, fill_at=abi.n_ptrs + abi.seed,
-        scalars=tuple((i, name, d, (_F64 if d == dt.float64 else _F32) if d.is_float else None)
-                      for i, name, d in scalars),
+        scalars=tuple(scalars),
         alloc=tuple((o.shape, np.dtype(np.uint16) if d == dt.bfloat16 else o.dtype)   # as _outputs
                     for o, d in zip(outs, dtypes)),
         outs=tuple((o.shape, o.dtype, o.strides, o.extent[1]) for o in outs),
@@ -479,19 +476,6 @@ def _plan(cp, info: dispatch.GroupInfo, c: dispatch.Call, abi: Abi, kernel: _Ker
                       for a in c.arrays),
         same=tuple(tuple(a.shape == o.shape and a.strides == o.strides for o in outs)
                    for a in c.arrays))
-
-
-_F32, _F64 = struct.Struct("<f"), struct.Struct("<d")
-
-
-def _scalar_word(value, name: str, d: dt.DType, packer: struct.Struct | None) -> int:
-    """`dispatch._scalar_bits`, quicker for Python floats (C casts, as numpy's)."""
-    if packer is not None and type(value) is float and value == value:
-        try:
-            return int.from_bytes(packer.pack(value), "little", signed=packer is _F64)
-        except OverflowError:     # a finite double beyond float32: numpy gives inf
-            pass
-    return dispatch._scalar_bits(name, value, d)
 
 
 class _Memo:
@@ -551,10 +535,10 @@ def _run(plan: _Plan, bases: list[int], args: tuple, out, seed, offset):
         if type(seed) is not int or type(offset) is not int \
                 or not (0 <= seed < _U64 and 0 <= offset < _U64):
             return None
-        fills += (seed - (seed >> 63 << 64), offset - (offset >> 63 << 64))
-    for i, name, d, packer in plan.scalars:
+        fills += (dispatch.int64_word(seed), dispatch.int64_word(offset))
+    for i, name, d in plan.scalars:
         try:
-            fills.append(_scalar_word(args[i], name, d, packer))
+            fills.append(dispatch._scalar_bits(name, args[i], d))
         except ArgumentError:
             return None
     cp = plan.cp

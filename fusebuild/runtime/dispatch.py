@@ -6,6 +6,7 @@ canonicalization, output allocation, the kernel's meta words) and the CPU launch
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,8 +117,18 @@ def prepare(info: GroupInfo, args: tuple, describe) -> Call:
     return Call(arrays, dtypes_, views, scalars, shape, out_shapes, canon, key)
 
 
+_F32, _F64 = struct.Struct("<f"), struct.Struct("<d")
+
+
 def _scalar_bits(name: str, value, d: dt.DType) -> int:
     """The meta word of a scalar argument: its bits in its declared dtype."""
+    if type(value) is float and d.is_float and value == value:    # the usual case, sans numpy
+        try:        # C's double -> float cast, as numpy's
+            if d == dt.float64:
+                return int.from_bytes(_F64.pack(value), "little", signed=True)
+            return int.from_bytes(_F32.pack(value), "little")
+        except OverflowError:     # a finite double beyond float32: numpy gives inf
+            pass
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value.item()
     if not isinstance(value, (int, float, bool, np.generic)):
@@ -132,11 +143,21 @@ def _scalar_bits(name: str, value, d: dt.DType) -> int:
         return int(bool(value))
     if isinstance(value, float) and not value.is_integer():
         raise ArgumentError(f"scalar input '{name}' is {d.name}; got {value!r}")
-    lo = -(1 << (d.bits - 1)) if d.kind == "i" else 0
-    hi = (1 << (d.bits - (d.kind == "i"))) - 1
+    lo, hi = int_range(d)
     if not lo <= int(value) <= hi:
         raise ArgumentError(f"scalar input '{name}' ({d.name}) cannot hold {value!r}")
     return int(value)
+
+
+def int_range(d: dt.DType) -> tuple[int, int]:
+    """The values an integer dtype holds, [lo, hi]."""
+    signed = d.kind == "i"
+    return (-(1 << (d.bits - 1)) if signed else 0), (1 << (d.bits - signed)) - 1
+
+
+def int64_word(value: int) -> int:
+    """A uint64 value as the int64 word with the same bits."""
+    return value - (value >> 63 << 64)
 
 
 def nearest_keys(key: str, keys: list[str], n: int = 3) -> tuple[str, ...]:

@@ -231,9 +231,8 @@ class _Plan:
         for slot, (_, _, d) in zip(self.scalar_slots, scalars):
             kind = ((_F64 if d == dt.float64 else _F32) if d.is_float
                     else _BOOL if d.is_bool else _INT)
-            lo = -(1 << (d.bits - 1)) if d.kind == "i" else 0
-            hi = min((1 << (d.bits - (d.kind == "i"))) - 1, (1 << 63) - 1)
-            words += [slot, kind, lo, hi]
+            lo, hi = dispatch.int_range(d) if kind == _INT else (0, 0)
+            words += [slot, kind, lo, min(hi, (1 << 63) - 1)]
         return (ctypes.cast(self.fn, ctypes.c_void_p).value if self.n else 0, self.n, src,
                 [off for _, off in self.in_ptrs + self.out_ptrs], list(self.meta), words,
                 -1 if self.seed_slot is None else self.seed_slot, outs or self.outs, self.lo,
@@ -316,8 +315,8 @@ class GroupCaller(Caller):
                 for slot, (i, name, d) in zip(plan.scalar_slots, self._scalars):
                     meta[slot] = dispatch._scalar_bits(name, args[i], d)
                 if plan.seed_slot is not None:     # uint64 bits in int64 words
-                    meta[plan.seed_slot] = seed - (seed >> 63 << 64)
-                    meta[plan.seed_slot + 1] = offset - (offset >> 63 << 64)
+                    meta[plan.seed_slot] = dispatch.int64_word(seed)
+                    meta[plan.seed_slot + 1] = dispatch.int64_word(offset)
             if plan.parallel and self.bundle.threads > 1:
                 threads.run(plan.fn, ptrs, meta, plan.n, self.bundle.threads)
             else:
