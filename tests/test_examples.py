@@ -21,6 +21,9 @@ def symbols(gp) -> list[str]:
                    for s in Dim.of(d).syms})
 
 
+pytestmark = pytest.mark.isa
+
+
 @pytest.mark.parametrize("gp", PLAN.groups, ids=lambda gp: gp.group.name)
 def test_example_group_matches_reference(examples_bundle, gp):
     rng = np.random.default_rng(zlib.crc32(gp.group.name.encode()))

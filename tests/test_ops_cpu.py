@@ -20,6 +20,8 @@ from fusebuild.ops import OPS
 from conftest import bundles_per_isa
 from opcases import op_arrays, op_bodies, spec_text
 
+pytestmark = pytest.mark.isa
+
 STEPWISE = {"lerp", "addcmul", "clamp", "relu", "relu6", "hardtanh", "threshold"}
 
 
