@@ -34,8 +34,9 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(
         f"fusebuild: CPU kernels ran at {', '.join(ran) or 'no level'}"
         + (f" (capped by FUSEBUILD_CPU_ISA={capped})" if capped else "")
-        + (f"; {', '.join(static)} built and checked statically only (disassembly), "
-           "not run: this host cannot run them" if static else "; every level ran"))
+        + (f"; {', '.join(static)} built and checked statically only (disassembly), not run: "
+           + ("capped" if capped else "this host cannot run them") if static else
+           "; every level ran"))
 
 
 @pytest.fixture(scope="session")
