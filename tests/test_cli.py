@@ -34,7 +34,7 @@ def small_spec(tmp_path):
 def test_compile_check_plan_list(small_spec):
     out = small_spec / "out"
     r = fusebuild("check", "specs", cwd=small_spec)
-    assert r.returncode == 0 and r.stdout.startswith("ok: 1 groups, 6 kernels"), r.stderr
+    assert r.returncode == 0 and r.stdout.startswith("ok: 1 group, 6 kernels"), r.stderr
     r = fusebuild("plan", "specs", "--target", "cpu:x86-64-v2", cwd=small_spec)
     assert r.returncode == 0
     assert r.stdout.split() == ["axpy(f32:c,f32:c)", "cpu:x86-64-v2", "axpy(bf16:c,bf16:c)",
@@ -42,7 +42,7 @@ def test_compile_check_plan_list(small_spec):
     r = fusebuild("compile", "specs", "-o", str(out), "-j", "2", cwd=small_spec)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("6 kernels (1 groups, 3 targets")
+    assert len(lines) == 1 and lines[0].startswith("6 kernels (1 group, 3 targets")
     assert os.path.isfile(out / "small-1.2.3" / "manifest.json")
     r = fusebuild("list", str(out / "small-1.2.3"))
     assert r.returncode == 0

@@ -272,7 +272,8 @@ class GroupCaller(Caller):
 
     def _check_count(self, args: tuple) -> None:
         if len(args) != len(self.info.params):
-            raise ArgumentError(f"{self.info.signature} takes {len(self.info.params)} arguments "
+            raise ArgumentError(f"{self.info.signature} takes "
+                                f"{plural(len(self.info.params), 'argument')} "
                                 f"({len(args)} given)")
 
     def _host_args(self, args: tuple) -> tuple:
@@ -401,7 +402,7 @@ class GroupCaller(Caller):
         names = [n for n, _ in self.info.outputs]
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
         if len(outs) != len(plan.outs):
-            raise ArgumentError(f"{self.info.name} has {len(plan.outs)} outputs "
+            raise ArgumentError(f"{self.info.name} has {plural(len(plan.outs), 'output')} "
                                 f"({', '.join(names)}); out= gave {len(outs)}")
         for name, o, (shape, d, _) in zip(names, outs, plan.outs):
             if not isinstance(o, np.ndarray):
