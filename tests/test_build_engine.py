@@ -265,3 +265,71 @@ def test_concurrent_builds_into_one_output_and_cache(specs, tmp_path):
         assert p.wait() == 0, p.stderr.read()
     report = verify(str(tmp_path / "out" / "eng-1.0"), numerics=True)
     assert report.symbols == 21 and report.numerics == 21
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie waiting for its reaper counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killing_only_the_cli_stops_its_workers(specs, tmp_path, sig):
+    """kill -9 or SIGTERM (what `timeout` sends) to the CLI alone: its workers exit, and on
+    SIGTERM the CLI says so without a traceback and the previous bundle stays."""
+    out = tmp_path / "out"
+    old = fb_build.build(plan_of(specs), str(out), cache_dir=None, progress=False).manifest["id"]
+    pids = tmp_path / "pids"
+    # the fake linker records the worker that runs it ($PPID) and itself, then hangs
+    cc = fake_cc(tmp_path, f'[ "$1" = --version ] && exec echo fake 1\n'
+                           f'echo "$PPID $$" >> {pids}\nexec sleep 60')
+    proc = subprocess.Popen([sys.executable, "-m", "fusebuild", "compile", str(specs), "-o",
+                             str(out), "--no-cache", "-j", "2"], env={**os.environ, "CC": cc},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (pids.exists() and len(pids.read_text().splitlines()) == 2):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            time.sleep(0.1)
+        lines = [line.split() for line in pids.read_text().splitlines()]
+        workers = [int(w) for w, _ in lines]
+        assert all(_alive(w) for w in workers)
+        proc.send_signal(sig)
+        code = proc.wait(30)
+        deadline = time.monotonic() + 10
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [w for w in workers if _alive(w)], "compile workers outlived the CLI"
+    finally:
+        proc.kill()
+        for line in pids.read_text().splitlines() if pids.exists() else []:
+            try:
+                os.kill(int(line.split()[1]), signal.SIGKILL)       # the hanging linkers
+            except ProcessLookupError:
+                pass
+    if sig == signal.SIGTERM:
+        err = proc.stderr.read()
+        assert code == 128 + signal.SIGTERM and "fusebuild: terminated" in err, err
+        assert "Traceback" not in err
+    assert verify(str(out / "eng-1.0")).bundle_id == old
+    assert not [n for n in os.listdir(out) if n.startswith(".")]
+
+
+def test_no_lock_file_and_stale_copies_are_removed_at_the_next_write(specs, tmp_path,
+                                                                    monkeypatch):
+    out = tmp_path / "out"
+    fb_build.build(plan_of(specs), str(out), cache_dir=None, progress=False)
+    assert os.listdir(out) == ["eng-1.0"]
+    write_spec(specs, body="a * b")
+    with monkeypatch.context() as m:        # a kill between the swap and the cleanup
+        m.setattr(bundle, "_discard", lambda path: None)
+        new = fb_build.build(plan_of(specs), str(out), cache_dir=None, progress=False)
+    stale = [n for n in os.listdir(out) if n != "eng-1.0"]
+    assert len(stale) == 1 and stale[0].startswith(".eng-1.0.")
+    again = fb_build.build(plan_of(specs), str(out), cache_dir=None, progress=False)
+    assert again.up_to_date and again.manifest["id"] == new.manifest["id"]
+    assert os.listdir(out) == ["eng-1.0"]
