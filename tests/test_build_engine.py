@@ -333,3 +333,39 @@ def test_no_lock_file_and_stale_copies_are_removed_at_the_next_write(specs, tmp_
     again = fb_build.build(plan_of(specs), str(out), cache_dir=None, progress=False)
     assert again.up_to_date and again.manifest["id"] == new.manifest["id"]
     assert os.listdir(out) == ["eng-1.0"]
+
+
+ERF_SPEC = """fusebuild: 1
+bundle: {name: erfs, version: "1"}
+groups:
+  - name: e
+    inputs: {x: tensor, s: scalar(float32)}
+    outputs: [y]
+    body: 'y = x + erf(s) + erfc(s) + gelu(s) + erf(0.5)'
+    matrix: {dtype: [float32], shapes: [{x: [N]}]}
+"""
+
+
+def test_verify_numerics_reports_skips_and_fails_when_nothing_ran(tmp_path):
+    """Kernels verify cannot run are counted with the reason; checking none is a failure unless
+    --allow-skip. (erf/erfc/gelu of a scalar once crashed the reference.)"""
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "e.yaml").write_text(ERF_SPEC)
+    cache = str(tmp_path / "cache")
+    built = fb_build.build(plan_of(tmp_path / "s", targets=["cpu:x86-64-v2", "cpu:x86-64-v3",
+                                                            "cuda:sm_80"]),
+                           str(tmp_path / "a"), cache_dir=cache, progress=False)
+    capped = {**os.environ, "FUSEBUILD_CPU_ISA": "x86-64-v2"}   # the same on any x86-64 host
+    r = run("verify", built.path, "--numerics", env=capped)
+    assert r.returncode == 0, r.stderr
+    assert ("1 CPU kernel matches the reference; numerics skipped for 2 kernels (1 CUDA: "
+            "numerics are checked on CPU kernels only; 1 x86-64-v3: this host runs only "
+            "x86-64-v2)") in r.stdout
+    none = fb_build.build(plan_of(tmp_path / "s", targets=["cpu:x86-64-v3", "cuda:sm_80"]),
+                          str(tmp_path / "b"), cache_dir=cache, progress=False)
+    assert none.compiled == 0
+    r = run("verify", none.path, "--numerics", env=capped)
+    assert r.returncode == 1 and "--numerics checked no kernel" in r.stderr, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    r = run("verify", none.path, "--numerics", "--allow-skip", env=capped)
+    assert r.returncode == 0 and "numerics skipped for 2 kernels" in r.stdout, r.stderr
