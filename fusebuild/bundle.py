@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import tarfile
 import tempfile
 
@@ -80,7 +81,7 @@ def _locked(directory: str):
 
 def _remove_stale_stages(out_dir: str, base: str) -> None:
     """Remove what killed writes of bundle `base` left: stages (.tmp) and swapped-out (.old)
-    copies, and the lock file of fusebuild 0.x. Called under the lock, when no other write of
+    copies, and the lock file earlier versions left. Called under the lock, when no other write of
     `base` is in progress."""
     for name in os.listdir(out_dir):
         if name == f".{base}.lock":
@@ -94,6 +95,17 @@ def _discard(path: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(os.path.join(path, MANIFEST))
     shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM wait until the block is done (a swap is never left half done)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _intact(path: str, manifest: dict) -> bool:
@@ -140,15 +152,18 @@ def write_bundle(out_dir: str, manifest: dict, artifacts: dict[str, bytes],
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(stage, 0o755)
-            if os.path.isdir(final) and _exchange(stage, final):
-                _discard(stage)                                 # stage now holds the old bundle
-            elif os.path.isdir(final):
-                old = stage[:-len(".tmp")] + ".old"
-                os.rename(final, old)
-                os.rename(stage, final)
+            old = None
+            with _signals_held():
+                if os.path.isdir(final) and _exchange(stage, final):
+                    old = stage                                 # stage now holds the old bundle
+                elif os.path.isdir(final):
+                    old = stage[:-len(".tmp")] + ".old"
+                    os.rename(final, old)
+                    os.rename(stage, final)
+                else:
+                    os.rename(stage, final)
+            if old:
                 _discard(old)
-            else:
-                os.rename(stage, final)
         except OSError as e:
             _discard(stage)
             raise BundleError(f"cannot write bundle {final}: {e.strerror or e}") from None

@@ -5,6 +5,7 @@ import functools
 import json
 import signal
 import sys
+import threading
 
 import click
 
@@ -26,7 +27,8 @@ def _errors(fn):
     --json the failure is also printed to stdout as a JSON object."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             try:
                 return fn(*args, **kwargs)
