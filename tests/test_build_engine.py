@@ -282,7 +282,7 @@ def test_killing_only_the_cli_stops_its_workers(specs, tmp_path, sig):
     """kill -9 or SIGTERM (what `timeout` sends) to the CLI alone: its workers exit, and on
     SIGTERM the CLI says so without a traceback and the previous bundle stays."""
     out = tmp_path / "out"
-    old = fb_build.build(plan_of(specs), str(out), cache_dir=None, progress=False).manifest["id"]
+    old = fb_build.build(plan_of(specs), str(out), progress=False).manifest["id"]  # test cache
     pids = tmp_path / "pids"
     # the fake linker records the worker that runs it ($PPID) and itself, then hangs
     cc = fake_cc(tmp_path, f'[ "$1" = --version ] && exec echo fake 1\n'
@@ -321,16 +321,16 @@ def test_killing_only_the_cli_stops_its_workers(specs, tmp_path, sig):
 
 def test_no_lock_file_and_stale_copies_are_removed_at_the_next_write(specs, tmp_path,
                                                                     monkeypatch):
-    out = tmp_path / "out"
-    fb_build.build(plan_of(specs), str(out), cache_dir=None, progress=False)
+    out, cache = tmp_path / "out", str(tmp_path / "cache")
+    fb_build.build(plan_of(specs), str(out), cache_dir=cache, progress=False)
     assert os.listdir(out) == ["eng-1.0"]
     write_spec(specs, body="a * b")
     with monkeypatch.context() as m:        # a kill between the swap and the cleanup
         m.setattr(bundle, "_discard", lambda path: None)
-        new = fb_build.build(plan_of(specs), str(out), cache_dir=None, progress=False)
+        new = fb_build.build(plan_of(specs), str(out), cache_dir=cache, progress=False)
     stale = [n for n in os.listdir(out) if n != "eng-1.0"]
     assert len(stale) == 1 and stale[0].startswith(".eng-1.0.")
-    again = fb_build.build(plan_of(specs), str(out), cache_dir=None, progress=False)
+    again = fb_build.build(plan_of(specs), str(out), cache_dir=cache, progress=False)
     assert again.up_to_date and again.manifest["id"] == new.manifest["id"]
     assert os.listdir(out) == ["eng-1.0"]
 
