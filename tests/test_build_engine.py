@@ -5,6 +5,7 @@ from __future__ import annotations
 import filecmp
 import io
 import json
+import math
 import os
 import random
 import signal
@@ -361,6 +362,12 @@ def test_verify_numerics_reports_skips_and_fails_when_nothing_ran(tmp_path):
     assert ("1 CPU kernel matches the reference; numerics skipped for 2 kernels (1 CUDA: "
             "numerics are checked on CPU kernels only; 1 x86-64-v3: this host runs only "
             "x86-64-v2)") in r.stdout
+    x, s = np.linspace(-2, 2, 5, dtype=np.float32), 0.375       # an independent oracle
+    f32 = np.float32
+    erf = [f32(math.erf(v)) for v in (s, s / math.sqrt(2), 0.5)]
+    gelu = f32(s) * f32(0.5) * (f32(1) + erf[1])
+    want = x + erf[0] + f32(math.erfc(s)) + gelu + erf[2]
+    np.testing.assert_allclose(runtime.load(built.path).e(x, s), want, rtol=2e-6, atol=1e-6)
     none = fb_build.build(plan_of(tmp_path / "s", targets=["cpu:x86-64-v3", "cuda:sm_80"]),
                           str(tmp_path / "b"), cache_dir=cache, progress=False)
     assert none.compiled == 0
