@@ -225,5 +225,3 @@ def pack(bundle, out):
     """Write BUNDLE as a deterministic .tar.gz (runtime.load accepts it)."""
     from .bundle import pack as run
     click.echo(run(bundle, out))
-
-

@@ -107,7 +107,8 @@ def test_command_line_values_are_named_without_fake_positions(small_spec, args, 
 
 
 def test_target_hints_cite_the_readme(small_spec):
-    (small_spec / "specs" / "small.yaml").write_text(SMALL.replace("groups:", "targets: [tpu]\ngroups:"))
+    spec = SMALL.replace("groups:", "targets: [tpu]\ngroups:")
+    (small_spec / "specs" / "small.yaml").write_text(spec)
     r = fusebuild("check", "specs", cwd=small_spec)
     assert r.returncode == 2 and "small.yaml:3:" in r.stderr
     assert "README" in r.stderr and "DESIGN" not in r.stderr
@@ -122,4 +123,5 @@ def test_a_runtime_only_install_names_the_extra_to_install(small_spec, hidden, a
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"({hidden} is not installed): pip install 'fusebuild[build]'" in r.stderr
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    assert 'fusebuild = "fusebuild.__main__:main"' in open(os.path.join(root, "pyproject.toml")).read()
+    script = 'fusebuild = "fusebuild.__main__:main"'      # the console script takes this path
+    assert script in open(os.path.join(root, "pyproject.toml")).read()
