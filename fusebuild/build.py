@@ -6,9 +6,11 @@ which share one numba lowering. Jobs run in forked worker processes with a per-j
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import multiprocessing
 import os
+import signal
 import sys
 import time
 import traceback
@@ -24,6 +26,7 @@ from .codegen.common import KernelSource
 from .errors import BuildError, FusebuildError, UsageError
 from .ir import Group, instantiate
 from .spec import Plan, Variant
+from .text import plural
 
 DEFAULT_JOB_TIMEOUT = 900.0
 
@@ -80,10 +83,10 @@ class BuildResult:
         shard = m.get("shard")
         what = f"shard {shard['index'] + 1}/{shard['count']}: " if shard else ""
         state = "up to date" if self.up_to_date else "written"
-        return (f"{what}{self.n_kernels} kernels ({len(m['groups'])} groups, {len(targets)} "
-                f"targets: {', '.join(targets)}); {self.modules} modules: {self.compiled} "
-                f"compiled, {self.cached} cached; {self.seconds:.1f} s -> {self.path} "
-                f"({state}, id {m['id'][:12]})")
+        return (f"{what}{plural(self.n_kernels, 'kernel')} ({plural(len(m['groups']), 'group')}, "
+                f"{plural(len(targets), 'target')}: {', '.join(targets)}); "
+                f"{plural(self.modules, 'module')}: {self.compiled} compiled, {self.cached} "
+                f"cached; {self.seconds:.1f} s -> {self.path} ({state}, id {m['id'][:12]})")
 
 
 # ---------------------------------------------------------------- compile jobs -----------------
@@ -149,8 +152,17 @@ def run_job(job: Job) -> JobResult:
     return result
 
 
-def _serve(conn) -> None:
-    """Worker process loop: receive jobs, send results, stop at None or a closed pipe."""
+def _serve(conn, parent_pid: int, inherited: list) -> None:
+    """Worker process loop: receive jobs, send results, stop at None or a closed pipe.
+
+    `inherited` are the pipe ends of the parent (this worker's and its siblings') that the fork
+    copied: closing them lets a worker see EOF when the parent dies while it waits for a job.
+    """
+    _die_with_parent(parent_pid)
+    for c in inherited:
+        c.close()
+    for sig in (signal.SIGINT, signal.SIGTERM):     # not the parent's handlers: die quietly
+        signal.signal(sig, signal.SIG_DFL)
     while True:
         try:
             job = conn.recv()
@@ -159,6 +171,16 @@ def _serve(conn) -> None:
         if job is None:
             return
         conn.send(run_job(job))
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux PR_SET_PDEATHSIG), even
+    of SIGKILL, and exit now if the parent is already gone."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 class WorkerPool:
@@ -170,12 +192,15 @@ class WorkerPool:
         method = "fork" if sys.platform.startswith("linux") else "spawn"
         self.ctx = multiprocessing.get_context(method)
         self.timeout = timeout
-        self.idle = [self._spawn() for _ in range(workers)]
+        self.idle: list = []
         self.busy: dict = {}
+        for _ in range(workers):
+            self.idle.append(self._spawn())
 
     def _spawn(self):
         parent, child = self.ctx.Pipe()
-        proc = self.ctx.Process(target=_serve, args=(child,), daemon=True)
+        inherited = [parent] + [c for _, c in self.idle] + list(self.busy)
+        proc = self.ctx.Process(target=_serve, args=(child, os.getpid(), inherited), daemon=True)
         proc.start()
         child.close()
         return proc, parent

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import tarfile
 import tempfile
 
@@ -68,14 +69,43 @@ def _exchange(a: str, b: str) -> bool:
 
 
 @contextlib.contextmanager
-def _locked(path: str):
-    """An exclusive lock: concurrent writers of one bundle take turns."""
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _locked(directory: str):
+    """An exclusive lock on `directory` itself (no lock file): its writers take turns."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)        # releases the lock
+
+
+def _remove_stale_stages(out_dir: str, base: str) -> None:
+    """Remove what killed writes of bundle `base` left: stages (.tmp) and swapped-out (.old)
+    copies, and the lock file earlier versions left. Called under the lock, when no other write of
+    `base` is in progress."""
+    for name in os.listdir(out_dir):
+        if name == f".{base}.lock":
+            os.unlink(os.path.join(out_dir, name))
+        elif name.startswith(f".{base}.") and name.endswith((".tmp", ".old")):
+            _discard(os.path.join(out_dir, name))
+
+
+def _discard(path: str) -> None:
+    """Delete a stage or old copy, its manifest first so it is never mistaken for a bundle."""
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(path, MANIFEST))
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM wait until the block is done (a swap is never left half done)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _intact(path: str, manifest: dict) -> bool:
@@ -95,23 +125,21 @@ def write_bundle(out_dir: str, manifest: dict, artifacts: dict[str, bytes],
 
     Nothing is written when an intact bundle with the same id is already there. Otherwise the
     bundle is staged in a temporary directory beside the target and swapped in with one atomic
-    exchange (or rename), under a lock, so readers and killed builds see the old or the new
-    bundle, never a mix; stale stages of killed builds are removed.
+    exchange (or rename), under a lock on out_dir, so readers and killed builds see the old or
+    the new bundle, never a mix; what killed writes left is removed first.
     """
     base = f"{manifest['name']}-{manifest['version']}{suffix}"
     final = os.path.join(out_dir, base)
     try:
         os.makedirs(out_dir, exist_ok=True)
-        lock = _locked(os.path.join(out_dir, f".{base}.lock"))
+        lock = _locked(out_dir)
         lock.__enter__()
     except OSError as e:
         raise BundleError(f"cannot write to output directory {out_dir}: {e.strerror}") from None
     try:
+        _remove_stale_stages(out_dir, base)
         if _intact(final, manifest):
             return final, False
-        for name in os.listdir(out_dir):
-            if name.startswith(f".{base}.") and (name.endswith(".tmp") or name.endswith(".old")):
-                shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
         stage = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=out_dir)
         try:
             for rel, data in artifacts.items():
@@ -124,17 +152,20 @@ def write_bundle(out_dir: str, manifest: dict, artifacts: dict[str, bytes],
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(stage, 0o755)
-            if os.path.isdir(final) and _exchange(stage, final):
-                shutil.rmtree(stage, ignore_errors=True)        # stage now holds the old bundle
-            elif os.path.isdir(final):
-                old = stage[:-len(".tmp")] + ".old"
-                os.rename(final, old)
-                os.rename(stage, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(stage, final)
+            old = None
+            with _signals_held():
+                if os.path.isdir(final) and _exchange(stage, final):
+                    old = stage                                 # stage now holds the old bundle
+                elif os.path.isdir(final):
+                    old = stage[:-len(".tmp")] + ".old"
+                    os.rename(final, old)
+                    os.rename(stage, final)
+                else:
+                    os.rename(stage, final)
+            if old:
+                _discard(old)
         except OSError as e:
-            shutil.rmtree(stage, ignore_errors=True)
+            _discard(stage)
             raise BundleError(f"cannot write bundle {final}: {e.strerror or e}") from None
         return final, True
     finally:

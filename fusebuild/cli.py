@@ -3,27 +3,59 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
+import threading
 
 import click
 
 from . import __version__
-from .errors import FusebuildError
+from .errors import FusebuildError, MissingExtra, SpecError
+from .text import plural
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanups run (workers stopped, stage removed)."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated
 
 
 def _errors(fn):
-    """Expected failures print their message and exit with their code; no traceback."""
+    """Expected failures print their message and exit with their code; no traceback. With
+    --json the failure is also printed to stdout as a JSON object."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _on_sigterm)
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except ModuleNotFoundError as e:
+                if (e.name or "").split(".")[0] not in MissingExtra.BUILD_MODULES:
+                    raise
+                raise MissingExtra(e.name) from None
         except FusebuildError as e:
+            if kwargs.get("as_json"):
+                click.echo(json.dumps(_failure(e)))
             click.echo(f"fusebuild: {e}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("fusebuild: interrupted", err=True)
             sys.exit(130)
+        except _Terminated:
+            click.echo("fusebuild: terminated", err=True)
+            sys.exit(128 + signal.SIGTERM)
     return wrapper
+
+
+def _failure(e: FusebuildError) -> dict:
+    """The JSON object of a failed command."""
+    out = {"ok": False, "error": type(e).__name__, "message": str(e), "exit_code": e.exit_code}
+    if isinstance(e, SpecError):
+        out.update(file=e.file, line=e.line, column=e.col)
+    return out
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -89,7 +121,7 @@ def compile(specs, out_dir, targets, jobs, keep_going, shard, cache_dir, no_cach
                    job_timeout=job_timeout)
     if as_json:
         m = result.manifest
-        click.echo(json.dumps({"bundle": result.path, "id": m["id"], "name": m["name"],
+        click.echo(json.dumps({"ok": True, "bundle": result.path, "id": m["id"], "name": m["name"],
                                "version": m["version"], "kernels": result.n_kernels,
                                "groups": len(m["groups"]), "modules": result.modules,
                                "compiled": result.compiled, "cached": result.cached,
@@ -107,7 +139,7 @@ def compile(specs, out_dir, targets, jobs, keep_going, shard, cache_dir, no_cach
 def check(specs, targets, max_kernels):
     """Parse and type-check SPECS without compiling."""
     plan = _plan(specs, targets, max_kernels=max_kernels)
-    click.echo(f"ok: {len(plan.groups)} groups, {plan.n_kernels} kernels "
+    click.echo(f"ok: {plural(len(plan.groups), 'group')}, {plural(plan.n_kernels, 'kernel')} "
                f"({', '.join(plan.targets)})")
 
 
@@ -126,7 +158,8 @@ def plan(specs, targets, max_kernels, as_json):
                 click.echo(json.dumps({"group": gp.group.name, "key": v.key, "target": t})
                            if as_json else f"{v.key}\t{t}")
     if not as_json:
-        click.echo(f"{p.n_kernels} kernels in {len(p.groups)} groups", err=True)
+        click.echo(f"{plural(p.n_kernels, 'kernel')} in {plural(len(p.groups), 'group')}",
+                   err=True)
 
 
 @main.command(name="list")
@@ -141,18 +174,21 @@ def list_(bundle):
     for k in b.manifest["kernels"]:
         counts[k["group"]] = counts.get(k["group"], 0) + 1
     for name in b.groups:
-        click.echo(f"  {b[name].info.signature}    [{counts.get(name, 0)} kernels]")
+        click.echo(f"  {b[name].info.signature}    [{plural(counts.get(name, 0), 'kernel')}]")
 
 
 @main.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--numerics", is_flag=True,
-              help="Also run every CPU kernel this host can load against the reference.")
+              help="Also run every CPU kernel this host can load against the reference; fails "
+                   "if that is none.")
+@click.option("--allow-skip", is_flag=True,
+              help="With --numerics: succeed even if no kernel could be run on this host.")
 @_errors
-def verify(bundle, numerics):
+def verify(bundle, numerics, allow_skip):
     """Check BUNDLE: schema, format, every hash, every loadable artifact."""
     from .verify import verify as run
-    click.echo(run(bundle, numerics).summary())
+    click.echo(run(bundle, numerics, allow_skip=allow_skip).summary())
 
 
 @main.command()
@@ -177,8 +213,8 @@ def merge(shards, out_dir):
     """Merge the shard bundles of one build into one bundle."""
     from .bundle import merge_shards
     path, manifest = merge_shards(list(shards), out_dir)
-    click.echo(f"merged {len(shards)} shards: {len(manifest['kernels'])} kernels -> {path} "
-               f"(id {manifest['id'][:12]})")
+    click.echo(f"merged {plural(len(shards), 'shard')}: "
+               f"{plural(len(manifest['kernels']), 'kernel')} -> {path} (id {manifest['id'][:12]})")
 
 
 @main.command()
@@ -189,7 +225,3 @@ def pack(bundle, out):
     """Write BUNDLE as a deterministic .tar.gz (runtime.load accepts it)."""
     from .bundle import pack as run
     click.echo(run(bundle, out))
-
-
-if __name__ == "__main__":
-    main()

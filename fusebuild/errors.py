@@ -32,6 +32,16 @@ class UsageError(FusebuildError):
     exit_code = 2
 
 
+class MissingExtra(UsageError):
+    """A module of the build extras is not installed (a runtime-only install)."""
+
+    BUILD_MODULES = ("click", "yaml", "tqdm", "numba", "llvmlite")
+
+    def __init__(self, module: str):
+        super().__init__(f"fusebuild's command line needs the build extras ({module} is not "
+                         "installed): pip install 'fusebuild[build]'")
+
+
 class ToolchainError(FusebuildError):
     """A compiler or linker is missing or failed."""
 

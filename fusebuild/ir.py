@@ -242,7 +242,7 @@ class _BodyParser:
             near = get_close_matches(name, list(OPS) + list(CASTS) + ["rand_like"], n=3)
             raise self.err(node, f"unknown op '{name}'",
                            f"did you mean {', '.join(near)}?" if near else
-                           "see the op table in DESIGN.md §1")
+                           "see the op table in the README (section Specs)")
         return self.bind(op, node, pos)
 
     def bind(self, op: OpDef, node: ast.Call, pos: dict) -> Expr:

@@ -62,11 +62,11 @@ def uniform_from_words(words: tuple[np.ndarray, ...], first: int, d: dt.DType) -
 # ---------------------------------------------------------------- op implementations -----------
 
 def _erf(x):
-    return np.frompyfunc(math.erf, 1, 1)(x).astype(np.float64)
+    return np.asarray(np.frompyfunc(math.erf, 1, 1)(x), np.float64)   # a float for 0-d x
 
 
 def _erfc(x):
-    return np.frompyfunc(math.erfc, 1, 1)(x).astype(np.float64)
+    return np.asarray(np.frompyfunc(math.erfc, 1, 1)(x), np.float64)
 
 
 def _libm_lgamma():
@@ -92,7 +92,7 @@ def _lgamma(x):
             return math.lgamma(v)
         except (ValueError, OverflowError):
             return math.inf if not math.isnan(v) and (v <= 0 or math.isinf(v)) else v
-    return np.frompyfunc(f, 1, 1)(x).astype(np.float64)
+    return np.asarray(np.frompyfunc(f, 1, 1)(x), np.float64)
 
 
 def _sigmoid(x):

@@ -18,7 +18,7 @@ from . import dtypes as dt
 from . import targets as tg
 from .argspec import (Dim, broadcast_shapes, canonicalize, contiguous_strides, format_key,
                       parse_key)
-from .errors import SpecError
+from .errors import SpecError, UsageError
 from .ir import Group, SourceMap, instantiate, parse_group
 
 TOP_KEYS = ("fusebuild", "bundle", "targets", "groups")
@@ -26,6 +26,7 @@ GROUP_KEYS = ("name", "doc", "inputs", "outputs", "body", "matrix", "targets")
 MATRIX_KEYS = ("dtype", "shapes", "strided")
 DEFAULT_MAX_KERNELS = 20000
 DEFAULT_NAME, DEFAULT_VERSION = "kernels", "0.1.0"
+_TARGETS_HINT = "targets are listed in the README, section Specs"
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _INPUT_TYPE = re.compile(r"^(tensor|scalar)(?:\(\s*([a-z0-9]+)\s*\))?$")
 
@@ -187,10 +188,13 @@ def load_plan(paths: list[str], targets: list[str] | None = None, name: str | No
     total = 0
     cli_targets = None
     if targets:
-        try:
-            cli_targets = tg.expand(targets)
-        except ValueError as e:
-            raise SpecError(str(e), "--target", 0, 0, "see DESIGN §3 for target names") from None
+        expanded: list[str] = []
+        for t in targets:
+            try:
+                expanded += [x for x in tg.expand([t]) if x not in expanded]
+            except ValueError as e:
+                raise UsageError(f"--target {t}: {e}") from None
+        cli_targets = tuple(expanded)
     for path in spec_files(paths):
         top = _compose(path)
         doc = top.mapping("the spec file", TOP_KEYS)
@@ -229,11 +233,12 @@ def load_plan(paths: list[str], targets: list[str] | None = None, name: str | No
             groups.append(gp)
     final_name = name or (bundle[0] if bundle else DEFAULT_NAME)
     final_version = version or (bundle[1] if bundle else DEFAULT_VERSION)
-    for v, what in ((final_name, "name"), (final_version, "version")):
+    for v, what, given in ((final_name, "name", name), (final_version, "version", version)):
         if not re.match(r"^[A-Za-z0-9_.+-]+$", v):
-            raise SpecError(f"bundle {what} {v!r} may only hold letters, digits and _ . + -",
-                            bundle[2].file if bundle else "--" + what,
-                            bundle[2].line if bundle else 0, 0)
+            message = f"bundle {what} {v!r} may only hold letters, digits and _ . + -"
+            if given:
+                raise UsageError(f"--{what} {v}: {message}")
+            raise bundle[2].err(message)
     return Plan(final_name, final_version, tuple(groups))
 
 
@@ -243,7 +248,7 @@ def _targets(y: _Y) -> tuple[str, ...]:
         try:
             out += [t for t in tg.expand([item.str("a target")]) if t not in out]
         except ValueError as e:
-            raise item.err(str(e), "see DESIGN §3 for target names") from None
+            raise item.err(str(e), _TARGETS_HINT) from None
     return tuple(out)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -14,6 +14,7 @@ from . import targets as tg
 from .argspec import Canonical, contiguous_strides, parse_key, symbol_name
 from .codegen.common import KernelSource
 from .errors import BundleError, SpecError
+from .text import plural
 from .runtime import dispatch
 from .runtime.archive import extract
 from .runtime.cpu import host_isas
@@ -27,13 +28,28 @@ class Report:
     artifacts: int = 0
     loaded: int = 0
     symbols: int = 0
-    numerics: int = 0
+    numerics: int = 0                                       # kernels run against the reference
+    skipped: dict[str, int] = field(default_factory=dict)   # kernels not run, by reason
 
     def summary(self) -> str:
-        text = (f"ok: {self.root} (id {self.bundle_id[:12]}): {self.artifacts} artifacts match "
-                f"their sha256, {self.symbols} kernel symbols present, {self.loaded} shared "
-                f"objects loaded")
-        return text + (f", {self.numerics} CPU kernels match the reference" if self.numerics else "")
+        text = (f"ok: {self.root} (id {self.bundle_id[:12]}): {plural(self.artifacts, 'artifact')} "
+                f"{_verb(self.artifacts, 'match')} their sha256, "
+                f"{plural(self.symbols, 'kernel symbol')} present, "
+                f"{plural(self.loaded, 'shared object')} loaded")
+        if self.numerics:
+            text += (f", {plural(self.numerics, 'CPU kernel')} {_verb(self.numerics, 'match')} "
+                     "the reference")
+        return text + self.skip_note()
+
+    def skip_note(self) -> str:
+        if not self.skipped:
+            return ""
+        reasons = "; ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()))
+        return f"; numerics skipped for {plural(sum(self.skipped.values()), 'kernel')} ({reasons})"
+
+
+def _verb(n: int, verb: str) -> str:
+    return verb + "es" if n == 1 else verb
 
 
 def open_root(path: str) -> str:
@@ -155,7 +171,10 @@ def check_numerics(root: str, group: ir.Group, entry: dict, rng: np.random.Gener
                 raise BundleError(f"{entry['key']} [{entry['target']}] output {o.name}: {m.message}")
 
 
-def verify(path: str, numerics: bool = False, seed: int = 0) -> Report:
+def verify(path: str, numerics: bool = False, seed: int = 0, allow_skip: bool = False) -> Report:
+    """Check the bundle at `path` (a directory or archive); with `numerics`, also run every CPU
+    kernel this host can load against the reference. Raises BundleError on any failure, and
+    when `numerics` checked no kernel at all unless `allow_skip`."""
     root = open_root(path)
     manifest = read_manifest(root)
     verify_artifacts(root, manifest)
@@ -171,7 +190,23 @@ def verify(path: str, numerics: bool = False, seed: int = 0) -> Report:
     if numerics:
         rng = np.random.default_rng(seed)
         for k in manifest["kernels"]:
-            if tg.backend(k["target"]) == "cpu" and tg.arch(k["target"]) in host:
+            why = _skip_reason(k["target"], host)
+            if why:
+                report.skipped[why] = report.skipped.get(why, 0) + 1
+            else:
                 check_numerics(root, groups[k["group"]], k, rng)
                 report.numerics += 1
+        if not report.numerics and not allow_skip:
+            raise BundleError(f"{root}: --numerics checked no kernel{report.skip_note()}; run it "
+                              "on a host that can, or pass --allow-skip to accept this")
     return report
+
+
+def _skip_reason(target: str, host: tuple[str, ...]) -> str:
+    """Why verify --numerics cannot run a kernel of `target` here ('' if it can)."""
+    if tg.backend(target) != "cpu":
+        return f"{tg.backend(target).upper()}: numerics are checked on CPU kernels only"
+    if tg.arch(target) not in host:
+        return (f"{tg.arch(target)}: this host runs only {', '.join(host)}" if host
+                else f"{tg.arch(target)}: this host runs no x86-64 ISA level")
+    return ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import filecmp
 import io
 import json
+import math
 import os
 import random
 import signal
@@ -268,3 +269,114 @@ def test_concurrent_builds_into_one_output_and_cache(specs, tmp_path):
     report = verify(str(tmp_path / "out" / "eng-1.0"), numerics=True)
     # 7 kernels at each of the 3 levels; numerics run only at the levels this host runs
     assert report.symbols == 21 and report.numerics == 7 * len(host_isas())
+    assert sum(report.skipped.values()) == 21 - report.numerics
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie waiting for its reaper counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killing_only_the_cli_stops_its_workers(specs, tmp_path, sig):
+    """kill -9 or SIGTERM (what `timeout` sends) to the CLI alone: its workers exit, and on
+    SIGTERM the CLI says so without a traceback and the previous bundle stays."""
+    out = tmp_path / "out"
+    old = fb_build.build(plan_of(specs), str(out), progress=False).manifest["id"]  # test cache
+    pids = tmp_path / "pids"
+    # the fake linker records the worker that runs it ($PPID) and itself, then hangs
+    cc = fake_cc(tmp_path, f'[ "$1" = --version ] && exec echo fake 1\n'
+                           f'echo "$PPID $$" >> {pids}\nexec sleep 60')
+    proc = subprocess.Popen([sys.executable, "-m", "fusebuild", "compile", str(specs), "-o",
+                             str(out), "--no-cache", "-j", "2"], env={**os.environ, "CC": cc},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (pids.exists() and len(pids.read_text().splitlines()) == 2):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            time.sleep(0.1)
+        lines = [line.split() for line in pids.read_text().splitlines()]
+        workers = [int(w) for w, _ in lines]
+        assert all(_alive(w) for w in workers)
+        proc.send_signal(sig)
+        code = proc.wait(30)
+        deadline = time.monotonic() + 10
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [w for w in workers if _alive(w)], "compile workers outlived the CLI"
+    finally:
+        proc.kill()
+        for line in pids.read_text().splitlines() if pids.exists() else []:
+            try:
+                os.kill(int(line.split()[1]), signal.SIGKILL)       # the hanging linkers
+            except ProcessLookupError:
+                pass
+    if sig == signal.SIGTERM:
+        err = proc.stderr.read()
+        assert code == 128 + signal.SIGTERM and "fusebuild: terminated" in err, err
+        assert "Traceback" not in err
+    assert verify(str(out / "eng-1.0")).bundle_id == old
+    assert not [n for n in os.listdir(out) if n.startswith(".")]
+
+
+def test_no_lock_file_and_stale_copies_are_removed_at_the_next_write(specs, tmp_path,
+                                                                    monkeypatch):
+    out, cache = tmp_path / "out", str(tmp_path / "cache")
+    fb_build.build(plan_of(specs), str(out), cache_dir=cache, progress=False)
+    assert os.listdir(out) == ["eng-1.0"]
+    write_spec(specs, body="a * b")
+    with monkeypatch.context() as m:        # a kill between the swap and the cleanup
+        m.setattr(bundle, "_discard", lambda path: None)
+        new = fb_build.build(plan_of(specs), str(out), cache_dir=cache, progress=False)
+    stale = [n for n in os.listdir(out) if n != "eng-1.0"]
+    assert len(stale) == 1 and stale[0].startswith(".eng-1.0.")
+    again = fb_build.build(plan_of(specs), str(out), cache_dir=cache, progress=False)
+    assert again.up_to_date and again.manifest["id"] == new.manifest["id"]
+    assert os.listdir(out) == ["eng-1.0"]
+
+
+ERF_SPEC = """fusebuild: 1
+bundle: {name: erfs, version: "1"}
+groups:
+  - name: e
+    inputs: {x: tensor, s: scalar(float32)}
+    outputs: [y]
+    body: 'y = x + erf(s) + erfc(s) + gelu(s) + erf(0.5)'
+    matrix: {dtype: [float32], shapes: [{x: [N]}]}
+"""
+
+
+def test_verify_numerics_reports_skips_and_fails_when_nothing_ran(tmp_path):
+    """Kernels verify cannot run are counted with the reason; checking none is a failure unless
+    --allow-skip. (erf/erfc/gelu of a scalar once crashed the reference.)"""
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "e.yaml").write_text(ERF_SPEC)
+    cache = str(tmp_path / "cache")
+    built = fb_build.build(plan_of(tmp_path / "s", targets=["cpu:x86-64-v2", "cpu:x86-64-v3",
+                                                            "cuda:sm_80"]),
+                           str(tmp_path / "a"), cache_dir=cache, progress=False)
+    capped = {**os.environ, "FUSEBUILD_CPU_ISA": "x86-64-v2"}   # the same on any x86-64 host
+    r = run("verify", built.path, "--numerics", env=capped)
+    assert r.returncode == 0, r.stderr
+    assert ("1 CPU kernel matches the reference; numerics skipped for 2 kernels (1 CUDA: "
+            "numerics are checked on CPU kernels only; 1 x86-64-v3: this host runs only "
+            "x86-64-v2)") in r.stdout
+    x, s = np.linspace(-2, 2, 5, dtype=np.float32), 0.375       # an independent oracle
+    f32 = np.float32
+    erf = [f32(math.erf(v)) for v in (s, s / math.sqrt(2), 0.5)]
+    gelu = f32(s) * f32(0.5) * (f32(1) + erf[1])
+    want = x + erf[0] + f32(math.erfc(s)) + gelu + erf[2]
+    np.testing.assert_allclose(runtime.load(built.path).e(x, s), want, rtol=2e-6, atol=1e-6)
+    none = fb_build.build(plan_of(tmp_path / "s", targets=["cpu:x86-64-v3", "cuda:sm_80"]),
+                          str(tmp_path / "b"), cache_dir=cache, progress=False)
+    assert none.compiled == 0
+    r = run("verify", none.path, "--numerics", env=capped)
+    assert r.returncode == 1 and "--numerics checked no kernel" in r.stderr, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    r = run("verify", none.path, "--numerics", "--allow-skip", env=capped)
+    assert r.returncode == 0 and "numerics skipped for 2 kernels" in r.stdout, r.stderr

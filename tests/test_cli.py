@@ -34,7 +34,7 @@ def small_spec(tmp_path):
 def test_compile_check_plan_list(small_spec):
     out = small_spec / "out"
     r = fusebuild("check", "specs", cwd=small_spec)
-    assert r.returncode == 0 and r.stdout.startswith("ok: 1 groups, 6 kernels"), r.stderr
+    assert r.returncode == 0 and r.stdout.startswith("ok: 1 group, 6 kernels"), r.stderr
     r = fusebuild("plan", "specs", "--target", "cpu:x86-64-v2", cwd=small_spec)
     assert r.returncode == 0
     assert r.stdout.split() == ["axpy(f32:c,f32:c)", "cpu:x86-64-v2", "axpy(bf16:c,bf16:c)",
@@ -42,7 +42,7 @@ def test_compile_check_plan_list(small_spec):
     r = fusebuild("compile", "specs", "-o", str(out), "-j", "2", cwd=small_spec)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("6 kernels (1 groups, 3 targets")
+    assert len(lines) == 1 and lines[0].startswith("6 kernels (1 group, 3 targets")
     assert os.path.isfile(out / "small-1.2.3" / "manifest.json")
     r = fusebuild("list", str(out / "small-1.2.3"))
     assert r.returncode == 0
@@ -78,3 +78,50 @@ def test_unwritable_output_directory_is_a_clear_error(small_spec):
     r = fusebuild("compile", "specs", "-o", str(blocker / "out"), cwd=small_spec)
     assert r.returncode == 1
     assert "cannot write to output directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_json_failures_are_printed_as_json(small_spec):
+    bad = small_spec / "bad.yaml"
+    bad.write_text(SMALL.replace("a * x + y", "a * x + frob(y)"))
+    r = fusebuild("compile", str(bad), "-o", str(small_spec / "o"), "--json")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    info = json.loads(r.stdout)
+    assert info["ok"] is False and info["error"] == "SpecError" and info["exit_code"] == 2
+    assert info["file"] == str(bad) and info["line"] == 7 and "unknown op 'frob'" in info["message"]
+    r = fusebuild("plan", "specs", "--target", "cuda:sm_x", "--json", cwd=small_spec)
+    assert r.returncode == 2 and json.loads(r.stdout)["error"] == "UsageError"
+    r = fusebuild("compile", "specs", "-o", str(small_spec / "o"), "--json",
+                  "--target", "cpu:x86-64-v2", cwd=small_spec)
+    assert r.returncode == 0 and json.loads(r.stdout)["ok"] is True
+
+
+@pytest.mark.parametrize("args,message", [
+    (["check", "specs", "--target", "cuda:sm_x"], "fusebuild: --target cuda:sm_x: unknown target"),
+    (["check", "specs", "--target", "cpu", "--target", "tpu"], "fusebuild: --target tpu: "),
+    (["compile", "specs", "--name", "a b"], "fusebuild: --name a b: bundle name 'a b' may only"),
+])
+def test_command_line_values_are_named_without_fake_positions(small_spec, args, message):
+    r = fusebuild(*args, cwd=small_spec)
+    assert r.returncode == 2 and r.stderr.startswith(message), r.stderr
+    assert ":0:0" not in r.stderr
+
+
+def test_target_hints_cite_the_readme(small_spec):
+    spec = SMALL.replace("groups:", "targets: [tpu]\ngroups:")
+    (small_spec / "specs" / "small.yaml").write_text(spec)
+    r = fusebuild("check", "specs", cwd=small_spec)
+    assert r.returncode == 2 and "small.yaml:3:" in r.stderr
+    assert "README" in r.stderr and "DESIGN" not in r.stderr
+
+
+@pytest.mark.parametrize("hidden,argv", [("click", ["--help"]), ("yaml", ["check", "specs"])])
+def test_a_runtime_only_install_names_the_extra_to_install(small_spec, hidden, argv):
+    code = (f"import sys; sys.modules[{hidden!r}] = None; sys.argv = ['fusebuild', *{argv!r}]\n"
+            "from fusebuild.__main__ import main; main()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=small_spec)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"({hidden} is not installed): pip install 'fusebuild[build]'" in r.stderr
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = 'fusebuild = "fusebuild.__main__:main"'      # the console script takes this path
+    assert script in open(os.path.join(root, "pyproject.toml")).read()

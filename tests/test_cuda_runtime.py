@@ -350,7 +350,9 @@ def test_out_and_argument_errors_after_warm_up_are_the_cold_ones(fake, monkeypat
         lambda: bundle.bias_dropout_residual(x, x, x, 0.5, seed=1, offset=1 << 64),
         lambda: bundle.bias_dropout_residual(x, x, x, "0.5", seed=1),
         lambda: bundle.leaky_clip_u8(FakeArray(np.ones((4, 16), np.uint8)), 1 << 40),
-        lambda: bundle.leaky_clip_u8(FakeArray(np.ones((4, 16), np.uint8)), 1.5)]
+        lambda: bundle.leaky_clip_u8(FakeArray(np.ones((4, 16), np.uint8)), 1.5),
+        lambda: bundle.leaky_clip_u8(FakeArray(np.ones((4, 16), np.uint8)), 3, seed=1),
+        lambda: bundle.bias_dropout_residual(x, x, x, np.complex64(0.5 + 1j), seed=1)]
     assert "adam" not in (bundle._cuda.memos if bundle._cuda else {})
     cold = [first_error(c) for c in calls]
     bundle.adam(dp, dg, dm, dv, *scalars)

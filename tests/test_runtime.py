@@ -59,7 +59,7 @@ def test_chunk_that_does_not_divide(examples_bundle):
     (np.empty((4, 7), np.float32), r"must be float32\[4, 8\]"),
     (np.empty((4, 8), np.float64), r"must be float32\[4, 8\]"),
     (np.empty((8, 4), np.float32).T, "C-contiguous"),
-    ([np.empty((4, 8), np.float32)] * 2, "has 1 outputs"),
+    ([np.empty((4, 8), np.float32)] * 2, "has 1 output "),
     ([1.0], "must be a numpy array"),
 ])
 def test_bad_out(examples_bundle, out, pattern):
@@ -96,6 +96,26 @@ def test_random_group_needs_seed(examples_bundle):
         examples_bundle.bias_dropout_residual(f32(4), f32(4), f32(4), 0.1)
     with pytest.raises(ArgumentError, match=r"seed must be an integer in \[0, 2\*\*64\)"):
         examples_bundle.bias_dropout_residual(f32(4), f32(4), f32(4), 0.1, seed=-1)
+
+
+def test_seed_is_refused_by_groups_without_random_numbers(examples_bundle):
+    with pytest.raises(ArgumentError, match="bias_gelu draws no random numbers"):
+        examples_bundle.bias_gelu(f32(4), f32(4), seed=1)
+
+
+def test_complex_scalars_are_refused_not_truncated(examples_bundle):
+    x = f32(4)
+    with pytest.raises(ArgumentError, match="complex number"):
+        examples_bundle.bias_dropout_residual(x, x, x, np.complex64(0.1 + 0.5j), seed=1)
+
+
+def test_dir_and_repr_of_a_bundle(examples_bundle, tmp_path):
+    names = dir(examples_bundle)
+    assert len(names) == len(set(names)) and set(examples_bundle.groups) <= set(names)
+    assert repr(examples_bundle).endswith(f"({len(examples_bundle.groups)} groups)>")
+    one = dict(examples_bundle.manifest, groups={"bias_gelu":
+                                                 examples_bundle.manifest["groups"]["bias_gelu"]})
+    assert repr(runtime.Bundle(examples_bundle.root, one)).endswith("(1 group)>")
 
 
 def test_unknown_group(examples_bundle):

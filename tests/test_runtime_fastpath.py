@@ -123,7 +123,7 @@ def _bad_calls():
         (*gelu, {"out": np.empty((4, 8), np.float64)}, ArgumentError, r"float32\[4, 8\]"),
         (*gelu, {"out": np.empty((8, 4), np.float32).T}, ArgumentError, "C-contiguous"),
         (*gelu, {"out": ro}, ArgumentError, "writeable"),
-        (*gelu, {"out": [x, x]}, ArgumentError, "has 1 outputs"),
+        (*gelu, {"out": [x, x]}, ArgumentError, "has 1 output "),
         (*gelu, {"out": 1.0}, ArgumentError, "must be a numpy array"),
         (*gelu, {"args": (x, b, b)}, ArgumentError, r"takes 2 arguments \(3 given\)"),
         (*gelu, {"bias": b}, TypeError, "unexpected keyword argument 'bias'"),
@@ -139,6 +139,11 @@ def _bad_calls():
         (*drop, {"seed": 2**64}, ArgumentError, "seed must be"),
         (*drop, {"seed": 1.0}, ArgumentError, "seed must be"),
         (*drop, {"offset": -1}, ArgumentError, "offset must be"),
+        (*gelu, {"seed": 1}, ArgumentError, "draws no random numbers"),
+        (*gelu, {"offset": 5}, ArgumentError, "draws no random numbers"),
+        (*clip, {"args": (img, np.complex64(1 + 2j))}, ArgumentError, "complex number"),
+        (*drop, {"args": (x, x, x, np.complex128(0.1 + 1j))}, ArgumentError, "complex number"),
+        (*drop, {"args": (x, x, x, 0.1 + 0j)}, ArgumentError, "complex number"),
     ]
 
 

@@ -338,7 +338,8 @@ static int fast_call(Caller *self, PyObject *const *args, Py_ssize_t nargs, PyOb
     int64_t key[MAX_KEY], meta[MAX_META];
     View views[MAX_TENSORS];
     Py_ssize_t len;
-    if (nargs != self->n_args || !self->count)
+    if (nargs != self->n_args || !self->count
+        || (!self->random && (seed != Py_None || offset != zero)))    /* the Python path refuses */
         return 0;
     int torch = torch_call(self->n_tensors ? args[self->tensor_pos[0]] : NULL);
     for (int j = 0; j < self->n_tensors; j++)

@@ -26,6 +26,7 @@ import numpy as np
 from .. import dtypes as dt
 from ..abi import Abi
 from ..argspec import Canonical, contiguous_strides, parse_key
+from ..text import plural
 from ..errors import ArgumentError, BundleError, KernelNotFound
 from . import dispatch
 
@@ -596,7 +597,7 @@ def _tensor_names(info: dispatch.GroupInfo, args: tuple) -> list[tuple[str, obje
 def call_device(info: dispatch.GroupInfo, args: tuple) -> int:
     """The device of a call whose tensor inputs are all CUDA arrays on one device."""
     if len(args) != len(info.params):
-        raise ArgumentError(f"{info.signature} takes {len(info.params)} arguments "
+        raise ArgumentError(f"{info.signature} takes {plural(len(info.params), 'argument')} "
                             f"({len(args)} given)")
     tensors = _tensor_names(info, args)
     cpu = [n for n, a in tensors if not is_cuda_array(a)]
@@ -688,8 +689,8 @@ def _outputs(cp, info: dispatch.GroupInfo, c: dispatch.Call, entry: dict, out, a
         return arrays, results
     given = list(out) if isinstance(out, (tuple, list)) else [out]
     if len(given) != len(want):
-        raise ArgumentError(f"{info.name} has {len(want)} outputs ({', '.join(names)}); out= gave "
-                            f"{len(given)}")
+        raise ArgumentError(f"{info.name} has {plural(len(want), 'output')} ({', '.join(names)}); "
+                            f"out= gave {len(given)}")
     device = c.arrays[0].device if c.arrays else None
     arrays = []
     for name, o, (shape, d) in zip(names, given, want):

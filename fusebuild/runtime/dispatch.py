@@ -131,6 +131,9 @@ def _scalar_bits(name: str, value, d: dt.DType) -> int:
             pass
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value.item()
+    if isinstance(value, (complex, np.complexfloating)):
+        raise ArgumentError(f"scalar input '{name}' is {d.name}; got the complex number {value!r}"
+                            " (pass its .real if that is what you mean)")
     if not isinstance(value, (int, float, bool, np.generic)):
         raise ArgumentError(f"scalar input '{name}' needs a Python number, got "
                             f"{type(value).__name__}")
@@ -204,6 +207,12 @@ def check_seed(group: str, seed, offset) -> None:
         raise ArgumentError(f"{group} draws random numbers: pass seed= (and offset=)")
     check_seed_word(seed, "seed")
     check_seed_word(offset, "offset")
+
+
+def check_no_seed(group: str, seed, offset) -> None:
+    """Groups without random numbers take neither seed= nor offset=."""
+    if seed is not None or not (isinstance(offset, (int, np.integer)) and offset == 0):
+        raise ArgumentError(f"{group} draws no random numbers: it takes no seed= or offset=")
 
 
 def check_seed_word(value, what: str) -> None:

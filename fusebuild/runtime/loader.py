@@ -15,6 +15,7 @@ from .. import dtypes as dt
 from ..abi import Abi
 from ..argspec import contiguous_strides, parse_key
 from ..errors import ArgumentError, BundleError, KernelNotFound
+from ..text import plural
 from . import cuda, dispatch, interop, threads
 from . import _dispatch
 from ._dispatch import Caller
@@ -82,10 +83,11 @@ class Bundle:
             raise KeyError(f"bundle {self.name} has no group '{name}'") from None
 
     def __dir__(self):
-        return list(super().__dir__()) + list(self._callers)
+        return sorted(set(super().__dir__()) | set(self._callers))
 
     def __repr__(self) -> str:
-        return f"<fusebuild bundle {self.name}-{self.version} {self.id[:12]} ({len(self._callers)} groups)>"
+        return (f"<fusebuild bundle {self.name}-{self.version} {self.id[:12]} "
+                f"({plural(len(self._callers), 'group')})>")
 
     def candidates(self, key: str, empty: bool = False) -> list[str]:
         """Keys whose kernels compute a call of `key`: itself, then by `dispatch.serves`
@@ -270,7 +272,8 @@ class GroupCaller(Caller):
 
     def _check_count(self, args: tuple) -> None:
         if len(args) != len(self.info.params):
-            raise ArgumentError(f"{self.info.signature} takes {len(self.info.params)} arguments "
+            raise ArgumentError(f"{self.info.signature} takes "
+                                f"{plural(len(self.info.params), 'argument')} "
                                 f"({len(args)} given)")
 
     def _host_args(self, args: tuple) -> tuple:
@@ -287,6 +290,8 @@ class GroupCaller(Caller):
 
     def _call(self, args: tuple, out, seed, offset):
         """The generic path: any arguments, first calls, errors (_dispatch.c for the rest)."""
+        if not self.info.has_random:
+            dispatch.check_no_seed(self.info.name, seed, offset)
         result = cuda.serve(self, args, out, seed, offset)     # a cupy call like an earlier one
         if result is not None:
             return result
@@ -397,7 +402,7 @@ class GroupCaller(Caller):
         names = [n for n, _ in self.info.outputs]
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
         if len(outs) != len(plan.outs):
-            raise ArgumentError(f"{self.info.name} has {len(plan.outs)} outputs "
+            raise ArgumentError(f"{self.info.name} has {plural(len(plan.outs), 'output')} "
                                 f"({', '.join(names)}); out= gave {len(outs)}")
         for name, o, (shape, d, _) in zip(names, outs, plan.outs):
             if not isinstance(o, np.ndarray):
