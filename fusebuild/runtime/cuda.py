@@ -651,8 +651,8 @@ def call(caller, args: tuple, out, seed, offset: int):
         cats = [cat for _, cat in info.outputs]
         outs, results = _outputs(cp, info, c, kernel.entry, out, args, stream)
         if n:
-            rank = len(kernel.layouts[0]) if kernel.layouts else 0
-            c.canon = dispatch.pad(c.canon, rank)
+            c.canon = dispatch.pad(c.canon, kernel.layouts)
+            rank = len(c.canon.sizes)
             abi = Abi(rank, tuple(ch[0] if ch else 1 for ch in info.chunks),
                       tuple(cat[0] if cat else 1 for cat in cats), info.has_random,
                       len(c.scalars))

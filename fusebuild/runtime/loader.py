@@ -358,8 +358,9 @@ class GroupCaller(Caller):
         call = dispatch.prepare(info, args, _numpy_describe)
         n = dispatch.element_count(call)
         entry = self.bundle.find_cpu(call.key, empty=n == 0)
-        rank = len(parse_key(entry.key)[1][0][1]) if n else len(call.canon.sizes)
-        call.canon = dispatch.pad(call.canon, rank)
+        if n:
+            call.canon = dispatch.pad(call.canon, tuple(lay for _, lay in parse_key(entry.key)[1]))
+        rank = len(call.canon.sizes)
         abi = Abi(rank, tuple(c[0] if c else 1 for c in info.chunks),
                   tuple(cat[0] if cat else 1 for _, cat in info.outputs), info.has_random,
                   len(call.scalars))

@@ -99,7 +99,7 @@ class EmulatedGroup:
         n = dispatch.element_count(call)
         if not n:
             return Launch(key, 0, outs)
-        call.canon = dispatch.pad(call.canon, ks.rank)
+        call.canon = dispatch.pad(call.canon, ks.layouts)
         abi: Abi = ks.abi
         vector = vector_width(ks)
         words, _ = cuda.launch_words(abi, call, [_host(o) for o in outs],
