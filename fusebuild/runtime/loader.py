@@ -159,17 +159,17 @@ class Bundle:
             cap = f", capped by FUSEBUILD_CPU_ISA={forced}" if forced else ""
             best = self._cpu_targets[0] if self._cpu_targets else "cpu"
             return KernelNotFound(
-                f"bundle {self.name}-{self.version} has {key} only for {', '.join(levels)}, an "
-                f"ISA level this CPU cannot run (it runs {where}{cap}); the key and dtypes are "
+                f"bundle {self.name}-{self.version} has {key} only for {', '.join(levels)}, "
+                f"which this CPU cannot run (it runs {where}{cap}); the key and dtypes are "
                 f"fine: rebuild with `--target cpu` (every x86-64 level) or `--target {best}`",
                 key)
         near = dispatch.nearest_keys(key, list(self._index))
+        fix = f"to fix it: {self._convert_hint(key, converted)}" if converted else \
+            f"to add it: {self._suggest(key)}"
         return KernelNotFound(
             f"bundle {self.name}-{self.version} has no kernel {key} for this CPU ({where}); "
             f"bundle targets: {', '.join(have)}.\n  nearest keys present: "
-            f"{', '.join(near) or 'none'}\n  to add it: "
-            f"{self._convert_hint(key, converted) if converted else self._suggest(key)}",
-            key, near)
+            f"{', '.join(near) or 'none'}\n  {fix}", key, near)
 
     def _suggest(self, key: str) -> str:
         group, descs = parse_key(key)
@@ -193,8 +193,9 @@ class Bundle:
         for name, made in converted:
             i = names.index(name)
             options = sorted({ds[i].name for ds in have}, key=lambda n: dt.lookup(n).bits)
+            pick = "float32" if "float32" in options else (options or [made])[0]
             hints.append(f"input '{name}' is a Python list, which numpy made {made}; pass "
-                         f"np.asarray({name}, np.{options[0] if options else made})"
+                         f"np.asarray({name}, np.{pick})"
                          + (f" (the bundle has {', '.join(options)})" if options else ""))
         return "; ".join(hints)
 
@@ -242,8 +243,8 @@ class Bundle:
             raise KernelNotFound(f"{missing}; on_miss='jit' compiles it on the fly, which needs "
                                  f"the build extras (`pip install 'fusebuild[build]'`): "
                                  f"{reply['error']}", key)
-        raise KernelNotFound(f"{missing}, and compiling it on the fly for {target} failed:\n"
-                             f"{reply['error']}", key)
+        raise KernelNotFound(f"{missing}, and compiling it on the fly failed (target {target}):"
+                             f"\n{reply['error']}", key)
 
     def _jit(self, key: str) -> KernelEntry:
         """Compile a missing CPU kernel at the host's best ISA level and index it."""
