@@ -4,12 +4,13 @@ by key computes numpy's result on the original (strided, broadcast, reversed) ar
 from __future__ import annotations
 
 import itertools
+import types
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from fusebuild import build, runtime, spec
+from fusebuild import build, dtypes as dt, runtime, spec
 from fusebuild.argspec import (Canonical, Dim, broadcast_shapes, canonicalize,
                                contiguous_strides, format_key, parse_key, symbol_name)
 from fusebuild.runtime import dispatch
@@ -54,6 +55,15 @@ def test_placement_of_a_call_on_a_higher_rank_kernel(kernel, call, dims):
     for st, lay, orig in zip(padded.strides, padded.layouts, strides):
         assert tuple(s for d, s in enumerate(st) if d in dims) == orig
         assert all(s == 0 and ch == "b" for d, (s, ch) in enumerate(zip(st, lay)) if d not in dims)
+
+
+def test_kernels_that_keep_the_inner_dim_inner_come_first():
+    """'sc' runs an 's' call only with its inner dim of size 1 (one element per row): 'ss' of
+    the same rank, which keeps the call's dim inner, is preferred."""
+    fake = types.SimpleNamespace(_index={}, _by_dtypes={("g", (dt.float32,)): [
+        (("c",), "g(f32:c)"), (("sc",), "g(f32:sc)"), (("ss",), "g(f32:ss)")]})
+    assert runtime.Bundle.candidates(fake, "g(f32:s)") == ["g(f32:ss)", "g(f32:sc)"]
+    assert runtime.Bundle.candidates(fake, "g(f32:c)") == ["g(f32:sc)", "g(f32:ss)"]
 
 
 @pytest.mark.parametrize("key", ["bias_gelu(f32:cc,f32:bc)", "g(bf16:,b8:)", "x1(i64:s)",

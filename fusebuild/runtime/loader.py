@@ -89,13 +89,18 @@ class Bundle:
         return f"<fusebuild bundle {self.name}-{self.version} {self.id[:12]} ({len(self._callers)} groups)>"
 
     def candidates(self, key: str, empty: bool = False) -> list[str]:
-        """Keys whose kernels compute a call of `key`: itself, then by `dispatch.serves`
-        (for an empty call, any key of the same dtypes: no kernel runs, only output dtypes count)."""
+        """Keys whose kernels compute a call of `key`: itself, then by `dispatch.placement`,
+        those that keep the call's inner dim inner first (for an empty call, any key of the same
+        dtypes: no kernel runs, only output dtypes count)."""
         group, descs = parse_key(key)
         layouts = tuple(lay for _, lay in descs)
         found = [key] if key in self._index else []
-        return found + [k for lays, k in self._by_dtypes.get((group, tuple(d for d, _ in descs)), [])
-                        if k != key and (empty or dispatch.serves(lays, layouts))]
+        fits = []
+        for lays, k in self._by_dtypes.get((group, tuple(d for d, _ in descs)), []):
+            dims = () if empty else dispatch.placement(lays, layouts)
+            if k != key and dims is not None:
+                fits.append((bool(dims) and dims[-1] != len(lays[0]) - 1, k))
+        return found + [k for _, k in sorted(fits, key=lambda fit: fit[0])]
 
     def find_cpu(self, key: str, empty: bool = False) -> KernelEntry:
         """The kernel for a call of `key` at the best ISA level this host runs; on a miss,
