@@ -14,14 +14,16 @@ import os
 import sys
 import tempfile
 
+from .errors import FusebuildError, SpecError
+
 
 def compile_missing(group_json: dict, key: str, target: str, out_dir: str) -> dict:
-    """Compile `key` of the group for `target`; the manifest-style entry, with an absolute file."""
+    """Compile `key` of the group for `target`; the manifest-style entry, with an absolute file.
+    The build side is imported here, so that its absence is an answer ("extras"), not a crash."""
     from . import build, ir
     from . import targets as tg
     from .argspec import parse_key
     from .cache import Cache, Entry, default_dir, module_key
-    from .errors import FusebuildError
     from .spec import Variant
     group = ir.group_from_json(group_json)
     dtypes = tuple(d for d, _ in parse_key(key)[1])
@@ -50,10 +52,6 @@ def compile_missing(group_json: dict, key: str, target: str, out_dir: str) -> di
 
 def reply(req: dict) -> dict:
     """The answer to one request (never raises for an expected failure)."""
-    try:
-        from .errors import FusebuildError, SpecError
-    except ImportError as e:     # pragma: no cover - the package itself is broken
-        return {"error": str(e), "kind": "extras"}
     try:
         return {"entry": compile_missing(req["group"], req["key"], req["target"], req["out_dir"])}
     except ImportError as e:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import warnings
 
 import numpy as np
@@ -153,6 +154,17 @@ def test_a_jit_type_error_is_reported_as_the_type_error(bundle_path, v2_host):
     assert "group 'inv' does not type-check for these dtypes" in text
     assert "bitwise_not() needs integer or bool operands, got float32" in text
     assert "pip install" not in text and "<manifest>" not in text
+
+
+def test_jit_without_the_build_extras_says_which_extra_to_install(bundle_path, v2_host,
+                                                                 tmp_path, monkeypatch):
+    (tmp_path / "yaml.py").write_text("raise ImportError(\"No module named 'yaml'\")\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    with pytest.raises(KernelNotFound) as e:
+        runtime.load(bundle_path, on_miss="jit").scale(np.ones(4), 2.0)
+    assert "needs the build extras (`pip install 'fusebuild[build]'`): ImportError: No module " \
+           "named 'yaml'" in str(e.value)
 
 
 def test_add_misses_skips_bad_records_and_counts_repeats_once(specs, tmp_path):
