@@ -112,7 +112,7 @@ def test_a_fixed_dtype_input_is_told_its_dtype_not_offered_a_map(bundle_path, v2
     np.testing.assert_array_equal(got, want)
 
 
-def test_python_lists_are_told_to_pass_arrays(bundle_path, v2_host):
+def test_python_lists_and_numbers_are_told_to_pass_arrays(bundle_path, v2_host):
     k = runtime.load(bundle_path)
     with pytest.raises(KernelNotFound) as e:
         k.scale([1.0, 2.0], 2.0)
@@ -120,6 +120,9 @@ def test_python_lists_are_told_to_pass_arrays(bundle_path, v2_host):
     assert "input 'x' is a Python list, which numpy made float64; pass " \
            "np.asarray(x, np.float32)" in text
     assert "float64}" not in text and "matrix.dtype" not in text
+    with pytest.raises(KernelNotFound, match=r"input 'x' is a Python int, which numpy made "
+                                             r"int64; pass np.asarray\(x, np.float32\)"):
+        k.scale(3, 2.0)
     np.testing.assert_array_equal(k.scale(np.asarray([1.0, 2.0], np.float32), 2.0), [3, 5])
 
 

@@ -148,9 +148,9 @@ class Bundle:
                               f"dtype, so no rebuild adds {key}: pass {fix}", key)
 
     def _not_found(self, key: str, empty: bool = False,
-                   converted: tuple[tuple[str, str], ...] = ()) -> KernelNotFound:
+                   converted: tuple[tuple[str, str, str], ...] = ()) -> KernelNotFound:
         """The error for a CPU call of `key` that no kernel serves; `converted` names inputs
-        numpy made arrays of (Python lists), with the dtype it gave them."""
+        numpy made arrays of (Python lists or numbers): (input, Python type, dtype numpy gave)."""
         have = sorted({t for es in self._index.values() for t in es})
         if not any(t.startswith("cpu:") for t in have):
             return KernelNotFound(f"bundle {self.name}-{self.version} has only CUDA kernels "
@@ -189,17 +189,17 @@ class Bundle:
                 + ", then rebuild (or log misses with FUSEBUILD_MISS_LOG and rebuild with "
                   "`fusebuild compile --add-misses LOG`)")
 
-    def _convert_hint(self, key: str, converted: tuple[tuple[str, str], ...]) -> str:
-        """What to pass instead of Python lists: arrays of the dtypes the bundle has."""
+    def _convert_hint(self, key: str, converted: tuple[tuple[str, str, str], ...]) -> str:
+        """What to pass instead of Python lists or numbers: arrays of the bundle's dtypes."""
         group, _ = parse_key(key)
         names = self._callers[group].info.tensor_names
         have = [dtypes for g, dtypes in self._by_dtypes if g == group]
         hints = []
-        for name, made in converted:
+        for name, kind, made in converted:
             i = names.index(name)
             options = sorted({ds[i].name for ds in have}, key=lambda n: dt.lookup(n).bits)
             pick = "float32" if "float32" in options else (options or [made])[0]
-            hints.append(f"input '{name}' is a Python list, which numpy made {made}; pass "
+            hints.append(f"input '{name}' is a Python {kind}, which numpy made {made}; pass "
                          f"np.asarray({name}, np.{pick})"
                          + (f" (the bundle has {', '.join(options)})" if options else ""))
         return "; ".join(hints)
@@ -430,9 +430,9 @@ class GroupCaller(Caller):
         try:
             result = self(*host, out=out, seed=seed, offset=offset)
         except KernelNotFound as e:
-            lists = tuple((n, host[i].dtype.name) for i, n in zip(self._tensor_pos,
-                                                                   self.info.tensor_names)
-                          if isinstance(args[i], (list, tuple)))
+            lists = tuple((n, type(args[i]).__name__, host[i].dtype.name)
+                          for i, n in zip(self._tensor_pos, self.info.tensor_names)
+                          if isinstance(args[i], (list, tuple, int, float)))
             if not lists or self.bundle.on_miss != "error" or self.bundle.fixed_dtype_error(e.key):
                 raise
             raise self.bundle._not_found(e.key, converted=lists) from None
