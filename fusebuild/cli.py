@@ -110,11 +110,10 @@ def compile(specs, out_dir, targets, jobs, keep_going, shard, cache_dir, no_cach
     shard_range = parse_shard(shard) if shard else None
     plan = _plan(specs, targets, name, bundle_version, max_kernels)
     for log in miss_logs:
-        plan, added, skipped = add_misses(plan, log)
+        fold = add_misses(plan, log)
+        plan = fold.plan
         if not quiet:
-            click.echo(f"{log}: {added} missing keys added"
-                       + (f", {skipped} records of groups not in these specs skipped"
-                          if skipped else ""), err=True)
+            _report_misses(log, fold)
     result = build(plan, out_dir, jobs, keep_going, emit_source,
                    progress=False if quiet or as_json else None,
                    cache_dir=None if no_cache else cache_dir, shard=shard_range,
@@ -129,6 +128,25 @@ def compile(specs, out_dir, targets, jobs, keep_going, shard, cache_dir, no_cach
                                "seconds": round(result.seconds, 3)}))
     elif not quiet:
         click.echo(result.summary())
+
+
+def _report_misses(log: str, fold) -> None:
+    """What --add-misses did with one log, on stderr."""
+    def count(n: int, what: str) -> str:
+        return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+    notes = [f"{count(fold.duplicates, 'duplicate record')}"] if fold.duplicates else []
+    if fold.other_groups:
+        notes.append(f"{count(fold.other_groups, 'record')} of groups not in these specs skipped")
+    if fold.bad:
+        notes.append(f"{count(len(fold.bad), 'invalid record')} skipped")
+    click.echo(f"{log}: {count(fold.added, 'missing key')} added"
+               + "".join(f", {n}" for n in notes), err=True)
+    for line in fold.bad:
+        click.echo(f"  skipped {line}", err=True)
+    if fold.unbuilt:
+        click.echo(f"  misses were logged for targets these specs do not build: "
+                   f"{', '.join(fold.unbuilt)} (add them with --target)", err=True)
 
 
 @main.command()

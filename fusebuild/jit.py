@@ -1,8 +1,10 @@
-"""On-the-fly compilation of a missing kernel (runtime `on_miss="jit"`).
+"""On-the-fly compilation of a missing kernel (runtime `on_miss="jit"`), CPU or CUDA.
 
 The runtime runs `python -m fusebuild.jit` with a JSON request on stdin, so compilers never load
-into the serving process; the module goes through the normal compile cache and the shared object
-is written (atomically) into the directory the request names.
+into the serving process; the module goes through the normal compile cache and the artifact
+(a CPU shared object or a cubin) is written (atomically) into the directory the request names.
+The reply is {"entry": ...} or {"error": ..., "kind": "type" | "extras" | "build"}: the group
+does not type-check for the key's dtypes, the build extras are missing, or the compile failed.
 """
 from __future__ import annotations
 
@@ -12,29 +14,33 @@ import os
 import sys
 import tempfile
 
-from . import build, ir
-from .argspec import parse_key
-from .cache import Cache, Entry, default_dir, module_key
-from .errors import FusebuildError
-from .spec import Variant
+from .errors import FusebuildError, SpecError
 
 
 def compile_missing(group_json: dict, key: str, target: str, out_dir: str) -> dict:
-    """Compile `key` of the group for `target`; the manifest-style entry, with an absolute file."""
+    """Compile `key` of the group for `target`; the manifest-style entry, with an absolute file.
+    The build side is imported here, so that its absence is an answer ("extras"), not a crash."""
+    from . import build, ir
+    from . import targets as tg
+    from .argspec import parse_key
+    from .cache import Cache, Entry, default_dir, module_key
+    from .spec import Variant
     group = ir.group_from_json(group_json)
-    variants = (Variant(key, tuple(d for d, _ in parse_key(key)[1])),)
-    toolchain = build.backend_versions({"cpu"})
+    dtypes = tuple(d for d, _ in parse_key(key)[1])
+    ir.instantiate(group, {i.name: d for i, d in zip(group.tensor_inputs, dtypes)})
+    backend = tg.backend(target)
+    toolchain = build.backend_versions({backend})
     cache = Cache(default_dir())
     ckey = module_key(group.ir_json(), [key], target, toolchain)
     entry = cache.get(ckey)
     if entry is None:
-        result = build.run_job(build.Job(group, variants, "cpu", (target,)))
+        result = build.run_job(build.Job(group, (Variant(key, dtypes),), backend, (target,)))
         if result.error:
             raise FusebuildError(result.error)
         entry = Entry(result.artifacts, result.kernels)
         cache.put(ckey, entry)
     (rel, data), = entry.artifacts.items()
-    path = os.path.join(out_dir, hashlib.sha256(data).hexdigest()[:24] + ".so")
+    path = os.path.join(out_dir, hashlib.sha256(data).hexdigest()[:24] + os.path.splitext(rel)[1])
     if not os.path.exists(path):
         os.makedirs(out_dir, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".jit-", dir=out_dir)
@@ -44,15 +50,22 @@ def compile_missing(group_json: dict, key: str, target: str, out_dir: str) -> di
     return {**entry.kernels[0], "file": path}
 
 
-def main() -> int:
-    req = json.load(sys.stdin)
+def reply(req: dict) -> dict:
+    """The answer to one request (never raises for an expected failure)."""
     try:
-        out = compile_missing(req["group"], req["key"], req["target"], req["out_dir"])
-        json.dump({"entry": out}, sys.stdout)
-        return 0
+        return {"entry": compile_missing(req["group"], req["key"], req["target"], req["out_dir"])}
+    except ImportError as e:
+        return {"error": f"{type(e).__name__}: {e}", "kind": "extras"}
+    except SpecError as e:
+        return {"error": e.message + (f" ({e.hint})" if e.hint else ""), "kind": "type"}
     except FusebuildError as e:
-        json.dump({"error": str(e)}, sys.stdout)
-        return 1
+        return {"error": str(e), "kind": "build"}
+
+
+def main() -> int:
+    out = reply(json.load(sys.stdin))
+    json.dump(out, sys.stdout)
+    return 0 if "entry" in out else 1
 
 
 if __name__ == "__main__":

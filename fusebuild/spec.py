@@ -449,42 +449,80 @@ def _layouts(group: Group, shapes: dict[str, tuple], sy: _Y) -> tuple[str, ...]:
 
 
 
-def add_misses(plan: Plan, log_path: str) -> tuple[Plan, int, int]:
-    """Fold the keys of a runtime miss log (JSON lines with "group" and "key") into the plan.
+@dataclass(frozen=True)
+class MissFold:
+    """What `add_misses` made of a miss log."""
+    plan: Plan
+    added: int                       # keys new to the plan
+    duplicates: int                  # records of a key seen before in the log
+    other_groups: int                # records of groups not in these specs
+    bad: tuple[str, ...]             # 'LOG:LINE: why' per record skipped as invalid
+    unbuilt: tuple[str, ...]         # targets misses were logged for that the plan does not build
 
-    Returns (plan, keys added, records skipped because their group is not in the specs).
+
+def add_misses(plan: Plan, log_path: str) -> MissFold:
+    """Fold the keys of a runtime miss log (JSON lines with "key" and "target") into the plan.
+
+    Invalid records (bad JSON or key, wrong arity, a dtype the spec fixes, a type error) are
+    skipped and reported, identical keys counted once; an unreadable log is a SpecError.
     """
     try:
-        with open(log_path, encoding="utf-8") as f:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
             lines = f.read().splitlines()
     except OSError as e:
         raise SpecError(f"cannot read miss log: {e.strerror}", log_path, 0, 0,
                         "pass the file FUSEBUILD_MISS_LOG pointed to") from None
     groups = {gp.group.name: gp for gp in plan.groups}
-    added, skipped = {}, 0
+    added: dict[str, dict[str, Variant]] = {}
+    seen: set[str] = set()
+    duplicates = other = 0
+    bad, bad_keys, unbuilt = [], set(), {}
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
-            group, descs = parse_key(rec["key"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise SpecError(f"bad miss record: {e}", log_path, n, 1,
-                            'each line is {"group": ..., "key": "group(f32:c,...)"}') from None
+            key, target = rec["key"], rec.get("target")
+            group, descs = parse_key(key)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            bad.append(f"{log_path}:{n}: not a miss record ({type(e).__name__}: {e}); each line "
+                       'is {"key": "group(f32:c,...)", "target": ...}')
+            continue
         gp = groups.get(group)
         if gp is None:
-            skipped += 1
+            other += 1
             continue
-        if len(descs) != len(gp.group.tensor_inputs):
-            raise SpecError(f"key {rec['key']} does not fit group {group}'s inputs", log_path, n, 1,
-                            "the log comes from a bundle built from other specs")
-        dtypes = tuple(d for d, _ in descs)
-        try:
-            instantiate(gp.group, {i.name: d for i, d in zip(gp.group.tensor_inputs, dtypes)})
-        except SpecError as e:
-            raise SpecError(f"key {rec['key']}: {e.message}", log_path, n, 1, e.hint) from None
-        if all(v.key != rec["key"] for v in gp.variants):
-            added.setdefault(group, {})[rec["key"]] = Variant(rec["key"], dtypes)
+        if key in seen:
+            duplicates += 1
+        else:
+            seen.add(key)
+            why = _miss_problem(gp.group, descs)
+            if why:
+                bad.append(f"{log_path}:{n}: {key}: {why}")
+                bad_keys.add(key)
+                continue
+            if all(v.key != key for v in gp.variants):
+                added.setdefault(group, {})[key] = Variant(key, tuple(d for d, _ in descs))
+        if key not in bad_keys and isinstance(target, str) and target not in gp.targets:
+            unbuilt[target] = None
     new_groups = tuple(dataclasses.replace(gp, variants=gp.variants + tuple(
         added.get(gp.group.name, {}).values())) for gp in plan.groups)
-    return dataclasses.replace(plan, groups=new_groups), sum(map(len, added.values())), skipped
+    return MissFold(dataclasses.replace(plan, groups=new_groups), sum(map(len, added.values())),
+                    duplicates, other, tuple(bad), tuple(sorted(unbuilt)))
+
+
+def _miss_problem(group: Group, descs: tuple) -> str:
+    """Why a logged key cannot be built for `group` ('' if it can)."""
+    inputs = group.tensor_inputs
+    if len(descs) != len(inputs):
+        return (f"has {len(descs)} tensor inputs, group '{group.name}' {len(inputs)} (the log "
+                "comes from a bundle built from other specs)")
+    fixed = [f"input '{i.name}' is fixed to {i.dtype.name}, the key has {d.name}"
+             for i, (d, _) in zip(inputs, descs) if i.dtype is not None and i.dtype != d]
+    if fixed:
+        return "; ".join(fixed)
+    try:
+        instantiate(group, {i.name: d for i, (d, _) in zip(inputs, descs)})
+    except SpecError as e:
+        return f"does not type-check: {e.message}"
+    return ""

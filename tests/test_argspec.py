@@ -4,14 +4,16 @@ by key computes numpy's result on the original (strided, broadcast, reversed) ar
 from __future__ import annotations
 
 import itertools
+import types
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from fusebuild import build, runtime, spec
-from fusebuild.argspec import (Dim, broadcast_shapes, canonicalize, contiguous_strides,
-                               format_key, parse_key, symbol_name)
+from fusebuild import build, dtypes as dt, runtime, spec
+from fusebuild.argspec import (Canonical, Dim, broadcast_shapes, canonicalize,
+                               contiguous_strides, format_key, parse_key, symbol_name)
+from fusebuild.runtime import dispatch
 
 B, C, H = Dim(1, ("B",)), Dim(1, ("C",)), Dim(1, ("H",))
 
@@ -27,6 +29,41 @@ def test_design_examples():
     assert c.sizes == (24,) and c.layouts == ("c", "c")
     # size-1 dims dropped, rank 0 for a single element
     assert canonicalize((1, 1), [((1, 1), (1, 1))]).layouts == ("",)
+
+
+@pytest.mark.parametrize("kernel, call, dims", [
+    (("sc",), ("s",), (0,)),                       # swiglu, F = 1: chunk view [T, 1]
+    (("sc", "cc"), ("s", "c"), (0,)),              # lstm_cell, H = 1
+    (("cc", "bc"), ("c", "b"), (0,)),              # bias_gelu, C = 1
+    (("ccc", "sbc", "sbc"), ("cc", "sb", "sb"), (0, 1)),   # scale_shift, C = 1
+    (("cc", "bc"), ("c", "c"), (1,)),              # size-1 dims go outermost first
+    (("sc",), ("",), ()),                          # one element
+    (("sc",), ("c",), (1,)),
+    (("cc", "bc"), ("s", "b"), None),              # no kernel letter takes 's'
+    (("c",), ("cc",), None),                       # never a lower-rank kernel
+])
+def test_placement_of_a_call_on_a_higher_rank_kernel(kernel, call, dims):
+    assert dispatch.placement(kernel, call) == dims
+    if dims is None:
+        return
+    rank = len(call[0])
+    sizes = tuple(range(2, 2 + rank))
+    strides = tuple(tuple(0 if ch == "b" else 7 for ch in lay) for lay in call)
+    padded = dispatch.pad(Canonical(sizes, strides, call), kernel)
+    assert padded.sizes == tuple(sizes[dims.index(d)] if d in dims else 1
+                                 for d in range(len(kernel[0])))
+    for st, lay, orig in zip(padded.strides, padded.layouts, strides):
+        assert tuple(s for d, s in enumerate(st) if d in dims) == orig
+        assert all(s == 0 and ch == "b" for d, (s, ch) in enumerate(zip(st, lay)) if d not in dims)
+
+
+def test_kernels_that_keep_the_inner_dim_inner_come_first():
+    """'sc' runs an 's' call only with its inner dim of size 1 (one element per row): 'ss' of
+    the same rank, which keeps the call's dim inner, is preferred."""
+    fake = types.SimpleNamespace(_index={}, _by_dtypes={("g", (dt.float32,)): [
+        (("c",), "g(f32:c)"), (("sc",), "g(f32:sc)"), (("ss",), "g(f32:ss)")]})
+    assert runtime.Bundle.candidates(fake, "g(f32:s)") == ["g(f32:ss)", "g(f32:sc)"]
+    assert runtime.Bundle.candidates(fake, "g(f32:c)") == ["g(f32:sc)", "g(f32:ss)"]
 
 
 @pytest.mark.parametrize("key", ["bias_gelu(f32:cc,f32:bc)", "g(bf16:,b8:)", "x1(i64:s)",

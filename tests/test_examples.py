@@ -32,6 +32,7 @@ def test_example_group_matches_reference(examples_bundle, gp):
     syms = symbols(gp)
     assignments = [{s: int(rng.integers(2, 9)) for s in syms} for _ in range(3)]
     assignments += [{s: 1 for s in syms}]                       # one element
+    assignments += [{**assignments[0], s: 1} for s in syms]     # one symbol of size 1
     if syms:
         assignments += [{**{s: 3 for s in syms}, syms[0]: 0}]    # empty
     strided = any("s" * len(lay) == lay and lay for v in gp.variants

@@ -152,9 +152,12 @@ def test_miss_loop_log_rebuild_hit(tmp_path, monkeypatch):
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["key"] for r in records] == ["scale(f64:c)", "scale(f64:ss)"]
     assert records[1]["on_miss"] == "jit" and records[0]["id"] == k.id
+    with open(log, "a") as f:       # a bad record and a repeated one are skipped, not fatal
+        f.write("{truncated\n" + json.dumps(records[0]) + "\n")
     r = subprocess.run([sys.executable, "-m", "fusebuild", "compile", str(specs), "-o", str(out),
                         "--add-misses", str(log)], capture_output=True, text=True)
-    assert r.returncode == 0 and "2 missing keys added" in r.stderr, r.stderr
+    assert r.returncode == 0 and "2 missing keys added, 1 duplicate record, 1 invalid record " \
+        f"skipped\n  skipped {log}:3: not a miss record" in r.stderr, r.stderr
     monkeypatch.delenv("FUSEBUILD_MISS_LOG")
     again = runtime.load(path)
     assert {"scale(f64:c)", "scale(f64:ss)"} <= set(again.keys())

@@ -5,6 +5,7 @@ import ctypes
 import os
 import platform
 import threading
+import warnings
 
 from ..errors import BundleError
 
@@ -15,6 +16,9 @@ _REQUIRED = {
     "x86-64-v3": {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"},
     "x86-64-v4": {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"},
 }
+
+
+_WARNED: set[str] = set()       # FUSEBUILD_CPU_ISA values above the CPU, warned about once
 
 
 def _cpu_flags() -> set[str]:
@@ -29,7 +33,8 @@ def _cpu_flags() -> set[str]:
 
 
 def host_isas() -> tuple[str, ...]:
-    """ISA levels this host can run, best last; FUSEBUILD_CPU_ISA caps the choice."""
+    """ISA levels this host can run, best last; FUSEBUILD_CPU_ISA caps the choice (a cap above
+    what the CPU runs is the CPU's best level, with one RuntimeWarning per value)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return ()
     flags, levels = _cpu_flags(), []
@@ -41,10 +46,14 @@ def host_isas() -> tuple[str, ...]:
     if forced:
         if forced not in ISA_LEVELS:
             raise BundleError(f"FUSEBUILD_CPU_ISA={forced!r} is not one of {', '.join(ISA_LEVELS)}")
-        if forced not in levels:
-            raise BundleError(f"FUSEBUILD_CPU_ISA={forced} but this CPU supports only "
-                              f"{', '.join(levels) or 'none of the levels'}")
-        levels = levels[:levels.index(forced) + 1]
+        if forced in levels:
+            levels = levels[:levels.index(forced) + 1]
+        elif forced not in _WARNED:
+            _WARNED.add(forced)
+            warnings.warn(f"FUSEBUILD_CPU_ISA={forced}, but this CPU runs only "
+                          f"{', '.join(levels) or 'none of the levels'}: using "
+                          f"{levels[-1] if levels else 'no CPU kernels'}", RuntimeWarning,
+                          stacklevel=2)
     return tuple(levels)
 
 

@@ -312,6 +312,7 @@ class CudaKernels:
                 self._entries.setdefault(k["key"], {})[k["target"]] = k
         self._modules: dict[tuple[str, int], object] = {}
         self._kernels: dict[tuple[str, int], _Kernel] = {}
+        self._missed: dict[tuple[str, int, bool], KernelNotFound] = {}
         self._lock = threading.Lock()
         self.memos: dict[str, _Memo] = {}     # per group name
 
@@ -320,9 +321,15 @@ class CudaKernels:
         return self.memos.get(info.name) or self.memos.setdefault(info.name, _Memo(info))
 
     def find(self, key: str, device: int, empty: bool) -> _Kernel:
+        """The kernel for a call of `key` on `device`; on a miss, logs it (FUSEBUILD_MISS_LOG,
+        target cuda:sm_XY of the device) and compiles it with NVRTC when on_miss="jit". A miss
+        is handled once per (key, device): later calls get the same answer."""
         cached = self._kernels.get((key, device))
         if cached is not None:
             return cached
+        missed = self._missed.get((key, device, empty))
+        if missed is not None:
+            raise KernelNotFound(str(missed), missed.key, missed.nearest)
         cp = _cupy()
         cc = _capability(cp, device)
         max_isa = max_ptx_isa(cp.cuda.runtime.driverGetVersion())
@@ -331,19 +338,48 @@ class CudaKernels:
             target, why = select_target(self._entries.get(k, {}), cc, max_isa)
             reasons.append(why)
             if target:
-                entry = self._entries[k][target]
-                function = None if empty else self._function(cp, entry, device)
-                found = _Kernel(entry, function, tuple(lay for _, lay in parse_key(k)[1]))
-                if not empty:
-                    self._kernels[(key, device)] = found
-                return found
+                return self._kernel(cp, k, self._entries[k][target], device, key, empty)
+        error = self.bundle.fixed_dtype_error(key)
+        if error is None:
+            target = f"cuda:sm_{cc[0]}{cc[1]}"
+            self.bundle.log_miss(key, target)
+            if self.bundle.on_miss == "jit":
+                try:
+                    return self._jit(cp, key, target, device, empty)
+                except KernelNotFound as e:
+                    error = e
+            else:
+                error = self._not_found(cp, key, device, cc, reasons)
+        self._missed[(key, device, empty)] = error
+        raise KernelNotFound(str(error), error.key, error.nearest)
+
+    def _kernel(self, cp, k: str, entry: dict, device: int, key: str, empty: bool) -> _Kernel:
+        """Kernel `k` (entry `entry`) for calls of `key` on `device`, remembered if not empty."""
+        function = None if empty else self._function(cp, entry, device)
+        found = _Kernel(entry, function, tuple(lay for _, lay in parse_key(k)[1]))
+        if not empty:
+            self._kernels[(key, device)] = found
+        return found
+
+    def _jit(self, cp, key: str, target: str, device: int, empty: bool) -> _Kernel:
+        """Compile `key` for the device's SASS target with NVRTC (in a child process, as the
+        CPU JIT) and index it."""
+        with self.bundle._jit_lock:
+            entry = self._entries.get(key, {}).get(target)
+            if entry is None:
+                entry = self.bundle.compile_missing(key, target)
+                self._entries.setdefault(key, {})[target] = entry
+        return self._kernel(cp, key, entry, device, key, empty)
+
+    def _not_found(self, cp, key: str, device: int, cc: tuple[int, int],
+                   reasons: list[str]) -> KernelNotFound:
         have = sorted({t for es in self._entries.values() for t in es})
         near = dispatch.nearest_keys(key, [k for k in self.bundle.keys() if k != key])
         name = cp.cuda.runtime.getDeviceProperties(device)["name"]
         name = name.decode() if isinstance(name, bytes) else name
         (major, minor), sm = cc, f"{cc[0]}{cc[1]}"
         older = f" or an older cuda:sm_{major}x" if minor else ""
-        raise KernelNotFound(
+        return KernelNotFound(
             f"bundle {self.bundle.name}-{self.bundle.version} has no kernel {key} that runs on "
             f"CUDA device {device} ({name}, sm_{sm}: needs cuda:sm_{sm}{older}, or PTX "
             f"cuda:compute_XY with XY <= {sm}){''.join(dict.fromkeys(reasons))}; bundle CUDA "
@@ -652,8 +688,8 @@ def call(caller, args: tuple, out, seed, offset: int):
         cats = [cat for _, cat in info.outputs]
         outs, results = _outputs(cp, info, c, kernel.entry, out, args, stream)
         if n:
-            rank = len(kernel.layouts[0]) if kernel.layouts else 0
-            c.canon = dispatch.pad(c.canon, rank)
+            c.canon = dispatch.pad(c.canon, kernel.layouts)
+            rank = len(c.canon.sizes)
             abi = Abi(rank, tuple(ch[0] if ch else 1 for ch in info.chunks),
                       tuple(cat[0] if cat else 1 for cat in cats), info.has_random,
                       len(c.scalars))

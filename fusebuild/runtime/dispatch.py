@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
+from itertools import combinations
 
 import numpy as np
 
@@ -179,26 +180,47 @@ def nearest_keys(key: str, keys: list[str], n: int = 3) -> tuple[str, ...]:
     return tuple(c[-1] for c in sorted(cands)[:n])
 
 
-def serves(kernel_layouts: tuple[str, ...], call_layouts: tuple[str, ...]) -> bool:
-    """Whether a kernel compiled for `kernel_layouts` computes a call of `call_layouts`.
+def placement(kernel_layouts: tuple[str, ...], call_layouts: tuple[str, ...]
+              ) -> tuple[int, ...] | None:
+    """The kernel dims a call's dims run on when a kernel compiled for `kernel_layouts`
+    computes a call of `call_layouts`; None if it cannot.
 
-    A kernel of higher rank runs a lower-rank call with size-1 outer dims prepended; on the
-    shared inner dims each letter must match, or be 's' (any stride, 0 and dense included).
+    A kernel of higher rank runs a lower-rank call with size-1 dims inserted (canonical form
+    drops a call's size-1 dims, so a symbol of size 1 makes a lower-rank key than the build's).
+    On the dims the call runs on each letter must match, or be 's' (any stride, 0 and dense
+    included); a size-1 dim fits any letter. Size-1 dims go outermost where that works, so the
+    inner dim stays the call's.
     """
-    for k, c in zip(kernel_layouts, call_layouts):
-        if len(k) < len(c) or any(a != b and a != "s" for a, b in zip(k[len(k) - len(c):], c)):
-            return False
-    return True
+    rank = len(kernel_layouts[0]) if kernel_layouts else 0
+    call_rank = len(call_layouts[0]) if call_layouts else 0
+    for dims in reversed(list(combinations(range(rank), call_rank))):
+        if all(k[d] == c[i] or k[d] == "s" for k, c in zip(kernel_layouts, call_layouts)
+               for i, d in enumerate(dims)):
+            return dims
+    return None
 
 
-def pad(canon: Canonical, rank: int) -> Canonical:
-    """`canon` with size-1 outer dims prepended up to `rank` (strides 0 there)."""
-    extra = rank - len(canon.sizes)
-    if extra <= 0:
+def serves(kernel_layouts: tuple[str, ...], call_layouts: tuple[str, ...]) -> bool:
+    """Whether a kernel compiled for `kernel_layouts` computes a call of `call_layouts`."""
+    return placement(kernel_layouts, call_layouts) is not None
+
+
+def pad(canon: Canonical, kernel_layouts: tuple[str, ...]) -> Canonical:
+    """`canon` brought to the rank of a kernel that serves it: size-1 dims (stride 0) inserted
+    where `placement` puts none of the call's dims."""
+    rank = len(kernel_layouts[0]) if kernel_layouts else 0
+    if rank <= len(canon.sizes):
         return canon
-    return Canonical((1,) * extra + canon.sizes,
-                     tuple((0,) * extra + st for st in canon.strides),
-                     tuple("b" * extra + lay for lay in canon.layouts))
+    dims = placement(kernel_layouts, canon.layouts)
+    if dims is None:
+        raise ValueError(f"layouts {canon.layouts} do not run on a kernel of {kernel_layouts}")
+    where = dict(zip(dims, range(len(dims))))
+
+    def spread(values: tuple, fill) -> tuple:
+        return tuple(values[where[d]] if d in where else fill for d in range(rank))
+
+    return Canonical(spread(canon.sizes, 1), tuple(spread(st, 0) for st in canon.strides),
+                     tuple("".join(spread(tuple(lay), "b")) for lay in canon.layouts))
 
 
 def check_seed(group: str, seed, offset) -> None:

@@ -42,6 +42,7 @@ class Bundle:
         for cands in self._by_dtypes.values():
             cands.sort(key=_preference)
         self._resolved: dict[str, KernelEntry] = {}
+        self._missed: dict[tuple[str, bool], KernelNotFound] = {}   # (key, empty) -> error
         self._callers = {name: GroupCaller(self, dispatch.GroupInfo.from_manifest(g))
                          for name, g in manifest["groups"].items()}
         self._libs = Libraries(root)
@@ -90,20 +91,29 @@ class Bundle:
                 f"({plural(len(self._callers), 'group')})>")
 
     def candidates(self, key: str, empty: bool = False) -> list[str]:
-        """Keys whose kernels compute a call of `key`: itself, then by `dispatch.serves`
-        (for an empty call, any key of the same dtypes: no kernel runs, only output dtypes count)."""
+        """Keys whose kernels compute a call of `key`: itself, then by `dispatch.placement`,
+        those that keep the call's inner dim inner first (for an empty call, any key of the same
+        dtypes: no kernel runs, only output dtypes count)."""
         group, descs = parse_key(key)
         layouts = tuple(lay for _, lay in descs)
         found = [key] if key in self._index else []
-        return found + [k for lays, k in self._by_dtypes.get((group, tuple(d for d, _ in descs)), [])
-                        if k != key and (empty or dispatch.serves(lays, layouts))]
+        fits = []
+        for lays, k in self._by_dtypes.get((group, tuple(d for d, _ in descs)), []):
+            dims = () if empty else dispatch.placement(lays, layouts)
+            if k != key and dims is not None:
+                fits.append((bool(dims) and dims[-1] != len(lays[0]) - 1, k))
+        return found + [k for _, k in sorted(fits, key=lambda fit: fit[0])]
 
     def find_cpu(self, key: str, empty: bool = False) -> KernelEntry:
         """The kernel for a call of `key` at the best ISA level this host runs; on a miss,
-        logs it (FUSEBUILD_MISS_LOG) and compiles it when on_miss="jit"."""
+        logs it (FUSEBUILD_MISS_LOG) and compiles it when on_miss="jit". A miss is looked up,
+        logged and compiled (or refused) once: later calls of the key get the same answer."""
         entry = self._resolved.get(key)
         if entry is not None:
             return entry
+        missed = self._missed.get((key, empty))
+        if missed is not None:
+            raise _again(missed)
         for k in self.candidates(key, empty):
             entries = self._index[k]
             for target in self._cpu_targets:
@@ -111,75 +121,158 @@ class Bundle:
                     if not empty:
                         self._resolved[key] = entries[target]
                     return entries[target]
-        self._log_miss(key)
-        if self.on_miss == "jit" and self._cpu_targets:
-            return self._jit(key)
-        raise self._not_found(key)
+        error = self.fixed_dtype_error(key)
+        if error is None:
+            self.log_miss(key, self._cpu_targets[0] if self._cpu_targets else None)
+            if self.on_miss == "jit" and self._cpu_targets:
+                try:
+                    return self._jit(key)
+                except KernelNotFound as e:
+                    error = e
+            else:
+                error = self._not_found(key, empty)
+        self._missed[(key, empty)] = error
+        raise _again(error)
 
-    def _not_found(self, key: str) -> KernelNotFound:
+    def fixed_dtype_error(self, key: str) -> KernelNotFound | None:
+        """The error for a call passing a fixed-dtype input (`tensor(bool)`) another dtype: no
+        rebuild adds such a kernel, so it is neither logged nor compiled."""
+        group, descs = parse_key(key)
+        caller = self._callers.get(group)
+        tensors = [(n, d) for n, k, d in caller.info.params if k == "tensor"] if caller else []
+        wrong = [f"'{n}' is declared tensor({d}) and was passed {got.name}"
+                 for (n, d), (got, _) in zip(tensors, descs) if d and got.name != d]
+        if not wrong:
+            return None
+        fix = ", ".join(f"{n}.astype({d})" for (n, d), (got, _) in zip(tensors, descs)
+                        if d and got.name != d)
+        return KernelNotFound(f"{group}: input {'; input '.join(wrong)}; the spec fixes that "
+                              f"dtype, so no rebuild adds {key}: pass {fix}", key)
+
+    def _not_found(self, key: str, empty: bool = False,
+                   converted: tuple[tuple[str, str, str], ...] = ()) -> KernelNotFound:
+        """The error for a CPU call of `key` that no kernel serves; `converted` names inputs
+        numpy made arrays of (Python lists or numbers): (input, Python type, dtype numpy gave)."""
         have = sorted({t for es in self._index.values() for t in es})
         if not any(t.startswith("cpu:") for t in have):
             return KernelNotFound(f"bundle {self.name}-{self.version} has only CUDA kernels "
                                   f"({', '.join(have)}) and was called with CPU arrays: pass CUDA "
                                   "arrays (cupy, torch, ...) or rebuild with --target cpu", key)
-        near = dispatch.nearest_keys(key, list(self._index))
         where = ", ".join(self._cpu_targets) or "no CPU ISA level (not an x86-64 host)"
+        levels = sorted({t for k in self.candidates(key, empty) for t in self._index[k]
+                         if t.startswith("cpu:")})
+        if levels:
+            forced = os.environ.get("FUSEBUILD_CPU_ISA")
+            cap = f", capped by FUSEBUILD_CPU_ISA={forced}" if forced else ""
+            best = self._cpu_targets[0] if self._cpu_targets else "cpu"
+            return KernelNotFound(
+                f"bundle {self.name}-{self.version} has {key} only for {', '.join(levels)}, "
+                f"which this CPU cannot run (it runs {where}{cap}); the key and dtypes are "
+                f"fine: rebuild with `--target cpu` (every x86-64 level) or `--target {best}`",
+                key)
+        near = dispatch.nearest_keys(key, list(self._index))
+        fix = f"to fix it: {self._convert_hint(key, converted)}" if converted else \
+            f"to add it: {self._suggest(key)}"
         return KernelNotFound(
             f"bundle {self.name}-{self.version} has no kernel {key} for this CPU ({where}); "
             f"bundle targets: {', '.join(have)}.\n  nearest keys present: "
-            f"{', '.join(near) or 'none'}\n  to add it: {self._suggest(key)}", key, near)
+            f"{', '.join(near) or 'none'}\n  {fix}", key, near)
 
     def _suggest(self, key: str) -> str:
         group, descs = parse_key(key)
         caller = self._callers.get(group)
+        params = [(n, d) for n, k, d in caller.info.params if k == "tensor"] if caller else []
         strided = any("s" in lay for _, lay in descs)
-        names = caller.info.tensor_names if caller else []
-        dmap = ", ".join(f"{n}: {d.name}" for n, (d, _) in zip(names, descs))
+        dmap = ", ".join(f"{n}: {d.name}" for (n, fixed), (d, _) in zip(params, descs)
+                         if not fixed)
         return (f"in group '{group}' of your spec, add `{{{dmap}}}` under matrix.dtype and a "
                 f"shape pattern of this call under matrix.shapes"
                 + (" with `strided: true`" if strided else "")
                 + ", then rebuild (or log misses with FUSEBUILD_MISS_LOG and rebuild with "
                   "`fusebuild compile --add-misses LOG`)")
 
-    def _log_miss(self, key: str) -> None:
+    def _convert_hint(self, key: str, converted: tuple[tuple[str, str, str], ...]) -> str:
+        """What to pass instead of Python lists or numbers: arrays of the bundle's dtypes."""
+        group, _ = parse_key(key)
+        names = self._callers[group].info.tensor_names
+        have = [dtypes for g, dtypes in self._by_dtypes if g == group]
+        hints = []
+        for name, kind, made in converted:
+            i = names.index(name)
+            options = sorted({ds[i].name for ds in have}, key=lambda n: dt.lookup(n).bits)
+            pick = "float32" if "float32" in options else (options or [made])[0]
+            hints.append(f"input '{name}' is a Python {kind}, which numpy made {made}; pass "
+                         f"np.asarray({name}, np.{pick})"
+                         + (f" (the bundle has {', '.join(options)})" if options else ""))
+        return "; ".join(hints)
+
+    def log_miss(self, key: str, target: str | None) -> None:
+        """Append a miss to FUSEBUILD_MISS_LOG, if set: once per log, bundle, key and target
+        in a process."""
         path = os.environ.get("FUSEBUILD_MISS_LOG")
         if not path:
             return
         record = {"bundle": self.name, "version": self.version, "id": self.id,
-                  "group": parse_key(key)[0], "key": key,
-                  "target": self._cpu_targets[0] if self._cpu_targets else None,
+                  "group": parse_key(key)[0], "key": key, "target": target,
                   "on_miss": self.on_miss}
+        seen = (os.path.abspath(path), self.id, key, target)
+        with _LOGGED_LOCK:
+            if seen in _LOGGED:
+                return
+            try:
+                with open(path, "a", encoding="utf-8") as f:   # one short append: atomic
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise BundleError(f"cannot append to FUSEBUILD_MISS_LOG={path}: "
+                                  f"{e.strerror}") from None
+            _LOGGED.add(seen)
+
+    def compile_missing(self, key: str, target: str) -> dict:
+        """Compile a missing kernel for `target` in a child process (build extras needed): its
+        manifest-style entry, with an absolute file. Raises KernelNotFound saying why not."""
+        group = parse_key(key)[0]
+        request = {"group": self.manifest["groups"][group], "key": key, "target": target,
+                   "out_dir": os.path.join(cache_home(), "jit", self.id)}
+        proc = subprocess.run([sys.executable, "-m", "fusebuild.jit"], text=True,
+                              input=json.dumps(request), capture_output=True)
         try:
-            with open(path, "a", encoding="utf-8") as f:   # one short append: atomic with O_APPEND
-                f.write(json.dumps(record) + "\n")
-        except OSError as e:
-            raise BundleError(f"cannot append to FUSEBUILD_MISS_LOG={path}: {e.strerror}") from None
+            reply = json.loads(proc.stdout)
+        except ValueError:
+            reply = {"error": proc.stderr.strip()[-2000:] or f"exit code {proc.returncode}"}
+        if "entry" in reply:
+            return reply["entry"]
+        missing = f"{key} is not in bundle {self.name}-{self.version}"
+        if reply.get("kind") == "type":
+            raise KernelNotFound(f"{missing}, and group '{group}' does not type-check for "
+                                 f"these dtypes, so no kernel can be compiled for it: "
+                                 f"{reply['error']}", key)
+        if reply.get("kind") == "extras":
+            raise KernelNotFound(f"{missing}; on_miss='jit' compiles it on the fly, which needs "
+                                 f"the build extras (`pip install 'fusebuild[build]'`): "
+                                 f"{reply['error']}", key)
+        raise KernelNotFound(f"{missing}, and compiling it on the fly failed (target {target}):"
+                             f"\n{reply['error']}", key)
 
     def _jit(self, key: str) -> KernelEntry:
-        """Compile a missing kernel in a child process (build extras needed) and index it."""
+        """Compile a missing CPU kernel at the host's best ISA level and index it."""
         with self._jit_lock:
             if key in self._resolved:
                 return self._resolved[key]
-            group = parse_key(key)[0]
-            request = {"group": self.manifest["groups"][group], "key": key,
-                       "target": self._cpu_targets[0],
-                       "out_dir": os.path.join(cache_home(), "jit", self.id)}
-            proc = subprocess.run([sys.executable, "-m", "fusebuild.jit"], text=True,
-                                  input=json.dumps(request), capture_output=True)
-            try:
-                reply = json.loads(proc.stdout)
-            except ValueError:
-                reply = {"error": proc.stderr.strip()[-2000:] or f"exit code {proc.returncode}"}
-            if "entry" not in reply:
-                raise KernelNotFound(f"{key} is not in bundle {self.name}-{self.version} and "
-                                     f"compiling it on the fly failed (on_miss='jit' needs "
-                                     f"`pip install fusebuild[build]`):\n{reply['error']}", key)
-            e = reply["entry"]
+            e = self.compile_missing(key, self._cpu_targets[0])
             entry = KernelEntry(e["key"], e["group"], e["target"], e["file"], e["symbol"],
                                 e["sha256"], tuple(e["outputs"]))
             self._add(entry)
             self._resolved[key] = entry
             return entry
+
+
+_LOGGED: set[tuple] = set()      # (log, bundle id, key, target) appended by this process
+_LOGGED_LOCK = threading.Lock()
+
+
+def _again(error: KernelNotFound) -> KernelNotFound:
+    """A fresh copy of a remembered miss (raising one instance twice chains tracebacks)."""
+    return KernelNotFound(str(error), error.key, error.nearest)
 
 
 def _preference(candidate: tuple) -> tuple:
@@ -339,7 +432,15 @@ class GroupCaller(Caller):
         elif out is not None:
             out = interop.as_numpy(out, "out")
         host = self._host_args(args)
-        result = self(*host, out=out, seed=seed, offset=offset)
+        try:
+            result = self(*host, out=out, seed=seed, offset=offset)
+        except KernelNotFound as e:
+            lists = tuple((n, type(args[i]).__name__, host[i].dtype.name)
+                          for i, n in zip(self._tensor_pos, self.info.tensor_names)
+                          if isinstance(args[i], (list, tuple, int, float)))
+            if not lists or self.bundle.on_miss != "error" or self.bundle.fixed_dtype_error(e.key):
+                raise
+            raise self.bundle._not_found(e.key, converted=lists) from None
         if framework is None:
             return result
         self._remember_torch(framework, args, host)
@@ -363,8 +464,9 @@ class GroupCaller(Caller):
         call = dispatch.prepare(info, args, _numpy_describe)
         n = dispatch.element_count(call)
         entry = self.bundle.find_cpu(call.key, empty=n == 0)
-        rank = len(parse_key(entry.key)[1][0][1]) if n else len(call.canon.sizes)
-        call.canon = dispatch.pad(call.canon, rank)
+        if n:
+            call.canon = dispatch.pad(call.canon, tuple(lay for _, lay in parse_key(entry.key)[1]))
+        rank = len(call.canon.sizes)
         abi = Abi(rank, tuple(c[0] if c else 1 for c in info.chunks),
                   tuple(cat[0] if cat else 1 for _, cat in info.outputs), info.has_random,
                   len(call.scalars))

@@ -1,6 +1,6 @@
 """Inputs for every example kernel: small shapes from each group's matrix patterns (1 element,
-odd sizes, sizes that allow the vector path, a misaligned view, strided views), scalar values
-and seeds. Shared by the emulation and the GPU tests."""
+a size-1 inner symbol, odd sizes, sizes that allow the vector path, a misaligned view, strided
+views), scalar values and seeds. Shared by the emulation and the GPU tests."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,6 +35,7 @@ def _assignments(gp, pattern: dict, rng) -> dict[str, dict[str, int]]:
     syms = sorted({s for shape in pattern.values() for d in shape for s in Dim.of(d).syms})
     inner = {s for shape in pattern.values() if shape for s in Dim.of(shape[-1]).syms}
     return {"one": {s: 1 for s in syms},
+            "inner-one": {s: 1 if s in inner else 3 for s in syms},   # a size-1 inner symbol
             "odd": {s: int(rng.choice([3, 5, 7])) for s in syms},
             "vector": {s: 16 if s in inner else 2 for s in syms}}
 

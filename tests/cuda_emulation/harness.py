@@ -75,7 +75,8 @@ class EmulatedGroup:
         fits = [k for k, ks in self.kernels.items()
                 if [d for d, _ in parse_key(k)[1]] == [d for d, _ in descs]
                 and dispatch.serves(ks.layouts, layouts)]
-        fits.sort(key=lambda k: (self.kernels[k].rank,
+        fits.sort(key=lambda k: (not _keeps_inner(self.kernels[k].layouts, layouts),
+                                 self.kernels[k].rank,
                                  "".join(self.kernels[k].layouts).count("s"), k))
         if not fits:
             raise LookupError(f"no kernel serves {key}")
@@ -99,7 +100,7 @@ class EmulatedGroup:
         n = dispatch.element_count(call)
         if not n:
             return Launch(key, 0, outs)
-        call.canon = dispatch.pad(call.canon, ks.rank)
+        call.canon = dispatch.pad(call.canon, ks.layouts)
         abi: Abi = ks.abi
         vector = vector_width(ks)
         words, _ = cuda.launch_words(abi, call, [_host(o) for o in outs],
@@ -134,6 +135,11 @@ def _shift(words: np.ndarray, ks: KernelSource, call: dispatch.Call, outs: list,
         for slot in op_slots:
             words[slot] -= rows * stride * size
     words[abi.n_ptrs + abi.n_meta:abi.n_ptrs + abi.n_meta + 2] = (start, start + n)
+
+
+def _keeps_inner(kernel_layouts: tuple[str, ...], call_layouts: tuple[str, ...]) -> bool:
+    dims = dispatch.placement(kernel_layouts, call_layouts)
+    return not dims or dims[-1] == len(kernel_layouts[0]) - 1
 
 
 def _host(a: np.ndarray) -> cuda.DeviceArray:

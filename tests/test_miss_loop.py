@@ -1,0 +1,244 @@
+"""The miss loop and its hints: misses looked up and logged once, KernelNotFound saying what is
+wrong (an ISA level the host cannot run, a fixed dtype, a Python list, a JIT type error), the
+FUSEBUILD_CPU_ISA cap, `--add-misses` with bad and repeated records, and CUDA misses logged and
+JIT-compiled with NVRTC (run on the host emulation of the kernels)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+from fusebuild import build, elf, runtime, spec
+from fusebuild.argspec import symbol_name
+from fusebuild.errors import BundleError, KernelNotFound
+from fusebuild.runtime import cpu, cuda, dispatch
+from cuda_emulation.fake_cupy import FakeArray, fake_cupy
+from cuda_emulation.harness import (EmulatedGroup, compile_source, have_compiler, kernel_sources,
+                                    launchers)
+
+SPEC = """fusebuild: 1
+targets: [cpu:x86-64-v2]
+groups:
+  - name: scale
+    inputs: {x: tensor, s: scalar(float32)}
+    outputs: [y]
+    body: 'y = x * s + 1'
+    matrix: {dtype: [float32], shapes: [{x: [N]}]}
+  - name: pick
+    inputs: {x: tensor, m: tensor(bool)}
+    outputs: [y]
+    body: 'y = where(m, x, 0.0)'
+    matrix: {dtype: [float32], shapes: [{x: [N], m: [N]}]}
+  - name: inv
+    inputs: {x: tensor}
+    outputs: [y]
+    body: 'y = ~x'
+    targets: [cpu:x86-64-v3]
+    matrix: {dtype: [int32], shapes: [{x: [N]}]}
+"""
+V2_FLAGS = cpu._REQUIRED["x86-64-v2"]
+V3_FLAGS = V2_FLAGS | cpu._REQUIRED["x86-64-v3"]
+
+
+@pytest.fixture(scope="module")
+def specs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("miss_specs")
+    (d / "s.yaml").write_text(SPEC)
+    return str(d / "s.yaml")
+
+
+@pytest.fixture(scope="module")
+def bundle_path(specs, tmp_path_factory):
+    """scale and pick at x86-64-v2, inv at x86-64-v3 only."""
+    out = tmp_path_factory.mktemp("miss_bundle")
+    return build.build(spec.load_plan([specs]), str(out), progress=False).path
+
+
+@pytest.fixture
+def v2_host(monkeypatch):
+    """A host that runs x86-64-v2 only, whatever this machine is."""
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: set(V2_FLAGS))
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
+    monkeypatch.delenv("FUSEBUILD_CPU_ISA", raising=False)
+
+
+def test_a_level_the_host_cannot_run_is_named_as_the_problem(bundle_path, v2_host):
+    k = runtime.load(bundle_path)
+    with pytest.raises(KernelNotFound) as e:
+        k.inv(np.arange(4, dtype=np.int32))
+    text = str(e.value)
+    assert "has inv(i32:c) only for cpu:x86-64-v3, which this CPU cannot run " \
+           "(it runs cpu:x86-64-v2)" in text and "--target cpu:x86-64-v2" in text
+    assert "matrix.dtype" not in text and e.value.nearest == ()
+    np.testing.assert_array_equal(k.scale(np.ones(3, np.float32), 2.0), np.full(3, 3, np.float32))
+
+
+def test_a_cap_above_the_cpu_caps_at_the_cpu_with_one_warning(monkeypatch):
+    monkeypatch.setattr(cpu, "_cpu_flags", lambda: set(V3_FLAGS))
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu, "_WARNED", set())
+    monkeypatch.setenv("FUSEBUILD_CPU_ISA", "x86-64-v4")
+    with pytest.warns(RuntimeWarning, match="FUSEBUILD_CPU_ISA=x86-64-v4, but this CPU runs "
+                                            "only x86-64-v2, x86-64-v3: using x86-64-v3"):
+        assert cpu.host_isas() == ("x86-64-v2", "x86-64-v3")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu.host_isas() == ("x86-64-v2", "x86-64-v3")        # warned once
+    monkeypatch.setenv("FUSEBUILD_CPU_ISA", "x86-64-v2")
+    assert cpu.host_isas() == ("x86-64-v2",)
+    monkeypatch.setenv("FUSEBUILD_CPU_ISA", "x86-64-v9")
+    with pytest.raises(BundleError, match="is not one of x86-64-v2, x86-64-v3, x86-64-v4"):
+        cpu.host_isas()
+
+
+def test_a_fixed_dtype_input_is_told_its_dtype_not_offered_a_map(bundle_path, v2_host,
+                                                                 tmp_path, monkeypatch):
+    log = tmp_path / "misses.jsonl"
+    monkeypatch.setenv("FUSEBUILD_MISS_LOG", str(log))
+    for on_miss in ("error", "jit"):
+        k = runtime.load(bundle_path, on_miss=on_miss)
+        with pytest.raises(KernelNotFound) as e:
+            k.pick(np.ones(4, np.float32), np.ones(4, np.uint8))
+        text = str(e.value)
+        assert "input 'm' is declared tensor(bool) and was passed uint8" in text
+        assert "m.astype(bool)" in text and "matrix.dtype" not in text
+    assert not log.exists()         # never logged: no rebuild could add it
+    want = np.array([1, 0, 3], np.float32)
+    got = k.pick(np.array([1, 2, 3], np.float32), np.array([True, False, True]))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_python_lists_and_numbers_are_told_to_pass_arrays(bundle_path, v2_host):
+    k = runtime.load(bundle_path)
+    with pytest.raises(KernelNotFound) as e:
+        k.scale([1.0, 2.0], 2.0)
+    text = str(e.value)
+    assert "input 'x' is a Python list, which numpy made float64; pass " \
+           "np.asarray(x, np.float32)" in text
+    assert "float64}" not in text and "matrix.dtype" not in text
+    with pytest.raises(KernelNotFound, match=r"input 'x' is a Python int, which numpy made "
+                                             r"int64; pass np.asarray\(x, np.float32\)"):
+        k.scale(3, 2.0)
+    np.testing.assert_array_equal(k.scale(np.asarray([1.0, 2.0], np.float32), 2.0), [3, 5])
+
+
+def test_a_repeated_miss_is_looked_up_and_logged_once(bundle_path, v2_host, tmp_path,
+                                                      monkeypatch):
+    log = tmp_path / "misses.jsonl"
+    monkeypatch.setenv("FUSEBUILD_MISS_LOG", str(log))
+    lookups, nearest = [], dispatch.nearest_keys
+    monkeypatch.setattr(dispatch, "nearest_keys", lambda *a: lookups.append(a) or nearest(*a))
+    x = np.ones(8)
+    k = runtime.load(bundle_path)
+    messages = set()
+    for _ in range(50):
+        with pytest.raises(KernelNotFound) as e:
+            k.scale(x, 2.0)
+        messages.add(str(e.value))
+    assert len(lookups) == 1 and len(messages) == 1 and "scale(f64:c)" in messages.pop()
+    with pytest.raises(KernelNotFound):
+        runtime.load(bundle_path).scale(x, 2.0)      # another load in the same process
+    with pytest.raises(KernelNotFound):
+        k.scale(x.astype(np.float16), 2.0)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["key"], r["target"]) for r in records] == [("scale(f64:c)", "cpu:x86-64-v2"),
+                                                          ("scale(f16:c)", "cpu:x86-64-v2")]
+
+
+def test_a_jit_type_error_is_reported_as_the_type_error(bundle_path, v2_host):
+    k = runtime.load(bundle_path, on_miss="jit")
+    with pytest.raises(KernelNotFound) as e:
+        k.inv(np.ones(4, np.float32))
+    text = str(e.value)
+    assert "group 'inv' does not type-check for these dtypes" in text
+    assert "bitwise_not() needs integer or bool operands, got float32" in text
+    assert "pip install" not in text and "<manifest>" not in text
+
+
+def test_jit_without_the_build_extras_says_which_extra_to_install(bundle_path, v2_host,
+                                                                 tmp_path, monkeypatch):
+    (tmp_path / "yaml.py").write_text("raise ImportError(\"No module named 'yaml'\")\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    with pytest.raises(KernelNotFound) as e:
+        runtime.load(bundle_path, on_miss="jit").scale(np.ones(4), 2.0)
+    assert "needs the build extras (`pip install 'fusebuild[build]'`): ImportError: No module " \
+           "named 'yaml'" in str(e.value)
+
+
+def test_add_misses_skips_bad_records_and_counts_repeats_once(specs, tmp_path):
+    log = tmp_path / "misses.jsonl"
+    lines = ['{"key": "scale(f64:c)", "target": "cpu:x86-64-v2"}',
+             '{"key": "scale(f64:c)", "target": "cpu:x86-64-v2"}',
+             "not json",
+             '{"key": "pick(f32:c,f32:c)", "target": "cpu:x86-64-v2"}',
+             '{"key": "inv(f32:c)"}',
+             '{"key": "elsewhere(f32:c)"}',
+             '{"key": "scale(f32:c,f32:c)"}',
+             "[1, 2]",
+             '{"key": "scale(f16:c)", "target": "cuda:sm_90"}',
+             '{"key": "inv(i32:c)", "target": "cpu:x86-64-v3"}']
+    log.write_text("\n".join(lines) + "\n\xff\n")
+    plan = spec.load_plan([specs])
+    fold = spec.add_misses(plan, str(log))
+    variants = {g.group.name: [v.key for v in g.variants] for g in fold.plan.groups}
+    assert variants["scale"] == ["scale(f32:c)", "scale(f64:c)", "scale(f16:c)"]
+    assert variants["pick"] == ["pick(f32:c,b8:c)"] and variants["inv"] == ["inv(i32:c)"]
+    assert (fold.added, fold.duplicates, fold.other_groups) == (2, 1, 1)
+    assert [b.split(": ", 1)[0] for b in fold.bad] == [f"{log}:{n}" for n in (3, 4, 5, 7, 8, 11)]
+    assert "input 'm' is fixed to bool" in fold.bad[1] and "bitwise_not()" in fold.bad[2]
+    assert "2 tensor inputs" in fold.bad[3]
+    assert fold.unbuilt == ("cuda:sm_90",)
+
+
+# ---------------------------------------------------------------- CUDA misses ------------------
+
+@pytest.fixture(scope="module")
+def cuda_bundle(specs, tmp_path_factory):
+    """scale built for cuda:sm_80 only (its plan, the bundle) and the host emulation of the
+    kernel a JIT compiles for a call on float32 arrays."""
+    if not have_compiler():
+        pytest.skip("needs g++ for the host emulation")
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc")
+    plan = spec.load_plan([specs])
+    gp = dataclasses.replace(next(g for g in plan.groups if g.group.name == "scale"),
+                             targets=("cuda:sm_80",))
+    plan = dataclasses.replace(plan, groups=(gp,))
+    out = tmp_path_factory.mktemp("cuda_miss")
+    path = build.build(plan, str(out), progress=False).path
+    ks = kernel_sources(gp.group, gp.variants)
+    text = '#include "emu.h"\n' + build.render_source(gp.group, gp.variants, "cuda")[0] + \
+        launchers([k.symbol for k in ks])
+    return plan, path, EmulatedGroup(gp.group, ks, compile_source(text, str(out), "emu")).lib
+
+
+def test_a_cuda_miss_is_logged_and_compiled_for_the_device(cuda_bundle, tmp_path, monkeypatch):
+    plan, path, lib = cuda_bundle
+    key = "scale(f32:c)"
+    cp = fake_cupy({symbol_name(key): lib}, capability="90")
+    monkeypatch.setattr(cuda, "_cupy", lambda: cp)
+    logs = tmp_path / "error.jsonl", tmp_path / "jit.jsonl"
+    x = np.linspace(-3, 3, 1000, dtype=np.float32)
+    monkeypatch.setenv("FUSEBUILD_MISS_LOG", str(logs[0]))
+    k = runtime.load(path)
+    for _ in range(3):
+        with pytest.raises(KernelNotFound, match="needs cuda:sm_90.*CUDA targets: cuda:sm_80"):
+            k.scale(FakeArray(x), 0.75)
+    monkeypatch.setenv("FUSEBUILD_MISS_LOG", str(logs[1]))
+    k = runtime.load(path, on_miss="jit")
+    y = k.scale(FakeArray(x), 0.75)
+    np.testing.assert_array_equal(y.get(), x * np.float32(0.75) + np.float32(1))   # exact ops
+    entry = k._cuda._entries[key]["cuda:sm_90"]
+    with open(entry["file"], "rb") as f:
+        assert elf.cubin_sm(f.read()) == 90                   # a real sm_90 cubin from NVRTC
+    assert entry["symbol"] == symbol_name(key) and cp.launched == [entry["symbol"]]
+    np.testing.assert_array_equal(k.scale(FakeArray(x), 0.5).get(), x * np.float32(0.5) + 1)
+    records = [json.loads(line) for log in logs for line in log.read_text().splitlines()]
+    assert [(r["key"], r["target"], r["on_miss"]) for r in records] == [
+        (key, "cuda:sm_90", "error"), (key, "cuda:sm_90", "jit")]
+    fold = spec.add_misses(plan, str(logs[0]))
+    assert fold.added == 0 and fold.unbuilt == ("cuda:sm_90",) and not fold.bad
