@@ -52,7 +52,7 @@ def _add(name, params, defaults=(), rule="float", composite=False):
 
 
 # gelu (0.5 x erfc(-x / sqrt 2)) is primitive: in its tail erfc amplifies the rounding error of
-# its argument 2u**2-fold, so backends compute the argument to more than the compute type's precision.
+# its argument 2u**2-fold, so backends compute the argument beyond the compute type's precision.
 for _n in _UNARY_FLOAT:
     _add(_n, ["x"], composite=_n in ("reciprocal", "frac", "selu", "gelu_tanh", "silu", "mish",
                                      "hardsigmoid", "hardswish"))

@@ -5,7 +5,8 @@ op from its mathematical definition: float ops are computed in float64 and round
 compute type (float32 for float32/float16/bfloat16 nodes), so each op is correctly rounded up to
 libm's float64 error; integer ops are exact with two's-complement wrap-around; float16/bfloat16
 values are held in float32 and rounded to storage only at casts and at the output, exactly as
-the kernels do (scalar inputs enter them unrounded, in float32: `hold` nodes). `compare` states the tolerances.
+the kernels do (scalar inputs enter them unrounded, in float32: `hold` nodes). `compare` states
+the tolerances.
 """
 from __future__ import annotations
 

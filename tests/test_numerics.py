@@ -105,7 +105,8 @@ def assert_bits(results: dict, want: tuple[np.ndarray, ...], what: str) -> None:
             assert g.dtype == w.dtype, (backend, what, k)
             same = g.view(f"u{g.itemsize}") == w.view(f"u{w.itemsize}")
             bad = np.flatnonzero(~same)
-            assert same.all(), f"{what} output {k} on {backend}: got {g[bad[:4]]}, want {w[bad[:4]]}"
+            assert same.all(), f"{what} output {k} on {backend}: got {g[bad[:4]]}, " \
+                               f"want {w[bad[:4]]}"
 
 
 # ------------------------------------------------------------------ item 8: scalar inputs -----
