@@ -8,7 +8,9 @@ Two levels:
   explicit), composite ops are expanded and dead values removed. Codegen consumes only this.
 
 float16/bfloat16 values are *held* in float32: a node's dtype is its logical type, and backends
-round to the storage type only at casts and stores.
+round to the storage type only at casts and stores. A `hold` node takes a value already in the
+compute type as float16/bfloat16 without rounding: scalar inputs enter half-precision ops that way
+(in the compute type, as torch keeps scalars in its opmath type, and like literals).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import ast
 import hashlib
 import json
 import math
+import struct
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -416,7 +419,7 @@ def _parse_cat(p: _BodyParser, value: ast.Call) -> tuple[tuple[Expr, ...], int]:
 
 @dataclass(frozen=True)
 class Node:
-    op: str                 # primitive op | 'load' | 'scalar' | 'const' | 'cast' | 'rand'
+    op: str                 # primitive op | 'load' | 'scalar' | 'const' | 'cast' | 'hold' | 'rand'
     args: tuple[int, ...]
     dtype: dt.DType         # logical dtype (float16/bfloat16 are held in float32)
     attr: object = None     # load: (input, chunk); scalar: index; const: value; rand: first word
@@ -458,15 +461,16 @@ class Builder:
 
     def __init__(self):
         self.nodes: list[Node] = []
-        self._index: dict[Node, int] = {}
+        self._index: dict[tuple, int] = {}
         self.t: dt.DType = dt.float32   # dtype of b.c() and b.op() in an expansion
 
     def emit(self, op: str, args: tuple[int, ...], dtype: dt.DType, attr=None) -> int:
         node = Node(op, tuple(args), dtype, attr)
-        if node not in self._index:
-            self._index[node] = len(self.nodes)
+        key = (op, node.args, dtype, _attr_key(attr))
+        if key not in self._index:
+            self._index[key] = len(self.nodes)
             self.nodes.append(node)
-        return self._index[node]
+        return self._index[key]
 
     def const(self, value, dtype: dt.DType) -> int:
         """A constant held in dtype's compute type (a float16 constant is a float32 value)."""
@@ -486,6 +490,26 @@ class Builder:
             return self.const(_cast_value(src.attr, src.dtype, dtype), dtype)
         return self.emit("cast", (node,), dtype)
 
+    def explicit_cast(self, node: int, dtype: dt.DType) -> int:
+        """A cast written in the body: as `cast`, but a cast of a float16/bfloat16 value to its own
+        type rounds what it holds in float32 (unless it is already on the storage grid)."""
+        src = self.nodes[node]
+        if src.dtype != dtype or dtype.compute == dtype or src.op in _ON_STORAGE_GRID:
+            return self.cast(node, dtype)
+        if src.op == "const":
+            return self.const(round_float(src.attr, dtype), dtype)
+        return self.emit("cast", (node,), dtype)
+
+    def hold(self, node: int, dtype: dt.DType) -> int:
+        """`node` converted to the compute type of float16/bfloat16 `dtype` and taken as `dtype`
+        without rounding to storage."""
+        src = self.nodes[node]
+        if src.dtype == dtype:
+            return node
+        if src.op == "const":
+            return self.const(_cast_value(src.attr, src.dtype, dtype.compute), dtype)
+        return self.emit("hold", (self.cast(node, dtype.compute),), dtype)
+
     # the expansion interface used by ops.EXPANSIONS
     def c(self, value) -> int:
         return self.const(value, self.t)
@@ -496,6 +520,18 @@ class Builder:
         if name == "where":
             return self.emit(name, args, self.nodes[args[1]].dtype)
         return self.emit(name, args, out)
+
+
+# ops whose float16/bfloat16 values are representable in storage (nothing to round)
+_ON_STORAGE_GRID = ("load", "scalar", "cast", "rand")
+
+
+def _attr_key(attr):
+    """Hash-consing key of a node attribute: floats by their bits, so 0.0 and -0.0 (equal as
+    numbers) stay apart and NaNs (unequal to themselves) with one payload are shared."""
+    if type(attr) is float:
+        return ("f64", struct.pack("<d", attr))
+    return attr
 
 
 def _cast_value(value, src: dt.DType, dst: dt.DType):
@@ -579,8 +615,11 @@ class _Typer:
                               [(v.dtype, v.weak == "literal") for v in vals if v.weak])
 
     def materialize(self, v: _Val, d: dt.DType, where: Expr | None = None) -> int:
-        """The node of `v` cast to `d` (literals are created directly in `d`)."""
+        """The node of `v` cast to `d` (literals are created directly in `d`; scalar inputs and
+        values computed from them alone enter float16/bfloat16 in the compute type)."""
         if v.node is not None:
+            if v.weak == "scalar" and d.is_float and d.compute != d:
+                return self.b.hold(v.node, d)
             return self.b.cast(v.node, d)
         value = v.value
         if d.is_int:
@@ -604,7 +643,7 @@ class _Typer:
             if arg.node is None:
                 return _Val(self.b.const(_cast_value(arg.value, arg.dtype, target), target),
                             target, None)
-            return _Val(self.b.cast(arg.node, target), target, None)
+            return _Val(self.b.explicit_cast(arg.node, target), target, None)
         if name == "rand_like":
             return self.rand(e)
         args = [None if a is None else self.value(a) for a in e.args]

@@ -9,7 +9,7 @@ subnormals, the smallest normal, the largest finite, +-inf, NaN) and threshold (
 underflow to subnormal and to zero, branch switches) with their 64 neighbours on each side; huge
 arguments of sin/cos/tan come from the bit-pattern sweep. float16/bfloat16 sweep all 2**16
 inputs. References: numpy in float64 (and math.erf) for float32/16, numpy in 80-bit long double
-for float64, and mpmath for float64 erf/erfc on 20000 points.
+for float64, and mpmath for float64 erf/erfc/gelu on 20000 points.
 
 Error = |got - exact| / spacing of the result's dtype at the exact value; NaN must match NaN,
 infinities and the sign of zero results must match exactly. Bounds: 4 ULP for float32/float64,
@@ -33,7 +33,8 @@ from conftest import bundles_per_isa
 pytestmark = [pytest.mark.isa, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 
 UNARY = ("exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sin", "cos", "tan", "sinh",
-         "cosh", "tanh", "sigmoid", "erf", "erfc")
+         "cosh", "tanh", "sigmoid", "erf", "erfc", "gelu")
+MPMATH = ("erf", "erfc", "gelu")     # float64 references from mpmath
 DTYPES = (dt.float32, dt.float16, dt.bfloat16, dt.float64)
 
 # Largest error in ULP found by these sweeps over x86-64-v2/v3/v4 (AMD EPYC, Zen 5), asserted as
@@ -42,7 +43,7 @@ MEASURED = {
     "float32": {"exp": 0.96, "exp2": 1.17, "expm1": 1.46, "log": 0.79, "log2": 1.70,
                 "log10": 1.94, "log1p": 0.89, "sin": 0.51, "cos": 0.51, "tan": 0.51,
                 "sinh": 0.51, "cosh": 0.51, "tanh": 1.25, "sigmoid": 2.05, "erf": 0.89,
-                "erfc": 0.54, "pow": 0.51},
+                "erfc": 0.54, "gelu": 0.54, "pow": 0.51},
     "float16": dict.fromkeys(UNARY + ("pow",), 0.51),      # 0.500 measured for every function
     "bfloat16": dict.fromkeys(UNARY + ("pow",), 0.51),     # 0.500 measured (tanh 0.498)
     "float64": {"exp": 0.51, "exp2": 0.51, "expm1": 0.79, "log": 0.52, "log2": 0.54,
@@ -60,12 +61,12 @@ THRESHOLDS = {
     "log1p": (1.0, 0.29289323, 0.41421357), "sin": (1.5707964, 3.1415927, 0.7853982),
     "cos": (1.5707964, 3.1415927, 0.7853982), "tan": (1.5707964, 3.1415927, 0.7853982),
     "sinh": (89.41599, 0.5), "cosh": (89.41599,), "tanh": (0.625, 9.010913),
-    "sigmoid": (87.33655, 103.97208, 16.635532), "erf": (0.75, 3.9192059),
-    "erfc": (9.194, 10.0546, 0.75),
+    "sigmoid": (87.33655, 103.97208, 16.635532, 17.32868), "erf": (0.75, 3.9192059),
+    "erfc": (9.194, 10.0546, 0.75), "gelu": (13.2, 14.849242, 14.9),
 }
 DOMAIN = {"exp": 110, "exp2": 155, "expm1": 95, "log": 4, "log2": 4, "log10": 4, "log1p": 4,
           "sin": 100, "cos": 100, "tan": 100, "sinh": 95, "cosh": 95, "tanh": 12, "sigmoid": 110,
-          "erf": 6, "erfc": 12}
+          "erf": 6, "erfc": 12, "gelu": 15}
 
 
 def spec_text() -> str:
@@ -145,10 +146,12 @@ def pow_sweep(d: dt.DType, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
 # ------------------------------------------------------------------ references ---------------
 
 def _mp_reference(name: str, x: np.ndarray) -> np.ndarray:
-    """erf/erfc at 113 bits (mpmath); zeros, infinities, NaN and |x| > 30 from math.erf/erfc."""
+    """erf/erfc/gelu at 113 bits (mpmath); zeros, infinities, NaN and |x| > 30 from the
+    reference's float64 functions."""
     import mpmath
     mpmath.mp.prec = 113
-    fn = {"erf": mpmath.erf, "erfc": mpmath.erfc}[name]
+    fn = {"erf": mpmath.erf, "erfc": mpmath.erfc,
+          "gelu": lambda v: v / 2 * mpmath.erfc(-v / mpmath.sqrt(2))}[name]
     plain = reference.FLOAT_OPS[name](x.astype(np.float64))
     return np.array([float(fn(mpmath.mpf(float(v)))) if 0 < abs(v) <= 30 else p
                      for v, p in zip(x, plain)], np.float64)
@@ -202,7 +205,7 @@ def test_unary_math_accuracy(math_bundles, name, d):
     x = sweep(name, d, rng)
     assert x.size >= (1 << 16 if d.itemsize == 2 else 10**6)
     want = exact(name, [x], d)
-    if d == dt.float64 and name in ("erf", "erfc"):
+    if d == dt.float64 and name in MPMATH:
         x = np.concatenate([x[-2000:], rng.choice(x, 18000, replace=False)])
         want = _mp_reference(name, x)
     check(name, d, [x], want, math_bundles)

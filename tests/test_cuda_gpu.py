@@ -193,7 +193,9 @@ def test_every_op_on_the_device(op_bundle, name):
     for v in gp.variants:
         case = Case(v.key, v.dtypes, op_arrays(gp.group, v.dtypes, rng), 99, 5)
         for xp in backends(case)[:1]:
-            run_and_check(bundle, gp.group, case, xp, magnitude=relative_to_magnitude(name))
+            # gelu: libdevice's erfc (5 ULP in float64) and one rounding exceed 4 ULP of the result
+            run_and_check(bundle, gp.group, case, xp,
+                          magnitude=relative_to_magnitude(name) or name == "gelu")
 
 
 @pytest.mark.parametrize("d", dt.FLOATS, ids=lambda d: d.name)

@@ -4,9 +4,10 @@ shift counts around the bit width) plus random values, against the reference eva
 
 Tolerances (see reference.compare): exact for integers and bools; primitive float ops and the
 arithmetic composites (lerp, addcmul, clamp, relu, ...) within 4 ULP of the float64-computed
-result for float32/float64 and 1 ULP of storage for float16/bfloat16, purely relative;
-transcendental composites (gelu, silu, mish, softplus, ...) and lgamma (near its roots) relative
-to their largest intermediate value, which bounds rounding amplified by cancellation.
+result for float32/float64 and 1 ULP of storage for float16/bfloat16, purely relative (gelu,
+a primitive, included); transcendental composites (silu, mish, softplus, ...) and lgamma (near
+its roots) relative to their largest intermediate value, which bounds rounding amplified by
+cancellation.
 """
 from __future__ import annotations
 

@@ -89,6 +89,8 @@ class Renderer:
                 expr = self.const(n.attr, n.dtype)
             elif n.op == "cast":
                 expr = self.cast(args[0], k.nodes[n.args[0]].dtype, n.dtype)
+            elif n.op == "hold":    # already in the compute type: nothing to convert or round
+                expr = args[0]
             elif n.op == "rand":
                 expr = self.rand(n)
             else:

@@ -29,6 +29,7 @@ NUMBA_OPS: dict[str, dict[str, str]] = {
     "exp2": {"f": "np.exp2({a})"},
     "rsqrt": {"f": "{T}(1) / math.sqrt({a})"},
     "sigmoid": {"f": "sigmoid_{t}({a})"},
+    "gelu": {"f": "gelu_{t}({a})"},
     "ceil": {"f": "np.ceil({a})"}, "floor": {"f": "np.floor({a})"},
     "round": {"f": "np.rint({a})"}, "trunc": {"f": "np.trunc({a})"},
     "abs": {"f": "abs({a})", "i": "{T}(abs({a}))"},
@@ -67,9 +68,25 @@ HELPERS: dict[str, str] = {
     "sigmoid": """
 @njit
 def sigmoid_{t}(x):
+    # sigmoid(-|x|) = e / (1 + e), e = exp(-|x|); for x >= 0 one minus it (see sigmoid_f32)
     e = math.exp(-abs(x))
-    r = {T}(1) / ({T}(1) + e)
-    return r if x >= {T}(0) else e * r
+    s = e / ({T}(1) + e)
+    return {T}(1) - s if x >= {T}(0) else s
+""",
+    "gelu": """
+@njit
+def gelu_{t}(x):
+    # float64: 0.5 x erfc(u), u = -x / sqrt 2 = h + l with l the rounding error of h (Dekker's
+    # exact product; |x| < 2**996 keeps the split finite) and erfc(h + l) = erfc(h) -
+    # 2 / sqrt(pi) exp(-h h) l to first order: erfc's condition 2u**2 would amplify h's error
+    h = x * -0.7071067811865476
+    c = x * 134217729.0
+    xh = c - (c - x)
+    xl = x - xh
+    l = (((xh * -0.7071067839860916 - h) + xh * 2.7995440410322203e-09) +
+         xl * -0.7071067839860916) + xl * 2.7995440410322203e-09 + x * 4.833646656726457e-17
+    l = l if abs(x) < 1e300 else 0.0
+    return 0.5 * x * (math.erfc(h) - 1.1283791670955126 * math.exp(-h * h) * l)
 """,
     "floordiv_f": """
 @njit
@@ -352,9 +369,12 @@ def tanh_f32(x):
     "sigmoid_f32": """
 @njit(inline="always")
 def sigmoid_f32(x):
-    # 1 / (1 + e) for x >= 0, e / (1 + e) below, with e = exp(-|x|) (no overflow, no cancellation)
+    # sigmoid(-|x|) = e / (1 + e) with e = exp(-|x|) (no overflow, no cancellation); for x >= 0
+    # one minus it: rounded once, so the saturation towards 1 is correctly rounded (1 / (1 + e)
+    # rounds 1 + e first and reaches 1.0 while the exact value is still below 1 - 2**-25)
     e = exp_f32(-abs(x))
-    return (_F(1.0) if x >= _F(0.0) else e) / (_F(1.0) + e)
+    s = e / (_F(1.0) + e)
+    return _F(1.0) - s if x >= _F(0.0) else s
 """,
     "_exp_f64": """
 @njit(inline="always")
@@ -407,6 +427,20 @@ def erf_f32(x):
     q = np.float32(1.0 - _erfc_abs_f64(x))
     q = q if x > _F(0.0) else -q
     y = muladd(p, x, x) if abs(x) < _F(0.75) else q
+    return y if x == x else x
+""",
+    "gelu_f32": """
+@njit(inline="always")
+def gelu_f32(x):
+    # 0.5 x erfc(-x / sqrt 2) in float64, rounded once: the argument is good to 2**-53 (in float32
+    # its rounding, amplified 2u**2-fold by erfc, costs ~100 ULP in the tail); erfc(u) < 2**-160
+    # beyond u = 10.5, where the result is below float32's smallest subnormal
+    xd = np.float64(x)
+    u = xd * -0.7071067811865476
+    e = _erfc_abs_f64(u)
+    e = e if u >= 0.0 else 2.0 - e
+    e = e if u < 10.5 else 0.0
+    y = np.float32(0.5 * xd * e)
     return y if x == x else x
 """,
     "erfc_f32": """
@@ -608,7 +642,7 @@ class NumbaRenderer(Renderer):
             self.need_math(f"{name}_f32")
             return f"{name}_f32({', '.join(args)})"
         kind = "f" if t.is_float else "i"
-        helper = {"sigmoid": "sigmoid", "floor_divide": f"floordiv_{kind}",
+        helper = {"sigmoid": "sigmoid", "gelu": "gelu", "floor_divide": f"floordiv_{kind}",
                   "remainder": f"remainder_{kind}", "pow": f"pow_{kind}"}.get(name)
         if name == "fmod" and kind == "i":
             helper = "fmod_i"

@@ -39,7 +39,7 @@ _MATH1 = ("exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt", "sin"
 CUDA_OPS: dict[str, dict[str, str]] = {
     **{n: {"f": f"fb_{n}({{a}})"} for n in _MATH1},
     "rsqrt": {"f": "fb_rsqrt({a})"},
-    "sigmoid": {"f": "fb_sigmoid({a})"},
+    "sigmoid": {"f": "fb_sigmoid({a})"}, "gelu": {"f": "fb_gelu({a})"},
     "ceil": {"f": "fb_ceil({a})"}, "floor": {"f": "fb_floor({a})"},
     "round": {"f": "fb_rint({a})"}, "trunc": {"f": "fb_trunc({a})"},
     "abs": {"f": "fb_fabs({a})", "i": "fb_iabs({a})"},
@@ -116,10 +116,26 @@ template <> __device__ __forceinline__ double fb_nan<double>() {{
 template <typename F> __device__ __forceinline__ F fb_fsign(F x) {{
   return x > (F)0 ? (F)1 : (x < (F)0 ? (F)-1 : x);
 }}
+// sigmoid(-|x|) = e / (1 + e), e = exp(-|x|); for x >= 0 one minus it, rounded once, so the
+// saturation towards 1 is correctly rounded (1 / (1 + e) rounds 1 + e first)
 template <typename F> __device__ __forceinline__ F fb_sigmoid(F x) {{
   const F e = fb_exp(-fb_fabs(x));
-  const F r = (F)1 / ((F)1 + e);
-  return x >= (F)0 ? r : e * r;
+  const F s = e / ((F)1 + e);
+  return x >= (F)0 ? (F)1 - s : s;
+}}
+// gelu: 0.5 x erfc(u), u = -x / sqrt 2 = h + l with l the rounding error of h (exact by fma) and
+// erfc(h + l) = erfc(h) - 2 / sqrt(pi) exp(-h h) l to first order: erfc's condition 2u^2 would
+// amplify h's rounding error ~100-fold in the tail
+__device__ __forceinline__ float fb_gelu(float x) {{
+  const float h = x * -0.70710677f;
+  const float l = fabsf(x) < 1e30f ? fmaf(x, -0.70710677f, -h) + x * -1.21016175e-08f : 0.0f;
+  return 0.5f * x * (erfcf(h) - 1.1283792f * expf(-h * h) * l);
+}}
+__device__ __forceinline__ double fb_gelu(double x) {{
+  const double h = x * -0.7071067811865476;
+  const double l = fabs(x) < 1e300 ? fma(x, -0.7071067811865476, -h) + x * 4.833646656726457e-17
+                                   : 0.0;
+  return 0.5 * x * (erfc(h) - 1.1283791670955126 * exp(-h * h) * l);
 }}
 __device__ __forceinline__ float fb_pow(float a, float b) {{
   return (float)pow((double)a, (double)b);   // as the CPU backend: correctly rounded
