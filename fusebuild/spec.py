@@ -25,6 +25,7 @@ TOP_KEYS = ("fusebuild", "bundle", "targets", "groups")
 GROUP_KEYS = ("name", "doc", "inputs", "outputs", "body", "matrix", "targets")
 MATRIX_KEYS = ("dtype", "shapes", "strided")
 DEFAULT_MAX_KERNELS = 20000
+MAX_GROUP_NAME = 255 - len(".cubin")   # file names hold 255 bytes; <group>.cubin is the longest
 DEFAULT_NAME, DEFAULT_VERSION = "kernels", "0.1.0"
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _INPUT_TYPE = re.compile(r"^(tensor|scalar)(?:\(\s*([a-z0-9]+)\s*\))?$")
@@ -125,20 +126,88 @@ def _construct(node: yaml.ScalarNode):
         loader.dispose()
 
 
+MAX_YAML_DEPTH = 32   # a spec nests 8 deep (groups > group > matrix > shapes > pattern > dims)
+_STD_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int", "float", "str", "seq",
+                                                 "map")}
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that composes plain YAML only: bounded nesting, standard tags, no merge keys,
+    and no timestamps or `=` values (those read as strings)."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers
+                if tag not in ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:value")]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def __init__(self, text: str, file: str):
+        super().__init__(text)
+        self.file, self.depth = file, 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            return super().compose_node(parent, index)
+        mark = self.peek_event().start_mark
+        self.depth += 1
+        if self.depth > MAX_YAML_DEPTH:
+            raise SpecError(f"YAML nested more than {MAX_YAML_DEPTH} levels deep", self.file,
+                            mark.line + 1, mark.column + 1, "a spec nests lists and mappings "
+                            "about 8 deep; close brackets or flatten it")
+        node = super().compose_node(parent, index)
+        self.depth -= 1
+        if node.tag == "tag:yaml.org,2002:merge":
+            raise SpecError("YAML merge keys (`<<`) are not supported", self.file, mark.line + 1,
+                            mark.column + 1, "write the keys out, or reuse a whole value with an "
+                            "anchor and an alias (&m ... *m)")
+        if node.tag not in _STD_TAGS:
+            raise SpecError(f"YAML tag '{node.tag}' is not allowed in a spec", self.file,
+                            mark.line + 1, mark.column + 1,
+                            "write plain strings, numbers, lists and mappings, without ! tags")
+        return node
+
+
+def _decode(data: bytes, path: str) -> str:
+    """The text of a spec file: UTF-8 (an initial BOM allowed), else a located SpecError."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise SpecError("the spec file is UTF-16 text", path, 1, 1, "save it as UTF-8")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        col = len(data[line_start:e.start].decode("utf-8", "replace")) + 1
+        raise SpecError(f"the spec file is not valid UTF-8 (byte 0x{data[e.start]:02x})", path,
+                        data.count(b"\n", 0, e.start) + 1, col, "save it as UTF-8") from None
+
+
+def _position(text: str, index: int) -> tuple[int, int]:
+    """1-based (line, column) of character `index` of `text`."""
+    return text.count("\n", 0, index) + 1, index - (text.rfind("\n", 0, index) + 1) + 1
+
+
 def _compose(path: str) -> _Y:
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise SpecError(f"cannot read spec file: {e.strerror}", path, 0, 0,
                         "check the path and its permissions") from None
+    text = _decode(data, path)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        loader = _Loader(text, path)
+    except yaml.reader.ReaderError as e:
+        what = "a NUL character" if e.character == 0 else f"the control character U+{e.character:04X}"
+        raise SpecError(f"the spec file contains {what}", path, *_position(text, e.position),
+                        "spec files are UTF-8 text" + (" (NUL bytes suggest UTF-16: save it as "
+                                                       "UTF-8)" if e.character == 0 else "")) from None
+    try:
+        node = loader.get_single_node()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         raise SpecError(f"malformed YAML: {e.problem or e.context}", path,
-                        mark.line + 1 if mark else 0, mark.column + 1 if mark else 0,
+                        mark.line + 1 if mark else 1, mark.column + 1 if mark else 1,
                         "check indentation and quoting") from None
+    finally:
+        loader.dispose()
     if node is None:
         raise SpecError("empty spec file", path, 1, 1, "start with `fusebuild: 1`")
     return _Y(node, path, text)
@@ -188,7 +257,7 @@ def load_plan(paths: list[str], targets: list[str] | None = None, name: str | No
     cli_targets = None
     if targets:
         try:
-            cli_targets = tg.expand(targets)
+            cli_targets = tg.buildable(targets)
         except ValueError as e:
             raise SpecError(str(e), "--target", 0, 0, "see DESIGN §3 for target names") from None
     for path in spec_files(paths):
@@ -241,7 +310,7 @@ def _targets(y: _Y) -> tuple[str, ...]:
     out: list[str] = []
     for item in y.seq("targets"):
         try:
-            out += [t for t in tg.expand([item.str("a target")]) if t not in out]
+            out += [t for t in tg.buildable([item.str("a target")]) if t not in out]
         except ValueError as e:
             raise item.err(str(e), "see DESIGN §3 for target names") from None
     return tuple(out)
@@ -307,6 +376,10 @@ def _group_plan(gy: _Y, cli_targets: tuple[str, ...] | None,
     if not _IDENT.match(name):
         raise g["name"].err(f"group name '{name}' is not an identifier",
                             "use letters, digits and _ (it becomes part of C symbols)")
+    if len(name) > MAX_GROUP_NAME:
+        raise g["name"].err(f"group name is {len(name)} characters long; at most "
+                            f"{MAX_GROUP_NAME} fit a file name", "shorten it (its artifacts "
+                            "are files named <group>.cubin, <group>.so)")
     inputs = _input_decls(g["inputs"])
     outputs = _output_decls(g["outputs"], inputs)
     body_y = g["body"]
