@@ -19,6 +19,7 @@ import json
 import math
 import sys
 import tokenize
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -131,6 +132,11 @@ class Group:
     @property
     def spec_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.ir_json(), sort_keys=True).encode()).hexdigest()
+
+    def __reduce__(self):
+        """Pickled (to compile workers) as its JSON and re-parsed: `stmts` may nest deeper than
+        pickle recurses."""
+        return group_from_json, (self.to_json(), self.source.file)
 
 
 def group_from_json(d: dict, file: str = "<manifest>") -> Group:
@@ -301,7 +307,10 @@ def _parse_body(body: str, smap: SourceMap) -> ast.Module:
         col = body.index("\0") - (body.rfind("\n", 0, body.index("\0")) + 1)
         raise smap.error("the body contains a NUL character", line, col, hint)
     try:
-        module = ast.parse(body, mode="exec")
+        with warnings.catch_warnings():   # e.g. "invalid decimal literal": an error at its place
+            warnings.simplefilter("error", SyntaxWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = ast.parse(body, mode="exec")
     except SyntaxError as e:
         raise smap.error(f"syntax error in body: {e.msg}", e.lineno or 1,
                          max(0, (e.offset or 1) - 1), hint) from None

@@ -26,6 +26,8 @@ GROUP_KEYS = ("name", "doc", "inputs", "outputs", "body", "matrix", "targets")
 MATRIX_KEYS = ("dtype", "shapes", "strided")
 DEFAULT_MAX_KERNELS = 20000
 MAX_GROUP_NAME = 255 - len(".cubin")   # file names hold 255 bytes; <group>.cubin is the longest
+MAX_BUNDLE_NAME = 200   # <name>-<version>, leaving room for temporary, shard and archive suffixes
+_BUNDLE_FIELD = re.compile(r"^[A-Za-z0-9_.+-]+$")
 DEFAULT_NAME, DEFAULT_VERSION = "kernels", "0.1.0"
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _INPUT_TYPE = re.compile(r"^(tensor|scalar)(?:\(\s*([a-z0-9]+)\s*\))?$")
@@ -86,7 +88,12 @@ class _Y:
     def scalar(self):
         if not isinstance(self.node, yaml.ScalarNode):
             raise self.err("expected a single value here", "write a scalar, not a list or mapping")
-        return _construct(self.node)
+        try:
+            return _construct(self.node)
+        except (yaml.YAMLError, ValueError, OverflowError):
+            kind = self.node.tag.rsplit(":", 1)[-1]
+            raise self.err(f"cannot read {self.node.value!r} as a YAML {kind}",
+                           "fix the value, or drop its !! tag") from None
 
     def str(self, what: str) -> str:
         v = self.scalar()
@@ -144,15 +151,23 @@ class _Loader(yaml.SafeLoader):
         super().__init__(text)
         self.file, self.depth = file, 0
 
+    def _too_deep(self, mark) -> SpecError:
+        return SpecError(f"YAML nested more than {MAX_YAML_DEPTH} levels deep", self.file,
+                         mark.line + 1, mark.column + 1,
+                         "a spec nests lists and mappings about 8 deep; close brackets or flatten it")
+
+    def fetch_flow_collection_start(self, token_class):
+        if self.flow_level >= MAX_YAML_DEPTH:   # before the scanner's lookahead gets quadratic
+            raise self._too_deep(self.get_mark())
+        super().fetch_flow_collection_start(token_class)
+
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             return super().compose_node(parent, index)
         mark = self.peek_event().start_mark
         self.depth += 1
         if self.depth > MAX_YAML_DEPTH:
-            raise SpecError(f"YAML nested more than {MAX_YAML_DEPTH} levels deep", self.file,
-                            mark.line + 1, mark.column + 1, "a spec nests lists and mappings "
-                            "about 8 deep; close brackets or flatten it")
+            raise self._too_deep(mark)
         node = super().compose_node(parent, index)
         self.depth -= 1
         if node.tag == "tag:yaml.org,2002:merge":
@@ -271,8 +286,7 @@ def load_plan(paths: list[str], targets: list[str] | None = None, name: str | No
                                        "this fusebuild reads `fusebuild: 1`")
         if "bundle" in doc:
             b = doc["bundle"].mapping("bundle", ("name", "version"))
-            this = (b["name"].str("bundle name") if "name" in b else DEFAULT_NAME,
-                    str(b["version"].scalar()) if "version" in b else DEFAULT_VERSION)
+            this = (_bundle_field(b, "name", DEFAULT_NAME), _bundle_field(b, "version", DEFAULT_VERSION))
             if bundle and this != bundle[:2] and not (name and version):
                 raise doc["bundle"].err(
                     f"bundle {this[0]}-{this[1]} conflicts with {bundle[0]}-{bundle[1]} "
@@ -303,7 +317,26 @@ def load_plan(paths: list[str], targets: list[str] | None = None, name: str | No
             raise SpecError(f"bundle {what} {v!r} may only hold letters, digits and _ . + -",
                             bundle[2].file if bundle else "--" + what,
                             bundle[2].line if bundle else 0, 0)
+    if len(f"{final_name}-{final_version}") > MAX_BUNDLE_NAME:
+        where = bundle[2] if bundle and not (name or version) else None
+        raise SpecError(f"bundle name and version are {len(final_name) + 1 + len(final_version)} "
+                        f"characters long; at most {MAX_BUNDLE_NAME} fit the bundle's file names",
+                        where.file if where else "--name", where.line if where else 0,
+                        where.col if where else 0, "shorten the name")
     return Plan(final_name, final_version, tuple(groups))
+
+
+def _bundle_field(b: dict[str, _Y], what: str, default: str) -> str:
+    """The bundle's name or version as written (`version: 1.10` stays 1.10)."""
+    if what not in b:
+        return default
+    y = b[what]
+    value = y.str("bundle name") if what == "name" else y.node.value if y.scalar() is not None \
+        else ""
+    if not _BUNDLE_FIELD.match(value):
+        raise y.err(f"bundle {what} {value!r} may only hold letters, digits and _ . + -",
+                    "e.g. bundle: {name: demo, version: 0.1.0}")
+    return value
 
 
 def _targets(y: _Y) -> tuple[str, ...]:
