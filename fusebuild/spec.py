@@ -154,7 +154,8 @@ class _Loader(yaml.SafeLoader):
     def _too_deep(self, mark) -> SpecError:
         return SpecError(f"YAML nested more than {MAX_YAML_DEPTH} levels deep", self.file,
                          mark.line + 1, mark.column + 1,
-                         "a spec nests lists and mappings about 8 deep; close brackets or flatten it")
+                         "a spec nests lists and mappings about 8 deep; close brackets or "
+                         "flatten it")
 
     def fetch_flow_collection_start(self, token_class):
         if self.flow_level >= MAX_YAML_DEPTH:   # before the scanner's lookahead gets quadratic
@@ -210,10 +211,11 @@ def _compose(path: str) -> _Y:
     try:
         loader = _Loader(text, path)
     except yaml.reader.ReaderError as e:
-        what = "a NUL character" if e.character == 0 else f"the control character U+{e.character:04X}"
-        raise SpecError(f"the spec file contains {what}", path, *_position(text, e.position),
-                        "spec files are UTF-8 text" + (" (NUL bytes suggest UTF-16: save it as "
-                                                       "UTF-8)" if e.character == 0 else "")) from None
+        nul = e.character == 0
+        raise SpecError("the spec file contains " + ("a NUL character" if nul else
+                                                     f"the control character U+{e.character:04X}"),
+                        path, *_position(text, e.position), "spec files are UTF-8 text" +
+                        (" (NUL bytes suggest UTF-16: save it as UTF-8)" if nul else "")) from None
     try:
         node = loader.get_single_node()
     except yaml.MarkedYAMLError as e:
@@ -286,7 +288,8 @@ def load_plan(paths: list[str], targets: list[str] | None = None, name: str | No
                                        "this fusebuild reads `fusebuild: 1`")
         if "bundle" in doc:
             b = doc["bundle"].mapping("bundle", ("name", "version"))
-            this = (_bundle_field(b, "name", DEFAULT_NAME), _bundle_field(b, "version", DEFAULT_VERSION))
+            this = (_bundle_field(b, "name", DEFAULT_NAME),
+                    _bundle_field(b, "version", DEFAULT_VERSION))
             if bundle and this != bundle[:2] and not (name and version):
                 raise doc["bundle"].err(
                     f"bundle {this[0]}-{this[1]} conflicts with {bundle[0]}-{bundle[1]} "

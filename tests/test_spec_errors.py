@@ -100,7 +100,8 @@ CASES = [
      r"YAML tag 'tag:yaml.org,2002:python/object/apply:os.system' is not allowed"),
     ("yaml-custom-tag", BASE.replace("outputs: [y]", "outputs: !out [y]"), "!out",
      r"YAML tag '!out' is not allowed"),
-    ("yaml-merge-key", "base: &b {doc: d}\n" + BASE.replace("    outputs:", "    <<: *b\n    outputs:"),
+    ("yaml-merge-key",
+     "base: &b {doc: d}\n" + BASE.replace("    outputs:", "    <<: *b\n    outputs:"),
      "<<", r"merge keys \(`<<`\) are not supported"),
     ("yaml-unreadable-value", BASE.replace("b: tensor}", "b: !!int tensor}"), "!!int",
      r"cannot read 'tensor' as a YAML int"),
@@ -166,12 +167,14 @@ def test_cli_reports_spec_errors_with_exit_code_2_and_no_traceback(tmp_path):
 
 # (id, spec bytes, expected (line, column), message regex): files YAML cannot even read as text
 BINARY = [
-    ("nul-byte", BASE.encode().replace(b"groups", b"gro\0ups"), (2, 4), r"contains a NUL character"),
+    ("nul-byte", BASE.encode().replace(b"groups", b"gro\0ups"), (2, 4),
+     r"contains a NUL character"),
     ("utf16-bom", BASE.encode("utf-16"), (1, 1), r"is UTF-16 text"),
     ("utf16-no-bom", BASE.encode("utf-16-le"), (1, 2), r"NUL character.*\n.*UTF-16"),
     ("invalid-utf8", BASE.encode().replace(b"name: g", b"name: g\xff"), (3, 12),
      r"not valid UTF-8 \(byte 0xff\)"),
-    ("control-char", BASE.encode().replace(b"[y]", b"[y\x1b]"), (5, 16), r"control character U\+001B"),
+    ("control-char", BASE.encode().replace(b"[y]", b"[y\x1b]"), (5, 16),
+     r"control character U\+001B"),
 ]
 
 
@@ -254,7 +257,8 @@ def test_deep_bodies_work(tmp_path, text, oracle):
 
     from fusebuild import dtypes as dt, ir, reference
     path = tmp_path / "s.yaml"
-    path.write_text(body(text, inputs="{x: tensor}", matrix="{dtype: [float32], shapes: [{x: [N]}]}"))
+    path.write_text(body(text, inputs="{x: tensor}",
+                         matrix="{dtype: [float32], shapes: [{x: [N]}]}"))
     (gp,) = spec.load_plan([str(path)]).groups
     assert gp.group.body == text                       # canonical text of any depth
     assert pickle.loads(pickle.dumps(gp.group)) == gp.group     # as sent to compile workers

@@ -117,7 +117,8 @@ def body_spec(body: str, dtypes: str) -> str:
     return ("fusebuild: 1\ngroups:\n  - name: g\n"
             "    inputs: {x: tensor, b: tensor(int32), s: scalar(float32)}\n"
             f"    outputs: [y]\n    body: |\n{lines}\n"
-            f"    matrix: {{dtype: [{dtypes}], shapes: [{{x: [N], b: [N]}}, {{x: [B, C], b: [C]}}]}}\n")
+            f"    matrix: {{dtype: [{dtypes}], "
+            "shapes: [{x: [N], b: [N]}, {x: [B, C], b: [C]}]}\n")
 
 
 def random_body(rng: random.Random) -> str:
