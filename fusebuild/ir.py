@@ -16,19 +16,26 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import io
 import json
 import math
 import struct
+import sys
+import tokenize
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import dtypes as dt
+from .deep import trampoline
 from .errors import SpecError
 from .ops import (ABSENT, BINOPS, CASTS, CMPOPS, CONSTANTS, EXPANSIONS, OPS, REQUIRED, UNARYOPS,
                   OpDef)
+from .unparse import unparse
 
 MAX_RAND_WORDS = 4  # one Philox4x32 block per element: 4 words of 32 bits
+MAX_NESTING = 1000  # operators and calls nested in one body expression (README: Specs)
 
 
 @dataclass(frozen=True)
@@ -129,6 +136,11 @@ class Group:
     def spec_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.ir_json(), sort_keys=True).encode()).hexdigest()
 
+    def __reduce__(self):
+        """Pickled (to compile workers) as its JSON and re-parsed: `stmts` may nest deeper than
+        pickle recurses."""
+        return group_from_json, (self.to_json(), self.source.file)
+
 
 def group_from_json(d: dict, file: str = "<manifest>") -> Group:
     """Rebuild a Group from its manifest form (re-parses the canonical body)."""
@@ -163,8 +175,15 @@ class _BodyParser:
         raise self.err(node, f"{what} must be an integer literal", "write a plain integer such as 2 or -1")
 
     def expr(self, node) -> Expr:
+        """The Expr of an ast expression, however deeply nested (see `deep.trampoline`)."""
+        return trampoline(self._expr, node)
+
+    def _expr(self, node):
         pos = dict(line=node.lineno, col=node.col_offset)
         if isinstance(node, ast.Constant):
+            if type(node.value) is int and abs(node.value) > sys.float_info.max:
+                raise self.err(node, "integer literal is too large (over 1.8e308, the float64 "
+                                     "maximum)", "write a float literal such as 1e308, or inf")
             if type(node.value) in (int, float, bool):
                 return Expr("num", node.value, **pos)
             raise self.err(node, f"unsupported literal {node.value!r}",
@@ -176,11 +195,12 @@ class _BodyParser:
             if op is None:
                 raise self.err(node, f"operator {type(node.op).__name__} is not supported",
                                "supported: + - * / // % ** << >> & | ^")
-            return Expr("call", op, (self.expr(node.left), self.expr(node.right)), **pos)
+            left = yield node.left
+            return Expr("call", op, (left, (yield node.right)), **pos)
         if isinstance(node, ast.UnaryOp):
             if isinstance(node.op, ast.UAdd):
-                return self.expr(node.operand)
-            operand = self.expr(node.operand)
+                return (yield node.operand)
+            operand = yield node.operand
             if isinstance(node.op, ast.USub) and operand.kind == "num" \
                     and type(operand.value) is not bool:
                 return Expr("num", -operand.value, **pos)
@@ -193,15 +213,16 @@ class _BodyParser:
             if op is None:
                 raise self.err(node, f"comparison {type(node.ops[0]).__name__} is not supported",
                                "supported: == != < <= > >=")
-            return Expr("call", op, (self.expr(node.left), self.expr(node.comparators[0])), **pos)
+            left = yield node.left
+            return Expr("call", op, (left, (yield node.comparators[0])), **pos)
         if isinstance(node, ast.IfExp):
-            return Expr("call", "where", (self.expr(node.test), self.expr(node.body),
-                                          self.expr(node.orelse)), **pos)
+            test, body = (yield node.test), (yield node.body)
+            return Expr("call", "where", (test, body, (yield node.orelse)), **pos)
         if isinstance(node, ast.BoolOp):
             raise self.err(node, "`and`/`or` are not supported",
                            "use logical_and(a, b) / logical_or(a, b), or & and | on bools")
         if isinstance(node, ast.Call):
-            return self.call(node)
+            return (yield from self.call(node))
         if isinstance(node, ast.Attribute):
             raise self.err(node, "attribute access is not allowed in a body",
                            "call ops by their bare name, e.g. exp(x)")
@@ -214,7 +235,7 @@ class _BodyParser:
         raise self.err(node, f"{type(node).__name__} is not allowed in a body",
                        "a body holds assignments of elementwise expressions only")
 
-    def call(self, node: ast.Call) -> Expr:
+    def call(self, node: ast.Call):
         pos = dict(line=node.lineno, col=node.col_offset)
         if isinstance(node.func, ast.Attribute):
             raise self.err(node.func, "attribute access is not allowed in a body",
@@ -234,11 +255,11 @@ class _BodyParser:
         if name in CASTS:
             if len(node.args) != 1 or node.keywords:
                 raise self.err(node, f"cast {name}() takes exactly one argument", f"{name}(x)")
-            return Expr("call", name, (self.expr(node.args[0]),), **pos)
+            return Expr("call", name, ((yield node.args[0]),), **pos)
         if name == "rand_like":
             if len(node.args) != 1 or node.keywords:
                 raise self.err(node, "rand_like() takes exactly one argument", "rand_like(x)")
-            return Expr("call", name, (self.expr(node.args[0]),), **pos)
+            return Expr("call", name, ((yield node.args[0]),), **pos)
         op = OPS.get(name)
         if op is None:
             from difflib import get_close_matches
@@ -246,13 +267,15 @@ class _BodyParser:
             raise self.err(node, f"unknown op '{name}'",
                            f"did you mean {', '.join(near)}?" if near else
                            "see the op table in the README (section Specs)")
-        return self.bind(op, node, pos)
+        return (yield from self.bind(op, node, pos))
 
-    def bind(self, op: OpDef, node: ast.Call, pos: dict) -> Expr:
+    def bind(self, op: OpDef, node: ast.Call, pos: dict):
         if len(node.args) > len(op.params):
             raise self.err(node, f"{op.name}() takes at most {len(op.params)} arguments "
                                  f"({len(node.args)} given)", f"{op.name}({', '.join(op.params)})")
-        bound: dict[str, Expr] = {p: self.expr(a) for p, a in zip(op.params, node.args)}
+        bound: dict[str, Expr] = {}
+        for p, a in zip(op.params, node.args):
+            bound[p] = yield a
         for kw in node.keywords:
             if kw.arg not in op.params:
                 raise self.err(kw.value, f"{op.name}() got an unexpected keyword '{kw.arg}'",
@@ -260,7 +283,7 @@ class _BodyParser:
             if kw.arg in bound:
                 raise self.err(kw.value, f"{op.name}() got multiple values for '{kw.arg}'",
                                f"{op.name}({', '.join(op.params)})")
-            bound[kw.arg] = self.expr(kw.value)
+            bound[kw.arg] = yield kw.value
         missing = [p for p in op.params[:op.min_args] if p not in bound]
         if missing:
             raise self.err(node, f"{op.name}() is missing argument '{missing[0]}'",
@@ -279,17 +302,76 @@ class _BodyParser:
 
 
 
+def _parse_body(body: str, smap: SourceMap) -> ast.Module:
+    """`ast.parse` of a body, with its failures (syntax, NUL, nesting) as located SpecErrors."""
+    hint = "a body is Python expression syntax, one `name = expr` per line"
+    if "\0" in body:
+        line = body.count("\n", 0, body.index("\0")) + 1
+        col = body.index("\0") - (body.rfind("\n", 0, body.index("\0")) + 1)
+        raise smap.error("the body contains a NUL character", line, col, hint)
+    try:
+        with warnings.catch_warnings():   # e.g. "invalid decimal literal": an error at its place
+            warnings.simplefilter("error", SyntaxWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = ast.parse(body, mode="exec")
+    except SyntaxError as e:
+        raise smap.error(f"syntax error in body: {e.msg}", e.lineno or 1,
+                         max(0, (e.offset or 1) - 1), hint) from None
+    except (RecursionError, MemoryError):   # Python's own parser gave up on the nesting
+        raise smap.error("expression nested too deeply for Python's parser",
+                         *_deepest_statement(body), _NESTING_HINT) from None
+    for st in module.body:
+        _check_nesting(st, smap)
+    return module
+
+
+_NESTING_HINT = (f"a body nests operators and calls at most {MAX_NESTING} deep; "
+                 "split the expression with intermediate names (t = ...)")
+
+
+def _check_nesting(st: ast.stmt, smap: SourceMap) -> None:
+    """SpecError at the first operator or call nested more than MAX_NESTING deep."""
+    stack = [(st, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.IfExp,
+                             ast.Call)):
+            depth += 1
+            if depth > MAX_NESTING:
+                raise smap.error(f"expression nested more than {MAX_NESTING} levels deep",
+                                 node.lineno, node.col_offset, _NESTING_HINT)
+        stack.extend((child, depth) for child in ast.iter_child_nodes(node))
+
+
+def _deepest_statement(body: str) -> tuple[int, int]:
+    """(line, column) of the first statement of `body` that Python's parser gives up on."""
+    lines = body.splitlines(keepends=True)
+    skip = (tokenize.NL, tokenize.COMMENT, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+            tokenize.ENDMARKER)
+    start = None
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(body).readline):
+            if start is None and tok.type not in skip:
+                start = tok.start
+            elif tok.type == tokenize.NEWLINE and start is not None:
+                try:
+                    ast.parse("".join(lines[start[0] - 1:tok.end[0]]))
+                except (RecursionError, MemoryError):
+                    return start
+                except SyntaxError:
+                    pass
+                start = None
+    except (tokenize.TokenError, SyntaxError):
+        pass
+    return 1, 0
+
+
 def parse_group(name: str, inputs: list[tuple[str, str, dt.DType | None]],
                 outputs: list[tuple[str, dt.DType | None]], body: str,
                 smap: SourceMap, doc: str = "") -> Group:
     """Parse and check a group body against its declared inputs and outputs."""
     p = _BodyParser(smap)
-    try:
-        module = ast.parse(body, mode="exec")
-    except SyntaxError as e:
-        raise smap.error(f"syntax error in body: {e.msg}", e.lineno or 1,
-                         max(0, (e.offset or 1) - 1),
-                         "a body is Python expression syntax, one `name = expr` per line") from None
+    module = _parse_body(body, smap)
     input_kinds = {n: k for n, k, _ in inputs}
     output_names = [n for n, _ in outputs]
     defined: dict[str, str] = {n: "input" for n in input_kinds}
@@ -299,10 +381,16 @@ def parse_group(name: str, inputs: list[tuple[str, str, dt.DType | None]],
     stmts: list[Stmt] = []
     rand_count = 0
 
-    def check_names(e: Expr | None):
+    def check_names(root: Expr):
+        stack = [root]
+        while stack:
+            e = stack.pop()
+            if e is not None:
+                check_name(e)
+                stack.extend(reversed(e.args))
+
+    def check_name(e: Expr):
         nonlocal rand_count
-        if e is None:
-            return
         if e.kind == "name":
             if e.value in CONSTANTS and e.value not in defined:
                 return
@@ -319,8 +407,6 @@ def parse_group(name: str, inputs: list[tuple[str, str, dt.DType | None]],
                 used_whole.add(e.value)
         if e.kind == "call" and e.value == "rand_like":
             rand_count += 1
-        for a in e.args:
-            check_names(a)
 
     def define(target: str, node, kind: str):
         if target in CONSTANTS:
@@ -372,7 +458,7 @@ def parse_group(name: str, inputs: list[tuple[str, str, dt.DType | None]],
         raise smap.error("a group needs at least one tensor input", 1, 0,
                          "declare one under inputs, e.g. x: tensor")
 
-    canonical = "\n".join(ast.unparse(st) for st in module.body)
+    canonical = "\n".join(unparse(st) for st in module.body)
     in_decls = tuple(InputDecl(n, k, d, chunked.get(n)) for n, k, d in inputs)
     out_decls = tuple(OutputDecl(n, d, cat_outputs.get(n)) for n, d in outputs)
     return Group(name, in_decls, out_decls, canonical, tuple(stmts), rand_count > 0, doc, smap)
@@ -574,6 +660,7 @@ class _Typer:
     def __init__(self, group: Group, dtypes: dict[str, dt.DType], expand: bool):
         self.g, self.b, self.smap, self.expand = group, Builder(), group.source, expand
         self.env: dict[str, _Val] = {}
+        self._typed: dict[int, _Val] = {}   # id(Expr) -> its value, filled by typed()
         self.rand_words = 0
         for pos, inp in enumerate(group.tensor_inputs):
             d = dtypes[inp.name]
@@ -595,9 +682,9 @@ class _Typer:
                 for k, t in enumerate(st.targets):
                     self.env[t] = _Val(self.b.emit("load", (), d, (tpos[st.source], k)), d, None)
             elif st.kind == "expr":
-                self.env[st.targets[0]] = self.value(st.expr)
+                self.env[st.targets[0]] = self.typed(st.expr)
             else:
-                outputs[st.targets[0]] = tuple(self.value(e) for e in st.parts)
+                outputs[st.targets[0]] = tuple(self.typed(e) for e in st.parts)
         outs = []
         for o in self.g.outputs:
             vals = outputs[o.name] if o.cat else (self.env[o.name],)
@@ -629,7 +716,20 @@ class _Typer:
                                f"cast explicitly, e.g. {d.name}({value!r}), or use a wider type")
         return self.b.const(value, d)
 
+    def typed(self, root: Expr) -> _Val:
+        """`value(root)`, typing operands first (post-order) so deep bodies do not recurse."""
+        stack, order = [root], []
+        while stack:
+            e = stack.pop()
+            order.append(e)
+            stack.extend(a for a in e.args if a is not None)
+        for e in reversed(order):
+            self._typed[id(e)] = self.value(e)
+        return self._typed[id(root)]
+
     def value(self, e: Expr) -> _Val:
+        if id(e) in self._typed:
+            return self._typed[id(e)]
         if e.kind == "num":
             return _Val(None, _LITERAL_DTYPE[type(e.value)], "literal", e.value)
         if e.kind == "name":

@@ -25,6 +25,9 @@ TOP_KEYS = ("fusebuild", "bundle", "targets", "groups")
 GROUP_KEYS = ("name", "doc", "inputs", "outputs", "body", "matrix", "targets")
 MATRIX_KEYS = ("dtype", "shapes", "strided")
 DEFAULT_MAX_KERNELS = 20000
+MAX_GROUP_NAME = 255 - len(".cubin")   # file names hold 255 bytes; <group>.cubin is the longest
+MAX_BUNDLE_NAME = 200   # <name>-<version>, leaving room for temporary, shard and archive suffixes
+_BUNDLE_FIELD = re.compile(r"^[A-Za-z0-9_.+-]+$")
 DEFAULT_NAME, DEFAULT_VERSION = "kernels", "0.1.0"
 _TARGETS_HINT = "targets are listed in the README, section Specs"
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -86,7 +89,12 @@ class _Y:
     def scalar(self):
         if not isinstance(self.node, yaml.ScalarNode):
             raise self.err("expected a single value here", "write a scalar, not a list or mapping")
-        return _construct(self.node)
+        try:
+            return _construct(self.node)
+        except (yaml.YAMLError, ValueError, OverflowError):
+            kind = self.node.tag.rsplit(":", 1)[-1]
+            raise self.err(f"cannot read {self.node.value!r} as a YAML {kind}",
+                           "fix the value, or drop its !! tag") from None
 
     def str(self, what: str) -> str:
         v = self.scalar()
@@ -126,20 +134,98 @@ def _construct(node: yaml.ScalarNode):
         loader.dispose()
 
 
+MAX_YAML_DEPTH = 32   # a spec nests 8 deep (groups > group > matrix > shapes > pattern > dims)
+_STD_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int", "float", "str", "seq",
+                                                 "map")}
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that composes plain YAML only: bounded nesting, standard tags, no merge keys,
+    and no timestamps or `=` values (those read as strings)."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers
+                if tag not in ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:value")]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def __init__(self, text: str, file: str):
+        super().__init__(text)
+        self.file, self.depth = file, 0
+
+    def _too_deep(self, mark) -> SpecError:
+        return SpecError(f"YAML nested more than {MAX_YAML_DEPTH} levels deep", self.file,
+                         mark.line + 1, mark.column + 1,
+                         "a spec nests lists and mappings about 8 deep; close brackets or "
+                         "flatten it")
+
+    def fetch_flow_collection_start(self, token_class):
+        if self.flow_level >= MAX_YAML_DEPTH:   # before the scanner's lookahead gets quadratic
+            raise self._too_deep(self.get_mark())
+        super().fetch_flow_collection_start(token_class)
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            return super().compose_node(parent, index)
+        mark = self.peek_event().start_mark
+        self.depth += 1
+        if self.depth > MAX_YAML_DEPTH:
+            raise self._too_deep(mark)
+        node = super().compose_node(parent, index)
+        self.depth -= 1
+        if node.tag == "tag:yaml.org,2002:merge":
+            raise SpecError("YAML merge keys (`<<`) are not supported", self.file, mark.line + 1,
+                            mark.column + 1, "write the keys out, or reuse a whole value with an "
+                            "anchor and an alias (&m ... *m)")
+        if node.tag not in _STD_TAGS:
+            raise SpecError(f"YAML tag '{node.tag}' is not allowed in a spec", self.file,
+                            mark.line + 1, mark.column + 1,
+                            "write plain strings, numbers, lists and mappings, without ! tags")
+        return node
+
+
+def _decode(data: bytes, path: str) -> str:
+    """The text of a spec file: UTF-8 (an initial BOM allowed), else a located SpecError."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise SpecError("the spec file is UTF-16 text", path, 1, 1, "save it as UTF-8")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        col = len(data[line_start:e.start].decode("utf-8", "replace")) + 1
+        raise SpecError(f"the spec file is not valid UTF-8 (byte 0x{data[e.start]:02x})", path,
+                        data.count(b"\n", 0, e.start) + 1, col, "save it as UTF-8") from None
+
+
+def _position(text: str, index: int) -> tuple[int, int]:
+    """1-based (line, column) of character `index` of `text`."""
+    return text.count("\n", 0, index) + 1, index - (text.rfind("\n", 0, index) + 1) + 1
+
+
 def _compose(path: str) -> _Y:
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise SpecError(f"cannot read spec file: {e.strerror}", path, 0, 0,
                         "check the path and its permissions") from None
+    text = _decode(data, path)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        loader = _Loader(text, path)
+    except yaml.reader.ReaderError as e:
+        nul = e.character == 0
+        raise SpecError("the spec file contains " + ("a NUL character" if nul else
+                                                     f"the control character U+{e.character:04X}"),
+                        path, *_position(text, e.position), "spec files are UTF-8 text" +
+                        (" (NUL bytes suggest UTF-16: save it as UTF-8)" if nul else "")) from None
+    try:
+        node = loader.get_single_node()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         raise SpecError(f"malformed YAML: {e.problem or e.context}", path,
-                        mark.line + 1 if mark else 0, mark.column + 1 if mark else 0,
+                        mark.line + 1 if mark else 1, mark.column + 1 if mark else 1,
                         "check indentation and quoting") from None
+    finally:
+        loader.dispose()
     if node is None:
         raise SpecError("empty spec file", path, 1, 1, "start with `fusebuild: 1`")
     return _Y(node, path, text)
@@ -191,7 +277,7 @@ def load_plan(paths: list[str], targets: list[str] | None = None, name: str | No
         expanded: list[str] = []
         for t in targets:
             try:
-                expanded += [x for x in tg.expand([t]) if x not in expanded]
+                expanded += [x for x in tg.buildable([t]) if x not in expanded]
             except ValueError as e:
                 raise UsageError(f"--target {t}: {e}") from None
         cli_targets = tuple(expanded)
@@ -206,8 +292,8 @@ def load_plan(paths: list[str], targets: list[str] | None = None, name: str | No
                                        "this fusebuild reads `fusebuild: 1`")
         if "bundle" in doc:
             b = doc["bundle"].mapping("bundle", ("name", "version"))
-            this = (b["name"].str("bundle name") if "name" in b else DEFAULT_NAME,
-                    str(b["version"].scalar()) if "version" in b else DEFAULT_VERSION)
+            this = (_bundle_field(b, "name", DEFAULT_NAME),
+                    _bundle_field(b, "version", DEFAULT_VERSION))
             if bundle and this != bundle[:2] and not (name and version):
                 raise doc["bundle"].err(
                     f"bundle {this[0]}-{this[1]} conflicts with {bundle[0]}-{bundle[1]} "
@@ -239,14 +325,33 @@ def load_plan(paths: list[str], targets: list[str] | None = None, name: str | No
             if given:
                 raise UsageError(f"--{what} {v}: {message}")
             raise bundle[2].err(message)
+    if len(f"{final_name}-{final_version}") > MAX_BUNDLE_NAME:
+        message = (f"bundle name and version are {len(final_name) + 1 + len(final_version)} "
+                   f"characters long; at most {MAX_BUNDLE_NAME} fit the bundle's file names")
+        if name or version:
+            raise UsageError(f"--{'name' if name else 'version'}: {message}")
+        raise bundle[2].err(message, "shorten the name")
     return Plan(final_name, final_version, tuple(groups))
+
+
+def _bundle_field(b: dict[str, _Y], what: str, default: str) -> str:
+    """The bundle's name or version as written (`version: 1.10` stays 1.10)."""
+    if what not in b:
+        return default
+    y = b[what]
+    value = y.str("bundle name") if what == "name" else y.node.value if y.scalar() is not None \
+        else ""
+    if not _BUNDLE_FIELD.match(value):
+        raise y.err(f"bundle {what} {value!r} may only hold letters, digits and _ . + -",
+                    "e.g. bundle: {name: demo, version: 0.1.0}")
+    return value
 
 
 def _targets(y: _Y) -> tuple[str, ...]:
     out: list[str] = []
     for item in y.seq("targets"):
         try:
-            out += [t for t in tg.expand([item.str("a target")]) if t not in out]
+            out += [t for t in tg.buildable([item.str("a target")]) if t not in out]
         except ValueError as e:
             raise item.err(str(e), _TARGETS_HINT) from None
     return tuple(out)
@@ -312,6 +417,10 @@ def _group_plan(gy: _Y, cli_targets: tuple[str, ...] | None,
     if not _IDENT.match(name):
         raise g["name"].err(f"group name '{name}' is not an identifier",
                             "use letters, digits and _ (it becomes part of C symbols)")
+    if len(name) > MAX_GROUP_NAME:
+        raise g["name"].err(f"group name is {len(name)} characters long; at most "
+                            f"{MAX_GROUP_NAME} fit a file name", "shorten it (its artifacts "
+                            "are files named <group>.cubin, <group>.so)")
     inputs = _input_decls(g["inputs"])
     outputs = _output_decls(g["outputs"], inputs)
     body_y = g["body"]

@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 CPU_ISAS = ("x86-64-v2", "x86-64-v3", "x86-64-v4")
-_CUDA = re.compile(r"^cuda:(sm_\d{2,3}a?|compute_\d{2,3}a?)$")
+_CUDA = re.compile(r"^cuda:(sm|compute)_(\d{2,3})(a?)$")
+# The sm_XY numbers of the CUDA architectures NVIDIA has released: the archs a spec may name
+# when NVRTC is not installed (with NVRTC, its own list decides).
+KNOWN_CUDA_ARCHS = (50, 52, 53, 60, 61, 62, 70, 72, 75, 80, 86, 87, 88, 89, 90, 100, 101, 103,
+                    107, 110, 120, 121)
+FIRST_ARCH_SPECIFIC = 90   # sm_XYa / compute_XYa exist from sm_90a on
 
 
 def expand(names: list[str]) -> tuple[str, ...]:
@@ -22,6 +28,39 @@ def expand(names: list[str]) -> tuple[str, ...]:
                              "cuda:sm_XY, cuda:sm_XYa or cuda:compute_XY")
         out += [t for t in items if t not in out]
     return tuple(out)
+
+
+def buildable(names: list[str]) -> tuple[str, ...]:
+    """`expand`, also refusing CUDA architectures this build cannot compile for (ValueError)."""
+    out = expand(names)
+    for target in out:
+        m = _CUDA.match(target)
+        if not m:
+            continue
+        number, variant = int(m.group(2)), m.group(3)
+        archs, nvrtc = cuda_archs()
+        if number not in archs:
+            names = ", ".join(f"sm_{a}" for a in archs)
+            raise ValueError(f"{target}: {nvrtc} cannot compile for sm_{number}; it supports "
+                             f"{names}" if nvrtc else f"{target}: sm_{number} is not a known "
+                             f"CUDA architecture; known: {names}")
+        if variant and number < FIRST_ARCH_SPECIFIC:
+            raise ValueError(f"'{target}' does not exist: arch-specific variants (sm_XYa) "
+                             f"start at sm_{FIRST_ARCH_SPECIFIC}a; use cuda:sm_{number}")
+    return out
+
+
+@lru_cache(maxsize=None)
+def cuda_archs() -> tuple[tuple[int, ...], str | None]:
+    """The sm_XY numbers CUDA targets may use, and the NVRTC that said so (None: not installed,
+    the known table)."""
+    from .errors import ToolchainError
+    from .toolchain import nvrtc
+    try:
+        archs = nvrtc.supported_archs()
+    except ToolchainError:
+        return KNOWN_CUDA_ARCHS, None
+    return tuple(int(a[3:]) for a in archs), f"NVRTC {nvrtc.versions()['nvrtc']}"
 
 
 def backend(target: str) -> str:

@@ -7,10 +7,11 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from fusebuild import spec
-from fusebuild.errors import SpecError
+from fusebuild.errors import SpecError, UsageError
 
 BASE = """\
 fusebuild: 1
@@ -31,6 +32,9 @@ def body(text: str, inputs: str = "{x: tensor, b: tensor}", outputs: str = "[y]"
     return (f"fusebuild: 1\ngroups:\n  - name: g\n    inputs: {inputs}\n    outputs: {outputs}\n"
             f"    body: |\n{lines}\n    matrix: {matrix}\n")
 
+
+NESTED = r"expression nested more than 1000 levels deep"
+UNKNOWN_ARCH = r"cannot compile for sm_|is not a known CUDA architecture"
 
 # (id, spec text, marker whose first occurrence is the expected position, message regex)
 CASES = [
@@ -79,6 +83,42 @@ CASES = [
     ("unassigned-output", body("t = x", outputs="[y]"), "t = x", r"output 'y' is never assigned"),
     ("scalar-without-dtype", BASE.replace("b: tensor}", "b: tensor, s: scalar}"), "scalar}",
      r"scalar input 's' needs a dtype"),
+    # nesting past ir.MAX_NESTING (1000) is refused at the operator where it is crossed
+    ("deep-minus", body("y = " + "-" * 1100 + "x"), (7, 11 + 1000), NESTED),
+    ("deep-not", body("y = " + "not " * 1100 + "x"), (7, 11 + 4 * 1000), NESTED),
+    ("deep-invert", body("y = " + "~" * 1100 + "x"), (7, 11 + 1000), NESTED),
+    ("deep-if-else", body("y = " + "x if b else " * 1100 + "x"), (7, 11 + 12 * 1000), NESTED),
+    ("deep-power", body("y = " + "x ** " * 1100 + "x"), (7, 11 + 5 * 1000), NESTED),
+    ("flat-sum-over-limit", body("y = " + " + ".join(["x"] * 1200)), (7, 11), NESTED),
+    ("huge-int-literal", body("y = x + 1" + "0" * 400), "10000", r"integer literal is too large"),
+    ("syntax-warning", body("y = 1if x else b"), "1if", r"syntax error in body: invalid decimal"),
+    ("nul-in-body", BASE.replace("body: |\n      t = x + b\n      y = exp(t)",
+                                 'body: "y = exp(x)\\0 + b"'), (6, 22), r"body contains a NUL"),
+    # YAML: only plain values; no tags, merge keys or runaway nesting
+    ("yaml-python-tag", BASE.replace("fusebuild: 1", "fusebuild: !!python/object/apply:os.system "
+                                     "['true']"), "!!python",
+     r"YAML tag 'tag:yaml.org,2002:python/object/apply:os.system' is not allowed"),
+    ("yaml-custom-tag", BASE.replace("outputs: [y]", "outputs: !out [y]"), "!out",
+     r"YAML tag '!out' is not allowed"),
+    ("yaml-merge-key",
+     "base: &b {doc: d}\n" + BASE.replace("    outputs:", "    <<: *b\n    outputs:"),
+     "<<", r"merge keys \(`<<`\) are not supported"),
+    ("yaml-unreadable-value", BASE.replace("b: tensor}", "b: !!int tensor}"), "!!int",
+     r"cannot read 'tensor' as a YAML int"),
+    ("yaml-deep-flow", "fusebuild: 1\ngroups: " + "[" * 5000 + "]" * 5000 + "\n", (2, 41),
+     r"YAML nested more than 32 levels deep"),
+    ("yaml-deep-block", "fusebuild: 1\ngroups:\n" + "".join(" " * i + "- \n" for i in range(40)),
+     (34, 32), r"YAML nested more than 32 levels deep"),
+    # targets, group and bundle names that compile could not build
+    ("cuda-arch-999", "targets: [cuda:sm_999]\n" + BASE, "cuda:sm_999", UNKNOWN_ARCH),
+    ("cuda-arch-12", "targets: [cpu, cuda:sm_12]\n" + BASE, "cuda:sm_12", UNKNOWN_ARCH),
+    ("cuda-arch-variant", "targets: [cuda:sm_80a]\n" + BASE, "cuda:sm_80a", r"start at sm_90a"),
+    ("group-name-too-long", BASE.replace("name: g", "name: " + "g" * 250), "g" * 250,
+     r"group name is 250 characters long; at most 249 fit a file name"),
+    ("bundle-name-too-long", "bundle: {name: " + "n" * 200 + "}\n" + BASE, "{name",
+     r"bundle name and version are 206 characters long; at most 200"),
+    ("bad-bundle-version", "bundle: {name: demo, version: 'a b'}\n" + BASE, "'a b'",
+     r"bundle version 'a b' may only hold"),
 ]
 
 
@@ -123,3 +163,119 @@ def test_cli_reports_spec_errors_with_exit_code_2_and_no_traceback(tmp_path):
         assert "Traceback" not in proc.stderr
         assert f"{path}:7:11: error: unknown op 'gelux'" in proc.stderr
         assert "hint: did you mean gelu" in proc.stderr
+
+
+# (id, spec bytes, expected (line, column), message regex): files YAML cannot even read as text
+BINARY = [
+    ("nul-byte", BASE.encode().replace(b"groups", b"gro\0ups"), (2, 4),
+     r"contains a NUL character"),
+    ("utf16-bom", BASE.encode("utf-16"), (1, 1), r"is UTF-16 text"),
+    ("utf16-no-bom", BASE.encode("utf-16-le"), (1, 2), r"NUL character.*\n.*UTF-16"),
+    ("invalid-utf8", BASE.encode().replace(b"name: g", b"name: g\xff"), (3, 12),
+     r"not valid UTF-8 \(byte 0xff\)"),
+    ("control-char", BASE.encode().replace(b"[y]", b"[y\x1b]"), (5, 16),
+     r"control character U\+001B"),
+]
+
+
+@pytest.mark.parametrize("name,data,where,pattern", BINARY, ids=[c[0] for c in BINARY])
+def test_unreadable_spec_file_is_a_located_spec_error(tmp_path, name, data, where, pattern):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(data)
+    with pytest.raises(SpecError) as info:
+        spec.load_plan([str(path)])
+    assert re.search(pattern, str(info.value)), str(info.value)
+    assert (info.value.file, info.value.line, info.value.col) == (str(path), *where)
+
+
+def test_unknown_cuda_arch_on_the_command_line(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(BASE)
+    with pytest.raises(UsageError, match=UNKNOWN_ARCH) as info:
+        spec.load_plan([str(path)], targets=["cpu", "cuda:sm_999"])
+    assert str(info.value).startswith("--target cuda:sm_999: ")   # no fake file:line:column
+    assert "sm_90" in str(info.value)      # the supported archs are listed
+
+
+def test_cuda_archs_without_nvrtc_come_from_the_known_table(tmp_path, monkeypatch):
+    from fusebuild import targets
+    from fusebuild.errors import ToolchainError
+    from fusebuild.toolchain import nvrtc
+
+    def missing():
+        raise ToolchainError("NVRTC is not available")
+    monkeypatch.setattr(nvrtc, "supported_archs", missing)
+    targets.cuda_archs.cache_clear()
+    try:
+        assert targets.buildable(["cuda:sm_80", "cuda:sm_90a", "cuda:compute_120"])
+        with pytest.raises(ValueError, match=r"sm_999 is not a known CUDA architecture; known: "
+                                             r"sm_50, .*sm_90, .*sm_121"):
+            targets.buildable(["cuda:sm_999"])
+        with pytest.raises(ValueError, match=r"sm_12 is not a known"):
+            targets.buildable(["cuda:compute_12"])
+    finally:
+        targets.cuda_archs.cache_clear()
+
+
+def test_limits_are_inclusive(tmp_path):
+    """A group name of 249 characters and 1000 nested operators are accepted."""
+    path = tmp_path / "s.yaml"
+    path.write_text(BASE.replace("name: g", "name: " + "g" * 249)
+                    .replace("y = exp(t)", "y = exp(t)" + " + t" * 999))
+    (gp,) = spec.load_plan([str(path)]).groups
+    assert len(gp.group.name) == 249
+
+
+def test_yaml_timestamps_and_equals_signs_read_as_strings(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("bundle: {name: d, version: 2024-02-30}\n" +
+                    BASE.replace("    matrix:", "    doc: =\n    matrix:"))
+    plan = spec.load_plan([str(path)])
+    assert plan.version == "2024-02-30" and plan.groups[0].group.doc == "="
+
+
+DEEP_BODIES = [   # (body, numpy float64 oracle of y from x >= 1): each used to raise RecursionError
+    ("y = " + " + ".join(["x"] * 1000), lambda x: sum_left(x, 1000)),
+    ("y = " + "-" * 1000 + "x", lambda x: x),
+    ("y = x" + " ** 1.0" * 400, lambda x: x),                            # x ** (1.0 ** ...)
+    ("y = " + "x if x > 2 else " * 400 + "-x", lambda x: np.where(x > 2, x, -x)),
+    ("y = float32(" + "not " * 401 + "x > 2)", lambda x: (x <= 2).astype(np.float64)),
+]
+
+
+def sum_left(x, n):
+    acc = np.zeros_like(x, dtype=np.float32)
+    for _ in range(n):
+        acc = acc + x.astype(np.float32)      # left to right, rounded to float32 each step
+    return acc
+
+
+@pytest.mark.parametrize("text,oracle", DEEP_BODIES, ids=["sum1000", "neg1000", "pow400",
+                                                          "ifelse400", "not401"])
+def test_deep_bodies_work(tmp_path, text, oracle):
+    import pickle
+
+    from fusebuild import dtypes as dt, ir, reference
+    path = tmp_path / "s.yaml"
+    path.write_text(body(text, inputs="{x: tensor}",
+                         matrix="{dtype: [float32], shapes: [{x: [N]}]}"))
+    (gp,) = spec.load_plan([str(path)]).groups
+    assert gp.group.body == text                       # canonical text of any depth
+    assert pickle.loads(pickle.dumps(gp.group)) == gp.group     # as sent to compile workers
+    x = np.linspace(1, 4, 13, dtype=np.float32)
+    got = reference.evaluate(ir.instantiate(gp.group, {"x": dt.float32}, expand=False), [x])
+    np.testing.assert_array_equal(got.outputs["y"], np.asarray(oracle(x), np.float32))
+
+
+def test_a_flat_sum_of_1000_terms_compiles_and_runs(tmp_path):
+    from fusebuild import build, runtime
+    text = " + ".join(["x", "b"] * 500)
+    path = tmp_path / "s.yaml"
+    path.write_text(body(f"y = {text}"))
+    plan = spec.load_plan([str(path)], targets=["cpu:x86-64-v2"])   # every x86-64 host runs v2
+    bundle = runtime.load(build.build(plan, str(tmp_path / "out"), progress=False).path)
+    x, b = np.float32([1.5, -2.25, 3e5]), np.float32([1e-3, 7.0, -1.0])
+    want = np.zeros(3, np.float32)
+    for _ in range(500):
+        want = want + x + b
+    np.testing.assert_array_equal(bundle.g(x, b), want)
