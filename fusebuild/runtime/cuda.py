@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 import sys
 import threading
 from dataclasses import dataclass, replace
@@ -28,6 +27,7 @@ from ..abi import Abi
 from ..argspec import Canonical, contiguous_strides, parse_key
 from ..errors import ArgumentError, BundleError, KernelNotFound
 from . import dispatch
+from .manifest import read_artifact
 
 BLOCK = 128            # threads per block (fixed by codegen.cuda)
 VECTOR, WIDE = 1, 2    # flags bits: vector path, 64-bit indexing
@@ -331,6 +331,7 @@ class CudaKernels:
             reasons.append(why)
             if target:
                 entry = self._entries[k][target]
+                self.bundle.output_dtypes(k)     # checks entry["outputs"] against the IR
                 function = None if empty else self._function(cp, entry, device)
                 found = _Kernel(entry, function, tuple(lay for _, lay in parse_key(k)[1]))
                 if not empty:
@@ -353,12 +354,8 @@ class CudaKernels:
         with self._lock:
             module = self._modules.get((entry["file"], device))
             if module is None:
-                path = os.path.join(self.bundle.root, entry["file"])
-                try:
-                    with open(path, "rb") as f:
-                        image = f.read()
-                except OSError as e:
-                    raise BundleError(f"cannot read {entry['file']}: {e}") from None
+                image = read_artifact(self.bundle.root, entry["file"], entry["sha256"],
+                                      self.bundle.manifest["artifacts"][entry["file"]]["size"])
                 module = cp.cuda.function.Module()
                 try:
                     module.load(image + b"\0" if entry["file"].endswith(".ptx") else image)
