@@ -23,6 +23,7 @@ from .cache import Cache, Entry, default_dir, module_key
 from .codegen.common import KernelSource
 from .errors import BuildError, FusebuildError, UsageError
 from .ir import Group, instantiate
+from .runtime.manifest import is_plain_path
 from .spec import Plan, Variant
 
 DEFAULT_JOB_TIMEOUT = 900.0
@@ -346,9 +347,10 @@ def build(plan: Plan, out_dir: str = "build", jobs: int | None = None, keep_goin
 
 
 def _holds(entry: Entry, m: Module) -> bool:
-    """Whether a cache entry is module `m`: one artifact, and kernels of exactly its keys and
-    target in that artifact (anything else counts as a miss)."""
-    return (len(entry.artifacts) == 1
+    """Whether a cache entry is module `m`: one artifact in its target's folder, and kernels of
+    exactly its keys and target in that artifact (anything else counts as a miss)."""
+    (rel, *more) = entry.artifacts or [""]
+    return (not more and is_plain_path(rel) and rel.startswith(m.target.replace(":", "/") + "/")
             and sorted(k["key"] for k in entry.kernels) == sorted(v.key for v in m.variants)
             and all(k["target"] == m.target and k["file"] in entry.artifacts
                     for k in entry.kernels))

@@ -57,7 +57,9 @@ def _extract(path: str, gz: gzip.GzipFile) -> str:
         raise BundleError(f"{path}: its {MANIFEST} is not JSON") from None
     check_manifest(manifest, f"{path}:{MANIFEST}")
     dest = os.path.join(cache_home(), "bundles", manifest["id"])
-    if _verified(dest, manifest["id"]):
+    if _verified(dest, manifest["id"]):       # the archive is still read and checked in full
+        _extract_artifacts(tar, members, top, manifest["artifacts"], None, path)
+        _drain(gz, path)
         return dest
     try:
         os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -94,9 +96,10 @@ def _check_member(m: tarfile.TarInfo, path: str) -> str:
     return name
 
 
-def _extract_artifacts(tar: tarfile.TarFile, members, top: str, artifacts: dict, stage: str,
-                       path: str) -> None:
-    """Write each listed artifact from the rest of the archive, refusing anything unlisted."""
+def _extract_artifacts(tar: tarfile.TarFile, members, top: str, artifacts: dict,
+                       stage: str | None, path: str) -> None:
+    """Check each listed artifact in the rest of the archive (and write it into `stage`),
+    refusing anything unlisted."""
     done = set()
     for m in members:
         name = _check_member(m, path)
@@ -115,7 +118,8 @@ def _extract_artifacts(tar: tarfile.TarFile, members, top: str, artifacts: dict,
         if len(data) != info["size"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
             raise BundleError(f"{path}: {rel} is corrupt or tampered with: its sha256 does not "
                               "match the manifest")
-        _write(stage, rel, data)
+        if stage:
+            _write(stage, rel, data)
         done.add(rel)
     missing = sorted(set(artifacts) - done)
     if missing:
