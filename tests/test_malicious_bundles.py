@@ -276,6 +276,18 @@ def test_the_loaded_library_is_the_verified_bytes(root):
     assert os.path.join(root, SO) not in maps and "fusebuild:axpy.so" in maps
 
 
+def test_libraries_loaded_one_after_another_are_each_their_own(tmp_path):
+    """Each library is dlopened as /proc/self/fd/N; were N reused after a close, the loader
+    would hand out the earlier library again under that name."""
+    from fusebuild.runtime.cpu import load_verified
+    for name in ("first", "second", "third"):
+        (tmp_path / f"{name}.c").write_text(f"int {name}(void) {{ return 1; }}\n")
+        subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / f"{name}.so"),
+                        str(tmp_path / f"{name}.c")], check=True)
+        lib = load_verified(str(tmp_path), f"{name}.so", sha(str(tmp_path / f"{name}.so"))["sha256"])
+        assert lib[name]() == 1
+
+
 # ---------------------------------------------------------------- item 4: merge ----------------
 
 def _as_shard(m):

@@ -83,7 +83,10 @@ _LOADED_LOCK = threading.Lock()
 def load_verified(root: str, rel: str, sha256: str, size: int | None = None) -> ctypes.CDLL:
     """dlopen the shared object `root/rel` from the very bytes checked against `sha256`: they
     are read once, hashed, copied into a sealed memfd and loaded from it, so a file replaced
-    after the check (or after `load()`) is refused, never run."""
+    after the check (or after `load()`) is refused, never run.
+
+    The memfd stays open for the life of the process: the dynamic loader knows the library by
+    the name /proc/self/fd/N, and would hand it out again for a later file opened as fd N."""
     with _LOADED_LOCK:
         lib = _LOADED.get(sha256)
         if lib is None:
@@ -97,8 +100,7 @@ def load_verified(root: str, rel: str, sha256: str, size: int | None = None) -> 
                             fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
                 lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
             except OSError as e:
-                raise BundleError(f"cannot load {rel}: {e}") from None
-            finally:
                 os.close(fd)
+                raise BundleError(f"cannot load {rel}: {e}") from None
             _LOADED[sha256] = lib
     return lib
