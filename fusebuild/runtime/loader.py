@@ -450,8 +450,10 @@ def _on_cuda(info: dispatch.GroupInfo, args: tuple) -> bool:
 
 
 def load(path: str, on_miss: str = "error") -> Bundle:
-    """Open a bundle directory or packed .tar.gz: check its format and every artifact's hash,
-    index its kernels. Archives are extracted once per bundle id into the cache directory.
+    """Open a bundle directory or packed .tar.gz: check its manifest (`check_manifest`) and every
+    artifact's size and sha256, index its kernels. Archives are extracted once per bundle id
+    into the cache directory. Shared objects and cubins are hashed again from the bytes that are
+    then loaded (at a kernel's first call), so a file changed after this check is refused.
 
     on_miss="jit" compiles kernels missing from the bundle on first use (needs the build
     extras); every miss is appended to the JSON-lines file FUSEBUILD_MISS_LOG names, if set.

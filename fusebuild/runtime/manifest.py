@@ -71,8 +71,11 @@ def open_regular(root: str, rel: str) -> int:
             fd, parent = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW |
                                  os.O_CLOEXEC, dir_fd=fd), fd
             os.close(parent)
+        mode = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+        if stat.S_ISLNK(mode):
+            raise OSError(errno.ELOOP, "a symbolic link")
         file_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                          dir_fd=fd)
+                          dir_fd=fd) if stat.S_ISREG(mode) else None
     except OSError as e:
         if e.errno == errno.ENOENT:
             raise BundleError(f"{path} is missing from the bundle") from None
@@ -83,8 +86,10 @@ def open_regular(root: str, rel: str) -> int:
         raise BundleError(f"cannot open {path}: {e.strerror}") from None
     finally:
         os.close(fd)
-    if not stat.S_ISREG(os.fstat(file_fd).st_mode):
+    if file_fd is not None and not stat.S_ISREG(os.fstat(file_fd).st_mode):  # swapped meanwhile
         os.close(file_fd)
+        file_fd = None
+    if file_fd is None:
         raise BundleError(f"{path} is not a regular file (a FIFO, device or folder): refused")
     return file_fd
 
