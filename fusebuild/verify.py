@@ -11,7 +11,7 @@ import numpy as np
 from . import dtypes as dt
 from . import elf, ir, reference
 from . import targets as tg
-from .argspec import Canonical, contiguous_strides, parse_key, symbol_name
+from .argspec import Canonical, contiguous_strides, parse_key
 from .codegen.common import KernelSource
 from .errors import BundleError
 from .runtime import dispatch

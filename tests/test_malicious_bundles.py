@@ -284,7 +284,8 @@ def test_libraries_loaded_one_after_another_are_each_their_own(tmp_path):
         (tmp_path / f"{name}.c").write_text(f"int {name}(void) {{ return 1; }}\n")
         subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / f"{name}.so"),
                         str(tmp_path / f"{name}.c")], check=True)
-        lib = load_verified(str(tmp_path), f"{name}.so", sha(str(tmp_path / f"{name}.so"))["sha256"])
+        so = str(tmp_path / f"{name}.so")
+        lib = load_verified(str(tmp_path), f"{name}.so", sha(so)["sha256"])
         assert lib[name]() == 1
 
 

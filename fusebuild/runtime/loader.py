@@ -399,7 +399,8 @@ class GroupCaller(Caller):
         meta = dispatch.meta_words(call, abi, 0, 0)     # (an empty call never launches)
         fn = n and self.bundle._libs.function(entry.file, entry.sha256, entry.symbol)
         plan = _Plan(entry, fn, n, in_ptrs, outs, tuple(out_ptrs),
-                     ctypes.c_int64 * max(1, abi.n_ptrs), (ctypes.c_int64 * max(1, abi.n_meta))(*meta.tolist()),
+                     ctypes.c_int64 * max(1, abi.n_ptrs),
+                     (ctypes.c_int64 * max(1, abi.n_meta))(*meta.tolist()),
                      abi.seed if info.has_random else None,
                      tuple(abi.scalar(k) for k in range(abi.n_scalars)),
                      *zip(*(dispatch.byte_extent(a.shape, a.strides, a.itemsize) for a in tensors)),
