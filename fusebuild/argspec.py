@@ -5,6 +5,7 @@ symbolic matrix shapes (`Dim` monomials such as 4*H), so both sides agree on eve
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -130,8 +131,10 @@ def format_key(group: str, descs: Sequence[tuple[DType, str]]) -> str:
     return f"{group}({','.join(f'{d.short}:{layout}' for d, layout in descs)})"
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def parse_key(key: str) -> tuple[str, tuple[tuple[DType, str], ...]]:
-    """Inverse of format_key; raises ValueError on a malformed key."""
+    """Inverse of format_key; raises ValueError on a malformed key. Memoized: a bundle's
+    keys are parsed by its check, its index and its first calls."""
     m = _KEY_RE.match(key.strip())
     if not m:
         raise ValueError(f"malformed key {key!r}: expected group(dtype:layout,...)")

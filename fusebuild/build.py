@@ -25,6 +25,7 @@ from .cache import Cache, Entry, default_dir, module_key
 from .codegen.common import KernelSource
 from .errors import BuildError, FusebuildError, UsageError
 from .ir import Group, instantiate
+from .runtime.manifest import is_plain_path
 from .spec import Plan, Variant
 from .text import plural
 
@@ -329,7 +330,7 @@ def build(plan: Plan, out_dir: str = "build", jobs: int | None = None, keep_goin
         keys[m.group.name, m.target] = module_key(m.group.ir_json(), [v.key for v in m.variants],
                                                   m.target, toolchain)
         hit = cache.get(keys[m.group.name, m.target])
-        if hit is not None:
+        if hit is not None and _holds(hit, m):
             entries[m.group.name, m.target] = hit
     missing = [m for m in modules if (m.group.name, m.target) not in entries]
     results = _compile(jobs_for(missing), jobs or os.cpu_count() or 1, keep_going, progress,
@@ -368,6 +369,16 @@ def build(plan: Plan, out_dir: str = "build", jobs: int | None = None, keep_goin
     path, written = write_bundle(out_dir, manifest, artifacts, suffix)
     return BuildResult(path, manifest, len(modules), len(missing), len(modules) - len(missing),
                        time.perf_counter() - start, up_to_date=not written)
+
+
+def _holds(entry: Entry, m: Module) -> bool:
+    """Whether a cache entry is module `m`: one artifact in its target's folder, and kernels of
+    exactly its keys and target in that artifact (anything else counts as a miss)."""
+    (rel, *more) = entry.artifacts or [""]
+    return (not more and is_plain_path(rel) and rel.startswith(m.target.replace(":", "/") + "/")
+            and sorted(k["key"] for k in entry.kernels) == sorted(v.key for v in m.variants)
+            and all(k["target"] == m.target and k["file"] in entry.artifacts
+                    for k in entry.kernels))
 
 
 def _excerpt(text: str, lines: int = 15) -> str:

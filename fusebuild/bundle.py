@@ -18,8 +18,8 @@ import tarfile
 import tempfile
 
 from .errors import BundleError
-from .runtime.manifest import (FORMAT, MANIFEST, bundle_id, canonical_json, read_manifest,
-                               verify_artifacts)
+from .runtime.manifest import (FORMAT, MANIFEST, bundle_id, canonical_json, check_manifest,
+                               read_artifact, read_manifest, verify_artifacts)
 
 
 def make_manifest(name: str, version: str, toolchain: dict, groups: dict[str, dict],
@@ -128,6 +128,9 @@ def write_bundle(out_dir: str, manifest: dict, artifacts: dict[str, bytes],
     exchange (or rename), under a lock on out_dir, so readers and killed builds see the old or
     the new bundle, never a mix; what killed writes left is removed first.
     """
+    check_manifest(manifest, f"the manifest of {manifest['name']}-{manifest['version']}")
+    if sorted(artifacts) != sorted(manifest["artifacts"]):
+        raise BundleError("the artifacts to write are not those of the manifest")
     base = f"{manifest['name']}-{manifest['version']}{suffix}"
     final = os.path.join(out_dir, base)
     try:
@@ -173,11 +176,9 @@ def write_bundle(out_dir: str, manifest: dict, artifacts: dict[str, bytes],
 
 
 def read_bundle_files(root: str, manifest: dict) -> dict[str, bytes]:
-    out = {}
-    for rel in manifest["artifacts"]:
-        with open(os.path.join(root, rel), "rb") as f:
-            out[rel] = f.read()
-    return out
+    """Every artifact's bytes, each checked against its size and sha256."""
+    return {rel: read_artifact(root, rel, info["sha256"], info["size"])
+            for rel, info in manifest["artifacts"].items()}
 
 
 # ---------------------------------------------------------------- shards -----------------------
@@ -187,13 +188,14 @@ def merge_shards(paths: list[str], out_dir: str) -> tuple[str, dict]:
     shards = []
     for p in paths:
         m = read_manifest(p)
-        verify_artifacts(p, m)
-        if "shard" not in m:
+        s = m.get("shard")
+        if not (isinstance(s, dict) and isinstance(s.get("plan"), str)
+                and all(type(s.get(f)) is int for f in ("index", "count"))):
             raise BundleError(f"{p} is not a shard (it was not built with --shard)")
-        shards.append((p, m))
-    first_path, first = shards[0]
+        shards.append((p, m, read_bundle_files(p, m)))
+    first_path, first, _ = shards[0]
     seen: dict[int, str] = {}
-    for p, m in shards:
+    for p, m, _ in shards:
         s = m["shard"]
         if s["plan"] != first["shard"]["plan"] or s["count"] != first["shard"]["count"]:
             raise BundleError(f"shards {first_path} and {p} come from different builds: "
@@ -208,8 +210,8 @@ def merge_shards(paths: list[str], out_dir: str) -> tuple[str, dict]:
         raise BundleError(f"missing shard(s) {', '.join(f'{i + 1}/{count}' for i in missing)}")
     artifacts: dict[str, bytes] = {}
     kernels: list[dict] = []
-    for p, m in shards:
-        artifacts.update(read_bundle_files(p, m))
+    for _, m, files in shards:
+        artifacts.update(files)
         kernels += m["kernels"]
     manifest = make_manifest(first["name"], first["version"], first["toolchain"], first["groups"],
                              artifacts, kernels)
@@ -238,16 +240,14 @@ def pack(root: str, out: str | None = None) -> str:
     """A deterministic .tar.gz of a verified bundle (sorted, zero times, no owners)."""
     root = os.path.abspath(root)
     manifest = read_manifest(root)
-    verify_artifacts(root, manifest)
+    files = {MANIFEST: manifest_bytes(manifest), **read_bundle_files(root, manifest)}
     top = os.path.basename(root.rstrip("/"))
     out = out or root.rstrip("/") + ".tar.gz"
-    files = [MANIFEST] + sorted(manifest["artifacts"])
     buf = io.BytesIO()
     with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as gz:
         with tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for rel in files:
-                with open(os.path.join(root, rel), "rb") as f:
-                    data = f.read()
+            for rel in [MANIFEST] + sorted(manifest["artifacts"]):
+                data = files[rel]
                 info = tarfile.TarInfo(f"{top}/{rel}")
                 info.size, info.mode, info.mtime = len(data), 0o644, 0
                 info.uid = info.gid = 0

@@ -3,7 +3,8 @@
 An entry is one compiled module: its artifact bytes, its kernel entries and, optionally, its
 generated source. The key hashes every input that affects those bytes (see `module_key`). Writes
 go to a temporary file that is renamed into place, so readers never see half an entry and
-concurrent builds may share a cache; an entry that fails its checksum counts as a miss.
+concurrent builds may share a cache. An entry's checksum covers its metadata (files, kernel
+entries) and its bytes; one that fails it, or is not a regular file, counts as a miss.
 """
 from __future__ import annotations
 
@@ -16,10 +17,13 @@ import tempfile
 from dataclasses import dataclass
 
 from . import __version__
+from .errors import BundleError
 from .runtime.archive import cache_home
+from .runtime.manifest import MAX_ARTIFACT_BYTES, read_regular
 
-LAYOUT = "v1"   # bump when the entry format changes
-_MAGIC = b"FBC1"
+LAYOUT = "v2"   # bump when the entry format changes
+_MAGIC = b"FBC2"
+_HEAD = struct.Struct("<4s32sQ")     # magic, sha256 of everything after the head, metadata length
 
 
 def default_dir() -> str:
@@ -69,24 +73,18 @@ class Cache:
         if self.root is None:
             return None
         try:
-            with open(self._path(key), "rb") as f:
-                data = f.read()
-        except OSError:
-            return None
-        try:
-            if data[:4] != _MAGIC:
+            data = read_regular(*os.path.split(self._path(key)), limit=MAX_ARTIFACT_BYTES)
+            magic, digest, meta_len = _HEAD.unpack_from(data)
+            if magic != _MAGIC or hashlib.sha256(data[_HEAD.size:]).digest() != digest:
                 return None
-            (meta_len,) = struct.unpack_from("<Q", data, 4)
-            meta = json.loads(data[12:12 + meta_len])
-            blob = data[12 + meta_len:]
-            if hashlib.sha256(blob).hexdigest() != meta["sha256"] or len(blob) != meta["size"]:
-                return None
+            meta = json.loads(data[_HEAD.size:_HEAD.size + meta_len])
+            blob = data[_HEAD.size + meta_len:]
             artifacts, pos = {}, 0
             for rel, size in meta["files"]:
                 artifacts[rel] = blob[pos:pos + size]
                 pos += size
-            return Entry(artifacts, meta["kernels"])
-        except (ValueError, KeyError, struct.error, TypeError):
+            return Entry(artifacts, meta["kernels"]) if pos == len(blob) else None
+        except (BundleError, ValueError, KeyError, struct.error, TypeError):
             return None
 
     def put(self, key: str, entry: Entry) -> None:
@@ -96,14 +94,14 @@ class Cache:
         files = sorted(entry.artifacts.items())
         blob = b"".join(data for _, data in files)
         meta = json.dumps({"files": [[rel, len(data)] for rel, data in files],
-                           "kernels": entry.kernels, "size": len(blob),
-                           "sha256": hashlib.sha256(blob).hexdigest()}).encode()
+                           "kernels": entry.kernels}).encode()
+        body = meta + blob
         path = self._path(key)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
             with os.fdopen(fd, "wb") as f:
-                f.write(_MAGIC + struct.pack("<Q", len(meta)) + meta + blob)
+                f.write(_HEAD.pack(_MAGIC, hashlib.sha256(body).digest(), len(meta)) + body)
             os.replace(tmp, path)
         except OSError:
             try:

@@ -11,14 +11,15 @@ import numpy as np
 from . import dtypes as dt
 from . import elf, ir, reference
 from . import targets as tg
-from .argspec import Canonical, contiguous_strides, parse_key, symbol_name
+from .argspec import Canonical, contiguous_strides, parse_key
 from .codegen.common import KernelSource
-from .errors import BundleError, SpecError
+from .errors import BundleError
 from .text import plural
 from .runtime import dispatch
 from .runtime.archive import extract
-from .runtime.cpu import host_isas
-from .runtime.manifest import read_manifest, verify_artifacts
+from .runtime.cpu import host_isas, load_verified
+from .runtime.manifest import (group_ir, output_dtypes, read_artifact, read_manifest,
+                               verify_artifacts)
 
 
 @dataclass
@@ -59,37 +60,28 @@ def open_root(path: str) -> str:
 
 
 def check_schema(manifest: dict) -> dict[str, ir.Group]:
-    """Every group parses and every kernel entry is consistent; returns the groups."""
-    groups = {}
-    for name, g in manifest["groups"].items():
-        try:
-            groups[name] = ir.group_from_json(g)
-        except (SpecError, KeyError, TypeError) as e:
-            raise BundleError(f"group {name} of the manifest is invalid: {e}") from None
+    """Every group parses back to its own JSON and every kernel's target and output dtypes are
+    those of its group's IR (`read_manifest` checked files, hashes and symbols); returns the
+    groups."""
+    groups = {name: group_ir(g) for name, g in manifest["groups"].items()}
+    derived: dict[str, list[str]] = {}
     for k in manifest["kernels"]:
-        where = f"kernel {k.get('key')} [{k.get('target')}]"
+        where = f"kernel {k['key']} [{k['target']}]"
         try:
-            group, descs = parse_key(k["key"])
             tg.expand([k["target"]])
-            outputs = [dt.lookup(o) for o in k["outputs"]]
-        except (KeyError, ValueError) as e:
+        except ValueError as e:
             raise BundleError(f"{where} of the manifest is invalid: {e}") from None
-        if group != k["group"] or group not in groups:
-            raise BundleError(f"{where}: group {k['group']!r} does not match its key or is unknown")
-        if len(descs) != len(groups[group].tensor_inputs) or \
-                len(outputs) != len(groups[group].outputs):
-            raise BundleError(f"{where} does not fit the inputs/outputs of group {group}")
-        if k["symbol"] != symbol_name(k["key"]) or k["file"] not in manifest["artifacts"]:
-            raise BundleError(f"{where}: symbol or file does not match the manifest")
-        if manifest["artifacts"][k["file"]]["sha256"] != k["sha256"]:
-            raise BundleError(f"{where}: its sha256 differs from its file's")
+        if k["key"] not in derived:
+            derived[k["key"]] = [d.name for d in output_dtypes(groups[k["group"]], k["key"])]
+        if k["outputs"] != derived[k["key"]]:
+            raise BundleError(f"{where} records outputs {', '.join(k['outputs'])} where its group "
+                              f"computes {', '.join(derived[k['key']])}")
     return groups
 
 
 def _check_artifact(root: str, rel: str, kernels: list[dict], host: tuple[str, ...]) -> bool:
     """ELF checks for one artifact; loads it when this host can. Returns whether it loaded."""
-    with open(os.path.join(root, rel), "rb") as f:
-        data = f.read()
+    data = read_artifact(root, rel, kernels[0]["sha256"])
     target = kernels[0]["target"]
     symbols = {k["symbol"] for k in kernels}
     if rel.endswith(".ptx"):
@@ -108,11 +100,11 @@ def _check_artifact(root: str, rel: str, kernels: list[dict], host: tuple[str, .
     if missing:
         raise BundleError(f"{rel} does not export {', '.join(sorted(missing))}")
     if tg.backend(target) == "cpu" and tg.arch(target) in host:
+        lib = load_verified(root, rel, kernels[0]["sha256"])
         try:
-            lib = ctypes.CDLL(os.path.join(root, rel))
             for s in symbols:
-                getattr(lib, s)
-        except (OSError, AttributeError) as e:
+                lib[s]
+        except AttributeError as e:
             raise BundleError(f"{rel} does not load: {e}") from None
         return True
     return False
@@ -159,7 +151,7 @@ def check_numerics(root: str, group: ir.Group, entry: dict, rng: np.random.Gener
     meta = dispatch.meta_words(call, abi, seed, offset)
     ptrs = np.array([v.__array_interface__["data"][0] for vs in views for v in vs] +
                     [o.ctypes.data for os_ in outs for o in os_], np.int64)
-    fn = getattr(ctypes.CDLL(os.path.join(root, entry["file"])), entry["symbol"])
+    fn = load_verified(root, entry["file"], entry["sha256"])[entry["symbol"]]
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     fn(ptrs.ctypes.data, meta.ctypes.data, 0, int(np.prod(sizes)))
     want = reference.evaluate_views(ir.instantiate(group, dtypes, expand=False), views, scalars,

@@ -211,10 +211,12 @@ def _archive(tmp_path, members):
 @pytest.mark.parametrize("members,message", [
     ([("/abs/manifest.json", "f", b"{}")], "unsafe member path"),
     ([("b/../../x", "f", b"x"), ("b/manifest.json", "f", b"{}")], "unsafe member path"),
-    ([("b/manifest.json", "f", b"{}"), ("b/link", "sym", b"")], "link or special file"),
-    ([("b/x", "f", b"x")], "no manifest.json"),
-    ([("b/manifest.json", "f", json.dumps({"id": "ab", "artifacts": {"cpu/x.so": {
-        "size": 1, "sha256": "0"}}}).encode()), ("b/cpu/x.so", "f", b"toolong")],
+    ([("b/link", "sym", b""), ("b/manifest.json", "f", b"{}")], "link or special file"),
+    ([("b/x", "f", b"x")], "the first file is not b/manifest.json"),
+    ([("b/manifest.json", "f", json.dumps({"id": "ab", "artifacts": {}}).encode())],
+     "not a fusebuild manifest"),
+    ([("b/manifest.json", "f", bundle.manifest_bytes(bundle.make_manifest(
+        "b", "1", {}, {}, {"cpu/x.so": b"x"}, []))), ("b/cpu/x.so", "f", b"toolong")],
      "has 7 bytes, the manifest says 1"),
 ])
 def test_unsafe_archives_are_refused(tmp_path, members, message):

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import platform
 import threading
 import warnings
 
 from ..errors import BundleError
+from .manifest import read_artifact
 
 ISA_LEVELS = ("x86-64-v2", "x86-64-v3", "x86-64-v4")
 # x86-64 micro-architecture levels (psABI) by the /proc/cpuinfo flags they need
@@ -58,24 +60,21 @@ def host_isas() -> tuple[str, ...]:
 
 
 class Libraries:
-    """Shared objects of one bundle, loaded on first use."""
+    """Shared objects of one bundle, loaded on first use from the bytes that were hashed (see
+    `load_verified`)."""
 
-    def __init__(self, root: str):
-        self.root = root
+    def __init__(self, root: str, artifacts: dict[str, dict]):
+        self.root, self.artifacts = root, artifacts
         self._libs: dict[str, ctypes.CDLL] = {}
-        self._lock = threading.Lock()
 
-    def function(self, rel: str, symbol: str):
+    def function(self, rel: str, sha256: str, symbol: str):
         lib = self._libs.get(rel)
         if lib is None:
-            with self._lock:
-                lib = self._libs.get(rel)
-                if lib is None:
-                    try:
-                        lib = ctypes.CDLL(os.path.join(self.root, rel))
-                    except OSError as e:
-                        raise BundleError(f"cannot load {rel}: {e}") from None
-                    self._libs[rel] = lib
+            if os.path.isabs(rel):      # a kernel compiled on the fly, in the cache
+                lib = load_verified(*os.path.split(rel), sha256)
+            else:
+                lib = load_verified(self.root, rel, sha256, self.artifacts[rel]["size"])
+            self._libs[rel] = lib
         try:
             fn = getattr(lib, symbol)
         except AttributeError:
@@ -84,3 +83,33 @@ class Libraries:
         # ctypes hands over without per-call conversion, at half the cost of declared argtypes.
         fn.restype = None
         return fn
+
+
+_LOADED: dict[str, ctypes.CDLL] = {}      # by sha256: the same bytes are loaded once
+_LOADED_LOCK = threading.Lock()
+
+
+def load_verified(root: str, rel: str, sha256: str, size: int | None = None) -> ctypes.CDLL:
+    """dlopen the shared object `root/rel` from the very bytes checked against `sha256`: they
+    are read once, hashed, copied into a sealed memfd and loaded from it, so a file replaced
+    after the check (or after `load()`) is refused, never run.
+
+    The memfd stays open for the life of the process: the dynamic loader knows the library by
+    the name /proc/self/fd/N, and would hand it out again for a later file opened as fd N."""
+    with _LOADED_LOCK:
+        lib = _LOADED.get(sha256)
+        if lib is None:
+            data = read_artifact(root, rel, sha256, size)
+            fd = os.memfd_create(f"fusebuild:{os.path.basename(rel)}",
+                                 os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            try:
+                with open(fd, "wb", closefd=False) as f:
+                    f.write(data)
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW |
+                            fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+                lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
+            except OSError as e:
+                os.close(fd)
+                raise BundleError(f"cannot load {rel}: {e}") from None
+            _LOADED[sha256] = lib
+    return lib

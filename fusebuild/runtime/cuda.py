@@ -29,6 +29,7 @@ from ..argspec import Canonical, contiguous_strides, parse_key
 from ..text import plural
 from ..errors import ArgumentError, BundleError, KernelNotFound
 from . import dispatch
+from .manifest import read_artifact
 
 BLOCK = 128            # threads per block (fixed by codegen.cuda)
 VECTOR, WIDE = 1, 2    # flags bits: vector path, 64-bit indexing
@@ -355,6 +356,7 @@ class CudaKernels:
 
     def _kernel(self, cp, k: str, entry: dict, device: int, key: str, empty: bool) -> _Kernel:
         """Kernel `k` (entry `entry`) for calls of `key` on `device`, remembered if not empty."""
+        self.bundle.output_dtypes(k)     # checks entry["outputs"] against the IR
         function = None if empty else self._function(cp, entry, device)
         found = _Kernel(entry, function, tuple(lay for _, lay in parse_key(k)[1]))
         if not empty:
@@ -390,12 +392,12 @@ class CudaKernels:
         with self._lock:
             module = self._modules.get((entry["file"], device))
             if module is None:
-                path = os.path.join(self.bundle.root, entry["file"])
-                try:
-                    with open(path, "rb") as f:
-                        image = f.read()
-                except OSError as e:
-                    raise BundleError(f"cannot read {entry['file']}: {e}") from None
+                rel = entry["file"]
+                if os.path.isabs(rel):      # a kernel compiled on the fly, in the cache
+                    image = read_artifact(*os.path.split(rel), entry["sha256"])
+                else:
+                    image = read_artifact(self.bundle.root, rel, entry["sha256"],
+                                          self.bundle.manifest["artifacts"][rel]["size"])
                 module = cp.cuda.function.Module()
                 try:
                     module.load(image + b"\0" if entry["file"].endswith(".ptx") else image)

@@ -21,7 +21,8 @@ from . import _dispatch
 from ._dispatch import Caller
 from .archive import cache_home
 from .cpu import Libraries, host_isas
-from .manifest import KernelEntry, kernel_entries, read_manifest, verify_artifacts
+from .manifest import (KernelEntry, group_ir, kernel_entries, output_dtypes, read_manifest,
+                       verify_artifacts)
 
 ON_MISS = ("error", "jit")
 _MAX_PLANS = 4096          # memoized call plans per group; cleared beyond this
@@ -45,7 +46,9 @@ class Bundle:
         self._missed: dict[tuple[str, bool], KernelNotFound] = {}   # (key, empty) -> error
         self._callers = {name: GroupCaller(self, dispatch.GroupInfo.from_manifest(g))
                          for name, g in manifest["groups"].items()}
-        self._libs = Libraries(root)
+        self._libs = Libraries(root, manifest["artifacts"])
+        self._groups_ir: dict[str, object] = {}
+        self._outputs: dict[str, tuple[dt.DType, ...]] = {}
         self._cuda: cuda.CudaKernels | None = None     # created by the first CUDA call
         self._cpu_targets = tuple(f"cpu:{isa}" for isa in reversed(host_isas()))
         self.threads = threads.configured_threads()
@@ -89,6 +92,24 @@ class Bundle:
     def __repr__(self) -> str:
         return (f"<fusebuild bundle {self.name}-{self.version} {self.id[:12]} "
                 f"({plural(len(self._callers), 'group')})>")
+
+    def output_dtypes(self, key: str) -> tuple[dt.DType, ...]:
+        """The output dtypes of kernel `key` derived from its group's IR (outputs are allocated
+        from these); BundleError if an entry of the key records others."""
+        found = self._outputs.get(key)
+        if found is None:
+            group = parse_key(key)[0]
+            if group not in self._groups_ir:
+                self._groups_ir[group] = group_ir(self.manifest["groups"][group])
+            found = output_dtypes(self._groups_ir[group], key)
+            for e in self._index.get(key, {}).values():
+                if e.outputs != tuple(d.name for d in found):
+                    raise BundleError(f"kernel {key} [{e.target}] of bundle {self.name}-"
+                                      f"{self.version} records outputs {', '.join(e.outputs)} "
+                                      f"where its group computes {', '.join(d.name for d in found)}"
+                                      ": the manifest is inconsistent (edited?)")
+            self._outputs[key] = found
+        return found
 
     def candidates(self, key: str, empty: bool = False) -> list[str]:
         """Keys whose kernels compute a call of `key`: itself, then by `dispatch.placement`,
@@ -473,9 +494,8 @@ class GroupCaller(Caller):
         in_ptrs = tuple((i, k * step * a.itemsize)
                         for i, (a, (_, _, step)) in enumerate(zip(tensors, call.views))
                         for k in range(abi.chunks[i]))
-        outs = tuple((tuple(shape), dt.lookup(d).numpy,
-                      int(np.prod(shape, dtype=np.int64)) * dt.lookup(d).itemsize)
-                     for shape, d in zip(call.out_shapes, entry.outputs))
+        outs = tuple((tuple(shape), d.numpy, int(np.prod(shape, dtype=np.int64)) * d.itemsize)
+                     for shape, d in zip(call.out_shapes, self.bundle.output_dtypes(entry.key)))
         out_ptrs = []
         for o, ((shape, d, _), (_, cat)) in enumerate(zip(outs, info.outputs)):
             step = 0
@@ -484,8 +504,9 @@ class GroupCaller(Caller):
                 step = shape[axis] // cat[0] * contiguous_strides(shape)[axis] * d.itemsize
             out_ptrs += [(o, k * step) for k in range(abi.parts[o])]
         meta = dispatch.meta_words(call, abi, 0, 0)     # (an empty call never launches)
-        plan = _Plan(entry, n and self.bundle._libs.function(entry.file, entry.symbol), n, in_ptrs,
-                     outs, tuple(out_ptrs), ctypes.c_int64 * max(1, abi.n_ptrs),
+        fn = n and self.bundle._libs.function(entry.file, entry.sha256, entry.symbol)
+        plan = _Plan(entry, fn, n, in_ptrs, outs, tuple(out_ptrs),
+                     ctypes.c_int64 * max(1, abi.n_ptrs),
                      (ctypes.c_int64 * max(1, abi.n_meta))(*meta.tolist()),
                      abi.seed if info.has_random else None,
                      tuple(abi.scalar(k) for k in range(abi.n_scalars)),
@@ -537,8 +558,10 @@ def _on_cuda(info: dispatch.GroupInfo, args: tuple) -> bool:
 
 
 def load(path: str, on_miss: str = "error") -> Bundle:
-    """Open a bundle directory or packed .tar.gz: check its format and every artifact's hash,
-    index its kernels. Archives are extracted once per bundle id into the cache directory.
+    """Open a bundle directory or packed .tar.gz: check its manifest (`check_manifest`) and every
+    artifact's size and sha256, index its kernels. Archives are extracted once per bundle id
+    into the cache directory. Shared objects and cubins are hashed again from the bytes that are
+    then loaded (at a kernel's first call), so a file changed after this check is refused.
 
     on_miss="jit" compiles kernels missing from the bundle on first use (needs the build
     extras); every miss is appended to the JSON-lines file FUSEBUILD_MISS_LOG names, if set.
