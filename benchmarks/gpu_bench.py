@@ -270,6 +270,9 @@ class ArrayOps:
     def rsqrt(self, x):
         return 1 / self.xp.sqrt(x)
 
+    def gelu(self, x):
+        return 0.5 * x * self.erfc(x * -math.sqrt(0.5))
+
     def load(self, a, name: str):
         if name == "bfloat16":
             return self.bf16_to_f32(a)
@@ -336,7 +339,11 @@ class TorchOps:
         self.torch, self.device = torch, device
         self.dtypes = {d.name: getattr(torch, d.name) for d in dt.ALL}
         for op in PRIMITIVES:
-            setattr(self, op, getattr(torch, TORCH_NAMES.get(op, op)))
+            if not hasattr(type(self), op):      # gelu is a method below
+                setattr(self, op, getattr(torch, TORCH_NAMES.get(op, op)))
+
+    def gelu(self, x):
+        return self.torch.nn.functional.gelu(x)
 
     def load(self, t, name: str):
         return t.float() if name in HALF else t
@@ -394,6 +401,8 @@ def _py_expr(k: ir.Kernel, i: int, ref: Callable[[int], str]) -> str:
         return f"F.scalar(S[{n.attr}], {n.dtype.name!r})"
     if n.op == "cast":
         return f"F.cast({ref(n.args[0])}, {n.dtype.name!r})"
+    if n.op == "hold":      # a value already in the compute type
+        return ref(n.args[0])
     if n.op == "rand":
         return "F.rand(SHAPE)"
     return f"F.{n.op}({', '.join(ref(a) for a in n.args)})"
@@ -450,6 +459,7 @@ _C_MATH = {**{n: f"{n}f" for n in ("exp exp2 expm1 log log2 log10 log1p sqrt rsq
 _EK_OWN: dict[str, dict[str, str]] = {
     **{op: {"f": f"{fn}({{a}})"} for op, fn in _C_MATH.items()},
     "sigmoid": {"f": "(1.0f / (1.0f + expf(-{a})))"},
+    "gelu": {"f": "(0.5f * {a} * erfcf({a} * -0.70710678118654752f))"},
     "sign": {"f": "(({a} > 0.0f) ? 1.0f : (({a} < 0.0f) ? -1.0f : {a}))",
              "i": "(({T})(({a} > 0) - ({a} < 0)))"},
     "isinf": {"f": "isinf({a})"}, "isfinite": {"f": "isfinite({a})"},
