@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 import pytest
@@ -12,8 +11,11 @@ from fusebuild.argspec import Dim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECS = os.path.join(ROOT, "specs")
-# tests (and the CLI processes they start) never touch the user's cache
-os.environ["FUSEBUILD_CACHE_DIR"] = tempfile.mkdtemp(prefix="fusebuild-test-cache-")
+# Tests (and the CLI processes they start) never touch the user's cache: they share one cache
+# per checkout, content-addressed like every fusebuild cache (keys cover fusebuild's code and the
+# toolchain), so the capped second pass of the README's test command reuses the first pass's
+# modules. Tests of the cache itself use caches of their own.
+os.environ["FUSEBUILD_CACHE_DIR"] = os.path.join(ROOT, "build", "test-cache")
 
 
 def pytest_sessionfinish(session, exitstatus):
