@@ -122,7 +122,7 @@ def measure(args, emit, work: str, isa: str) -> None:
     synth = os.path.join(work, "synth")
     os.makedirs(synth)
     with open(os.path.join(synth, "s.yaml"), "w") as f:
-        f.write(synthetic_spec(4 if args.quick else 37).replace("cpu:x86-64-v3", f"cpu:{isa}"))
+        f.write(synthetic_spec(1 if args.quick else 37).replace("cpu:x86-64-v3", f"cpu:{isa}"))
     big = compile_bundle(synth, os.path.join(work, "big"), f"cpu:{isa}")
     loads = []
     for _ in range(3 if args.quick else 11):

@@ -43,8 +43,10 @@ def test_cpu_bench_quick_smoke(tmp_path):
                 assert r["max_rel_diff"] <= tolerance, (case, name, r["max_rel_diff"])
 
 
-def test_runtime_bench_quick_smoke(tmp_path):
-    """Every row of the runtime benchmark comes out (figures are not checked: no timed tests)."""
+def test_runtime_bench_quick_smoke(tmp_path, examples_bundle):
+    """Every row of the runtime benchmark comes out (figures are not checked: no timed tests).
+    (`examples_bundle` first: the benchmark's build of the example specs then comes from the
+    shared compile cache instead of compiling them a second time.)"""
     pytest.importorskip("numexpr")
     out = tmp_path / "runtime.jsonl"
     proc = subprocess.run(
