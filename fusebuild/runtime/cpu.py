@@ -9,7 +9,7 @@ import threading
 import warnings
 
 from ..errors import BundleError
-from .manifest import read_artifact
+from .manifest import kernel_file, read_artifact
 
 ISA_LEVELS = ("x86-64-v2", "x86-64-v3", "x86-64-v4")
 # x86-64 micro-architecture levels (psABI) by the /proc/cpuinfo flags they need
@@ -70,10 +70,8 @@ class Libraries:
     def function(self, rel: str, sha256: str, symbol: str):
         lib = self._libs.get(rel)
         if lib is None:
-            if os.path.isabs(rel):      # a kernel compiled on the fly, in the cache
-                lib = load_verified(*os.path.split(rel), sha256)
-            else:
-                lib = load_verified(self.root, rel, sha256, self.artifacts[rel]["size"])
+            where, name, size = kernel_file(self.root, self.artifacts, rel)
+            lib = load_verified(where, name, sha256, size)
             self._libs[rel] = lib
         try:
             fn = getattr(lib, symbol)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 import sys
 import threading
 from dataclasses import dataclass, replace
@@ -29,7 +28,7 @@ from ..argspec import Canonical, contiguous_strides, parse_key
 from ..text import plural
 from ..errors import ArgumentError, BundleError, KernelNotFound
 from . import dispatch
-from .manifest import read_artifact
+from .manifest import kernel_file, read_artifact
 
 BLOCK = 128            # threads per block (fixed by codegen.cuda)
 VECTOR, WIDE = 1, 2    # flags bits: vector path, 64-bit indexing
@@ -392,12 +391,9 @@ class CudaKernels:
         with self._lock:
             module = self._modules.get((entry["file"], device))
             if module is None:
-                rel = entry["file"]
-                if os.path.isabs(rel):      # a kernel compiled on the fly, in the cache
-                    image = read_artifact(*os.path.split(rel), entry["sha256"])
-                else:
-                    image = read_artifact(self.bundle.root, rel, entry["sha256"],
-                                          self.bundle.manifest["artifacts"][rel]["size"])
+                where, name, size = kernel_file(self.bundle.root,
+                                                self.bundle.manifest["artifacts"], entry["file"])
+                image = read_artifact(where, name, entry["sha256"], size)
                 module = cp.cuda.function.Module()
                 try:
                     module.load(image + b"\0" if entry["file"].endswith(".ptx") else image)

@@ -105,6 +105,14 @@ def read_regular(root: str, rel: str, limit: int) -> bytes:
         return f.read(limit + 1)
 
 
+def kernel_file(root: str, artifacts: dict[str, dict], rel: str) -> tuple[str, str, int | None]:
+    """(root, relative path, recorded size) of a kernel's file: a bundle artifact, or a kernel
+    compiled on the fly, whose absolute path in the cache has no recorded size."""
+    if os.path.isabs(rel):
+        return *os.path.split(rel), None
+    return root, rel, artifacts[rel]["size"]
+
+
 def read_artifact(root: str, rel: str, sha256: str, size: int | None = None) -> bytes:
     """The bytes of an artifact, checked against its sha256 (and size): callers use these very
     bytes, so a file swapped after a check is refused, never used."""
