@@ -1,9 +1,11 @@
-"""Row-reduction benchmark (issue 11), JSON lines: softmax, layer_norm (affine), rms_norm and fused
-add + rms_norm built from benchmarks/specs/reductions.yaml, against the peers people use today,
-measured in the same run.
+"""Row-reduction benchmark (issue 11), JSON lines: fusebuild against torch, numpy and copy bandwidth.
+
+softmax, layer_norm (affine), rms_norm and fused add + rms_norm, built from
+benchmarks/specs/reductions.yaml, against the peers people use today, measured in the same run.
 
     python benchmarks/reduction_bench.py [--out FILE] [--quick] [--sections cpu,gpu]
-                                         [--ops softmax,...] [--threads 2] [--time-budget S]
+                                         [--ops softmax,...] [--threads 2] [--gpu-ns 1024,...]
+                                         [--time-budget S]
 
 CPU section: shapes [4096, 4096] and [16384, 1024], float32 and bfloat16, `--threads` threads
 (FUSEBUILD_NUM_THREADS for fusebuild, torch.set_num_threads for torch; numpy is single-threaded).
@@ -570,7 +572,8 @@ def gpu_section(args, emit: Callable, tmp: str) -> None:
               "note": "no fusebuild column: building benchmarks/specs/reductions.yaml failed"})
     gpu = gb.Gpu(cp, torch, bundle, 3 if args.quick else 7)
     elements = QUICK_GPU_ELEMENTS if args.quick else GPU_ELEMENTS
-    cases = gpu_cases(args.ops, dtypes, QUICK_GPU_NS if args.quick else GPU_NS, elements)
+    ns = args.gpu_ns or (QUICK_GPU_NS if args.quick else GPU_NS)
+    cases = gpu_cases(args.ops, dtypes, ns, elements)
     copies: dict[int, float] = {}
     summaries = []
     for case in cases:
@@ -634,6 +637,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="comma-separated subset of cpu,gpu")
     ap.add_argument("--ops", type=lambda s: s.split(","), default=list(OPS),
                     help=f"comma-separated subset of {','.join(OPS)}")
+    ap.add_argument("--gpu-ns", type=lambda s: tuple(int(v) for v in s.split(",")),
+                    help="comma-separated GPU row lengths (default 128,256,...,65536)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     ap.add_argument("--repeats", type=int, help="timed calls per case (default 7, --quick 3)")
     ap.add_argument("--time-budget", type=float, default=480,

@@ -62,3 +62,41 @@ def test_runtime_bench_quick_smoke(tmp_path, examples_bundle):
     assert rows["load_ms"]["kernels"] > 0 and rows["load_ms"]["ms"] > 0
     assert rows["cold_start_ms"]["first_result_ms"] > 0
     assert {"threads_2p24silu_add", "threads_2p24bias_gelu_tanh"} <= set(rows)
+
+
+def test_reduction_bench_quick_smoke(tmp_path):
+    """The reduction benchmark's --quick run (float32, two small shapes, one of them with a row
+    length that is no multiple of a vector): every implementation of every case ran and matches
+    the float64 oracle, fusebuild matches fusebuild.reference too, and the targets are tallied;
+    without a GPU the GPU section says why it skipped."""
+    out = tmp_path / "reductions.jsonl"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "reduction_bench.py"), "--quick",
+         "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [json.loads(line) for line in proc.stdout.splitlines()] == rows
+    assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r][:2]
+    try:
+        import torch  # noqa: F401
+        impls = {"fusebuild", "fusebuild_alloc", "numpy", "torch_eager"}
+    except ImportError:
+        impls = {"fusebuild", "fusebuild_alloc", "numpy"}
+    results = [r for r in rows if r["what"] == "cpu"]
+    cases = {(r["op"], r["dtype"], tuple(r["shape"])) for r in results}
+    assert cases == {(op, "f32", shape) for op in ("softmax", "layer_norm", "rms_norm",
+                                                   "add_rms_norm")
+                     for shape in ((128, 1024), (33, 1000))}
+    for case in cases:
+        got = {r["impl"]: r for r in results if (r["op"], r["dtype"], tuple(r["shape"])) == case}
+        assert set(got) == impls, case
+        for name, r in got.items():
+            assert r["ok"] and r["max_rel_err"] <= 1e-5 and r["ms"] > 0, (case, name, r)
+        assert got["fusebuild"]["reference_ok"], (case, got["fusebuild"])
+    summaries = [r for r in rows if r["what"] == "cpu_summary"]
+    assert len(summaries) == len(cases) and all(r["frac_of_copy"] > 0 for r in summaries)
+    targets = [r for r in rows if r["what"] == "cpu_target"]
+    assert len(targets) == 3 and all(r["cases"] == len(cases) for r in targets[:1])
+    gpu = [r for r in rows if r["what"].startswith("gpu")]
+    assert gpu and (gpu[0].get("skipped", "").startswith("no GPU section: ")
+                    or any(r["what"] == "gpu_summary" for r in gpu))
