@@ -1,4 +1,4 @@
-"""Row-reduction benchmark (issue 11), JSON lines: fusebuild against torch, numpy and copy bandwidth.
+"""Row-reduction benchmark (issue 11), JSON lines: fusebuild against torch, numpy and copy speed.
 
 softmax, layer_norm (affine), rms_norm and fused add + rms_norm, built from
 benchmarks/specs/reductions.yaml, against the peers people use today, measured in the same run.
@@ -13,8 +13,9 @@ Per case: fusebuild through `fusebuild.runtime` with preallocated outputs (`fuse
 allocating them (`fusebuild_alloc`), torch CPU eager (torch.softmax, F.layer_norm, F.rms_norm,
 x + residual then F.rms_norm), numpy (float32; for bfloat16 numpy converts the inputs to float32
 with ml_dtypes, computes in float32 and converts the outputs back, conversions timed), and the
-copy bandwidth of the same byte count, measured just before the case (half the bytes moved copied with `--threads`
-threads: numpy copyto of one slice per Python thread, and torch `copy_`; the faster counts).
+copy bandwidth of the same byte count, measured just before the case (half the bytes moved
+copied with `--threads` threads: numpy copyto of one slice per Python thread, and torch `copy_`;
+the faster counts).
 Times are the median of the repeats after two warm-up calls. `GBps` = bytes of inputs + outputs
 per second. Every implementation's outputs are compared with a float64 numpy oracle written from
 the definitions (max |difference| / max |oracle| per output; bounds in TOLERANCE), and on small
