@@ -3,6 +3,7 @@ one with a C reference), writes parseable JSON lines, and every peer computes wh
 kernel computes; the runtime benchmark runs end to end in its --quick mode."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -100,3 +101,26 @@ def test_reduction_bench_quick_smoke(tmp_path):
     gpu = [r for r in rows if r["what"].startswith("gpu")]
     assert gpu and (gpu[0].get("skipped", "").startswith("no GPU section: ")
                     or any(r["what"] == "gpu_summary" for r in gpu))
+
+
+def test_reduction_bench_gpu_plan_and_targets():
+    """The GPU section's plan (N = 128 ... 65,536 at 2^26 elements, bytes of inputs + outputs)
+    and its target tally (the copy target counts N >= 1024 only), checked without a GPU."""
+    module_spec = importlib.util.spec_from_file_location(
+        "reduction_bench", os.path.join(ROOT, "benchmarks", "reduction_bench.py"))
+    rb = importlib.util.module_from_spec(module_spec)
+    sys.modules["reduction_bench"] = rb     # dataclasses look their module up while it executes
+    module_spec.loader.exec_module(rb)
+    cases = rb.gpu_cases(list(rb.OPS), ("f32", "bf16"), rb.GPU_NS, rb.GPU_ELEMENTS)
+    assert len(cases) == 4 * 2 * 10 and {c.n for c in cases} == {1 << k for k in range(7, 17)}
+    assert all(c.rows * c.n == 1 << 26 for c in cases)
+    add = next(c for c in cases if c.op == "add_rms_norm" and c.dtype == "bf16" and c.n == 4096)
+    assert add.nbytes() == 2 * (4 * (1 << 26) + 4096)        # x, residual, y, h and w
+    fast, slow = (rb.gpu_summary(rb.Case("softmax", "f32", (1 << 26) // n, n),
+                                 {"fusebuild": us, "torch_compile": 100.0}, 2 * (1 << 28) / 100e3)
+                  for n, us in ((1024, 110.0), (2048, 150.0)))      # 0.91x and 0.67x copy
+    short = rb.gpu_summary(rb.Case("softmax", "f32", 1 << 19, 128), {"fusebuild": 500.0}, 1e4)
+    copy, compiled = rb.gpu_targets([fast, slow, short])
+    assert (copy["met"], copy["cases"], len(copy["missed"])) == (False, 2, 1)
+    assert (compiled["met"], compiled["cases"], len(compiled["missed"])) == (False, 2, 2)
+    assert rb.gpu_targets([fast])[0]["met"] and not rb.gpu_targets([fast])[1]["met"]
