@@ -27,13 +27,14 @@ def have_compiler() -> bool:
     return shutil.which(CXX) is not None
 
 
-def compile_source(text: str, out_dir: str, name: str) -> ctypes.CDLL:
-    """g++ `text` (which includes emu.h) into out_dir/name.so and load it."""
+def compile_source(text: str, out_dir: str, name: str, flags: tuple[str, ...] = ()
+                   ) -> ctypes.CDLL:
+    """g++ `text` (which includes emu.h) into out_dir/name.so (extra g++ `flags`) and load it."""
     src, so = os.path.join(out_dir, f"{name}.cc"), os.path.join(out_dir, f"{name}.so")
     with open(src, "w") as f:
         f.write(text)
-    proc = subprocess.run([CXX, *CXXFLAGS, f"-I{HERE}", "-o", so, src], capture_output=True,
-                          text=True)
+    proc = subprocess.run([CXX, *CXXFLAGS, *flags, f"-I{HERE}", "-o", so, src],
+                          capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"g++ failed on {src}:\n{proc.stderr[-4000:]}")
     return ctypes.CDLL(so)
@@ -42,10 +43,25 @@ def compile_source(text: str, out_dir: str, name: str) -> ctypes.CDLL:
 def launchers(symbols: list[str]) -> str:
     """One host launcher per kernel symbol, and the size of its parameter struct."""
     return "\n".join(
-        f'extern "C" void emu_{s}(const long long *w, unsigned grid) '
-        f"{{ fb_emulate({s}, w, grid, {BLOCK}u); }}\n"
+        f'extern "C" int emu_{s}(const long long *w, unsigned grid) '
+        f"{{ return fb_emulate({s}, w, grid, {BLOCK}u); }}\n"
         f'extern "C" unsigned long long emu_bytes_{s}(void) {{ return fb_param_bytes({s}); }}'
         for s in symbols)
+
+
+class EmulationError(RuntimeError):
+    """A launch the emulator stopped: a deadlock, or a CUDA feature used outside what it
+    emulates."""
+
+
+def run_kernel(lib: ctypes.CDLL, symbol: str, words: int, grid: int) -> None:
+    """Launch kernel `symbol` of an emulation library on `grid` blocks, its parameter words at
+    address `words`; raises EmulationError with the emulator's reason when it stops."""
+    launch = getattr(lib, f"emu_{symbol}")
+    launch.argtypes, launch.restype = [ctypes.c_void_p, ctypes.c_uint], ctypes.c_int
+    if launch(words, grid):
+        lib.fb_emu_error.restype = ctypes.c_char_p
+        raise EmulationError(f"{symbol}: {lib.fb_emu_error().decode()}")
 
 
 @dataclass
@@ -63,7 +79,6 @@ class EmulatedGroup:
         self.kernels = {ks.key: ks for ks in kernels}
         self.info = dispatch.GroupInfo.from_manifest(group.to_json())
         for ks in kernels:
-            getattr(lib, f"emu_{ks.symbol}").argtypes = [ctypes.c_void_p, ctypes.c_uint]
             getattr(lib, f"emu_bytes_{ks.symbol}").restype = ctypes.c_ulonglong
 
     def resolve(self, key: str) -> str:
@@ -112,7 +127,7 @@ class EmulatedGroup:
             _shift(words, ks, call, outs, [cat for _, cat in self.info.outputs], start)
         grid = cuda.grid_size(n, vector, int(words[-1]))
         assert getattr(self.lib, f"emu_bytes_{ks.symbol}")() == words.nbytes
-        getattr(self.lib, f"emu_{ks.symbol}")(words.ctypes.data, grid)
+        run_kernel(self.lib, ks.symbol, words.ctypes.data, grid)
         return Launch(key, int(words[-1]), outs)
 
 
