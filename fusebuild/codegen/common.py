@@ -6,6 +6,7 @@ itself is linear: one assignment per node of the typed kernel graph, in order.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .. import dtypes as dt
@@ -67,6 +68,10 @@ class Renderer:
     def rand(self, node: Node) -> str:
         raise NotImplementedError
 
+    def rowlen(self, node: Node) -> str:
+        """The row length N of a reduction kernel, in the node's dtype."""
+        raise NotImplementedError
+
     def op(self, name: str, args: list[str], t: dt.DType) -> str:
         table = self.ops[name]
         cls = operand_class(t)
@@ -77,9 +82,12 @@ class Renderer:
         return template.format(**named, T=self.type_name(t.compute), t=t.compute.short,
                                bits=t.bits)
 
-    def render_nodes(self, k: Kernel) -> list[str]:
+    def render_nodes(self, k: Kernel, ids: Iterable[int] | None = None) -> list[str]:
+        """One assignment per node: every node of `k`, or those of `ids` (in that order; a
+        reduction kernel renders its sweeps so, never the row reductions rsum/rmax/rmin)."""
         lines = []
-        for i, n in enumerate(k.nodes):
+        for i in range(len(k.nodes)) if ids is None else ids:
+            n = k.nodes[i]
             args = [f"v{a}" for a in n.args]
             if n.op == "load":
                 expr = self.load(n)
@@ -93,6 +101,8 @@ class Renderer:
                 expr = args[0]
             elif n.op == "rand":
                 expr = self.rand(n)
+            elif n.op == "rowlen":
+                expr = self.rowlen(n)
             else:
                 t = k.nodes[n.args[1] if n.op == "where" else n.args[0]].dtype
                 expr = self.op(n.op, args, t)
