@@ -13,6 +13,7 @@ of the row (sum |terms| for sums, the largest |x| of the row for the others).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import zlib
@@ -30,6 +31,7 @@ from fusebuild.elf import cubin_sm, functions
 from fusebuild.runtime import cuda as runtime_cuda
 from fusebuild.runtime.cuda import ROW_BLOCK, VECTOR, WARP_ROW_MAX, WIDE
 from fusebuild.toolchain import nvrtc
+from conftest import strided_view
 from cuda_emulation.fake_cupy import FakeArray, fake_cupy
 from cuda_emulation.harness import (EmulatedGroup, compile_source, have_compiler, kernel_sources,
                                     launchers)
@@ -91,6 +93,11 @@ groups:
       v = var(x, correction=1)
       m = mean(x)
     matrix: {dtype: [float32, float64], shapes: [{x: [B, N]}]}
+  - name: r_dropout_softmax
+    inputs: {x: tensor}
+    outputs: [y]
+    body: y = softmax(x) * (rand_like(x) < 0.75) / 0.75
+    matrix: {dtype: [float32], shapes: [{x: [B, N]}]}
   - name: r_int
     inputs: {x: tensor}
     outputs: [s, hi, lo]
@@ -131,6 +138,16 @@ def _quant(x):
     return q.astype(np.int8), scale.astype(np.float32)
 
 
+SEED, OFFSET = 0x9E3779B97F4A7C15, 3 << 33
+
+
+def _dropout_softmax(x):
+    """Philox4x32-10 uniform of element index i (DESIGN §1), the first word's top 24 bits."""
+    words = reference.philox_words(np.arange(x.size, dtype=np.uint64), SEED, OFFSET)
+    keep = ((words[0] >> 8) * 2.0 ** -24 < 0.75).reshape(x.shape)
+    return (torch.softmax(_t(x), -1).numpy() * keep / np.float32(0.75),)
+
+
 def _ints(x):
     if x.shape[-1] == 0:
         zero = np.zeros(x.shape[:-1] + (1,), x.dtype)
@@ -156,6 +173,7 @@ ORACLES = {
     "r_var": lambda x: (torch.var(_t(x), -1, correction=1, keepdim=True).numpy()
                         if x.shape[-1] else np.full(x.shape[:-1] + (1,), -0.0),
                         _nan_if_empty(x, torch.mean(_t(x), -1, keepdim=True))),
+    "r_dropout_softmax": _dropout_softmax,
     "r_int": _ints,
 }
 
@@ -207,9 +225,12 @@ def _values(d: dt.DType, shape, rng) -> np.ndarray:
 
 
 def _layout(a: np.ndarray, how: str) -> np.ndarray:
-    """`a` as a contiguous array, a row-strided view (rows of a wider array: layout 'sc') or a
-    contiguous copy one element past an aligned address (no vector path)."""
-    if how == "strided":
+    """`a` as a contiguous array, a row-strided view (rows of a wider array: layout 'sc'), a view
+    of every other element ('ss') or a contiguous copy one element past an aligned address (no
+    vector path)."""
+    if how == "every other":
+        return strided_view(a)
+    if how == "strided rows":
         wide = np.zeros(a.shape[:-1] + (a.shape[-1] + 3,), a.dtype)
         wide[..., :a.shape[-1]] = a
         return wide[..., :a.shape[-1]]
@@ -251,7 +272,7 @@ def _oracle(gp, args) -> list[np.ndarray]:
 
 
 def check(em: EmulatedGroup, gp, args, want, oracle, label: str, flags=None, start: int = 0):
-    launch = em(args, flags=flags, start=start)
+    launch = em(args, SEED, OFFSET, flags=flags, start=start)
     n = args[0].shape[-1]
     for o, got, alt in zip(gp.group.outputs, launch.outputs, oracle):
         where = f"{label} {launch.key} flags={launch.flags} output {o.name}"
@@ -280,17 +301,18 @@ def test_every_reduction_kernel_matches_reference_and_oracle(plan, emulated, nam
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     modes, ran, vectorized = set(), set(), set()
     strided = any(set("".join(ks.layouts)) == {"s"} for ks in em.kernels.values())
-    long_row = ("contiguous", "misaligned") + (("strided",) if strided else ())
+    layouts = {37: ("contiguous",) + (("every other",) if strided else ()),
+               LENGTHS[-1]: ("contiguous", "misaligned") + (("strided rows",) if strided else ())}
     for dtypes in dict.fromkeys(v.dtypes for v in gp.variants):
         for n in LENGTHS:
-            for how in long_row if n == LENGTHS[-1] else ("contiguous",):
+            for how in layouts.get(n, ("contiguous",)):
                 args = _case(gp, dtypes, n, how, rng)
                 tensors = [a for a, p in zip(args, gp.group.inputs) if p.kind == "tensor"]
                 scalars = [a for a, p in zip(args, gp.group.inputs) if p.kind == "scalar"]
                 kernel = ir.instantiate(gp.group, {i.name: d for i, d in
                                                    zip(gp.group.tensor_inputs, dtypes)},
                                         expand=False)
-                want = reference.evaluate(kernel, tensors, scalars)
+                want = reference.evaluate(kernel, tensors, scalars, SEED, OFFSET)
                 oracle = _oracle(gp, args)
                 label = f"{'/'.join(d.short for d in dtypes)} N={n} {how}"
                 host = check(em, gp, args, want, oracle, label)
@@ -298,14 +320,15 @@ def test_every_reduction_kernel_matches_reference_and_oracle(plan, emulated, nam
                 assert not host.flags & WIDE, label
                 if how == "misaligned" or n % vector_width(em.kernels[host.key]):
                     assert not host.flags & VECTOR, label
-                if how == "strided":
-                    assert ":ss" in host.key or ":s" in host.key, host.key
+                if how != "contiguous" and how != "misaligned":
+                    assert ":ss" in host.key, host.key
                 for flags in _runs(host.flags):
                     modes.add(check(em, gp, args, want, oracle, label, flags).flags & ROW_BLOCK)
-                if n and how == "contiguous":    # row indices and offsets beyond 32 bits
-                    work = args[0].size
+                if n and how == "contiguous" and not gp.group.has_random:
+                    # row indices beyond 2^33, offsets beyond (random values would differ)
+                    work, rows = args[0].size, args[0].size // n
                     check(em, gp, args, want, oracle, label, lambda f: f | WIDE,
-                          start=work * ((1 << 33) // work + 1))
+                          start=work * ((1 << 33) // rows + 1))
                 ran.add(host.key)
                 if host.flags & VECTOR:
                     vectorized.add(host.key)
@@ -332,20 +355,32 @@ def test_softmax_rows_sum_to_one_and_layer_norm_rows_are_standardized(plan, emul
 
 # ---------------------------------------------------------------- NVRTC and the runtime --------
 
+RUNTIME_GROUPS = {"r_layer_norm": 2, "r_quant": 1, "r_add_rms_norm": 1, "r_int": 1}
+
+
 @pytest.fixture(scope="module")
-def cuda_bundle(plan, tmp_path_factory):
-    return build.build(plan, str(tmp_path_factory.mktemp("reductions_cuda")), progress=False)
+def cuda_plan(plan) -> spec.Plan:
+    """The groups of the runtime tests, the last `RUNTIME_GROUPS[name]` kernels of each (NVRTC
+    takes ~0.5 s a kernel and arch)."""
+    return dataclasses.replace(plan, groups=tuple(
+        dataclasses.replace(gp, variants=gp.variants[-RUNTIME_GROUPS[gp.group.name]:])
+        for gp in plan.groups if gp.group.name in RUNTIME_GROUPS))
 
 
-def test_cubins_for_sm80_and_sm90_export_every_reduction_kernel(plan, cuda_bundle):
+@pytest.fixture(scope="module")
+def cuda_bundle(cuda_plan, tmp_path_factory):
+    return build.build(cuda_plan, str(tmp_path_factory.mktemp("reductions_cuda")), progress=False)
+
+
+def test_cubins_for_sm80_and_sm90_export_every_reduction_kernel(cuda_plan, cuda_bundle):
     m = cuda_bundle.manifest
     assert {(k["key"], k["target"]) for k in m["kernels"]} == \
-        {(v.key, t) for gp in plan.groups for v in gp.variants for t in ("cuda:sm_80",
-                                                                          "cuda:sm_90")}
+        {(v.key, t) for gp in cuda_plan.groups for v in gp.variants for t in ("cuda:sm_80",
+                                                                               "cuda:sm_90")}
     by_file: dict[str, set[str]] = {}
     for k in m["kernels"]:
         by_file.setdefault(k["file"], set()).add(k["symbol"])
-    assert len(by_file) == 2 * len(plan.groups)
+    assert len(by_file) == 2 * len(cuda_plan.groups)
     for rel, symbols in by_file.items():
         with open(os.path.join(cuda_bundle.path, rel), "rb") as f:
             data = f.read()
@@ -373,13 +408,13 @@ def fake_device(cuda_bundle, emulated):
     return bundle, fake_cupy(libs)
 
 
-@pytest.mark.parametrize("name", ["r_layer_norm", "r_quant", "r_add_rms_norm", "r_int"])
-def test_runtime_call_path_on_the_emulated_device(fake_device, monkeypatch, plan, name):
+@pytest.mark.parametrize("name", list(RUNTIME_GROUPS))
+def test_runtime_call_path_on_the_emulated_device(fake_device, monkeypatch, cuda_plan, name):
     """cupy-like arrays through the runtime: key, row outputs [..., 1], out=, the plan memo of a
     repeated call, N = 0 rows (row outputs written) and zero rows (nothing launched)."""
     bundle, cp = fake_device
     monkeypatch.setattr(runtime_cuda, "_cupy", lambda: cp)
-    gp = next(g for g in plan.groups if g.group.name == name)
+    gp = next(g for g in cuda_plan.groups if g.group.name == name)
     rng = np.random.default_rng(zlib.crc32(name.encode()) + 1)
     dtypes = gp.variants[-1].dtypes
     for n in (1040, 37, 0):

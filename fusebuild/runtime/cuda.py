@@ -61,7 +61,8 @@ class DeviceArray:
 
     @property
     def c_contiguous(self) -> bool:
-        return all(s == c * self.dtype.itemsize or n == 1 for n, s, c in
+        """C order (any strides for an empty array, as numpy's flag says)."""
+        return 0 in self.shape or all(s == c * self.dtype.itemsize or n == 1 for n, s, c in
                    zip(self.shape, self.strides, contiguous_strides(self.shape)))
 
 
