@@ -11,6 +11,22 @@ written once as a template over (index type, V):
     vector access is aligned. Kernels with an 's'-inner input have V = 1 (no vector path).
   - flags bit 1: 64-bit indexing; clear, offsets are computed in 32 bits (host: every operand's
     offsets and the element count below 2^31).
+Reduction kernels (DESIGN §8, `Kernel.reduce`) work on whole rows of the last dim, in the order
+of `schedule.schedule`, with the same flags and a template over (index type, V, R):
+  - flags bit 2 (`ROW_BLOCK`): R = 128, a block per row; clear, R = 32, a warp per row (four rows
+    a block). The host sets it for rows longer than `runtime.cuda.WARP_ROW_MAX` (1024).
+  - each sweep over the row (one per pass of reductions, then one computing and storing the full
+    outputs) has thread l take elements [b, b + V) for b = l V, l V + R V, ...: 16-byte vector
+    loads of 'c'-inner inputs on the vector path (the host also needs N % V == 0), scalar loads
+    otherwise. A thread accumulates its elements (float sums compensated, Neumaier), a butterfly
+    of `__shfl_xor_sync` combines the warp's partials in a fixed tree, so every lane holds the
+    same bits, and for R = 128 the four warps' results meet in shared memory after one
+    `__syncthreads`, combined pairwise by every thread: each pass's values are known to all
+    threads of the row before the next pass. max/min propagate NaN; empty rows (N = 0) give 0
+    for sums and NaN (floats) or 0 (integers) for max/min, and still store their row outputs.
+  - every sweep re-reads the row from global memory (L1/L2 for rows that fit); holding the row
+    in registers or shared memory between passes is future work.
+  - row outputs are stored once per row, by thread 0 of the row.
 float16/bfloat16 are computed in float32 and rounded once on store (PTX `cvt.rn` on the device,
 NaN payloads kept like the CPU backend; integer round-to-nearest-even bit tricks on the host).
 Integer semantics, casts, Philox and uniform draws follow the CPU backend bit for bit.
@@ -76,7 +92,7 @@ CUDA_OPS: dict[str, dict[str, str]] = {
 
 PRELUDE = r"""// fusebuild {version}: CUDA source of group '{group}'. Generated; do not edit.
 // Kernels take one struct of int64 words {{ptr[], meta[], start, stop, flags}} (fusebuild/abi.py);
-// flags bit 0: vector path, bit 1: 64-bit indexing.
+// flags bit 0: vector path, bit 1: 64-bit indexing, bit 2 (reductions): a block per row.
 
 template <typename T, int V> struct alignas(sizeof(T) * V) fb_vec {{ T v[V]; }};
 template <typename T, int V>

@@ -10,6 +10,12 @@ functions over numpy, shared with the host-side emulation tests. A call on cupy 
 device, shapes, strides and dtypes of an earlier one runs by that call's plan (`serve`): its
 parameter words with the data pointers, seed and scalars filled in, and the vector path chosen by
 the pointers' alignment.
+
+Reduction groups (DESIGN §8) launch over the work count rows * max(N, 1) (`dispatch.work_count`)
+with a warp per row (four rows a block) for rows of N <= WARP_ROW_MAX and a block per row beyond
+(flags bit ROW_BLOCK); row outputs are `[..., 1]` arrays stored once per row. Calls of N = 0 with
+rows still launch (their row outputs get written) on any kernel of the dtypes
+(`empty_rows_canon`): no element is read, so the inputs' layouts do not matter.
 """
 from __future__ import annotations
 
