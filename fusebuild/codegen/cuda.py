@@ -12,9 +12,9 @@ written once as a template over (index type, V):
   - flags bit 1: 64-bit indexing; clear, offsets are computed in 32 bits (host: every operand's
     offsets and the element count below 2^31).
 Reduction kernels (DESIGN §8, `Kernel.reduce`) work on whole rows of the last dim, in the order
-of `schedule.schedule`, with the same flags and a template over (index type, V, R):
-  - flags bit 2 (`ROW_BLOCK`): R = 128, a block per row; clear, R = 32, a warp per row (four rows
-    a block). The host sets it for rows longer than `runtime.cuda.WARP_ROW_MAX` (1024).
+of `schedule.schedule`, with the same flags and template:
+  - flags bit 2 (`ROW_BLOCK`): R = 128 threads per row, a block; clear, R = 32, a warp per row
+    (four rows a block); R is a run-time value, which halves the instantiations to compile. The host sets it for rows longer than `runtime.cuda.WARP_ROW_MAX` (1024).
   - each sweep over the row (one per pass of reductions, then one computing and storing the full
     outputs) has thread l take elements [b, b + V) for b = l V, l V + R V, ...: 16-byte vector
     loads of 'c'-inner inputs on the vector path (the host also needs N % V == 0), scalar loads
@@ -514,13 +514,11 @@ def _uniform_inputs(r: CudaRenderer, k, abi) -> list[str]:
     return lines
 
 
-def _dispatch(n: int, V: int, more: str = "") -> list[str]:
-    """Pick the instantiation of kernel n's body for the flags (bit 0 vector, bit 1 64-bit);
-    `more` are further template arguments."""
+def _dispatch(n: int, V: int) -> list[str]:
+    """Pick the instantiation of kernel n's body for the flags (bit 0 vector, bit 1 64-bit)."""
     def pick(I: str) -> str:
-        scalar = f"fb_body_{n}<{I}, 1{more}>(p);"
-        return scalar if V == 1 else \
-            f"if (p.flags & 1) fb_body_{n}<{I}, {V}{more}>(p); else {scalar}"
+        scalar = f"fb_body_{n}<{I}, 1>(p);"
+        return scalar if V == 1 else f"if (p.flags & 1) fb_body_{n}<{I}, {V}>(p); else {scalar}"
     return [f"  if (p.flags & 2) {{ {pick('long long')} }}", f"  else {{ {pick('int')} }}"]
 
 
@@ -568,8 +566,8 @@ def _tree(r: CudaRenderer, op: str, items: list[str], d: dt.DType) -> str:
 
 
 def _render_reduction(r: CudaRenderer, ks: KernelSource, n: int) -> list[str]:
-    """A reduction kernel: R threads per row (a warp, or the block), template over (index type,
-    V, R). Each sweep over the row (the passes of `schedule`, then the sweep that stores the full
+    """A reduction kernel: R threads per row (a warp, or the block: flags bit 2), template over
+    (index type, V). Each sweep over the row (the passes of `schedule`, then the sweep that stores the full
     outputs) has every thread take V consecutive elements every R * V; reductions are
     accumulated per thread, combined by a butterfly of warp shuffles (so every lane holds the
     result) and, for R = 128, across the warps through shared memory."""
@@ -578,14 +576,16 @@ def _render_reduction(r: CudaRenderer, ks: KernelSource, n: int) -> list[str]:
     r.inner = tuple(_inner(lay) for lay in layouts)
     n_in = len(k.in_dtypes)
     lines = [_args_struct(abi, n), "", f"// {ks.key}",
-             "template <typename I, int V, int R>    // R threads per row: a warp or the block",
+             "template <typename I, int V>",
              f"__device__ __forceinline__ void fb_body_{n}(const fb_args_{n}& p) {{",
              "  typedef typename fb_unsigned<I>::type U;",
+             f"  const bool block = p.flags & {ROW_BLOCK};    // a block per row, else a warp",
+             f"  const U R = block ? {BLOCK}u : 32u;             // threads per row",
              f"  const long long N = p.meta[{abi.size(rank - 1)}], W = N > 0 ? N : 1;",
-             f"  const long long row = (p.start + W - 1) / W + (long long)blockIdx.x * "
-             f"({BLOCK} / R) + threadIdx.x / R;",
+             "  const long long row = (p.start + W - 1) / W + (block ? (long long)blockIdx.x : "
+             f"(long long)blockIdx.x * {BLOCK // 32} + threadIdx.x / 32);",
              "  if (row >= (p.stop + W - 1) / W) return;",
-             "  const U n = (U)N, l = (U)(threadIdx.x % R);"]
+             "  const U n = (U)N, l = block ? (U)threadIdx.x : (U)(threadIdx.x % 32);"]
     if rank > 1:
         lines.append("  U r = (U)row;")
         for d in range(rank - 2, 0, -1):
@@ -639,7 +639,7 @@ def _render_reduction(r: CudaRenderer, ks: KernelSource, n: int) -> list[str]:
                       f"t{i}, hi_ = (threadIdx.x & o) ? t{i} : y_;",
                       f"    t{i} = {_combine(r, op, 'lo_', 'hi_', d)};", "  }"]
         warps = BLOCK // 32
-        lines.append("  if (R > 32) {    // the warps' results, through shared memory")
+        lines.append("  if (block) {    // the warps' results, through shared memory")
         for i, op, d in reds:
             lines += [f"    FB_SHARED({r.type_name(d)}, w{i}, {warps});",
                       f"    if (threadIdx.x % 32 == 0) w{i}[threadIdx.x / 32] = t{i};"]
@@ -673,12 +673,7 @@ def _render_reduction(r: CudaRenderer, ks: KernelSource, n: int) -> list[str]:
         lines += sweep(sched.final, before, body, after)
     lines += ["}", "",
               f'extern "C" __global__ void __launch_bounds__({BLOCK}) '
-              f"{ks.symbol}(const fb_args_{n} p) {{",
-              f"  if (p.flags & {ROW_BLOCK}) {{",
-              *[f"  {x}" for x in _dispatch(n, vector_width(ks), f", {BLOCK}")],
-              "  } else {",
-              *[f"  {x}" for x in _dispatch(n, vector_width(ks), ", 32")],
-              "  }", "}"]
+              f"{ks.symbol}(const fb_args_{n} p) {{", *_dispatch(n, vector_width(ks)), "}"]
     return lines
 
 
