@@ -14,7 +14,8 @@ written once as a template over (index type, V):
 Reduction kernels (DESIGN §8, `Kernel.reduce`) work on whole rows of the last dim, in the order
 of `schedule.schedule`, with the same flags and template:
   - flags bit 2 (`ROW_BLOCK`): R = 128 threads per row, a block; clear, R = 32, a warp per row
-    (four rows a block); R is a run-time value, which halves the instantiations to compile. The host sets it for rows longer than `runtime.cuda.WARP_ROW_MAX` (1024).
+    (four rows a block); R is a run-time value, which halves the instantiations to compile. The
+    host sets it for rows longer than `runtime.cuda.WARP_ROW_MAX` (1024).
   - each sweep over the row (one per pass of reductions, then one computing and storing the full
     outputs) has thread l take elements [b, b + V) for b = l V, l V + R V, ...: 16-byte vector
     loads of 'c'-inner inputs on the vector path (the host also needs N % V == 0), scalar loads
@@ -567,10 +568,10 @@ def _tree(r: CudaRenderer, op: str, items: list[str], d: dt.DType) -> str:
 
 def _render_reduction(r: CudaRenderer, ks: KernelSource, n: int) -> list[str]:
     """A reduction kernel: R threads per row (a warp, or the block: flags bit 2), template over
-    (index type, V). Each sweep over the row (the passes of `schedule`, then the sweep that stores the full
-    outputs) has every thread take V consecutive elements every R * V; reductions are
-    accumulated per thread, combined by a butterfly of warp shuffles (so every lane holds the
-    result) and, for R = 128, across the warps through shared memory."""
+    (index type, V). Each sweep over the row (the passes of `schedule`, then the sweep that
+    stores the full outputs) has every thread take V consecutive elements every R * V;
+    reductions are accumulated per thread, combined by a butterfly of warp shuffles (so every
+    lane holds the result) and, for R = 128, across the warps through shared memory."""
     k, abi, rank, layouts = ks.kernel, ks.abi, ks.rank, ks.layouts
     sched = schedule(k)
     r.inner = tuple(_inner(lay) for lay in layouts)
@@ -612,7 +613,8 @@ def _render_reduction(r: CudaRenderer, ks: KernelSource, n: int) -> list[str]:
             S, W = storage_type(k.in_dtypes[pos]), "V" if r.inner[pos] == "c" else "1"
             out.append(f"    const fb_vec<{S}, {W}> l{pos}_{c} = fb_load<{S}, {W}>((const {S}*)"
                        f"p.ptr[{abi.in_ptr(pos, c)}] + o{pos}{inner(pos)});")
-        out += [f"    {x}" for x in before] + ["#pragma unroll", "    for (int j = 0; j < V; ++j) {"]
+        out += [f"    {x}" for x in before]
+        out += ["#pragma unroll", "    for (int j = 0; j < V; ++j) {"]
         if any(k.nodes[i].op == "rand" for i in ids):
             out += ["      unsigned rw[4];",
                     "      fb_philox(rw, (unsigned long long)(row * N + (long long)b + j), seed, "
