@@ -474,6 +474,7 @@ def test_never_written_shared_memory_reads_as_nan_in_every_block(sync_kernels):
 
 
 @pytest.mark.parametrize("name, block, message", [
+    ("shuffles", 32, "block 0 thread 0: __shfl_sync with width 3: not a power of two in [1, 32]"),
     ("early_exit", 128, "deadlock in block 0; threads 0-63 wait at __syncthreads; threads "
                         "64-127 exited"),
     ("exit_in_shuffle", 64, "deadlock in block 0; threads 32-34, 36-63 wait at a warp barrier "
@@ -486,7 +487,7 @@ def test_never_written_shared_memory_reads_as_nan_in_every_block(sync_kernels):
 ])
 def test_deadlocks_and_unsupported_uses_fail_the_launch(sync_kernels, name, block, message):
     out = np.zeros(block * 4, np.float32)
-    rc, error = sync_kernels(name, 3, block, np.zeros(block, np.float32), out, 1)
+    rc, error = sync_kernels(name, 3, block, np.zeros(block, np.float32), out, 3)
     assert rc == 1 and error.startswith(message), error
     x = np.ones((1, 10), np.float32)         # the next launch runs normally
     assert np.all(sync_kernels.block_sum(x, 64) == 10)
