@@ -583,9 +583,11 @@ def _render_reduction(r: CudaRenderer, ks: KernelSource, n: int) -> list[str]:
              f"  const bool block = p.flags & {ROW_BLOCK};    // a block per row, else a warp",
              f"  const U R = block ? {BLOCK}u : 32u;             // threads per row",
              f"  const long long N = p.meta[{abi.size(rank - 1)}], W = N > 0 ? N : 1;",
-             "  const long long row = (p.start + W - 1) / W + (block ? (long long)blockIdx.x : "
+             "  const long long first = p.start ? (p.start + W - 1) / W : 0;   // rows r with "
+             "r W in [start, stop)",
+             "  const long long row = first + (block ? (long long)blockIdx.x : "
              f"(long long)blockIdx.x * {BLOCK // 32} + threadIdx.x / 32);",
-             "  if (row >= (p.stop + W - 1) / W) return;",
+             "  if (row * W >= p.stop) return;",
              "  const U n = (U)N, l = block ? (U)threadIdx.x : (U)(threadIdx.x % 32);"]
     if rank > 1:
         lines.append("  U r = (U)row;")
