@@ -6,8 +6,8 @@ itself is linear: one assignment per node of the typed kernel graph, in order.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Iterable
 
 from .. import dtypes as dt
 from ..abi import Abi
@@ -68,8 +68,8 @@ class Renderer:
     def rand(self, node: Node) -> str:
         raise NotImplementedError
 
-    def rowlen(self, node: Node) -> str:
-        """The row length N of a reduction kernel, in the node's dtype."""
+    def rowlen(self, d: dt.DType) -> str:
+        """The row length N of a reduction kernel as a value of `d` (row op `rowlen`)."""
         raise NotImplementedError
 
     def op(self, name: str, args: list[str], t: dt.DType) -> str:
@@ -83,8 +83,8 @@ class Renderer:
                                bits=t.bits)
 
     def render_nodes(self, k: Kernel, ids: Iterable[int] | None = None) -> list[str]:
-        """One assignment per node: every node of `k`, or those of `ids` (in that order; a
-        reduction kernel renders its sweeps so, never the row reductions rsum/rmax/rmin)."""
+        """One assignment per node of `k` (or of the nodes `ids`, in that order). The row
+        reductions rsum/rmax/rmin are accumulated by the backend's row loops, never here."""
         lines = []
         for i in range(len(k.nodes)) if ids is None else ids:
             n = k.nodes[i]
@@ -102,7 +102,7 @@ class Renderer:
             elif n.op == "rand":
                 expr = self.rand(n)
             elif n.op == "rowlen":
-                expr = self.rowlen(n)
+                expr = self.rowlen(n.dtype)
             else:
                 t = k.nodes[n.args[1] if n.op == "where" else n.args[0]].dtype
                 expr = self.op(n.op, args, t)

@@ -400,8 +400,8 @@ class CudaRenderer(Renderer):
             return f"(unsigned char){value}"
         return value
 
-    def rowlen(self, node: Node) -> str:
-        return f"({self.type_name(node.dtype)})N"
+    def rowlen(self, d: dt.DType) -> str:
+        return f"({self.type_name(d)})N"
 
     def rand(self, node: Node) -> str:
         w = node.attr
