@@ -9,11 +9,16 @@ The exponent intrinsics of the math helpers (`f32_ldexp`, `f32_pow2`, `f32_expon
 `bf16_value`, `bf16_bits`) are written with 32-bit integer operations (numba would widen integer
 arithmetic to 64 bits), so the loop vectorizer keeps them in 32-bit lanes on every ISA level;
 `muladd` lets polynomials use FMA where the ISA has it, and `select` keeps `where` branch-free.
+Row reductions accumulate with `acc_add` (`fadd reassoc`: only these additions may be reordered,
+so LLVM's loop vectorizer keeps SIMD partial sums while the compensated math helpers stay exact),
+`acc_max`/`acc_min` (`llvm.maximum`/`llvm.minimum`: NaN-propagating, reduced by the vectorizer)
+and combine block sums pairwise on a small stack (`cascade_stack`, `cascade_push`, `cascade_total`).
 """
 from __future__ import annotations
 
 from llvmlite import ir
-from numba import types
+from numba import njit, types
+from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 _STORAGE = {
@@ -181,6 +186,112 @@ def select(typingctx, cond, a, b):
 
 
 @intrinsic
+def acc_add(typingctx, acc, x):
+    """acc + x for a reduction's accumulator: floats with `reassoc`, the one freedom the loop
+    vectorizer needs to keep partial sums in SIMD lanes (integers: a plain add)."""
+    if acc != x or not isinstance(acc, (types.Float, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        if isinstance(sig.return_type, types.Float):
+            return builder.fadd(args[0], args[1], flags=("reassoc",))
+        return builder.add(args[0], args[1])
+    return acc(acc, x), codegen
+
+
+def _make_extremum(name: str, signed: str, unsigned: str):
+    @intrinsic
+    def extremum(typingctx, acc, x):
+        if acc != x or not isinstance(acc, (types.Float, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            t = sig.return_type
+            if isinstance(t, types.Float):     # NaN-propagating, -0 < +0 (torch.amax/amin)
+                ftype = context.get_value_type(t)
+                fn = builder.module.declare_intrinsic(f"llvm.{name}", [ftype],
+                                                      ir.FunctionType(ftype, [ftype] * 2))
+                return builder.call(fn, args)
+            op = signed if t.signed else unsigned
+            return builder.select(builder.icmp_signed(op, args[0], args[1]) if t.signed else
+                                  builder.icmp_unsigned(op, args[0], args[1]), args[0], args[1])
+        return acc(acc, x), codegen
+    return extremum
+
+
+acc_max = _make_extremum("maximum", ">", ">")
+acc_min = _make_extremum("minimum", "<", "<")
+
+CASCADE_DEPTH = 64     # block sums of up to 2**64 blocks
+
+
+@intrinsic
+def cascade_stack(typingctx, zero):
+    """Address of a per-call stack of CASCADE_DEPTH accumulators of zero's type (an alloca in
+    the kernel's entry block), for `cascade_push`/`cascade_total`."""
+    if not isinstance(zero, types.Float):
+        return None
+
+    def codegen(context, builder, sig, args):
+        arr = cgutils.alloca_once(builder, ir.ArrayType(args[0].type, CASCADE_DEPTH))
+        return builder.ptrtoint(arr, _I64)
+    return types.int64(zero), codegen
+
+
+def _make_stack_access(nb_type, ll_type):
+    """Unannotated load/store of a cascade stack (ld_*/st_* promise loads never alias stores)."""
+    @intrinsic
+    def load(typingctx, addr, index):
+        def codegen(context, builder, sig, args):
+            return builder.load(builder.gep(builder.inttoptr(args[0], ll_type.as_pointer()),
+                                            [args[1]]))
+        return nb_type(types.int64, types.int64), codegen
+
+    @intrinsic
+    def store(typingctx, addr, index, value):
+        def codegen(context, builder, sig, args):
+            ptr = builder.gep(builder.inttoptr(args[0], ll_type.as_pointer()), [args[1]])
+            builder.store(context.cast(builder, args[2], sig.args[2], nb_type), ptr)
+            return context.get_dummy_value()
+        return types.void(types.int64, types.int64, value), codegen
+    return load, store
+
+
+_stk_f32 = _make_stack_access(types.float32, ir.FloatType())
+_stk_f64 = _make_stack_access(types.float64, ir.DoubleType())
+
+
+def _make_cascade(ld, st):
+    @njit(inline="always")
+    def push(stack, count, s):
+        # the count-th block sum (0-based): merge it with the stored sums of the blocks before
+        # it like a binary counter, so every sum adds two sums of equally many blocks
+        level = 0
+        while count & 1:
+            s = ld(stack, level) + s
+            count >>= 1
+            level += 1
+        st(stack, level, s)
+
+    @njit(inline="always")
+    def total(stack, count, zero):
+        # the sum of `count` pushed blocks: the stored sums, smallest first
+        s = zero
+        level = 0
+        while count:
+            if count & 1:
+                s = s + ld(stack, level)
+            count >>= 1
+            level += 1
+        return s
+    return push, total
+
+
+cascade_push_f32, cascade_total_f32 = _make_cascade(*_stk_f32)
+cascade_push_f64, cascade_total_f64 = _make_cascade(*_stk_f64)
+
+
+@intrinsic
 def f16_value(typingctx, h):
     """float16 bits (uint16) -> float32, exact for every value (subnormals, inf, NaN payload)."""
     def codegen(context, builder, sig, args):
@@ -260,4 +371,5 @@ bits_from_f64 = _make_bitcast(types.float64, types.uint64)
 __all__ = [f"{op}_{n}" for n in _STORAGE for op in ("ld", "st")] + [
     "f32_from_bits", "bits_from_f32", "f64_from_bits", "bits_from_f64", "f32_ldexp", "f32_pow2",
     "f32_exponent", "f32_significand", "f64_pow2", "muladd", "bf16_bits", "bf16_value",
-    "f16_bits", "f16_value", "select"]
+    "f16_bits", "f16_value", "select", "acc_add", "acc_max", "acc_min", "cascade_stack",
+    "cascade_push_f32", "cascade_total_f32", "cascade_push_f64", "cascade_total_f64"]
