@@ -10,6 +10,10 @@ Every kernel symbol has the C signature
         draws random numbers; then one word per scalar input holding the bits of its value in
         its declared dtype (zero-extended; float32 in the low 32 bits);
   start, stop  the range of linear element indices (C order over the canonical sizes) to compute.
+A reduction kernel (DESIGN §8) works on whole rows of its last dim, N elements each: it computes
+every row r whose first index r * max(N, 1) lies in [start, stop), so any split of [0, n) computes
+each row once, and callers pass n = rows * max(N, 1) (`dispatch.work_count`), which covers rows of
+N = 0 (their row outputs are written). A row output's strides are 0 along the last dim.
 """
 from __future__ import annotations
 

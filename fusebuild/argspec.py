@@ -89,12 +89,20 @@ def contiguous_strides(shape: Sequence[Size]) -> tuple:
     return tuple(reversed(strides))
 
 
+def row_strides(shape: Sequence[Size]) -> tuple:
+    """Strides of a row output over iteration shape `shape`: those of the C-contiguous array
+    `[..., 1]` on the outer dims, 0 along the reduced last dim (stored once per row)."""
+    return contiguous_strides(tuple(shape[:-1]) + (1,))[:-1] + (0,)
+
+
 def canonicalize(shape: Sequence[Size], inputs: Sequence[tuple[Sequence[Size], Sequence[Size]]],
-                 extra: Sequence[Sequence[Size]] = ()) -> Canonical:
+                 extra: Sequence[Sequence[Size]] = (), keep_last: bool = False) -> Canonical:
     """Canonicalize operands over iteration shape `shape`.
 
     `inputs` are (shape, strides) pairs broadcastable to `shape`; `extra` are strides of
     operands already in `shape` (outputs, cat parts), which take part in merging only.
+    With `keep_last` (reduction groups, DESIGN §8) the last dim, the reduced one, is never
+    dropped nor merged with another: it stays the innermost letter of every layout.
     """
     rank = len(shape)
     ops = []
@@ -103,11 +111,12 @@ def canonicalize(shape: Sequence[Size], inputs: Sequence[tuple[Sequence[Size], S
         ops.append([0 if i < pad or s[i - pad] == 1 and not shape[i] == 1 else st[i - pad]
                     for i in range(rank)])
     ops.extend(list(st) for st in extra)
-    keep = [i for i in range(rank) if not shape[i] == 1]
+    last = rank - 1 if keep_last else None
+    keep = [i for i in range(rank) if not shape[i] == 1 or i == last]
     sizes: list = []
     strides: list[list] = [[] for _ in ops]
     for i in keep:
-        if sizes and all(o[-1] == st[i] * shape[i] for o, st in zip(strides, ops)):
+        if sizes and i != last and all(o[-1] == st[i] * shape[i] for o, st in zip(strides, ops)):
             sizes[-1] = sizes[-1] * shape[i]
             for o, st in zip(strides, ops):
                 o[-1] = st[i]

@@ -30,8 +30,8 @@ import numpy as np
 from . import dtypes as dt
 from .deep import trampoline
 from .errors import SpecError
-from .ops import (ABSENT, BINOPS, CASTS, CMPOPS, CONSTANTS, EXPANSIONS, OPS, REQUIRED, UNARYOPS,
-                  OpDef)
+from .ops import (ABSENT, BINOPS, CASTS, CMPOPS, CONSTANTS, EXPANSIONS, OPS, PRIMITIVE_REDUCTION,
+                  REDUCTIONS, REQUIRED, ROW_OPS, UNARYOPS, OpDef)
 from .unparse import unparse
 
 MAX_RAND_WORDS = 4  # one Philox4x32 block per element: 4 words of 32 bits
@@ -97,10 +97,12 @@ class OutputDecl:
     name: str
     dtype: dt.DType | None = None      # forced output dtype
     cat: tuple[int, int] | None = None     # (n, dim) for a concat output
+    row: bool = False                  # a row output: one value per row, shape [..., 1]
 
     def to_json(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype.name if self.dtype else None,
-                "cat": list(self.cat) if self.cat else None}
+        d = {"name": self.name, "dtype": self.dtype.name if self.dtype else None,
+             "cat": list(self.cat) if self.cat else None}
+        return {**d, "row": True} if self.row else d
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,8 @@ class Group:
     has_random: bool = False
     doc: str = ""
     source: SourceMap = field(default_factory=SourceMap, compare=False, repr=False)
+    reduces: bool = False               # reduces over the last dim (DESIGN §8)
+    dims: tuple = ()                    # (dim, line, col) of each reduction's non-negative dim=
 
     @property
     def tensor_inputs(self) -> tuple[InputDecl, ...]:
@@ -123,10 +127,11 @@ class Group:
         return tuple(i for i in self.inputs if i.kind == "scalar")
 
     def to_json(self) -> dict:
-        return {"name": self.name, "doc": self.doc,
-                "inputs": [i.to_json() for i in self.inputs],
-                "outputs": [o.to_json() for o in self.outputs],
-                "body": self.body, "has_random": self.has_random}
+        d = {"name": self.name, "doc": self.doc,
+             "inputs": [i.to_json() for i in self.inputs],
+             "outputs": [o.to_json() for o in self.outputs],
+             "body": self.body, "has_random": self.has_random}
+        return {**d, "reduce": True} if self.reduces else d
 
     def ir_json(self) -> dict:
         """to_json without the doc: everything that determines the generated code."""
@@ -158,8 +163,10 @@ _ALLOWED_KW = {"chunk": {"dim"}, "cat": {"dim"}}
 
 
 class _BodyParser:
-    def __init__(self, smap: SourceMap):
+    def __init__(self, smap: SourceMap, uniform: frozenset = frozenset()):
         self.smap = smap
+        self.uniform = uniform      # names of scalar inputs (allowed as eps=, correction=)
+        self.dims: list[tuple[int, int, int]] = []
 
     def err(self, node, message: str, hint: str = "") -> SpecError:
         return self.smap.error(message, getattr(node, "lineno", 1), getattr(node, "col_offset", 0),
@@ -267,7 +274,28 @@ class _BodyParser:
             raise self.err(node, f"unknown op '{name}'",
                            f"did you mean {', '.join(near)}?" if near else
                            "see the op table in the README (section Specs)")
-        return (yield from self.bind(op, node, pos))
+        e = yield from self.bind(op, node, pos)
+        if op.rule == "reduce":
+            e = self.reduction(op, e)
+        return e
+
+    def reduction(self, op: OpDef, e: Expr) -> Expr:
+        """A reduction without its `dim` argument, which must be -1 or a non-negative literal
+        (checked against the shapes' rank by the spec); the rest must be uniform values."""
+        params = dict(zip(op.params, e.args))
+        dim = params.pop("dim", None)
+        if dim is not None:
+            if dim.kind != "num" or type(dim.value) is not int or dim.value < -1:
+                raise self.smap.error(
+                    f"{op.name}() reduces the last dim only: dim={_show(dim)} is not supported",
+                    dim.line, dim.col, f"write {op.name}(x) or {op.name}(x, dim=-1)")
+            if dim.value >= 0:
+                self.dims.append((dim.value, dim.line, dim.col))
+        for name, a in params.items():
+            if name != "x" and a.kind != "num" and not (a.kind == "name" and a.value in self.uniform):
+                raise self.smap.error(f"{name}= of {op.name}() must be a number or a scalar input",
+                                      a.line, a.col, f"e.g. {op.name}(x, {name}=1e-5)")
+        return Expr("call", op.name, tuple(params.values()), line=e.line, col=e.col)
 
     def bind(self, op: OpDef, node: ast.Call, pos: dict):
         if len(node.args) > len(op.params):
@@ -300,6 +328,10 @@ class _BodyParser:
                 args.append(Expr("num", default, **pos))
         return Expr("call", op.name, tuple(args), **pos)
 
+
+
+def _show(e: Expr) -> str:
+    return repr(e.value) if e.kind in ("num", "name") else "..."
 
 
 def _parse_body(body: str, smap: SourceMap) -> ast.Module:
@@ -370,9 +402,9 @@ def parse_group(name: str, inputs: list[tuple[str, str, dt.DType | None]],
                 outputs: list[tuple[str, dt.DType | None]], body: str,
                 smap: SourceMap, doc: str = "") -> Group:
     """Parse and check a group body against its declared inputs and outputs."""
-    p = _BodyParser(smap)
-    module = _parse_body(body, smap)
     input_kinds = {n: k for n, k, _ in inputs}
+    p = _BodyParser(smap, frozenset(n for n, k in input_kinds.items() if k == "scalar"))
+    module = _parse_body(body, smap)
     output_names = [n for n, _ in outputs]
     defined: dict[str, str] = {n: "input" for n in input_kinds}
     chunked: dict[str, tuple[int, int]] = {}
@@ -459,9 +491,73 @@ def parse_group(name: str, inputs: list[tuple[str, str, dt.DType | None]],
                          "declare one under inputs, e.g. x: tensor")
 
     canonical = "\n".join(unparse(st) for st in module.body)
+    levels = _levels(stmts, input_kinds, smap)
+    reduces = any(lv == ROW for lv in levels.values()) or _calls_reduction(stmts)
     in_decls = tuple(InputDecl(n, k, d, chunked.get(n)) for n, k, d in inputs)
-    out_decls = tuple(OutputDecl(n, d, cat_outputs.get(n)) for n, d in outputs)
-    return Group(name, in_decls, out_decls, canonical, tuple(stmts), rand_count > 0, doc, smap)
+    out_decls = tuple(OutputDecl(n, d, cat_outputs.get(n), reduces and levels[n] == ROW)
+                      for n, d in outputs)
+    return Group(name, in_decls, out_decls, canonical, tuple(stmts), rand_count > 0, doc, smap,
+                 reduces, tuple(p.dims))
+
+
+UNIFORM, ROW, FULL = 0, 1, 2    # what a value varies over: nothing, rows, every element
+
+
+def _expr_level(e: Expr, env: dict[str, int]) -> int:
+    """The level of an untyped expression: a reduction with row=True gives ROW values (whatever
+    its operand), softmax-like ones FULL; other ops the highest level of their operands."""
+    stack, order = [e], []
+    while stack:
+        x = stack.pop()
+        order.append(x)
+        stack.extend(a for a in x.args if a is not None)
+    level: dict[int, int] = {}
+    for x in reversed(order):
+        if x.kind == "num":
+            lv = UNIFORM
+        elif x.kind == "name":
+            lv = env.get(x.value, UNIFORM)
+        elif x.value in REDUCTIONS:
+            lv = ROW if REDUCTIONS[x.value].row else FULL
+        elif x.value == "rand_like":
+            lv = FULL
+        else:
+            lv = max((level[id(a)] for a in x.args if a is not None), default=UNIFORM)
+        level[id(x)] = lv
+    return level[id(e)]
+
+
+def _levels(stmts, input_kinds: dict[str, str], smap: SourceMap) -> dict[str, int]:
+    """Level of every name: tensor inputs and chunks FULL, scalars UNIFORM; a row value mixed
+    into a cat output is a SpecError (a row output is never concatenated)."""
+    env = {n: FULL if k == "tensor" else UNIFORM for n, k in input_kinds.items()}
+    for st in stmts:
+        if st.kind == "chunk":
+            env.update({t: FULL for t in st.targets})
+        elif st.kind == "expr":
+            env[st.targets[0]] = _expr_level(st.expr, env)
+        else:
+            for part in st.parts:
+                if _expr_level(part, env) == ROW:
+                    raise smap.error(f"cat() part of '{st.targets[0]}' is a row value (one per "
+                                     "row of a reduction) and cannot be concatenated with full "
+                                     "rows", part.line, part.col,
+                                     "return the row value as an output of its own")
+            env[st.targets[0]] = FULL
+    return env
+
+
+def _calls_reduction(stmts) -> bool:
+    for st in stmts:
+        stack = [st.expr] if st.expr is not None else list(st.parts)
+        while stack:
+            e = stack.pop()
+            if e is None:
+                continue
+            if e.kind == "call" and e.value in REDUCTIONS:
+                return True
+            stack.extend(e.args)
+    return False
 
 
 def _parse_chunk(p: _BodyParser, st, target, value: ast.Call, input_kinds, chunked, used_whole,
@@ -506,6 +602,7 @@ def _parse_cat(p: _BodyParser, value: ast.Call) -> tuple[tuple[Expr, ...], int]:
 @dataclass(frozen=True)
 class Node:
     op: str                 # primitive op | 'load' | 'scalar' | 'const' | 'cast' | 'hold' | 'rand'
+                            # | a row op (ops.ROW_OPS: rsum rmax rmin rowlen)
     args: tuple[int, ...]
     dtype: dt.DType         # logical dtype (float16/bfloat16 are held in float32)
     attr: object = None     # load: (input, chunk); scalar: index; const: value; rand: first word
@@ -517,6 +614,7 @@ class KernelOutput:
     dtype: dt.DType
     parts: tuple[int, ...]          # node ids, one per cat part (one for plain outputs)
     cat: tuple[int, int] | None     # (n, dim) as written in the spec
+    row: bool = False               # one value per row, stored once per row ([..., 1])
 
 
 @dataclass(frozen=True)
@@ -528,6 +626,7 @@ class Kernel:
     chunks: tuple = ()                  # per tensor input: (n, dim) or None
     rand_words: int = 0                 # 32-bit Philox words drawn per element (0: no random)
     n_scalars: int = 0
+    reduce: bool = False                # works row by row: a reduction group (DESIGN §8)
 
 
 @dataclass(frozen=True)
@@ -547,6 +646,7 @@ class Builder:
 
     def __init__(self):
         self.nodes: list[Node] = []
+        self.levels: list[int] = []     # UNIFORM, ROW or FULL per node (see schedule.levels)
         self._index: dict[tuple, int] = {}
         self.t: dt.DType = dt.float32   # dtype of b.c() and b.op() in an expansion
 
@@ -556,6 +656,8 @@ class Builder:
         if key not in self._index:
             self._index[key] = len(self.nodes)
             self.nodes.append(node)
+            self.levels.append(FULL if op in ("load", "rand") else ROW if op in ROW_OPS[:3]
+                               else max((self.levels[a] for a in args), default=UNIFORM))
         return self._index[key]
 
     def const(self, value, dtype: dt.DType) -> int:
@@ -599,6 +701,17 @@ class Builder:
     # the expansion interface used by ops.EXPANSIONS
     def c(self, value) -> int:
         return self.const(value, self.t)
+
+    def row(self, name: str, x: int) -> int:
+        """Row primitive `name` (rsum, rmax, rmin) of x over the row; of a value that is the
+        same along the row, its closed form (N x, or x)."""
+        if self.levels[x] == FULL:
+            return self.emit(name, (x,), self.nodes[x].dtype)
+        return self.op("mul", x, self.n()) if name == "rsum" else x
+
+    def n(self) -> int:
+        """The row length N, in b.t."""
+        return self.emit("rowlen", (), self.t)
 
     def op(self, name: str, *args: int) -> int:
         rule = OPS[name].rule
@@ -690,11 +803,11 @@ class _Typer:
             vals = outputs[o.name] if o.cat else (self.env[o.name],)
             d = o.dtype or self.promote(list(vals))
             parts = tuple(self.b.cast(self.materialize(v, d), d) for v in vals)
-            outs.append(KernelOutput(o.name, d, parts, o.cat))
+            outs.append(KernelOutput(o.name, d, parts, o.cat, o.row))
         in_dtypes = tuple(self.dtypes[i.name] for i in self.g.tensor_inputs)
         chunks = tuple(i.chunk for i in self.g.tensor_inputs)
         return _dce(Kernel(self.g.name, in_dtypes, tuple(self.b.nodes), tuple(outs), chunks,
-                           self.rand_words, len(self.g.scalar_inputs)))
+                           self.rand_words, len(self.g.scalar_inputs), self.g.reduces))
 
     @staticmethod
     def promote(vals: list[_Val]) -> dt.DType:
@@ -747,7 +860,38 @@ class _Typer:
         if name == "rand_like":
             return self.rand(e)
         args = [None if a is None else self.value(a) for a in e.args]
+        if name in REDUCTIONS:
+            return self.reduce(OPS[name], args, e)
         return self.apply(OPS[name], args, e)
+
+    def reduce(self, op: OpDef, args: list, e: Expr) -> _Val:
+        """A row reduction: float operands accumulate in float32 (float16, bfloat16, float32) or
+        float64 and give the operand's type (half types held in float32, unrounded); integer
+        `sum` gives int64, amax/amin keep the integer type, the others need floats (as torch)."""
+        x, rule = args[0], REDUCTIONS[op.name]
+        t = self.promote([x])
+        if t.is_float:
+            acc = dt.float64 if t == dt.float64 else dt.float32
+        elif rule.ints == "error" or (t.is_bool and rule.ints == "keep"):
+            raise self.err(e, f"{op.name}() needs a float operand, got {t.name}",
+                           f"cast first, e.g. {op.name}(float32(x))")
+        else:
+            acc = dt.int64 if rule.ints == "int64" else t
+        out = t if t.is_float else acc
+        xn = self.materialize(x, t, e)
+        extras = [self.materialize(a, acc, e) for a in args[1:]]
+        if not self.expand:     # whole, for the reference: (x, eps or correction)
+            node = self.b.emit(op.name, (xn, *extras), out)
+            return _Val(node, out, None)
+        self.b.t = acc
+        xa = self.b.cast(xn, acc)
+        if op.name in PRIMITIVE_REDUCTION:
+            node = self.b.row(PRIMITIVE_REDUCTION[op.name], xa)
+        else:
+            node = EXPANSIONS[op.name](self.b, xa, *extras)
+        if out != acc:
+            node = self.b.hold(node, out)
+        return _Val(node, out, None)
 
     def rand(self, e: Expr) -> _Val:
         ref = self.value(e.args[0])
@@ -837,9 +981,10 @@ def _dce(k: Kernel) -> Kernel:
     new = {old: i for i, old in enumerate(order)}
     nodes = tuple(Node(k.nodes[o].op, tuple(new[a] for a in k.nodes[o].args), k.nodes[o].dtype,
                        k.nodes[o].attr) for o in order)
-    outs = tuple(KernelOutput(o.name, o.dtype, tuple(new[p] for p in o.parts), o.cat)
+    outs = tuple(KernelOutput(o.name, o.dtype, tuple(new[p] for p in o.parts), o.cat, o.row)
                  for o in k.outputs)
-    return Kernel(k.group, k.in_dtypes, nodes, outs, k.chunks, k.rand_words, k.n_scalars)
+    return Kernel(k.group, k.in_dtypes, nodes, outs, k.chunks, k.rand_words, k.n_scalars,
+                  k.reduce)
 
 
 def instantiate(group: Group, dtypes: dict[str, dt.DType], expand: bool = True) -> Kernel:

@@ -38,7 +38,9 @@ class OpDef:
 #   cmp      operands promoted, result bool
 #   logical  any operands, result bool
 #   pred     any operand, result bool (isnan, isinf, isfinite)
-TYPE_RULES = ("float", "arith", "any", "round", "bitwise", "shift", "cmp", "logical", "pred")
+#   reduce   a row reduction over the last dim (REDUCTIONS: operand types and results there)
+TYPE_RULES = ("float", "arith", "any", "round", "bitwise", "shift", "cmp", "logical", "pred",
+              "reduce")
 
 _UNARY_FLOAT = ("exp exp2 expm1 log log2 log10 log1p sqrt rsqrt reciprocal sin cos tan asin acos "
                 "atan sinh cosh tanh erf erfc lgamma frac sigmoid selu gelu gelu_tanh silu mish "
@@ -91,6 +93,40 @@ _add("softplus", ["x", "beta", "threshold"], (1.0, 20.0), composite=True)
 _add("hardtanh", ["x", "min_val", "max_val"], (-1.0, 1.0), rule="any", composite=True)
 _add("logit", ["x", "eps"], (ABSENT,), composite=True)
 
+# Row reductions over the last dim (DESIGN §8). `dim` is checked by the parser (-1 or the last
+# dim's index); the other parameters are uniform values (literals or scalar inputs).
+_add("sum", ["x", "dim"], (-1,), rule="reduce")
+_add("mean", ["x", "dim"], (-1,), rule="reduce", composite=True)
+_add("amax", ["x", "dim"], (-1,), rule="reduce")
+_add("amin", ["x", "dim"], (-1,), rule="reduce")
+_add("var", ["x", "dim", "correction"], (-1, 0), rule="reduce", composite=True)
+_add("softmax", ["x", "dim"], (-1,), rule="reduce", composite=True)
+_add("log_softmax", ["x", "dim"], (-1,), rule="reduce", composite=True)
+_add("logsumexp", ["x", "dim"], (-1,), rule="reduce", composite=True)
+_add("layer_norm", ["x", "eps"], (1e-5,), rule="reduce", composite=True)
+_add("rms_norm", ["x", "eps"], (1e-6,), rule="reduce", composite=True)
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """How a row reduction types: which operands it takes and what it gives."""
+    ints: str        # integer/bool operands: 'int64' (summed in int64), 'keep' (their own type)
+                     # or 'error' (float-only, like torch)
+    row: bool        # gives one value per row (keepdim) rather than a full row
+
+
+REDUCTIONS: dict[str, Reduction] = {
+    "sum": Reduction("int64", True), "amax": Reduction("keep", True),
+    "amin": Reduction("keep", True), "mean": Reduction("error", True),
+    "var": Reduction("error", True), "logsumexp": Reduction("error", True),
+    "softmax": Reduction("error", False), "log_softmax": Reduction("error", False),
+    "layer_norm": Reduction("error", False), "rms_norm": Reduction("error", False),
+}
+# The typed graph's row primitives (never written in a body): sum, NaN-propagating max and min
+# of the operand over the row, and the row length N. Backends render them in their row loops.
+ROW_OPS = ("rsum", "rmax", "rmin", "rowlen")
+PRIMITIVE_REDUCTION = {"sum": "rsum", "amax": "rmax", "amin": "rmin"}
+
 # Spelled-out aliases of the body's operators, so `a + b` and `add(a, b)` are the same op.
 BINOPS = {"Add": "add", "Sub": "sub", "Mult": "mul", "Div": "div", "FloorDiv": "floor_divide",
           "Mod": "remainder", "Pow": "pow", "LShift": "lshift", "RShift": "rshift",
@@ -102,8 +138,8 @@ CASTS = ("float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", 
          "uint8", "bool")
 CONSTANTS = {"inf": math.inf, "nan": math.nan, "pi": math.pi}
 
-# Ops a backend must render: everything that is not composite.
-PRIMITIVES = tuple(n for n, d in OPS.items() if not d.composite)
+# Ops a backend renders from its op table: everything that is neither composite nor a reduction.
+PRIMITIVES = tuple(n for n, d in OPS.items() if not d.composite and d.rule != "reduce")
 
 
 # --- expansions ------------------------------------------------------------------------------
@@ -169,5 +205,57 @@ EXPANSIONS: dict[str, Callable] = {
     "logit": lambda b, x, eps: _logit(b, x if eps is None else _clamp(b, x, eps,
                                                                          b.op("sub", b.c(1), eps))),
 }
+
+
+# --- row reductions: expansions into the row primitives ------------------------------------
+# Each receives the builder with `b.t` the accumulation type (float32 or float64) and operands in
+# it; `b.row(op, x)` emits a row primitive, `b.n()` the row length in b.t.
+
+def _mean(b, x):
+    return b.op("div", b.row("rsum", x), b.n())
+
+
+def _var(b, x, correction):
+    """Two passes: the mean, then the sum of squared deviations (no cancellation of sums of
+    squares); divided by N - correction like torch (N - correction <= 0 gives inf or NaN)."""
+    d = b.op("sub", x, _mean(b, x))
+    return b.op("div", b.row("rsum", b.op("mul", d, d)), b.op("sub", b.n(), correction))
+
+
+def _shifted_exp(b, x, m):
+    return b.op("exp", b.op("sub", x, m))
+
+
+def _softmax(b, x):
+    e = _shifted_exp(b, x, b.row("rmax", x))
+    return b.op("div", e, b.row("rsum", e))
+
+
+def _log_softmax(b, x):
+    d = b.op("sub", x, b.row("rmax", x))
+    return b.op("sub", d, b.op("log", b.row("rsum", b.op("exp", d))))
+
+
+def _logsumexp(b, x):
+    """torch's: the max is taken as 0 where it is infinite, so a row of -inf gives -inf and a
+    row holding +inf gives +inf (not NaN)."""
+    m = b.row("rmax", x)
+    m = b.op("where", b.op("isinf", m), b.c(0), m)
+    return b.op("add", b.op("log", b.row("rsum", _shifted_exp(b, x, m))), m)
+
+
+def _layer_norm(b, x, eps):
+    d = b.op("sub", x, _mean(b, x))
+    var = b.op("div", b.row("rsum", b.op("mul", d, d)), b.n())
+    return b.op("mul", d, b.op("rsqrt", b.op("add", var, eps)))
+
+
+def _rms_norm(b, x, eps):
+    return b.op("mul", x, b.op("rsqrt", b.op("add", _mean(b, b.op("mul", x, x)), eps)))
+
+
+EXPANSIONS.update({"mean": _mean, "var": _var, "softmax": _softmax,
+                   "log_softmax": _log_softmax, "logsumexp": _logsumexp,
+                   "layer_norm": _layer_norm, "rms_norm": _rms_norm})
 
 assert set(EXPANSIONS) == {n for n, d in OPS.items() if d.composite}

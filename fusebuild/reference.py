@@ -18,6 +18,7 @@ import numpy as np
 from . import dtypes as dt
 from .argspec import broadcast_shapes
 from .ir import Kernel, int_range
+from .ops import REDUCTIONS
 
 # ---------------------------------------------------------------- Philox4x32-10 ----------------
 
@@ -246,6 +247,63 @@ def _cast(x: np.ndarray, src: dt.DType, dst: dt.DType) -> np.ndarray:
     return x.astype(dst.numpy)  # int/bool -> int wraps like C
 
 
+# ---------------------------------------------------------------- row reductions ---------------
+
+def _row_max(x: np.ndarray, fn) -> np.ndarray:
+    """NaN-propagating max/min over the last axis, keepdims; NaN for empty rows."""
+    if x.shape[-1] == 0:
+        return np.full(x.shape[:-1] + (1,), np.nan if x.dtype.kind == "f" else 0, x.dtype)
+    return fn(x, axis=-1, keepdims=True)
+
+
+def _lsum(x: np.ndarray) -> np.ndarray:
+    return np.sum(x, axis=-1, keepdims=True)
+
+
+def _reduction(name: str, x: np.ndarray, extra: list, d: dt.DType) -> tuple[np.ndarray, np.ndarray]:
+    """(value, magnitude) of row reduction `name` of x (broadcast to the iteration shape): floats
+    in 80-bit long double from the definition, ints exactly. The magnitude is the scale of the
+    rounding error a kernel may make, before the log2(N) factor of `compare(n_row=)`: Σ|x| for
+    sum (the condition of the sum), the largest |x| over the row for the others, amplified by
+    1/std for layer_norm."""
+    n = x.shape[-1]
+    if not d.is_float:
+        if name == "sum":
+            return _lsum(x.astype(np.int64)), np.zeros(())
+        return _row_max(x, np.max if name == "amax" else np.min), np.zeros(())
+    w = x.astype(np.longdouble)
+    big = _row_max(np.abs(w), np.max) if n else np.zeros(w.shape[:-1] + (1,), w.dtype)
+    big = np.where(np.isnan(big), 0, big)
+    if name in ("amax", "amin"):
+        return _row_max(w, np.max if name == "amax" else np.min), np.zeros(())
+    if name == "sum":
+        return _lsum(w), _lsum(np.abs(w))
+    mean = _lsum(w) / n if n else np.full(w.shape[:-1] + (1,), np.nan, w.dtype)
+    if name == "mean":
+        return mean, big
+    if name == "var":
+        dev = w - mean
+        v = _lsum(dev * dev) / (n - extra[0].astype(np.longdouble))
+        return v, 2 * big * _row_max(np.abs(dev), np.max) + np.abs(v) if n else big
+    if name in ("softmax", "log_softmax", "logsumexp"):
+        m = _row_max(w, np.max)
+        if name == "logsumexp":
+            m = np.where(np.isinf(m), 0, m)
+        s = _lsum(np.exp(w - m))
+        value = {"softmax": lambda: np.exp(w - m) / s, "log_softmax": lambda: (w - m) - np.log(s),
+                 "logsumexp": lambda: np.log(s) + m}[name]()
+        return value, big
+    eps = extra[0].astype(np.longdouble)
+    if name == "layer_norm":
+        dev = w - mean
+        r = 1 / np.sqrt(_lsum(dev * dev) / n + eps)
+        return dev * r, big * np.where(np.isfinite(r), r, 0)
+    if name == "rms_norm":
+        out = w / np.sqrt(_lsum(w * w) / n + eps)
+        return out, np.maximum(big, _row_max(np.abs(out), np.max) if n else big)
+    raise KeyError(name)
+
+
 # ---------------------------------------------------------------- evaluation -------------------
 
 @dataclass
@@ -289,7 +347,12 @@ def _evaluate(kernel: Kernel, views: list, scalars, seed: int, offset: int) -> R
     words = None
     for node in kernel.nodes:
         d = node.dtype
-        if node.op == "load":
+        extra_mag = None
+        if node.op in REDUCTIONS:
+            x = np.broadcast_to(values[node.args[0]], shape)
+            v, extra_mag = _reduction(node.op, x, [values[a] for a in node.args[1:]], d)
+            v = v.astype(d.compute.numpy)
+        elif node.op == "load":
             pos, k = node.attr
             v = views[pos][k].astype(d.compute.numpy)
         elif node.op == "scalar":
@@ -316,9 +379,17 @@ def _evaluate(kernel: Kernel, views: list, scalars, seed: int, offset: int) -> R
             with np.errstate(invalid="ignore"):
                 finite = np.where(np.isfinite(v), np.abs(v.astype(np.float64)), 0)
             mag = np.maximum(mag, finite)
+        if extra_mag is not None:
+            mag = np.maximum(mag, np.where(np.isfinite(extra_mag), extra_mag, 0).astype(np.float64))
         values.append(v)
     outputs, magnitude, all_parts = {}, {}, {}
     for o in kernel.outputs:
+        if o.row:   # one value per row: the row's largest magnitude bounds its error
+            row_shape = shape[:-1] + (1,)
+            v = np.broadcast_to(values[o.parts[0]], row_shape).astype(o.dtype.numpy)
+            outputs[o.name], all_parts[o.name] = v, [v]
+            magnitude[o.name] = np.max(mag, axis=-1, keepdims=True, initial=0.0)
+            continue
         parts = [np.broadcast_to(values[p], shape).astype(o.dtype.numpy) for p in o.parts]
         all_parts[o.name] = parts
         if o.cat:
@@ -379,7 +450,7 @@ class Mismatch:
 
 
 def compare(got: np.ndarray, want: np.ndarray, magnitude: np.ndarray | None = None,
-            ulps: float | None = None) -> Mismatch | None:
+            ulps: float | None = None, n_row: int = 0) -> Mismatch | None:
     """Check a kernel output against the reference; None when it matches.
 
     Integers and bools must be equal. Floats: NaN where the reference has NaN, infinities equal,
@@ -388,6 +459,10 @@ def compare(got: np.ndarray, want: np.ndarray, magnitude: np.ndarray | None = No
     storage). `magnitude` (the largest intermediate value at that element) bounds cancellation
     error; without it the check is purely relative. `tiny`, the smallest normal number of the
     compute type, leaves results in the subnormal range to absolute accuracy.
+
+    Outputs of a reduction kernel over rows of `n_row` elements (DESIGN §8): the magnitude term
+    grows to 4 * max(1, log2(n_row)) ulp_compute(magnitude), the error bound of a pairwise
+    (tree) sum, where the reference's magnitude of a sum is Σ|terms| (its condition).
     """
     d = dt.from_numpy(want.dtype)
     if got.shape != want.shape or got.dtype != want.dtype:
@@ -400,7 +475,7 @@ def compare(got: np.ndarray, want: np.ndarray, magnitude: np.ndarray | None = No
         k = ulps if ulps is not None else (4 if d.bits >= 32 else 1)
         tol = k * ulp(w, d) + float(np.finfo(d.compute.numpy).tiny)
         if magnitude is not None:
-            tol = tol + 4 * ulp(magnitude, d.compute)
+            tol = tol + 4 * max(1.0, math.log2(max(n_row, 1))) * ulp(magnitude, d.compute)
         with np.errstate(invalid="ignore"):
             both_nan = np.isnan(g) & np.isnan(w)
             inf = np.isinf(w) | np.isinf(g)

@@ -17,7 +17,7 @@ import yaml
 from . import dtypes as dt
 from . import targets as tg
 from .argspec import (Dim, broadcast_shapes, canonicalize, contiguous_strides, format_key,
-                      parse_key)
+                      parse_key, row_strides)
 from .errors import SpecError, UsageError
 from .ir import Group, SourceMap, instantiate, parse_group
 
@@ -543,8 +543,13 @@ def _layouts(group: Group, shapes: dict[str, tuple], sy: _Y) -> tuple[str, ...]:
     except ValueError as e:
         raise sy.err(f"shapes do not broadcast: {e}",
                      "inputs broadcast like numpy (right-aligned, size 1 stretches)") from None
+    if group.reduces:
+        _check_reduced_dims(group, len(it_shape), sy)
     extra = []
     for out in group.outputs:
+        if out.row:
+            extra.append(row_strides(it_shape))
+            continue
         full = it_shape
         if out.cat:
             n, dim = out.cat
@@ -554,7 +559,21 @@ def _layouts(group: Group, shapes: dict[str, tuple], sy: _Y) -> tuple[str, ...]:
                              f"rank {len(it_shape)}", "fix the cat dim or the shape pattern")
             full = it_shape[:d] + (it_shape[d] * n,) + it_shape[d + 1:]
         extra.append(contiguous_strides(full))
-    return canonicalize(it_shape, views, extra).layouts
+    return canonicalize(it_shape, views, extra, keep_last=group.reduces).layouts
+
+
+def _check_reduced_dims(group: Group, rank: int, sy: _Y) -> None:
+    """Reduction groups reduce the last dim of shapes of rank >= 1; a dim= written as a
+    non-negative index must name it in every shape pattern."""
+    if rank == 0:
+        raise sy.err(f"group '{group.name}' reduces over the last dim, but this shape pattern "
+                     "has rank 0", "give the inputs at least one dim, e.g. {x: [N]}")
+    for dim, line, col in group.dims:
+        if dim != rank - 1:
+            raise group.source.error(
+                f"dim={dim} is not the last dim of the shape pattern at line {sy.line} (rank "
+                f"{rank}): reductions reduce the last dim only", line, col,
+                "write dim=-1")
 
 
 

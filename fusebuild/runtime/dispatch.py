@@ -14,7 +14,8 @@ import numpy as np
 
 from .. import dtypes as dt
 from ..abi import Abi
-from ..argspec import Canonical, broadcast_shapes, canonicalize, contiguous_strides, format_key
+from ..argspec import (Canonical, broadcast_shapes, canonicalize, contiguous_strides, format_key,
+                       row_strides)
 from ..errors import ArgumentError
 
 
@@ -27,6 +28,8 @@ class GroupInfo:
     outputs: tuple[tuple[str, tuple | None], ...]     # (name, cat (n, dim) or None)
     has_random: bool
     signature: str
+    reduces: bool = False                             # a reduction group (DESIGN §8)
+    row_outputs: tuple[bool, ...] = ()                # per output: one value per row, [..., 1]
 
     @staticmethod
     def from_manifest(g: dict) -> "GroupInfo":
@@ -38,7 +41,9 @@ class GroupInfo:
         if g["has_random"]:
             args += ["*", "seed", "offset=0"]
         signature = f"{g['name']}({', '.join(args)}) -> {', '.join(n for n, _ in outputs)}"
-        return GroupInfo(g["name"], params, chunks, outputs, g["has_random"], signature)
+        return GroupInfo(g["name"], params, chunks, outputs, g["has_random"], signature,
+                         bool(g.get("reduce", False)),
+                         tuple(bool(o.get("row", False)) for o in g["outputs"]))
 
     @property
     def tensor_names(self) -> list[str]:
@@ -101,8 +106,15 @@ def prepare(info: GroupInfo, args: tuple, describe) -> Call:
     except ValueError as e:
         shapes = ", ".join(f"{n}{list(v[0])}" for n, v in zip(info.tensor_names, views))
         raise ArgumentError(f"inputs of {info.name} do not broadcast ({shapes}): {e}") from None
+    if info.reduces and not shape:
+        raise ArgumentError(f"{info.name} reduces over the last dim: its inputs need rank >= 1 "
+                            "(got only 0-d tensors)")
     out_shapes, extra = [], []
-    for _, cat in info.outputs:
+    for (_, cat), row in zip(info.outputs, info.row_outputs or (False,) * len(info.outputs)):
+        if row:
+            out_shapes.append(shape[:-1] + (1,))
+            extra.append(row_strides(shape))
+            continue
         full = shape
         if cat:
             n, dim = cat
@@ -113,7 +125,7 @@ def prepare(info: GroupInfo, args: tuple, describe) -> Call:
             full = shape[:axis] + (shape[axis] * n,) + shape[axis + 1:]
         out_shapes.append(full)
         extra.append(contiguous_strides(full))
-    canon = canonicalize(shape, [(v[0], v[1]) for v in views], extra)
+    canon = canonicalize(shape, [(v[0], v[1]) for v in views], extra, keep_last=info.reduces)
     key = format_key(info.name, list(zip(dtypes_, canon.layouts)))
     return Call(arrays, dtypes_, views, scalars, shape, out_shapes, canon, key)
 
@@ -180,8 +192,8 @@ def nearest_keys(key: str, keys: list[str], n: int = 3) -> tuple[str, ...]:
     return tuple(c[-1] for c in sorted(cands)[:n])
 
 
-def placement(kernel_layouts: tuple[str, ...], call_layouts: tuple[str, ...]
-              ) -> tuple[int, ...] | None:
+def placement(kernel_layouts: tuple[str, ...], call_layouts: tuple[str, ...],
+              keep_last: bool = False) -> tuple[int, ...] | None:
     """The kernel dims a call's dims run on when a kernel compiled for `kernel_layouts`
     computes a call of `call_layouts`; None if it cannot.
 
@@ -189,29 +201,33 @@ def placement(kernel_layouts: tuple[str, ...], call_layouts: tuple[str, ...]
     drops a call's size-1 dims, so a symbol of size 1 makes a lower-rank key than the build's).
     On the dims the call runs on each letter must match, or be 's' (any stride, 0 and dense
     included); a size-1 dim fits any letter. Size-1 dims go outermost where that works, so the
-    inner dim stays the call's.
+    inner dim stays the call's. With `keep_last` (reduction groups) the call's last dim, the
+    reduced one, runs only on the kernel's last dim.
     """
     rank = len(kernel_layouts[0]) if kernel_layouts else 0
     call_rank = len(call_layouts[0]) if call_layouts else 0
     for dims in reversed(list(combinations(range(rank), call_rank))):
+        if keep_last and call_rank and dims[-1] != rank - 1:
+            continue
         if all(k[d] == c[i] or k[d] == "s" for k, c in zip(kernel_layouts, call_layouts)
                for i, d in enumerate(dims)):
             return dims
     return None
 
 
-def serves(kernel_layouts: tuple[str, ...], call_layouts: tuple[str, ...]) -> bool:
+def serves(kernel_layouts: tuple[str, ...], call_layouts: tuple[str, ...],
+           keep_last: bool = False) -> bool:
     """Whether a kernel compiled for `kernel_layouts` computes a call of `call_layouts`."""
-    return placement(kernel_layouts, call_layouts) is not None
+    return placement(kernel_layouts, call_layouts, keep_last) is not None
 
 
-def pad(canon: Canonical, kernel_layouts: tuple[str, ...]) -> Canonical:
+def pad(canon: Canonical, kernel_layouts: tuple[str, ...], keep_last: bool = False) -> Canonical:
     """`canon` brought to the rank of a kernel that serves it: size-1 dims (stride 0) inserted
     where `placement` puts none of the call's dims."""
     rank = len(kernel_layouts[0]) if kernel_layouts else 0
     if rank <= len(canon.sizes):
         return canon
-    dims = placement(kernel_layouts, canon.layouts)
+    dims = placement(kernel_layouts, canon.layouts, keep_last)
     if dims is None:
         raise ValueError(f"layouts {canon.layouts} do not run on a kernel of {kernel_layouts}")
     where = dict(zip(dims, range(len(dims))))
@@ -268,3 +284,12 @@ def meta_words(call: Call, abi: Abi, seed: int, offset: int) -> np.ndarray:
 
 def element_count(call: Call) -> int:
     return math.prod(call.shape)
+
+
+def work_count(call: Call, reduces: bool) -> int:
+    """The range [0, n) a kernel is called over: the elements, or for a reduction group
+    rows * max(N, 1), so rows of N = 0 still run (abi.py: a reduction kernel computes the rows
+    whose first element index, row * max(N, 1), lies in [start, stop))."""
+    if not reduces:
+        return element_count(call)
+    return math.prod(call.shape[:-1]) * max(call.shape[-1], 1)

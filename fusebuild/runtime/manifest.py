@@ -203,7 +203,8 @@ def _check_structure(m: dict) -> None:
         raise BundleError("the bundle's name and version must be strings without '/'")
     tensors = {}
     for name, g in groups.items():
-        if g["name"] != name or not isinstance(g["has_random"], bool):
+        if g["name"] != name or not isinstance(g["has_random"], bool) or \
+                not isinstance(g.get("reduce", False), bool):
             raise ValueError(f"group {name!r} is malformed")
         tensors[name] = 0
         for i in g["inputs"]:
@@ -215,7 +216,7 @@ def _check_structure(m: dict) -> None:
                 raise ValueError(f"group {name!r} has a malformed input")
         for o in g["outputs"]:
             if not isinstance(o["name"], str) or not _dtype_or_none(o["dtype"]) or \
-                    not _pair_or_none(o["cat"]):
+                    not _pair_or_none(o["cat"]) or not isinstance(o.get("row", False), bool):
                 raise ValueError(f"group {name!r} has a malformed output")
     for k in m["kernels"]:
         defect = _kernel_defect(k, artifacts, groups, tensors)
