@@ -456,6 +456,12 @@ def test_out_in_place_and_row_outputs(bundle):
         bundle.quant(col, out=(np.empty((3, 1), np.int8), col))
 
 
+def test_verify_numerics_runs_every_reduction_kernel(bundle):
+    from fusebuild.verify import verify
+    report = verify(bundle.root, numerics=True)
+    assert report.numerics == len(bundle.manifest["kernels"]) and not report.skipped
+
+
 # ------------------------------------------------------------------ vectorization ------------
 
 @pytest.fixture(scope="module")
