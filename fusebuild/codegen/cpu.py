@@ -826,7 +826,8 @@ def _render_rows(r: NumbaRenderer, ks: KernelSource, fn: str) -> list[str]:
     """A reduction kernel (DESIGN §8) in the order of `schedule`: per row of the rows the ABI
     assigns to [start, stop), one sweep over the row per pass accumulating its reductions, the
     pass's row values, the row outputs (stored once), then a sweep computing and storing the
-    full outputs. Uniform nodes are computed once per call."""
+    full outputs. Uniform nodes are computed once per call. Costly values of the last pass that
+    the final sweep needs (`kept`) are kept in row scratch buffers for rows that fit."""
     k, rank = ks.kernel, ks.rank
     n_in, size = len(k.in_dtypes), f"n{rank - 1}"
     sch = schedule(k)
@@ -839,22 +840,86 @@ def _render_rows(r: NumbaRenderer, ks: KernelSource, fn: str) -> list[str]:
             n = k.nodes[i]
             if n.op == "rsum" and n.dtype.is_float:
                 lines.append(f"    stk{i} = cascade_stack({r.type_name(n.dtype)}(0))")
+    keep = kept(k, sch)
+    for i in keep:
+        lines.append(f"    sc{i} = row_scratch({r.type_name(k.nodes[i].dtype)}(0))")
     lines.append(f"    w = {size} if {size} > 1 else 1")
     lines += [f"    {b}" for b in r.render_nodes(k, sch.hoisted)]
     lines.append("    for row in range((start + w - 1) // w, (stop + w - 1) // w):")
     lines += _offsets(ks) if rank > 1 else [f"        o{op} = 0" for op in range(ks.abi.n_operands)]
-    for p in sch.passes:
+    for p in sch.passes[:-1]:
         lines += _sweep(r, k, p, size)
         lines += [f"        {b}" for b in r.render_nodes(k, p.after)]
-    for o, out in enumerate(k.outputs):
-        if out.row:
-            lines.append(f"        {r.store(f'q{o}_0', index(n_in + o), f'v{out.parts[0]}', out.dtype)}")
+    row_stores = [f"        {r.store(f'q{o}_0', index(n_in + o), f'v{out.parts[0]}', out.dtype)}"
+                  for o, out in enumerate(k.outputs) if out.row]
     stores = [r.store(f"q{o}_{j}", index(n_in + o), f"v{part}", out.dtype)
               for o, out in enumerate(k.outputs) if not out.row for j, part in enumerate(out.parts)]
-    if stores:
-        lines.append(f"        for j in range({size}):")
-        lines += [f"            {b}" for b in _elements(r, k, sch.final, size) + stores]
+
+    def tail(keep: tuple[int, ...]) -> list[str]:
+        out = []
+        if sch.passes:
+            out += _sweep(r, k, sch.passes[-1], size, keep)
+            out += [f"        {b}" for b in r.render_nodes(k, sch.passes[-1].after)]
+        out += row_stores
+        if stores:
+            loads = [f"v{i} = sc_ld_{k.nodes[i].dtype.short}(sc{i}, j)" for i in keep]
+            out.append(f"        for j in range({size}):")
+            out += [f"            {b}" for b in loads +
+                    _elements(r, k, _needed_without(k, sch, keep), size) + stores]
+        return out
+    if keep:
+        lines.append(f"        if {size} <= SCRATCH:")
+        lines += [f"    {b}" for b in tail(keep)]
+        lines.append("        else:")
+        lines += [f"    {b}" for b in tail(())]
+    else:
+        lines += tail(())
     return lines
+
+
+# Ops worth computing once per element rather than in two sweeps (math helpers, libm)
+COSTLY = frozenset(("exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt", "sin", "cos",
+                    "tan", "asin", "acos", "atan", "sinh", "cosh", "tanh", "erf", "erfc",
+                    "lgamma", "sigmoid", "gelu", "pow", "atan2", "rand"))
+
+
+def kept(k, sch) -> tuple[int, ...]:
+    """Values of the last pass's sweep that the final sweep needs and that cost a math function
+    to compute: up to two of them, in float32/float64 (softmax's exp(x - max))."""
+    if not sch.passes or not sch.final:
+        return ()
+    shared = set(sch.passes[-1].elem) & set(sch.final)
+    users = [a for i in set(sch.final) - shared for a in k.nodes[i].args] + \
+        [p for o in k.outputs if not o.row for p in o.parts]
+    frontier = sorted({i for i in users if i in shared and k.nodes[i].dtype.compute in
+                       (dt.float32, dt.float64) and _costly(k, i, shared)})
+    return tuple(frontier[:2])
+
+
+def _costly(k, i: int, within: set[int]) -> bool:
+    stack, seen = [i], set()
+    while stack:
+        n = stack.pop()
+        if n in seen or n not in within:
+            continue
+        seen.add(n)
+        if k.nodes[n].op in COSTLY:
+            return True
+        stack.extend(k.nodes[n].args)
+    return False
+
+
+def _needed_without(k, sch, keep: tuple[int, ...]) -> tuple[int, ...]:
+    """The final sweep's nodes that the full outputs need when the `keep` values are read back."""
+    final, seen = set(sch.final), set()
+    stack = [p for o in k.outputs if not o.row for p in o.parts]
+    while stack:
+        n = stack.pop()
+        if n in seen or n not in final or n in keep:
+            continue
+        seen.add(n)
+        stack.extend(k.nodes[n].args)
+    return tuple(sorted(seen))
 
 
 def _elements(r: NumbaRenderer, k, ids: tuple[int, ...], size: str) -> list[str]:
@@ -864,10 +929,11 @@ def _elements(r: NumbaRenderer, k, ids: tuple[int, ...], size: str) -> list[str]
     return head + r.render_nodes(k, ids)
 
 
-def _sweep(r: NumbaRenderer, k, p, size: str) -> list[str]:
+def _sweep(r: NumbaRenderer, k, p, size: str, keep: tuple[int, ...] = ()) -> list[str]:
     """One pass over the row accumulating the reductions `p.reds`: float sums per block of
     BLOCK elements, combined pairwise; max/min (NaN-propagating) and integer sums across the
-    row. Empty rows: sums 0, float max/min NaN, integer max/min 0."""
+    row. Empty rows: sums 0, float max/min NaN, integer max/min 0. The values `keep` are
+    stored in their row scratch buffers."""
     sums, others = [], []
     for i in p.reds:
         n = k.nodes[i]
@@ -890,7 +956,8 @@ def _sweep(r: NumbaRenderer, k, p, size: str) -> list[str]:
         init.append(f"a{i} = {T}({start})")
         step.append(f"a{i} = acc_{n.op[1:]}(a{i}, {x})")
         done.append(f"v{i} = select({size} > 0, a{i}, {T}({empty}))")
-    body = _elements(r, k, p.elem, size)
+    body = _elements(r, k, p.elem, size) + \
+        [f"sc_st_{k.nodes[i].dtype.short}(sc{i}, j, v{i})" for i in keep]
     out = [f"        {b}" for b in init]
     if not sums:
         out.append(f"        for j in range({size}):")

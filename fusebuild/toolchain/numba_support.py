@@ -13,12 +13,12 @@ Row reductions accumulate with `acc_add` (`fadd reassoc`: only these additions m
 so LLVM's loop vectorizer keeps SIMD partial sums while the compensated math helpers stay exact),
 `acc_max`/`acc_min` (`llvm.maximum`/`llvm.minimum`: NaN-propagating, reduced by the vectorizer)
 and combine block sums pairwise on a small stack (`cascade_stack`, `cascade_push`, `cascade_total`).
+A row's costly values can be kept for the next sweep in a `row_scratch` buffer.
 """
 from __future__ import annotations
 
 from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 _STORAGE = {
@@ -35,13 +35,21 @@ _STORAGE = {
 
 def _scopes(builder):
     """The alias scopes of a function: one for kernel inputs, one for outputs."""
+    return _all_scopes(builder)[:2]
+
+
+def _all_scopes(builder):
+    """Scope lists of kernel inputs, outputs and row scratch, and the list of the first two
+    (what scratch accesses never alias)."""
     module = builder.module
     cached = getattr(module, "_fb_scopes", None)
     if cached is None:
         domain = module.add_metadata([ir.MetaDataString(module, "fusebuild")])
         loads = module.add_metadata([ir.MetaDataString(module, "fusebuild.loads"), domain])
         stores = module.add_metadata([ir.MetaDataString(module, "fusebuild.stores"), domain])
-        cached = (module.add_metadata([loads]), module.add_metadata([stores]))
+        scratch = module.add_metadata([ir.MetaDataString(module, "fusebuild.scratch"), domain])
+        cached = (module.add_metadata([loads]), module.add_metadata([stores]),
+                  module.add_metadata([scratch]), module.add_metadata([loads, stores]))
         module._fb_scopes = cached
     return cached
 
@@ -225,6 +233,14 @@ acc_min = _make_extremum("minimum", "<", "<")
 CASCADE_DEPTH = 64     # block sums of up to 2**64 blocks
 
 
+def _entry_alloca(builder, ty):
+    """The address of an uninitialized `ty` on the stack, allocated once in the entry block
+    (numba's cgutils.alloca_once zero-fills it: a memset per call)."""
+    with builder.goto_entry_block():
+        ptr = builder.alloca(ty)
+    return builder.ptrtoint(ptr, _I64)
+
+
 @intrinsic
 def cascade_stack(typingctx, zero):
     """Address of a per-call stack of CASCADE_DEPTH accumulators of zero's type (an alloca in
@@ -233,8 +249,7 @@ def cascade_stack(typingctx, zero):
         return None
 
     def codegen(context, builder, sig, args):
-        arr = cgutils.alloca_once(builder, ir.ArrayType(args[0].type, CASCADE_DEPTH))
-        return builder.ptrtoint(arr, _I64)
+        return _entry_alloca(builder, ir.ArrayType(args[0].type, CASCADE_DEPTH))
     return types.int64(zero), codegen
 
 
@@ -257,6 +272,50 @@ def _make_stack_access(nb_type, ll_type):
     return load, store
 
 
+SCRATCH = 8192     # elements of a row scratch buffer (`row_scratch`)
+
+
+@intrinsic
+def row_scratch(typingctx, zero):
+    """Address of a buffer of SCRATCH values of zero's type (an alloca in the kernel's entry
+    block): a row's values computed in one sweep and read back in the next (`sc_st_*`, `sc_ld_*`)
+    instead of being computed again."""
+    if not isinstance(zero, types.Float):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _entry_alloca(builder, ir.ArrayType(args[0].type, SCRATCH))
+    return types.int64(zero), codegen
+
+
+def _make_scratch_access(nb_type, ll_type):
+    """Loads and stores of a row scratch buffer: they alias each other, never kernel operands."""
+    @intrinsic
+    def load(typingctx, addr, index):
+        def codegen(context, builder, sig, args):
+            inst = builder.load(builder.gep(builder.inttoptr(args[0], ll_type.as_pointer()),
+                                            [args[1]]))
+            _, _, scratch, operands = _all_scopes(builder)
+            inst.set_metadata("alias.scope", scratch)
+            inst.set_metadata("noalias", operands)
+            return inst
+        return nb_type(types.int64, types.int64), codegen
+
+    @intrinsic
+    def store(typingctx, addr, index, value):
+        def codegen(context, builder, sig, args):
+            ptr = builder.gep(builder.inttoptr(args[0], ll_type.as_pointer()), [args[1]])
+            inst = builder.store(context.cast(builder, args[2], sig.args[2], nb_type), ptr)
+            _, _, scratch, operands = _all_scopes(builder)
+            inst.set_metadata("alias.scope", scratch)
+            inst.set_metadata("noalias", operands)
+            return context.get_dummy_value()
+        return types.void(types.int64, types.int64, value), codegen
+    return load, store
+
+
+sc_ld_f32, sc_st_f32 = _make_scratch_access(types.float32, ir.FloatType())
+sc_ld_f64, sc_st_f64 = _make_scratch_access(types.float64, ir.DoubleType())
 _stk_f32 = _make_stack_access(types.float32, ir.FloatType())
 _stk_f64 = _make_stack_access(types.float64, ir.DoubleType())
 
@@ -372,4 +431,5 @@ __all__ = [f"{op}_{n}" for n in _STORAGE for op in ("ld", "st")] + [
     "f32_from_bits", "bits_from_f32", "f64_from_bits", "bits_from_f64", "f32_ldexp", "f32_pow2",
     "f32_exponent", "f32_significand", "f64_pow2", "muladd", "bf16_bits", "bf16_value",
     "f16_bits", "f16_value", "select", "acc_add", "acc_max", "acc_min", "cascade_stack",
-    "cascade_push_f32", "cascade_total_f32", "cascade_push_f64", "cascade_total_f64"]
+    "cascade_push_f32", "cascade_total_f32", "cascade_push_f64", "cascade_total_f64",
+    "SCRATCH", "row_scratch", "sc_ld_f32", "sc_st_f32", "sc_ld_f64", "sc_st_f64"]
