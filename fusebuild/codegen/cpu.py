@@ -14,9 +14,9 @@ import re
 
 from .. import __version__
 from .. import dtypes as dt
-from ..ir import Node, int_range
+from ..ir import Kernel, Node, int_range
 from ..ops import PRIMITIVES
-from ..schedule import schedule
+from ..schedule import Pass, Schedule, schedule
 from .common import KernelSource, Renderer, check_complete
 
 _NP = {"float32": "np.float32", "float64": "np.float64", "int8": "np.int8", "int16": "np.int16",
@@ -827,7 +827,7 @@ def _render_rows(r: NumbaRenderer, ks: KernelSource, fn: str) -> list[str]:
     assigns to [start, stop), one sweep over the row per pass accumulating its reductions, the
     pass's row values, the row outputs (stored once), then a sweep computing and storing the
     full outputs. Uniform nodes are computed once per call. Costly values of the last pass that
-    the final sweep needs (`kept`) are kept in row scratch buffers for rows that fit."""
+    the final sweep needs (`_kept`) are kept in row scratch buffers for rows that fit."""
     k, rank = ks.kernel, ks.rank
     n_in, size = len(k.in_dtypes), f"n{rank - 1}"
     sch = schedule(k)
@@ -840,7 +840,7 @@ def _render_rows(r: NumbaRenderer, ks: KernelSource, fn: str) -> list[str]:
             n = k.nodes[i]
             if n.op == "rsum" and n.dtype.is_float:
                 lines.append(f"    stk{i} = cascade_stack({r.type_name(n.dtype)}(0))")
-    keep = kept(k, sch)
+    keep = _kept(k, sch)
     for i in keep:
         lines.append(f"    sc{i} = row_scratch({r.type_name(k.nodes[i].dtype)}(0))")
     lines.append(f"    w = {size} if {size} > 1 else 1")
@@ -883,7 +883,7 @@ COSTLY = frozenset(("exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sq
                     "lgamma", "sigmoid", "gelu", "pow", "atan2", "rand"))
 
 
-def kept(k, sch) -> tuple[int, ...]:
+def _kept(k: Kernel, sch: Schedule) -> tuple[int, ...]:
     """Values of the last pass's sweep that the final sweep needs and that cost a math function
     to compute: up to two of them, in float32/float64 (softmax's exp(x - max))."""
     if not sch.passes or not sch.final:
@@ -896,7 +896,8 @@ def kept(k, sch) -> tuple[int, ...]:
     return tuple(frontier[:2])
 
 
-def _costly(k, i: int, within: set[int]) -> bool:
+def _costly(k: Kernel, i: int, within: set[int]) -> bool:
+    """Whether node i, or a node it depends on within `within`, is a COSTLY op."""
     stack, seen = [i], set()
     while stack:
         n = stack.pop()
@@ -909,7 +910,7 @@ def _costly(k, i: int, within: set[int]) -> bool:
     return False
 
 
-def _needed_without(k, sch, keep: tuple[int, ...]) -> tuple[int, ...]:
+def _needed_without(k: Kernel, sch: Schedule, keep: tuple[int, ...]) -> tuple[int, ...]:
     """The final sweep's nodes that the full outputs need when the `keep` values are read back."""
     final, seen = set(sch.final), set()
     stack = [p for o in k.outputs if not o.row for p in o.parts]
@@ -922,14 +923,15 @@ def _needed_without(k, sch, keep: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(seen))
 
 
-def _elements(r: NumbaRenderer, k, ids: tuple[int, ...], size: str) -> list[str]:
+def _elements(r: NumbaRenderer, k: Kernel, ids: tuple[int, ...], size: str) -> list[str]:
     """Per-element nodes `ids` inside a sweep (Philox counter: the element's linear index)."""
     head = [f"rw = philox(row * {size} + j, seed, offset)"] \
         if any(k.nodes[i].op == "rand" for i in ids) else []
     return head + r.render_nodes(k, ids)
 
 
-def _sweep(r: NumbaRenderer, k, p, size: str, keep: tuple[int, ...] = ()) -> list[str]:
+def _sweep(r: NumbaRenderer, k: Kernel, p: Pass, size: str, keep: tuple[int, ...] = ()
+           ) -> list[str]:
     """One pass over the row accumulating the reductions `p.reds`: float sums per block of
     BLOCK elements, combined pairwise; max/min (NaN-propagating) and integer sums across the
     row. Empty rows: sums 0, float max/min NaN, integer max/min 0. The values `keep` are
