@@ -685,6 +685,11 @@ class NumbaRenderer(Renderer):
             return f"(ld_u8({addr}, {index}) != 0)"
         return f"ld_{d.short}({addr}, {index})"
 
+    def prefetch(self, addr: str, index: str, d: dt.DType) -> str:
+        """A hint to bring the cache line of element `index` of an input into the caches."""
+        short = "u16" if d.name in ("float16", "bfloat16") else "u8" if d.is_bool else d.short
+        return f"pf_{short}({addr}, {index})"
+
     def store(self, addr: str, index: str, value: str, d: dt.DType) -> str:
         if d.name in ("float16", "bfloat16"):
             short = "f16" if d.name == "float16" else "bf16"
@@ -858,7 +863,7 @@ def _render_rows(r: NumbaRenderer, ks: KernelSource, fn: str) -> list[str]:
     def tail(keep: tuple[int, ...]) -> list[str]:
         out = []
         if sch.passes:
-            out += _sweep(r, k, sch.passes[-1], size, keep)
+            out += _sweep(r, k, sch.passes[-1], size, keep, _prefetches(r, ks, inner))
             out += [f"        {b}" for b in r.render_nodes(k, sch.passes[-1].after)]
         out += row_stores
         if stores:
@@ -875,6 +880,24 @@ def _render_rows(r: NumbaRenderer, ks: KernelSource, fn: str) -> list[str]:
     else:
         lines += tail(())
     return lines
+
+
+def _prefetches(r: NumbaRenderer, ks: KernelSource, inner: list[str]) -> list[str]:
+    """Hints for the last sweep over a row, per block [jb, je): the same elements of the next
+    row (along the second-to-last dim) of every input with contiguous rows, one per cache line,
+    so that the next row's first sweep finds them in cache while this one computes."""
+    k, rank = ks.kernel, ks.rank
+    if rank < 2:
+        return []
+    out = []
+    for op, d in enumerate(k.in_dtypes):
+        if inner[op] != "c" or ks.layouts[op][rank - 2] == "b":
+            continue
+        step = 64 // (d.bits // 8 if d.bits >= 8 else 1)
+        for c in range(k.chunks[op][0] if k.chunks[op] else 1):
+            out += [f"for c in range(jb, je, {step}):",
+                    f"    {r.prefetch(f'p{op}_{c}', f'o{op} + s{op}_{rank - 2} + c', d)}"]
+    return out
 
 
 # Ops worth computing once per element rather than in two sweeps (math helpers, libm)
@@ -930,12 +953,12 @@ def _elements(r: NumbaRenderer, k: Kernel, ids: tuple[int, ...], size: str) -> l
     return head + r.render_nodes(k, ids)
 
 
-def _sweep(r: NumbaRenderer, k: Kernel, p: Pass, size: str, keep: tuple[int, ...] = ()
-           ) -> list[str]:
+def _sweep(r: NumbaRenderer, k: Kernel, p: Pass, size: str, keep: tuple[int, ...] = (),
+           hints: list[str] = ()) -> list[str]:
     """One pass over the row accumulating the reductions `p.reds`: float sums per block of
     BLOCK elements, combined pairwise; max/min (NaN-propagating) and integer sums across the
     row. Empty rows: sums 0, float max/min NaN, integer max/min 0. The values `keep` are
-    stored in their row scratch buffers."""
+    stored in their row scratch buffers; the lines `hints` run after each block."""
     sums, others = [], []
     for i in p.reds:
         n = k.nodes[i]
@@ -972,6 +995,7 @@ def _sweep(r: NumbaRenderer, k: Kernel, p: Pass, size: str, keep: tuple[int, ...
         out += [f"                {b}" for b in body + step +
                 [f"a{i} = acc_add(a{i}, v{k.nodes[i].args[0]})" for i in sums]]
         out += [f"            cascade_push_{k.nodes[i].dtype.short}(stk{i}, b, a{i})" for i in sums]
+        out += [f"            {h}" for h in hints]
         out += ["            b += 1", "            jb = je"]
         done += [f"v{i} = cascade_total_{k.nodes[i].dtype.short}(stk{i}, b, "
                  f"{r.type_name(k.nodes[i].dtype)}(0))" for i in sums]

@@ -1,7 +1,8 @@
 """Memory-access and bit-cast intrinsics that generated numba source imports.
 
 Kernels receive raw addresses as int64; these intrinsics turn them into typed loads and stores
-(`ld_f32(addr, index)`, `st_f32(addr, index, value)`) and reinterpret bits (`f32_from_bits`).
+(`ld_f32(addr, index)`, `st_f32(addr, index, value)`), prefetch hints (`pf_f32(addr, index)`) and
+reinterpret bits (`f32_from_bits`).
 Loads are marked as not aliasing stores: the runtime never passes overlapping inputs and outputs,
 and this lets LLVM vectorize loops with many operands without run-time alias checks.
 The exponent intrinsics of the math helpers (`f32_ldexp`, `f32_pow2`, `f32_exponent`,
@@ -418,16 +419,33 @@ def f16_bits(typingctx, x):
     return types.uint16(x), codegen
 
 
+def _make_prefetch(ll_type):
+    @intrinsic
+    def prefetch(typingctx, addr, index):
+        """Hint the cache line of element `index` of `addr` into the caches (a hint: never
+        faults, even for an address past the end)."""
+        def codegen(context, builder, sig, args):
+            ptr = builder.gep(builder.inttoptr(args[0], ll_type.as_pointer()), [args[1]])
+            i8p = ir.IntType(8).as_pointer()
+            fn = builder.module.declare_intrinsic(
+                "llvm.prefetch", [i8p], ir.FunctionType(ir.VoidType(), [i8p] + [_I32] * 3))
+            builder.call(fn, [builder.bitcast(ptr, i8p), _i32(0), _i32(3), _i32(1)])
+            return context.get_dummy_value()
+        return types.void(types.int64, types.int64), codegen
+    return prefetch
+
+
 for _name, (_nb, _ll) in _STORAGE.items():
     globals()[f"ld_{_name}"] = _make_load(_nb, _ll)
     globals()[f"st_{_name}"] = _make_store(_nb, _ll)
+    globals()[f"pf_{_name}"] = _make_prefetch(_ll)
 
 f32_from_bits = _make_bitcast(types.uint32, types.float32)
 bits_from_f32 = _make_bitcast(types.float32, types.uint32)
 f64_from_bits = _make_bitcast(types.int64, types.float64)
 bits_from_f64 = _make_bitcast(types.float64, types.uint64)
 
-__all__ = [f"{op}_{n}" for n in _STORAGE for op in ("ld", "st")] + [
+__all__ = [f"{op}_{n}" for n in _STORAGE for op in ("ld", "st", "pf")] + [
     "f32_from_bits", "bits_from_f32", "f64_from_bits", "bits_from_f64", "f32_ldexp", "f32_pow2",
     "f32_exponent", "f32_significand", "f64_pow2", "muladd", "bf16_bits", "bf16_value",
     "f16_bits", "f16_value", "select", "acc_add", "acc_max", "acc_min", "cascade_stack",
