@@ -11,7 +11,7 @@ import numpy as np
 from . import dtypes as dt
 from . import elf, ir, reference
 from . import targets as tg
-from .argspec import Canonical, contiguous_strides, parse_key
+from .argspec import Canonical, contiguous_strides, parse_key, row_strides
 from .codegen.common import KernelSource
 from .errors import BundleError
 from .text import plural
@@ -129,7 +129,8 @@ def _int_range(d: dt.DType) -> tuple[int, int]:
 
 
 def check_numerics(root: str, group: ir.Group, entry: dict, rng: np.random.Generator) -> None:
-    """Run one CPU kernel on random inputs of its key's layout and compare with the reference."""
+    """Run one CPU kernel on random inputs of its key's layout and compare with the reference
+    (a reduction kernel over rows of 2..6 elements, with the tolerance of rows that long)."""
     _, descs = parse_key(entry["key"])
     names = [i.name for i in group.tensor_inputs]
     dtypes = {n: d for n, (d, _) in zip(names, descs)}
@@ -141,10 +142,11 @@ def check_numerics(root: str, group: ir.Group, entry: dict, rng: np.random.Gener
     scalars = [float(rng.uniform(0.05, 0.95)) if s.dtype.is_float else int(rng.integers(-50, 50))
                for s in group.scalar_inputs]
     bits = [dispatch._scalar_bits(s.name, v, s.dtype) for s, v in zip(group.scalar_inputs, scalars)]
-    outs = [[np.empty(sizes, dt.lookup(o).numpy) for _ in range(n)]
-            for o, n in zip(entry["outputs"], abi.parts)]
+    rows = [o.row for o in group.outputs]     # row outputs of a reduction: [..., 1]
+    outs = [[np.empty(sizes[:-1] + (1,) if row else sizes, dt.lookup(o).numpy) for _ in range(n)]
+            for o, n, row in zip(entry["outputs"], abi.parts, rows)]
     strides = [tuple(st // v[0].itemsize for st in v[0].strides) for v in views] + \
-        [contiguous_strides(sizes)] * len(outs)
+        [row_strides(sizes) if row else contiguous_strides(sizes) for row in rows]
     canon = Canonical(sizes, tuple(strides), tuple(lay for _, lay in descs))
     call = dispatch.Call([], [], [], bits, sizes, [], canon, entry["key"])
     seed, offset = int(rng.integers(0, 2**63)), int(rng.integers(0, 2**32))
@@ -153,12 +155,15 @@ def check_numerics(root: str, group: ir.Group, entry: dict, rng: np.random.Gener
                     [o.ctypes.data for os_ in outs for o in os_], np.int64)
     fn = load_verified(root, entry["file"], entry["sha256"])[entry["symbol"]]
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-    fn(ptrs.ctypes.data, meta.ctypes.data, 0, int(np.prod(sizes)))
+    fn(ptrs.ctypes.data, meta.ctypes.data, 0, dispatch.work_count(call, group.reduces))
     want = reference.evaluate_views(ir.instantiate(group, dtypes, expand=False), views, scalars,
                                     seed, offset)
+    n_row = sizes[-1] if group.reduces else 0
     for o, parts in zip(group.outputs, outs):
         for k, part in enumerate(parts):
-            m = reference.compare(part, want.parts[o.name][k], want.part_magnitude)
+            m = reference.compare(part, want.parts[o.name][k],
+                                  want.magnitude[o.name] if o.row else want.part_magnitude,
+                                  n_row=n_row)
             if m:
                 raise BundleError(f"{entry['key']} [{entry['target']}] output {o.name}: {m.message}")
 
