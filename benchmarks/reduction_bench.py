@@ -13,13 +13,14 @@ Per case: fusebuild through `fusebuild.runtime` with preallocated outputs (`fuse
 allocating them (`fusebuild_alloc`), torch CPU eager (torch.softmax, F.layer_norm, F.rms_norm,
 x + residual then F.rms_norm), numpy (float32; for bfloat16 numpy converts the inputs to float32
 with ml_dtypes, computes in float32 and converts the outputs back, conversions timed), and the
-copy bandwidth of the same byte count, measured just before the case (half the bytes moved
-copied with `--threads` threads: numpy copyto of one slice per Python thread, and torch `copy_`;
-the faster counts).
-Times are the median of the repeats after two warm-up calls. `GBps` = bytes of inputs + outputs
-per second. Every implementation's outputs are compared with a float64 numpy oracle written from
-the definitions (max |difference| / max |oracle| per output; bounds in TOLERANCE), and on small
-cases (--quick) fusebuild's also with `fusebuild.reference`.
+copy bandwidth of the same byte count (half the bytes moved copied with `--threads` threads:
+numpy copyto of one slice per Python thread, and torch `copy_`; the faster counts). A case's
+implementations and copies are timed in interleaved rounds (each called once per round, so the
+load of a shared machine hits all alike); times are the medians of the rounds after two warm-up
+rounds. `GBps` = bytes of inputs + outputs per second. Every implementation's outputs are
+compared with a float64 numpy oracle written from the definitions (max |difference| / max
+|oracle| per output; bounds in TOLERANCE), and on small cases (--quick) fusebuild's also with
+`fusebuild.reference`.
 
 GPU section (only where cupy sees a device; otherwise one line saying why it was skipped):
 N = 128 ... 65,536 at 2^26 elements per case, float32 and bfloat16: fusebuild (built for the
@@ -62,7 +63,6 @@ QUICK_GPU_NS = (128, 1024, 65536)
 TOLERANCE = {"f32": 1e-5, "bf16": 1e-2}
 TARGET_COPY, TARGET_TORCH, TARGET_NUMPY = 0.7, 2.0, 5.0
 GPU_TARGET_COPY, GPU_TARGET_COMPILE, GPU_COPY_MIN_N = 0.85, 1.0, 1024
-COPY_REPEATS = 11                      # the copy is cheap: more repeats, a steadier median
 REFERENCE_MAX_ELEMENTS = 1 << 18       # fusebuild.reference (float64, per node) on small cases only
 
 
@@ -230,20 +230,22 @@ def accuracy(xp, case: Case, got: tuple, want: tuple) -> dict:
 
 # ------------------------------------------------------------------ timing ---------------------
 
-def median_ms(fn: Callable, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def interleaved_ms(fns: dict[str, Callable], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median ms per call of each function, timed in rounds that call every function once (a
+    change of load on the shared machine then hits all of them alike)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
-def copy_bandwidth(moved: int, threads: int, repeats: int, torch) -> dict:
-    """A copy of moved/2 bytes (so read + written = moved) with `threads` threads: numpy copyto
-    of one slice per Python thread (copyto releases the GIL) and torch `copy_`; GB/s of each."""
+def copy_calls(moved: int, threads: int, torch) -> dict[str, Callable]:
+    """Copies of moved/2 bytes (so read + written = moved) with `threads` threads: numpy copyto
+    of one slice per Python thread (copyto releases the GIL) and torch `copy_`."""
     n = moved // 2
     src = np.ones(n, np.uint8)
     dst = np.empty_like(src)
@@ -257,12 +259,11 @@ def copy_bandwidth(moved: int, threads: int, repeats: int, torch) -> dict:
         np.copyto(*parts[0])
         for w in workers:
             w.join()
-    impls = {"numpy_threads": numpy_copy}
+    calls = {"copy_numpy_threads": numpy_copy}
     if torch is not None:
         ts, td = torch.from_numpy(src), torch.from_numpy(dst)
-        impls["torch_copy_"] = lambda: td.copy_(ts)
-    row = {f"{k}_GBps": round(moved / median_ms(fn, repeats) / 1e6, 2) for k, fn in impls.items()}
-    return {**row, "GBps": max(row.values())}
+        calls["copy_torch"] = lambda: td.copy_(ts)
+    return calls
 
 
 # ------------------------------------------------------------------ fusebuild ------------------
@@ -342,11 +343,6 @@ def cpu_case(case: Case, caller, bundle, torch, threads: int, repeats: int,
     inputs = host_inputs(case, np.random.default_rng(0))
     want = case.spec.oracle(np, *(a.astype(np.float64) for a in inputs))
     base = {"what": "cpu", **case.row(), "threads": threads}
-    moved = case.nbytes()
-    copy_row = copy_bandwidth(moved, threads, COPY_REPEATS, torch)     # now: the VM is shared
-    emit({"what": "cpu_copy", **case.row(), "threads": threads, **copy_row})
-    copy = copy_row["GBps"]
-    times: dict[str, float] = {}
     if caller is None:
         emit({**base, "impl": "fusebuild", "error": "not built (see the cpu_build line)"})
     try:
@@ -354,20 +350,26 @@ def cpu_case(case: Case, caller, bundle, torch, threads: int, repeats: int,
     except Exception as e:  # noqa: BLE001 - fusebuild's first call failed: peers still run
         emit({**base, "impl": "fusebuild", "error": _error(e)})
         impls = cpu_impls(case, inputs, None, torch)
-    for name, fn in impls.items():
-        row = {**base, "impl": name}
+    checks: dict[str, dict] = {}
+    for name, fn in list(impls.items()):
         try:
-            row.update(accuracy(np, case, fn(), want))
+            checks[name] = accuracy(np, case, fn(), want)
             if name == "fusebuild" and math.prod(case.input_shapes()[0]) <= REFERENCE_MAX_ELEMENTS:
                 ref = accuracy(np, case, fn(), reference_outputs(bundle, case, inputs))
-                row.update(reference_rel_err=ref["max_rel_err"], reference_ok=ref["ok"])
-            ms = median_ms(fn, repeats)
+                checks[name].update(reference_rel_err=ref["max_rel_err"], reference_ok=ref["ok"])
         except Exception as e:  # noqa: BLE001 - one implementation failing leaves the others
-            emit({**row, "error": _error(e)})
-            continue
-        times[name] = ms
+            emit({**base, "impl": name, "error": _error(e)})
+            del impls[name]
+    copies = copy_calls(case.nbytes(), threads, torch)
+    times = interleaved_ms({**impls, **copies}, repeats)
+    moved = case.nbytes()
+    copy_gbps = {k: round(moved / times.pop(k) / 1e6, 2) for k in copies}
+    copy = max(copy_gbps.values())
+    emit({"what": "cpu_copy", **case.row(), "threads": threads,
+          **{f"{k}_GBps": v for k, v in copy_gbps.items()}, "GBps": copy})
+    for name, ms in times.items():
         gbps = moved / ms / 1e6
-        emit({**row, "ms": round(ms, 3), "GBps": round(gbps, 2),
+        emit({**base, "impl": name, **checks[name], "ms": round(ms, 3), "GBps": round(gbps, 2),
               "frac_of_copy": round(gbps / copy, 3)})
     return cpu_summary(case, times, copy, threads)
 
@@ -571,7 +573,7 @@ def gpu_section(args, emit: Callable, tmp: str) -> None:
     except Exception as e:  # noqa: BLE001 - the peers are measured without the fusebuild column
         emit({"what": "gpu_build", "target": target, "error": _error(e),
               "note": "no fusebuild column: building benchmarks/specs/reductions.yaml failed"})
-    gpu = gb.Gpu(cp, torch, bundle, 3 if args.quick else 7)
+    gpu = gb.Gpu(cp, torch, bundle, args.repeats)
     elements = QUICK_GPU_ELEMENTS if args.quick else GPU_ELEMENTS
     ns = args.gpu_ns or (QUICK_GPU_NS if args.quick else GPU_NS)
     cases = gpu_cases(args.ops, dtypes, ns, elements)
@@ -641,7 +643,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--gpu-ns", type=lambda s: tuple(int(v) for v in s.split(",")),
                     help="comma-separated GPU row lengths (default 128,256,...,65536)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
-    ap.add_argument("--repeats", type=int, help="timed calls per case (default 7, --quick 3)")
+    ap.add_argument("--repeats", type=int, help="timed rounds per case (default 9, --quick 3)")
     ap.add_argument("--time-budget", type=float, default=480,
                     help="seconds for the GPU section; later cases are skipped (default 480)")
     args = ap.parse_args(argv)
@@ -649,7 +651,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"unknown ops {sorted(bad)}; choose from {','.join(OPS)}")
     if bad := set(args.sections) - {"cpu", "gpu"}:
         ap.error(f"unknown sections {sorted(bad)}; choose from cpu,gpu")
-    args.repeats = args.repeats or (3 if args.quick else 7)
+    args.repeats = args.repeats or (3 if args.quick else 9)
     return args
 
 
