@@ -16,11 +16,11 @@ with ml_dtypes, computes in float32 and converts the outputs back, conversions t
 copy bandwidth of the same byte count (half the bytes moved copied with `--threads` threads:
 numpy copyto of one slice per Python thread, and torch `copy_`; the faster counts). A case's
 implementations and copies are timed in interleaved rounds (each called once per round, so the
-load of a shared machine hits all alike); times are the medians of the rounds after two warm-up
-rounds. `GBps` = bytes of inputs + outputs per second. Every implementation's outputs are
-compared with a float64 numpy oracle written from the definitions (max |difference| / max
-|oracle| per output; bounds in TOLERANCE), and on small cases (--quick) fusebuild's also with
-`fusebuild.reference`.
+load of a shared machine hits all alike; each call starts 20 ms after the previous one, see
+interleaved_ms); times are the medians of the rounds after two warm-up rounds. `GBps` = bytes of
+inputs + outputs per second. Every implementation's outputs are compared with a float64 numpy
+oracle written from the definitions (max |difference| / max |oracle| per output; bounds in
+TOLERANCE), and on small cases (--quick) fusebuild's also with `fusebuild.reference`.
 
 GPU section (only where cupy sees a device; otherwise one line saying why it was skipped):
 N = 128 ... 65,536 at 2^26 elements per case, float32 and bfloat16: fusebuild (built for the
@@ -63,6 +63,7 @@ QUICK_GPU_NS = (128, 1024, 65536)
 TOLERANCE = {"f32": 1e-5, "bf16": 1e-2}
 TARGET_COPY, TARGET_TORCH, TARGET_NUMPY = 0.7, 2.0, 5.0
 GPU_TARGET_COPY, GPU_TARGET_COMPILE, GPU_COPY_MIN_N = 0.85, 1.0, 1024
+SETTLE_S = 0.02                        # s between timed calls (none in --quick)
 REFERENCE_MAX_ELEMENTS = 1 << 18       # fusebuild.reference (float64, per node) on small cases only
 
 
@@ -230,12 +231,16 @@ def accuracy(xp, case: Case, got: tuple, want: tuple) -> dict:
 
 # ------------------------------------------------------------------ timing ---------------------
 
-def interleaved_ms(fns: dict[str, Callable], repeats: int, warmup: int = 2) -> dict[str, float]:
+def interleaved_ms(fns: dict[str, Callable], repeats: int, settle: float,
+                   warmup: int = 2) -> dict[str, float]:
     """Median ms per call of each function, timed in rounds that call every function once (a
-    change of load on the shared machine then hits all of them alike)."""
+    change of load on the shared machine then hits all of them alike). Each call starts `settle`
+    seconds after the previous one: torch's OpenMP workers spin for milliseconds after a parallel
+    op and would slow whatever runs next on the same cores (fusebuild by ~50% here)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for round_ in range(warmup + repeats):
         for name, fn in fns.items():
+            time.sleep(settle)
             start = time.perf_counter()
             fn()
             if round_ >= warmup:
@@ -338,10 +343,10 @@ def cpu_impls(case: Case, inputs: list[np.ndarray], caller, torch) -> dict[str, 
     return impls
 
 
-def cpu_case(case: Case, caller, bundle, torch, threads: int, repeats: int,
-             emit: Callable) -> dict:
+def cpu_case(case: Case, caller, bundle, torch, args, emit: Callable) -> dict:
     inputs = host_inputs(case, np.random.default_rng(0))
     want = case.spec.oracle(np, *(a.astype(np.float64) for a in inputs))
+    threads = args.threads
     base = {"what": "cpu", **case.row(), "threads": threads}
     if caller is None:
         emit({**base, "impl": "fusebuild", "error": "not built (see the cpu_build line)"})
@@ -361,7 +366,7 @@ def cpu_case(case: Case, caller, bundle, torch, threads: int, repeats: int,
             emit({**base, "impl": name, "error": _error(e)})
             del impls[name]
     copies = copy_calls(case.nbytes(), threads, torch)
-    times = interleaved_ms({**impls, **copies}, repeats)
+    times = interleaved_ms({**impls, **copies}, args.repeats, 0.0 if args.quick else SETTLE_S)
     moved = case.nbytes()
     copy_gbps = {k: round(moved / times.pop(k) / 1e6, 2) for k in copies}
     copy = max(copy_gbps.values())
@@ -435,7 +440,7 @@ def cpu_section(args, emit: Callable, tmp: str) -> None:
     summaries = []
     for case in cases:
         caller = bundle[OPS[case.op].group] if bundle is not None else None
-        summaries.append(cpu_case(case, caller, bundle, torch, args.threads, args.repeats, emit))
+        summaries.append(cpu_case(case, caller, bundle, torch, args, emit))
         emit(summaries[-1])
     for row in cpu_targets(summaries):
         emit(row)
