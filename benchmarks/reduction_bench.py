@@ -396,8 +396,11 @@ def cpu_summary(case: Case, times: dict[str, float], copy: float, threads: int) 
 def cpu_targets(summaries: list[dict]) -> list[dict]:
     """Each CPU target: met or not, its worst case and the cases that miss it."""
     checks = {f">= {TARGET_COPY}x copy bandwidth": ("frac_of_copy", TARGET_COPY),
-              f">= {TARGET_TORCH}x torch eager": ("vs_torch_eager", TARGET_TORCH),
-              f">= {TARGET_NUMPY}x numpy": ("vs_numpy", TARGET_NUMPY)}
+              f">= {TARGET_TORCH}x torch eager (both allocate)": ("vs_torch_eager", TARGET_TORCH),
+              f">= {TARGET_TORCH}x torch eager (fusebuild out=)": ("vs_torch_eager_out",
+                                                                  TARGET_TORCH),
+              f">= {TARGET_NUMPY}x numpy (both allocate)": ("vs_numpy", TARGET_NUMPY),
+              f">= {TARGET_NUMPY}x numpy (fusebuild out=)": ("vs_numpy_out", TARGET_NUMPY)}
     out = []
     for name, (key, bound) in checks.items():
         values = {f"{s['op']} {s['dtype']} {s['shape']}": s[key] for s in summaries if key in s}
