@@ -97,7 +97,9 @@ def test_reduction_bench_quick_smoke(tmp_path):
     summaries = [r for r in rows if r["what"] == "cpu_summary"]
     assert len(summaries) == len(cases) and all(r["frac_of_copy"] > 0 for r in summaries)
     targets = [r for r in rows if r["what"] == "cpu_target"]
-    assert len(targets) == 5 and all(r["cases"] == len(cases) for r in targets)
+    assert len(targets) == 5
+    assert all(r.get("cases") == len(cases) for r in targets
+               if "torch_eager" in impls or "torch" not in r["target"])
     gpu = [r for r in rows if r["what"].startswith("gpu")]
     assert gpu and (gpu[0].get("skipped", "").startswith("no GPU section: ")
                     or any(r["what"] == "gpu_summary" for r in gpu))
