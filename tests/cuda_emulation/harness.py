@@ -120,7 +120,7 @@ class EmulatedGroup:
                 for shape, o in zip(call.out_shapes, ks.kernel.outputs)]
         if not n:
             return Launch(key, 0, outs)
-        call.canon = cuda.empty_rows_canon(call, ks.layouts, cuda.row_outputs(self.info)) \
+        call.canon = dispatch.hollow(call.canon, ks.layouts, cuda.row_outputs(self.info)) \
             if empty_rows else dispatch.pad(call.canon, ks.layouts, reduces)
         abi: Abi = ks.abi
         vector = vector_width(ks)
