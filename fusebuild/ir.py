@@ -908,9 +908,14 @@ class _Typer:
         t = self.promote([x])
         if t.is_float:
             acc = dt.float64 if t == dt.float64 else dt.float32
-        elif rule.ints == "error" or (t.is_bool and rule.ints == "keep"):
+        elif rule.ints == "error":
             raise self.err(e, f"{op.name}() needs a float operand, got {t.name}",
                            f"cast first, e.g. {op.name}(float32(x))")
+        elif t.is_bool and rule.ints == "keep":
+            which = "any" if op.name == "amax" else "every"
+            raise self.err(e, f"{op.name}() needs an int or float operand, got bool",
+                           f"cast first: {op.name}(uint8(c)) is 1 where {which} element of the "
+                           "row is True")
         else:
             acc = dt.int64 if rule.ints == "int64" else t
         out = t if t.is_float else acc

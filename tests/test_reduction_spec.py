@@ -155,6 +155,20 @@ def test_schedule_computes_nested_reductions_like_torch(body, extra, oracle, n):
             assert bad is None, (o.name, bad.message)
 
 
+@pytest.mark.parametrize("n", [37, 300])
+def test_softmax_rows_sum_to_one_and_layer_norm_rows_are_standardized(n):
+    """Within 4 (1 + log2 N) eps(float32), relative to 1 and to the row's largest |y|."""
+    x = (np.random.default_rng(n).standard_normal((5, n)) * 3 + 1).astype(np.float32)
+    bound = 4 * (1 + np.log2(n)) * np.finfo(np.float32).eps
+    p = run_schedule(kernel("y = softmax(x)"), [x])["y"].astype(np.float64)
+    assert np.all(np.abs(p.sum(-1) - 1) <= bound)
+    y = run_schedule(kernel("y = layer_norm(x, eps=1e-5)"), [x])["y"].astype(np.float64)
+    big = np.abs(y).max(-1)
+    assert np.all(np.abs(y.mean(-1)) <= bound * big)
+    var = x.astype(np.float64).var(-1)
+    assert np.all(np.abs(y.var(-1) - var / (var + np.float32(1e-5))) <= bound * big ** 2)
+
+
 def test_nested_and_chained_reductions_sweep_the_row_in_dependency_order():
     def ops(k, ids):
         return [k.nodes[i].op for i in ids]
