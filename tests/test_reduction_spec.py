@@ -112,47 +112,44 @@ def amax(x):
     return x.amax(-1, keepdim=True)
 
 
-# (body, extra inputs, oracle on float64 torch tensors x, *extra): nested, chained and composite
+# (body, tensor inputs, outputs, oracle of the outputs on float64 torch tensors): nested, chained,
+# composite
 CASES = [
-    ("y = softmax(x - amax(x))", "", lambda x: t_softmax(x - amax(x))),
-    ("y = sum(softmax(x) * x)", "", lambda x: (t_softmax(x) * x).sum(-1, keepdim=True)),
-    ("y = mean(x) - amin(x)", "", lambda x: x.mean(-1, keepdim=True) - x.amin(-1, keepdim=True)),
-    ("y = x - mean(x - mean(x))", "", lambda x: x - (x - x.mean(-1, keepdim=True)).mean(
-        -1, keepdim=True)),
-    ("y = var(x, correction=1)", "", lambda x: x.var(-1, correction=1, keepdim=True)
+    ("y = softmax(x - amax(x))", "x", "y", lambda x: t_softmax(x - amax(x))),
+    ("y = sum(softmax(x) * x)", "x", "y", lambda x: (t_softmax(x) * x).sum(-1, keepdim=True)),
+    ("y = mean(x) - amin(x)", "x", "y",
+     lambda x: x.mean(-1, keepdim=True) - x.amin(-1, keepdim=True)),
+    ("y = x - mean(x - mean(x))", "x", "y",
+     lambda x: x - (x - x.mean(-1, keepdim=True)).mean(-1, keepdim=True)),
+    ("y = var(x, correction=1)", "x", "y", lambda x: x.var(-1, correction=1, keepdim=True)
      if x.shape[-1] > 1 else torch.full_like(x, torch.nan)),     # N - 1 = 0: 0 / 0
-    ("y = log_softmax(x)\nz = logsumexp(x)", "",
+    ("y = log_softmax(x)\nz = logsumexp(x)", "x", "yz",
      lambda x: (torch.log_softmax(x, -1), torch.logsumexp(x, -1, keepdim=True))),
-    ("y = layer_norm(x, eps=1e-5) * w + b", "wb",
+    ("y = layer_norm(x, eps=1e-5) * w + b", "xwb", "y",
      lambda x, w, b: torch.nn.functional.layer_norm(x, x.shape[-1:], w, b, 1e-5)),
-    ("h = x + w\ny = rms_norm(h, eps=1e-6) * w", "w",
+    ("h = x + w\ny = rms_norm(h, eps=1e-6) * w", "xw", "yh",
      lambda x, w: (torch.nn.functional.rms_norm(x + w, x.shape[-1:], w, 1e-6), x + w)),
 ]
 
 
-@pytest.mark.parametrize("body,extra,oracle", CASES, ids=[c[0].split("\n")[0] for c in CASES])
+@pytest.mark.parametrize("body,names,outputs,oracle", CASES,
+                         ids=[c[0].split("\n")[0] for c in CASES])
 @pytest.mark.parametrize("n", [37, 1])
-def test_schedule_computes_nested_reductions_like_torch(body, extra, oracle, n):
+def test_schedule_computes_nested_reductions_like_torch(body, names, outputs, oracle, n):
     rng = np.random.default_rng(n)
-    outputs = tuple(line.split(" = ")[0] for line in body.split("\n"))
-    if "h = " in body:
-        outputs = ("y", "h")
-    names = "x" + extra
-    g = group(body, names, outputs)
-    x = special_rows(n, rng)
-    arrays = [x] + [rng.standard_normal(n).astype(np.float32) for _ in extra]
-    k = ir.instantiate(g, {a: dt.float32 for a in names})
-    got = run_schedule(k, arrays)
-    ref = reference.evaluate(ir.instantiate(g, {a: dt.float32 for a in names}, expand=False),
-                             arrays)
+    g = group(body, names, tuple(outputs))
+    arrays = [special_rows(n, rng)] + [rng.standard_normal(n).astype(np.float32)
+                                       for _ in names[1:]]
+    dtypes = {a: dt.float32 for a in names}
+    got = run_schedule(ir.instantiate(g, dtypes), arrays)
+    ref = reference.evaluate(ir.instantiate(g, dtypes, expand=False), arrays)
     want = oracle(*(T(a.astype(np.float64)) for a in arrays))
-    want = want if isinstance(want, tuple) else (want,)
-    for o, w in zip(k.outputs, want):
+    for name, w in zip(outputs, want if isinstance(want, tuple) else (want,)):
         w = w.numpy().astype(np.float32)
-        assert got[o.name].shape == w.shape == ref.outputs[o.name].shape
-        for against in (w, ref.outputs[o.name]):
-            bad = reference.compare(got[o.name], against, ref.magnitude[o.name], n_row=n)
-            assert bad is None, (o.name, bad.message)
+        assert got[name].shape == w.shape == ref.outputs[name].shape
+        for against in (w, ref.outputs[name]):
+            bad = reference.compare(got[name], against, ref.magnitude[name], n_row=n)
+            assert bad is None, (name, bad.message)
 
 
 @pytest.mark.parametrize("n", [37, 300])
