@@ -650,8 +650,8 @@ def _miss_problem(group: Group, descs: tuple) -> str:
     if fixed:
         return "; ".join(fixed)
     if group.reduces and any(not lay for _, lay in descs):
-        return ("has rank 0, but group '{}' reduces over the last dim: its keys have rank >= 1"
-                .format(group.name))
+        return f"has rank 0, but group '{group.name}' reduces over the last dim: its keys " \
+            "have rank >= 1"
     try:
         instantiate(group, {i.name: d for i, (d, _) in zip(inputs, descs)})
     except SpecError as e:
