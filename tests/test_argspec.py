@@ -60,7 +60,7 @@ def test_placement_of_a_call_on_a_higher_rank_kernel(kernel, call, dims):
 def test_kernels_that_keep_the_inner_dim_inner_come_first():
     """'sc' runs an 's' call only with its inner dim of size 1 (one element per row): 'ss' of
     the same rank, which keeps the call's dim inner, is preferred."""
-    fake = types.SimpleNamespace(_index={}, _by_dtypes={("g", (dt.float32,)): [
+    fake = types.SimpleNamespace(_index={}, _callers={}, _by_dtypes={("g", (dt.float32,)): [
         (("c",), "g(f32:c)"), (("sc",), "g(f32:sc)"), (("ss",), "g(f32:ss)")]})
     assert runtime.Bundle.candidates(fake, "g(f32:s)") == ["g(f32:ss)", "g(f32:sc)"]
     assert runtime.Bundle.candidates(fake, "g(f32:c)") == ["g(f32:sc)", "g(f32:ss)"]

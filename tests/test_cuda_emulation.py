@@ -314,3 +314,190 @@ def test_runtime_in_place_update_on_the_emulated_device(fake_device, monkeypatch
         bundle.adam(dp, dg, dm, dv, *scalars, out=(dp, FakeArray(dp.host), dv))
     with pytest.raises(ArgumentError, match="must be float32.1001."):
         bundle.adam(dp, dg, dm, dv, *scalars, out=(FakeArray(np.empty(1001)), dm, dv))
+
+
+# ---------------------------------------------------------------- the emulator itself ----------
+
+SYNC_KERNELS = r"""
+#include "emu.h"
+struct args { const float* x; float* out; long long n, a, b; };
+
+// Sum of each block's row of n: per-thread partials, a warp tree by xor shuffles, the warps'
+// sums through shared memory, a second tree by down shuffles, broadcast by __shfl_sync and by
+// shared memory; every thread stores what it got.
+__global__ void block_sum(const args p) {
+  FB_SHARED(float, partial, 32);
+  FB_SHARED(float, total, 1);
+  const unsigned t = threadIdx.x, lane = t & 31, warp = t / 32, warps = blockDim.x / 32;
+  const float* row = p.x + (long long)blockIdx.x * p.n;
+  float s = 0.0f;
+  for (long long i = t; i < p.n; i += blockDim.x) s += row[i];
+  for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (lane == 0) partial[warp] = s;
+  __syncthreads();
+  s = lane < warps ? partial[lane] : 0.0f;
+  for (int o = 16; o; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
+  s = __shfl_sync(0xffffffffu, s, 0);
+  if (t == 0) total[0] = s;
+  __syncthreads();
+  float* out = p.out + 2 * ((long long)blockIdx.x * blockDim.x + t);
+  out[0] = s;
+  out[1] = total[0];
+}
+
+// out[t] = the value thread t gets from shuffle kind p.a (0 sync, 1 xor, 2 down, 3 up) with
+// lane argument p.b and width p.n, of the 8-byte values t * 2^40 + blockIdx.x; mask of the warp.
+__global__ void shuffles(const args p) {
+  const unsigned t = threadIdx.x, lanes = blockDim.x - t / 32 * 32;
+  const unsigned mask = lanes >= 32 ? 0xffffffffu : (1u << lanes) - 1;
+  const long long v = ((long long)t << 40) + blockIdx.x;
+  const int w = (int)p.n, k = (int)p.b;
+  long long r = p.a == 0 ? __shfl_sync(mask, v, k, w) : p.a == 1 ? __shfl_xor_sync(mask, v, k, w)
+              : p.a == 2 ? __shfl_down_sync(mask, v, k, w) : __shfl_up_sync(mask, v, k, w);
+  __syncwarp(mask);
+  ((long long*)p.out)[(long long)blockIdx.x * blockDim.x + t] = r;
+}
+
+// Thread 5 never writes its shared slot, which thread 4 reads.
+__global__ void unwritten(const args p) {
+  FB_SHARED(float, buf, 128);
+  const unsigned t = threadIdx.x;
+  if (t != 5) buf[t] = (float)(t + 1000 * blockIdx.x);
+  __syncthreads();
+  p.out[blockIdx.x * blockDim.x + t] = buf[(t + 1) % blockDim.x];
+}
+
+__global__ void early_exit(const args p) {        // threads >= 64 leave before the barrier
+  if (threadIdx.x >= 64) return;
+  __syncthreads();
+}
+__global__ void exit_in_shuffle(const args p) {   // lane 3 of warp 1 leaves before a shuffle
+  if (threadIdx.x == 35) return;
+  p.out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+}
+__global__ void mixed_barriers(const args p) {    // lane 0 at __syncthreads, lanes 1-31 shuffle
+  if (threadIdx.x == 0) __syncthreads();
+  else p.out[threadIdx.x] = __shfl_down_sync(0xffffffffu, 1.0f, 1);
+}
+__global__ void partial_mask(const args p) {
+  p.out[threadIdx.x] = __shfl_xor_sync(0x0000ffffu, 1.0f, 1);
+}
+
+#define LAUNCHER(k) extern "C" int emu_##k(const long long* w, unsigned grid, unsigned block) \
+  { return fb_emulate(k, w, grid, block); }
+LAUNCHER(block_sum) LAUNCHER(shuffles) LAUNCHER(unwritten) LAUNCHER(early_exit)
+LAUNCHER(exit_in_shuffle) LAUNCHER(mixed_barriers) LAUNCHER(partial_mask)
+"""
+
+
+class SyncKernels:
+    """SYNC_KERNELS compiled with g++ against emu.h, launched on numpy arrays."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.lib = lib
+        lib.fb_emu_error.restype = ctypes.c_char_p
+
+    def __call__(self, name: str, grid: int, block: int, x=None, out=None, n=0, a=0, b=0):
+        words = np.array([0 if x is None else x.ctypes.data, 0 if out is None else out.ctypes.data,
+                          n, a, b], np.int64)
+        fn = getattr(self.lib, f"emu_{name}")
+        fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint], ctypes.c_int
+        return fn(words.ctypes.data, grid, block), self.lib.fb_emu_error().decode()
+
+    def block_sum(self, x: np.ndarray, block: int) -> np.ndarray:
+        out = np.full((x.shape[0], block, 2), -1.0, np.float32)
+        rc, error = self("block_sum", x.shape[0], block, x, out, x.shape[1])
+        assert rc == 0, error
+        return out
+
+
+@pytest.fixture(scope="module", params=["switch", "ucontext"])
+def sync_kernels(request, tmp_path_factory) -> SyncKernels:
+    """Both context switches: the x86-64 stack switch and the portable ucontext one."""
+    flags = ("-DFB_EMU_UCONTEXT",) if request.param == "ucontext" else ()
+    out = str(tmp_path_factory.mktemp(f"sync_{request.param}"))
+    return SyncKernels(compile_source(SYNC_KERNELS, out, f"sync_{request.param}", flags))
+
+
+@pytest.mark.parametrize("block", [32, 128, 1024])
+def test_block_reduction_with_shared_memory_and_shuffles(sync_kernels, block):
+    rng = np.random.default_rng(block)
+    for n in (1, 7, block, 5 * block + 3):
+        x = rng.standard_normal((3, n)).astype(np.float32)
+        out = sync_kernels.block_sum(x, block)
+        want = x.astype(np.float64).sum(axis=1)
+        # float32 partial sums: |error| <= eps32 * (n / block + log2(block)) * sum |x|
+        bound = 2.0 ** -24 * (n / block + np.log2(block) + 1) * np.abs(x).astype(np.float64).sum(1)
+        for r in range(3):
+            assert np.all(out[r] == out[r, 0, 0]), "every thread sees the same sum, bit for bit"
+            assert abs(out[r, 0, 0] - want[r]) <= bound[r], (n, r)
+
+
+def _shuffle_model(kind: int, k: int, width: int, block: int) -> np.ndarray:
+    """CUDA's documented shuffle semantics, lane by lane."""
+    got = []
+    for t in range(block):
+        lane, warp_base = t % 32, t - t % 32
+        group = lane - lane % width
+        if kind == 0:
+            src = group + k % width
+        elif kind == 1:
+            src = lane ^ k
+            src = lane if src - src % width > group else src
+        elif kind == 2:
+            src = lane + k if lane % width + k < width else lane
+        else:
+            src = lane - k if lane % width >= k else lane
+        got.append(warp_base + src)
+    return np.array(got, np.int64)
+
+
+@pytest.mark.parametrize("kind", range(4), ids=["sync", "xor", "down", "up"])
+def test_shuffles_follow_cuda_semantics(sync_kernels, kind):
+    for block, width, k in ((64, 32, 1), (64, 32, 17), (64, 8, 3), (64, 8, 13), (48, 16, 5),
+                            (64, 1, 0), (64, 32, 31)):
+        out = np.zeros((2, block), np.int64)
+        rc, error = sync_kernels("shuffles", 2, block, out=out, n=width, a=kind, b=k)
+        assert rc == 0, error
+        src = _shuffle_model(kind, k, width, block)
+        np.testing.assert_array_equal(out, (src[None, :] << 40) + np.arange(2)[:, None],
+                                      err_msg=f"block {block} width {width} lane arg {k}")
+
+
+def test_never_written_shared_memory_reads_as_nan_in_every_block(sync_kernels):
+    out = np.zeros((2, 128), np.float32)
+    rc, error = sync_kernels("unwritten", 2, 128, out=out)
+    assert rc == 0, error
+    want = (np.arange(1, 129) % 128 + 1000 * np.arange(2)[:, None]).astype(np.float32)
+    want[:, 4] = np.nan
+    np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("name, block, message", [
+    ("shuffles", 32, "block 0 thread 0: __shfl_sync with width 3: not a power of two in [1, 32]"),
+    ("early_exit", 128, "deadlock in block 0; threads 0-63 wait at __syncthreads; threads "
+                        "64-127 exited"),
+    ("exit_in_shuffle", 64, "deadlock in block 0; threads 32-34, 36-63 wait at a warp barrier "
+                            "(__syncwarp or a shuffle); threads 0-31, 35 exited"),
+    ("mixed_barriers", 32, "deadlock in block 0; threads 0 wait at __syncthreads; threads 1-31 "
+                           "wait at a warp barrier"),
+    ("partial_mask", 32, "block 0 thread 0: __shfl_xor_sync with mask 0x0000ffff: only the mask "
+                         "of every lane of the warp (0xffffffff) is emulated"),
+    ("block_sum", 2048, "cannot emulate blocks of 2048 threads"),
+])
+def test_deadlocks_and_unsupported_uses_fail_the_launch(sync_kernels, name, block, message):
+    out = np.zeros(block * 4, np.float32)
+    rc, error = sync_kernels(name, 3, block, np.zeros(block, np.float32), out, 3)
+    assert rc == 1 and error.startswith(message), error
+    x = np.ones((1, 10), np.float32)         # the next launch runs normally
+    assert np.all(sync_kernels.block_sum(x, 64) == 10)
+
+
+def test_emulation_runs_on_several_threads_at_once(sync_kernels):
+    rng = np.random.default_rng(4)
+    xs = [rng.standard_normal((8, 300)).astype(np.float32) for _ in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda x: sync_kernels.block_sum(x, 128), xs))
+    for x, out in zip(xs, outs):
+        np.testing.assert_array_equal(out, sync_kernels.block_sum(x, 128))
+        np.testing.assert_allclose(out[:, 0, 0], x.astype(np.float64).sum(1), rtol=1e-5, atol=1e-4)

@@ -1,5 +1,6 @@
-"""Every example kernel and every op on a CUDA device, through the runtime, against the reference
-evaluator: cupy arrays and, where torch is importable, torch CUDA tensors (bfloat16 included).
+"""Every example kernel, every op and the row reductions of tests/test_cuda_reductions.py on a
+CUDA device, through the runtime, against the reference evaluator (and the reductions' oracles):
+cupy arrays and, where torch is importable, torch CUDA tensors (bfloat16 included).
 Random values and float16/bfloat16 roundings are checked bit for bit; calls past 2**31 elements,
 in-place updates, streams, PTX loading and the errors of the CUDA path are covered too.
 Skipped without a CUDA device."""
@@ -21,6 +22,7 @@ from conftest import SPECS, adam_case
 from cuda_emulation.cases import Case, example_cases
 from opcases import op_arrays, op_bodies, spec_text
 from test_ops_cpu import relative_to_magnitude
+import test_cuda_reductions as reductions_spec
 
 
 def _device_count() -> int:
@@ -133,7 +135,10 @@ def download(x, want: np.dtype) -> np.ndarray:
     return x.cpu().numpy()
 
 
-def run_and_check(bundle, group: ir.Group, case, xp: str, magnitude: bool = True):
+def run_and_check(bundle, group: ir.Group, case, xp: str, magnitude: bool = True, n_row: int = 0,
+                  oracle: list | None = None):
+    """Run `case` on the device and compare with the reference (and `oracle`, per output, with
+    the same tolerances); a reduction's outputs with the row term of rows of `n_row`."""
     args = [upload(a, xp) for a in case.args]
     kw = {"seed": case.seed, "offset": case.offset} if group.has_random else {}
     got = bundle[group.name](*args, **kw)
@@ -152,9 +157,14 @@ def run_and_check(bundle, group: ir.Group, case, xp: str, magnitude: bool = True
         if xp == "torch":
             import torch
             assert isinstance(value, torch.Tensor) and value.is_cuda
-        bad = reference.compare(download(value, w.dtype), w,
-                                want.magnitude[o.name] if magnitude else None)
+        host = download(value, w.dtype)
+        bad = reference.compare(host, w, want.magnitude[o.name] if magnitude else None,
+                                n_row=n_row)
         assert bad is None, f"{case.label} ({xp}) output {o.name}: {bad.message}"
+        if oracle is not None:
+            alt = np.asarray(oracle[group.outputs.index(o)]).astype(w.dtype)
+            bad = reference.compare(host, alt, want.magnitude[o.name], n_row=n_row)
+            assert bad is None, f"{case.label} ({xp}) output {o.name} vs oracle: {bad.message}"
     return got
 
 
@@ -196,6 +206,55 @@ def test_every_op_on_the_device(op_bundle, name):
             # gelu: libdevice's erfc (5 ULP in float64) and one rounding exceed 4 ULP of the result
             run_and_check(bundle, gp.group, case, xp,
                           magnitude=relative_to_magnitude(name) or name == "gelu")
+
+
+@pytest.fixture(scope="module")
+def reductions(arch, tmp_path_factory):
+    d = tmp_path_factory.mktemp("gpu_reductions")
+    (d / "reductions.yaml").write_text(reductions_spec.SPEC)
+    plan = spec.load_plan([str(d / "reductions.yaml")])
+    return plan, build_for(plan, (f"cuda:{arch}",), d / "out")
+
+
+@pytest.mark.parametrize("name", list(reductions_spec.ORACLES))
+def test_every_reduction_kernel_on_the_device(reductions, name):
+    """Rows of N = 0, 1, odd, > 128 * V and up to 65536 (a warp and a block per row), rows of
+    NaN and infinities, contiguous, misaligned and strided rows, against the reference and the
+    oracle of tests/test_cuda_reductions.py."""
+    plan, bundle = reductions
+    gp = next(g for g in plan.groups if g.group.name == name)
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    strided = any(set("".join(lay for _, lay in parse_key(v.key)[1])) == {"s"}
+                  for v in gp.variants)
+    hows = ("contiguous", "misaligned") + (("strided rows", "every other") if strided else ())
+    seed, offset = (reductions_spec.SEED, reductions_spec.OFFSET) if gp.group.has_random \
+        else (0, 0)
+    for dtypes in dict.fromkeys(v.dtypes for v in gp.variants):
+        for n in reductions_spec.LENGTHS + (4100, 65536):
+            for how in hows if n > 1 else ("contiguous",):
+                args = reductions_spec._case(gp, dtypes, n, how, rng)
+                case = Case(f"{'/'.join(d.short for d in dtypes)} N={n} {how}", dtypes, args,
+                            seed, offset)
+                oracle = reductions_spec._oracle(gp, args)
+                for xp in backends(case):
+                    run_and_check(bundle, gp.group, case, xp, n_row=n, oracle=oracle)
+
+
+def test_reductions_over_many_rows_match_torch(reductions, torch):
+    """Thousands of rows (many blocks in both modes) of softmax and rms_norm on torch CUDA
+    tensors against torch in float64: the §8 row term, 4 log2(N) eps(float32) times the row's
+    scale (max|x| times max softmax for softmax's shifted exponent, max|y| for rms_norm)."""
+    _, bundle = reductions
+    for rows, n in ((4099, 256), (3001, 1024), (513, 1032), (97, 65536)):
+        x = torch.randn(rows, n, device="cuda")
+        w = torch.randn(n, device="cuda")
+        term = 4 * max(1.0, np.log2(n)) * 2.0 ** -24
+        y, want = bundle.r_softmax(x).double(), torch.softmax(x.double(), -1)
+        scale = (1 + x.abs().amax(-1, keepdim=True).double()) * want.amax(-1, keepdim=True)
+        assert torch.all((y - want).abs() <= term * scale), (rows, n)
+        z = bundle.r_rms_norm(x, w).double()
+        want = torch.nn.functional.rms_norm(x.double(), (n,), w.double(), 1e-6)
+        assert torch.all((z - want).abs() <= term * want.abs().amax(-1, keepdim=True)), (rows, n)
 
 
 @pytest.mark.parametrize("d", dt.FLOATS, ids=lambda d: d.name)

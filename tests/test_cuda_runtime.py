@@ -17,7 +17,8 @@ from fusebuild.argspec import Canonical
 from fusebuild.codegen.cuda import render_module
 from fusebuild.errors import ArgumentError, KernelNotFound
 from fusebuild.runtime import cuda, dispatch
-from fusebuild.runtime.cuda import VECTOR, WIDE, launch_flags, max_ptx_isa, select_target
+from fusebuild.runtime.cuda import (ROW_BLOCK, VECTOR, WARP_ROW_MAX, WIDE, launch_flags,
+                                    max_ptx_isa, select_target)
 from conftest import SPECS, adam_case
 from cuda_emulation.cases import Case, check_outputs, example_cases
 from cuda_emulation.fake_cupy import FakeArray, fake_cupy as emulated_cupy
@@ -92,6 +93,38 @@ def test_launch_flags_index_width():
     assert launch_flags(big_stride, ("sc",), 1, [[0], [0]], [1, 1]) == WIDE
     negative = canon((3, 8), (-(1 << 30), 1), (8, 1))
     assert launch_flags(negative, ("sc",), 1, [[0], [0]], [1, 1]) == WIDE
+
+
+def test_reduction_launch_flags_modes_and_grid():
+    """A warp per row up to WARP_ROW_MAX elements, a block beyond; row outputs (inner stride 0)
+    never block the vector path; 64-bit indexing from the work count rows * max(N, 1)."""
+    def call(n, rows=6):      # x 'cc', w 'bc', full output y, row output s
+        return canon((rows, n), (n, 1), (0, 1), (n, 1), (1, 0))
+
+    layouts, ptrs, sizes, row = ("cc", "bc"), [[4096], [8192], [12288], [16388]], [4] * 4, \
+        (False, True)
+    assert WARP_ROW_MAX == 1024
+    assert launch_flags(call(1024), layouts, 4, ptrs, sizes, row) == VECTOR
+    assert launch_flags(call(1028), layouts, 4, ptrs, sizes, row) == VECTOR | ROW_BLOCK
+    assert launch_flags(call(1025), layouts, 4, ptrs, sizes, row) == ROW_BLOCK
+    assert launch_flags(call(1024), layouts, 4, [[4096], [8192], [12290], [16388]], sizes,
+                        row) == 0                                    # misaligned full output
+    assert launch_flags(call(0, 1 << 31), layouts, 1, ptrs, sizes, row) & WIDE
+    assert not launch_flags(call(0, (1 << 31) - 1), layouts, 1, ptrs, sizes, row) & WIDE
+    assert cuda.grid_size(6 * 1024, 4, VECTOR, 1024) == 2             # four rows a block
+    assert cuda.grid_size(6 * 1028, 4, VECTOR | ROW_BLOCK, 1028) == 6
+    assert cuda.grid_size(9, 4, 0, 1) == 3                          # 9 rows of N = 0
+
+
+def test_empty_rows_run_in_the_outer_dims_of_any_kernel():
+    shape = (2, 3, 0)
+    c = dispatch.Call([np.zeros(shape)], [dt.float64], [], [], shape, [(2, 3, 1), (2, 3, 0)],
+                      canon((6, 0), (0, 0)), "g(f64:bb)")
+    got = cuda.empty_rows_canon(c, ("ccc",), (True, False))
+    assert got.sizes == (1, 6, 0) and got.layouts == ("ccc",)
+    assert got.strides == ((0, 0, 0), (0, 1, 0), (0, 0, 1))
+    one = cuda.empty_rows_canon(c, ("c",), (True, False))
+    assert one.sizes == (0,) and one.strides == ((0,), (0,), (0,))
 
 
 def test_dlpack_descriptor_of_numpy_arrays():

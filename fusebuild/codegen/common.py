@@ -7,6 +7,7 @@ itself is linear: one assignment per node of the typed kernel graph, in order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 from .. import dtypes as dt
 from ..abi import Abi
@@ -67,6 +68,10 @@ class Renderer:
     def rand(self, node: Node) -> str:
         raise NotImplementedError
 
+    def rowlen(self, d: dt.DType) -> str:
+        """The row length N of a reduction kernel as a value of `d` (row op `rowlen`)."""
+        raise NotImplementedError
+
     def op(self, name: str, args: list[str], t: dt.DType) -> str:
         table = self.ops[name]
         cls = operand_class(t)
@@ -77,9 +82,12 @@ class Renderer:
         return template.format(**named, T=self.type_name(t.compute), t=t.compute.short,
                                bits=t.bits)
 
-    def render_nodes(self, k: Kernel) -> list[str]:
+    def render_nodes(self, k: Kernel, ids: Iterable[int] | None = None) -> list[str]:
+        """One assignment per node of `k` (or of the nodes `ids`, in that order). The row
+        reductions rsum/rmax/rmin are accumulated by the backend's row loops, never here."""
         lines = []
-        for i, n in enumerate(k.nodes):
+        for i in range(len(k.nodes)) if ids is None else ids:
+            n = k.nodes[i]
             args = [f"v{a}" for a in n.args]
             if n.op == "load":
                 expr = self.load(n)
@@ -93,6 +101,8 @@ class Renderer:
                 expr = args[0]
             elif n.op == "rand":
                 expr = self.rand(n)
+            elif n.op == "rowlen":
+                expr = self.rowlen(n.dtype)
             else:
                 t = k.nodes[n.args[1] if n.op == "where" else n.args[0]].dtype
                 expr = self.op(n.op, args, t)

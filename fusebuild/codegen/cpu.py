@@ -14,8 +14,9 @@ import re
 
 from .. import __version__
 from .. import dtypes as dt
-from ..ir import Node, int_range
+from ..ir import Kernel, Node, int_range
 from ..ops import PRIMITIVES
+from ..schedule import Pass, Schedule, schedule
 from .common import KernelSource, Renderer, check_complete
 
 _NP = {"float32": "np.float32", "float64": "np.float64", "int8": "np.int8", "int16": "np.int16",
@@ -684,6 +685,11 @@ class NumbaRenderer(Renderer):
             return f"(ld_u8({addr}, {index}) != 0)"
         return f"ld_{d.short}({addr}, {index})"
 
+    def prefetch(self, addr: str, index: str, d: dt.DType) -> str:
+        """A hint to bring the cache line of element `index` of an input into the caches."""
+        short = "u16" if d.name in ("float16", "bfloat16") else "u8" if d.is_bool else d.short
+        return f"pf_{short}({addr}, {index})"
+
     def store(self, addr: str, index: str, value: str, d: dt.DType) -> str:
         if d.name in ("float16", "bfloat16"):
             short = "f16" if d.name == "float16" else "bf16"
@@ -691,6 +697,9 @@ class NumbaRenderer(Renderer):
         if d.is_bool:
             return f"st_u8({addr}, {index}, np.uint8({value}))"
         return f"st_{d.short}({addr}, {index}, {value})"
+
+    def rowlen(self, d: dt.DType) -> str:
+        return f"{self.type_name(d)}({self.row_size})"
 
     def rand(self, node: Node) -> str:
         self.need("philox", "philox")
@@ -705,11 +714,12 @@ class NumbaRenderer(Renderer):
 check_complete(NumbaRenderer(), PRIMITIVES)
 
 
-def _render_kernel(r: NumbaRenderer, ks: KernelSource, fn: str) -> list[str]:
+def _prologue(r: NumbaRenderer, ks: KernelSource, fn: str) -> tuple[list[str], list[str]]:
+    """The kernel's first lines (sizes, strides, pointers, seed, scalars) and each operand's
+    inner letter: 1 ('c'), 0 ('b', row outputs too) or a run-time stride ('s')."""
     k, abi, rank, layouts = ks.kernel, ks.abi, ks.rank, ks.layouts
     n_in = len(k.in_dtypes)
     lines = [f"def {fn}(P, M, start, stop):", f"    # {ks.key}"]
-    body: list[str] = []
     for d in range(rank):
         lines.append(f"    n{d} = M[{abi.size(d)}]")
     # operands: inputs 0..n_in-1, outputs n_in..; inner stride: 1 ('c'), 0 ('b') or runtime ('s')
@@ -718,7 +728,8 @@ def _render_kernel(r: NumbaRenderer, ks: KernelSource, fn: str) -> list[str]:
         if op < n_in:
             letter = layouts[op][-1] if rank else "b"
         else:   # plain outputs are C-contiguous; cat parts are views with a run-time stride
-            letter = "s" if k.outputs[op - n_in].cat else "c"
+            out = k.outputs[op - n_in]
+            letter = "s" if out.cat else "b" if out.row else "c"
         for dim in range(rank):
             needed = dim < rank - 1 and (op >= n_in or layouts[op][dim] != "b") or \
                 dim == rank - 1 and letter == "s"
@@ -743,13 +754,46 @@ def _render_kernel(r: NumbaRenderer, ks: KernelSource, fn: str) -> list[str]:
         if d.is_bool:
             value = f"({word} != 0)"
         lines.append(f"    a{s} = {value}")
+    return lines, inner
+
+
+def _offsets(ks: KernelSource) -> list[str]:
+    """Per row of the canonical space (`row`, C order over the outer dims): each operand's
+    element offset `o{op}` (indented for the row loop)."""
+    rank, layouts, n_in = ks.rank, ks.layouts, len(ks.kernel.in_dtypes)
+    lines, rest = [], "row"
+    for dim in range(rank - 2, -1, -1):
+        if dim:
+            lines += [f"        x{dim} = {rest} % n{dim}", f"        r{dim} = {rest} // n{dim}"]
+            rest = f"r{dim}"
+        else:
+            lines.append(f"        x0 = {rest}")
+    for op in range(ks.abi.n_operands):
+        terms = [f"x{dim} * s{op}_{dim}" for dim in range(rank - 1)
+                 if op >= n_in or layouts[op][dim] != "b"]
+        lines.append(f"        o{op} = {' + '.join(terms) or '0'}")
+    return lines
+
+
+def _indexer(ks: KernelSource, inner: list[str]):
+    rank = ks.rank
 
     def index(op: int) -> str:
         if not rank:
             return "0"
         term = {"c": " + j", "b": "", "s": f" + j * s{op}_{rank - 1}"}[inner[op]]
         return f"o{op}{term}"
+    return index
 
+
+def _render_kernel(r: NumbaRenderer, ks: KernelSource, fn: str) -> list[str]:
+    if ks.kernel.reduce:
+        return _render_rows(r, ks, fn)
+    k, abi, rank = ks.kernel, ks.abi, ks.rank
+    n_in = len(k.in_dtypes)
+    lines, inner = _prologue(r, ks, fn)
+    index = _indexer(ks, inner)
+    body: list[str] = []
     r.index = [index(op) for op in range(n_in)]
     if any(n.op == "rand" for n in k.nodes):
         body.append(f"rw = philox({'base + j' if rank > 1 else 'j'}, seed, offset)")
@@ -770,21 +814,192 @@ def _render_kernel(r: NumbaRenderer, ks: KernelSource, fn: str) -> list[str]:
               f"        j1 = min(n{rank - 1}, j0 + (stop - i))"]
     if abi.random:
         lines.append(f"        base = row * n{rank - 1}")
-    rest = "row"
-    for dim in range(rank - 2, -1, -1):
-        if dim:
-            lines += [f"        x{dim} = {rest} % n{dim}", f"        r{dim} = {rest} // n{dim}"]
-            rest = f"r{dim}"
-        else:
-            lines.append(f"        x0 = {rest}")
-    for op in range(abi.n_operands):
-        terms = [f"x{dim} * s{op}_{dim}" for dim in range(rank - 1)
-                 if op >= n_in or layouts[op][dim] != "b"]
-        lines.append(f"        o{op} = {' + '.join(terms) or '0'}")
+    lines += _offsets(ks)
     lines.append("        for j in range(j0, j1):")
     lines += [f"            {b}" for b in body]
     lines.append("        i += j1 - j0")
     return lines
+
+
+# Elements per block of a row sweep that sums floats: a block's sum is SIMD partial sums of a
+# few elements each (the vectorizer's lanes), and block sums are combined pairwise
+# (`cascade_push`), so the rounding error grows like log2(N), not N.
+BLOCK = 256
+
+
+def _render_rows(r: NumbaRenderer, ks: KernelSource, fn: str) -> list[str]:
+    """A reduction kernel (DESIGN §8) in the order of `schedule`: per row of the rows the ABI
+    assigns to [start, stop), one sweep over the row per pass accumulating its reductions, the
+    pass's row values, the row outputs (stored once), then a sweep computing and storing the
+    full outputs. Uniform nodes are computed once per call. Costly values of the last pass that
+    the final sweep needs (`_kept`) are kept in row scratch buffers for rows that fit."""
+    k, rank = ks.kernel, ks.rank
+    n_in, size = len(k.in_dtypes), f"n{rank - 1}"
+    sch = schedule(k)
+    lines, inner = _prologue(r, ks, fn)
+    index = _indexer(ks, inner)
+    r.index = [index(op) for op in range(n_in)]
+    r.row_size = size
+    for p in sch.passes:
+        for i in p.reds:
+            n = k.nodes[i]
+            if n.op == "rsum" and n.dtype.is_float:
+                lines.append(f"    stk{i} = cascade_stack({r.type_name(n.dtype)}(0))")
+    keep = _kept(k, sch)
+    for i in keep:
+        lines.append(f"    sc{i} = row_scratch({r.type_name(k.nodes[i].dtype)}(0))")
+    lines.append(f"    w = {size} if {size} > 1 else 1")
+    lines += [f"    {b}" for b in r.render_nodes(k, sch.hoisted)]
+    lines.append("    for row in range((start + w - 1) // w, (stop + w - 1) // w):")
+    lines += _offsets(ks) if rank > 1 else [f"        o{op} = 0" for op in range(ks.abi.n_operands)]
+    for p in sch.passes[:-1]:
+        lines += _sweep(r, k, p, size)
+        lines += [f"        {b}" for b in r.render_nodes(k, p.after)]
+    row_stores = [f"        {r.store(f'q{o}_0', index(n_in + o), f'v{out.parts[0]}', out.dtype)}"
+                  for o, out in enumerate(k.outputs) if out.row]
+    stores = [r.store(f"q{o}_{j}", index(n_in + o), f"v{part}", out.dtype)
+              for o, out in enumerate(k.outputs) if not out.row for j, part in enumerate(out.parts)]
+
+    def tail(keep: tuple[int, ...]) -> list[str]:
+        out = []
+        if sch.passes:
+            out += _sweep(r, k, sch.passes[-1], size, keep, _prefetches(r, ks, inner))
+            out += [f"        {b}" for b in r.render_nodes(k, sch.passes[-1].after)]
+        out += row_stores
+        if stores:
+            loads = [f"v{i} = sc_ld_{k.nodes[i].dtype.short}(sc{i}, j)" for i in keep]
+            out.append(f"        for j in range({size}):")
+            out += [f"            {b}" for b in loads +
+                    _elements(r, k, _needed_without(k, sch, keep), size) + stores]
+        return out
+    if keep:
+        lines.append(f"        if {size} <= SCRATCH:")
+        lines += [f"    {b}" for b in tail(keep)]
+        lines.append("        else:")
+        lines += [f"    {b}" for b in tail(())]
+    else:
+        lines += tail(())
+    return lines
+
+
+def _prefetches(r: NumbaRenderer, ks: KernelSource, inner: list[str]) -> list[str]:
+    """Hints for the last sweep over a row, per block [jb, je): the same elements of the next
+    row (along the second-to-last dim) of every input with contiguous rows, one per cache line,
+    so that the next row's first sweep finds them in cache while this one computes."""
+    k, rank = ks.kernel, ks.rank
+    if rank < 2:
+        return []
+    out = []
+    for op, d in enumerate(k.in_dtypes):
+        if inner[op] != "c" or ks.layouts[op][rank - 2] == "b":
+            continue
+        step = 64 // (d.bits // 8 if d.bits >= 8 else 1)
+        for c in range(k.chunks[op][0] if k.chunks[op] else 1):
+            out += [f"for c in range(jb, je, {step}):",
+                    f"    {r.prefetch(f'p{op}_{c}', f'o{op} + s{op}_{rank - 2} + c', d)}"]
+    return out
+
+
+# Ops worth computing once per element rather than in two sweeps (math helpers, libm)
+COSTLY = frozenset(("exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt", "sin", "cos",
+                    "tan", "asin", "acos", "atan", "sinh", "cosh", "tanh", "erf", "erfc",
+                    "lgamma", "sigmoid", "gelu", "pow", "atan2", "rand"))
+
+
+def _kept(k: Kernel, sch: Schedule) -> tuple[int, ...]:
+    """Values of the last pass's sweep that the final sweep needs and that cost a math function
+    to compute: up to two of them, in float32/float64 (softmax's exp(x - max))."""
+    if not sch.passes or not sch.final:
+        return ()
+    shared = set(sch.passes[-1].elem) & set(sch.final)
+    users = [a for i in set(sch.final) - shared for a in k.nodes[i].args] + \
+        [p for o in k.outputs if not o.row for p in o.parts]
+    frontier = sorted({i for i in users if i in shared and k.nodes[i].dtype.compute in
+                       (dt.float32, dt.float64) and _costly(k, i, shared)})
+    return tuple(frontier[:2])
+
+
+def _costly(k: Kernel, i: int, within: set[int]) -> bool:
+    """Whether node i, or a node it depends on within `within`, is a COSTLY op."""
+    stack, seen = [i], set()
+    while stack:
+        n = stack.pop()
+        if n in seen or n not in within:
+            continue
+        seen.add(n)
+        if k.nodes[n].op in COSTLY:
+            return True
+        stack.extend(k.nodes[n].args)
+    return False
+
+
+def _needed_without(k: Kernel, sch: Schedule, keep: tuple[int, ...]) -> tuple[int, ...]:
+    """The final sweep's nodes that the full outputs need when the `keep` values are read back."""
+    final, seen = set(sch.final), set()
+    stack = [p for o in k.outputs if not o.row for p in o.parts]
+    while stack:
+        n = stack.pop()
+        if n in seen or n not in final or n in keep:
+            continue
+        seen.add(n)
+        stack.extend(k.nodes[n].args)
+    return tuple(sorted(seen))
+
+
+def _elements(r: NumbaRenderer, k: Kernel, ids: tuple[int, ...], size: str) -> list[str]:
+    """Per-element nodes `ids` inside a sweep (Philox counter: the element's linear index)."""
+    head = [f"rw = philox(row * {size} + j, seed, offset)"] \
+        if any(k.nodes[i].op == "rand" for i in ids) else []
+    return head + r.render_nodes(k, ids)
+
+
+def _sweep(r: NumbaRenderer, k: Kernel, p: Pass, size: str, keep: tuple[int, ...] = (),
+           hints: list[str] = ()) -> list[str]:
+    """One pass over the row accumulating the reductions `p.reds`: float sums per block of
+    BLOCK elements, combined pairwise; max/min (NaN-propagating) and integer sums across the
+    row. Empty rows: sums 0, float max/min NaN, integer max/min 0. The values `keep` are
+    stored in their row scratch buffers; the lines `hints` run after each block."""
+    sums, others = [], []
+    for i in p.reds:
+        n = k.nodes[i]
+        (sums if n.op == "rsum" and n.dtype.is_float else others).append(i)
+    init, step, done = [], [], []
+    for i in others:
+        n = k.nodes[i]
+        T, x = r.type_name(n.dtype), f"v{n.args[0]}"
+        if n.op == "rsum":
+            init.append(f"a{i} = {T}(0)")
+            step.append(f"a{i} = acc_add(a{i}, {x})")
+            done.append(f"v{i} = a{i}")
+            continue
+        hi = n.op == "rmin"
+        if n.dtype.is_float:
+            start, empty = ("np.inf" if hi else "-np.inf"), "np.nan"
+        else:
+            lo_, hi_ = int_range(n.dtype)
+            start, empty = str(hi_ if hi else lo_), "0"
+        init.append(f"a{i} = {T}({start})")
+        step.append(f"a{i} = acc_{n.op[1:]}(a{i}, {x})")
+        done.append(f"v{i} = select({size} > 0, a{i}, {T}({empty}))")
+    body = _elements(r, k, p.elem, size) + \
+        [f"sc_st_{k.nodes[i].dtype.short}(sc{i}, j, v{i})" for i in keep]
+    out = [f"        {b}" for b in init]
+    if not sums:
+        out.append(f"        for j in range({size}):")
+        out += [f"            {b}" for b in body + step]
+    else:
+        out += ["        b = 0", "        jb = 0", f"        while jb < {size}:",
+                f"            je = min({size}, jb + {BLOCK})"]
+        out += [f"            a{i} = {r.type_name(k.nodes[i].dtype)}(0)" for i in sums]
+        out.append("            for j in range(jb, je):")
+        out += [f"                {b}" for b in body + step +
+                [f"a{i} = acc_add(a{i}, v{k.nodes[i].args[0]})" for i in sums]]
+        out += [f"            cascade_push_{k.nodes[i].dtype.short}(stk{i}, b, a{i})" for i in sums]
+        out += [f"            {h}" for h in hints]
+        out += ["            b += 1", "            jb = je"]
+        done += [f"v{i} = cascade_total_{k.nodes[i].dtype.short}(stk{i}, b, "
+                 f"{r.type_name(k.nodes[i].dtype)}(0))" for i in sums]
+    return out + [f"        {b}" for b in done]
 
 
 def render_group(kernels: list[KernelSource]) -> tuple[str, dict[str, str]]:

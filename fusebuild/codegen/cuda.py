@@ -11,6 +11,23 @@ written once as a template over (index type, V):
     vector access is aligned. Kernels with an 's'-inner input have V = 1 (no vector path).
   - flags bit 1: 64-bit indexing; clear, offsets are computed in 32 bits (host: every operand's
     offsets and the element count below 2^31).
+Reduction kernels (DESIGN §8, `Kernel.reduce`) work on whole rows of the last dim, in the order
+of `schedule.schedule`, with the same flags and template:
+  - flags bit 2 (`ROW_BLOCK`): R = 128 threads per row, a block; clear, R = 32, a warp per row
+    (four rows a block); R is a run-time value, which halves the instantiations to compile. The
+    host sets it for rows longer than `runtime.cuda.WARP_ROW_MAX` (1024).
+  - each sweep over the row (one per pass of reductions, then one computing and storing the full
+    outputs) has thread l take elements [b, b + V) for b = l V, l V + R V, ...: 16-byte vector
+    loads of 'c'-inner inputs on the vector path (the host also needs N % V == 0), scalar loads
+    otherwise. A thread accumulates its elements (float sums compensated, Neumaier), a butterfly
+    of `__shfl_xor_sync` combines the warp's partials in a fixed tree, so every lane holds the
+    same bits, and for R = 128 the four warps' results meet in shared memory after one
+    `__syncthreads`, combined pairwise by every thread: each pass's values are known to all
+    threads of the row before the next pass. max/min propagate NaN; empty rows (N = 0) give 0
+    for sums and NaN (floats) or 0 (integers) for max/min, and still store their row outputs.
+  - every sweep re-reads the row from global memory (L1/L2 for rows that fit); holding the row
+    in registers or shared memory between passes is future work.
+  - row outputs are stored once per row, by thread 0 of the row.
 float16/bfloat16 are computed in float32 and rounded once on store (PTX `cvt.rn` on the device,
 NaN payloads kept like the CPU backend; integer round-to-nearest-even bit tricks on the host).
 Integer semantics, casts, Philox and uniform draws follow the CPU backend bit for bit.
@@ -23,10 +40,12 @@ from .. import __version__
 from .. import dtypes as dt
 from ..ir import Node, int_range
 from ..ops import PRIMITIVES
+from ..schedule import schedule
 from .common import KernelSource, Renderer, check_complete
 
 BLOCK = 128          # threads per block, fixed in the kernels
 VECTOR_BYTES = 16    # bytes per thread and operand on the vector path
+ROW_BLOCK = 4        # flags bit 2 of a reduction kernel: a block per row (else a warp per row)
 
 _COMPUTE = {"float32": "float", "float16": "float", "bfloat16": "float", "float64": "double",
             "int8": "signed char", "int16": "short", "int32": "int", "int64": "long long",
@@ -74,7 +93,7 @@ CUDA_OPS: dict[str, dict[str, str]] = {
 
 PRELUDE = r"""// fusebuild {version}: CUDA source of group '{group}'. Generated; do not edit.
 // Kernels take one struct of int64 words {{ptr[], meta[], start, stop, flags}} (fusebuild/abi.py);
-// flags bit 0: vector path, bit 1: 64-bit indexing.
+// flags bit 0: vector path, bit 1: 64-bit indexing, bit 2 (reductions): a block per row.
 
 template <typename T, int V> struct alignas(sizeof(T) * V) fb_vec {{ T v[V]; }};
 template <typename T, int V>
@@ -270,6 +289,17 @@ __device__ __forceinline__ float fb_round_bf16(float f) {{
   return fb_bf16_to_f32(fb_f32_to_bf16(f));
 }}
 
+// ---- warp shuffles of every compute type (8- and 16-bit integers through int)
+template <typename T> __device__ __forceinline__ T fb_shfl_xor(T v, int o) {{
+  return __shfl_xor_sync(0xffffffffu, v, o);
+}}
+#define FB_SHFL_INT(T) __device__ __forceinline__ T fb_shfl_xor(T v, int o) {{ \
+  return (T)__shfl_xor_sync(0xffffffffu, (int)v, o); }}
+FB_SHFL_INT(signed char) FB_SHFL_INT(unsigned char) FB_SHFL_INT(short)
+#ifndef FB_SHARED
+#define FB_SHARED(T, name, n) __shared__ T name[n]
+#endif
+
 // ---- Philox4x32-10: counter (index lo, index hi, offset lo, offset hi), key (seed lo, seed hi)
 __device__ __forceinline__ void fb_philox(unsigned w[4], unsigned long long index,
                                           unsigned long long seed, unsigned long long offset) {{
@@ -303,13 +333,14 @@ def _inner(layout: str) -> str:
 
 def vector_width(ks: KernelSource) -> int:
     """Elements per thread on the vector path: 16 bytes of the widest vector-accessed operand
-    ('c'-inner inputs and outputs); 1 (no vector path) for rank 0 or an 's'-inner input."""
+    ('c'-inner inputs and outputs but row outputs); 1 (no vector path) for rank 0, an 's'-inner
+    input or no vector-accessed operand."""
     inners = [_inner(lay) for lay in ks.layouts]
     if ks.rank == 0 or "s" in inners:
         return 1
     sizes = [d.itemsize for d, letter in zip(ks.kernel.in_dtypes, inners) if letter == "c"]
-    sizes += [o.dtype.itemsize for o in ks.kernel.outputs]
-    return VECTOR_BYTES // max(sizes)
+    sizes += [o.dtype.itemsize for o in ks.kernel.outputs if not o.row]
+    return VECTOR_BYTES // max(sizes) if sizes else 1
 
 
 class CudaRenderer(Renderer):
@@ -369,6 +400,9 @@ class CudaRenderer(Renderer):
             return f"(unsigned char){value}"
         return value
 
+    def rowlen(self, d: dt.DType) -> str:
+        return f"({self.type_name(d)})N"
+
     def rand(self, node: Node) -> str:
         w = node.attr
         if node.dtype == dt.float64:
@@ -404,9 +438,7 @@ def _render_kernel(r: CudaRenderer, ks: KernelSource, n: int) -> list[str]:
     n_in = len(k.in_dtypes)
     V = vector_width(ks)
     r.inner = tuple(_inner(lay) for lay in layouts)
-    meta = f" long long meta[{abi.n_meta}];" if abi.n_meta else ""
-    lines = [f"struct fb_args_{n} {{ long long ptr[{abi.n_ptrs}];{meta} "
-             "long long start, stop, flags; };", "",
+    lines = [_args_struct(abi, n), "",
              f"// {ks.key}",
              "template <typename I, int V>",
              f"__device__ __forceinline__ void fb_body_{n}(const fb_args_{n}& p) {{",
@@ -447,12 +479,7 @@ def _render_kernel(r: CudaRenderer, ks: KernelSource, n: int) -> list[str]:
         op = n_in + o
         where = offset(op, "s" * rank) if out.cat else "(I)e"
         lines.append(f"  const I q{o} = {where};")
-    if abi.random:
-        lines += [f"  const unsigned long long {name} = (unsigned long long)p.meta[{slot}];"
-                  for name, slot in (("seed", abi.seed), ("offset", abi.offset))]
-    scalars = {n_.attr: n_.dtype for n_ in k.nodes if n_.op == "scalar"}
-    for s, d in sorted(scalars.items()):
-        lines.append(f"  const {r.type_name(d)} a{s} = {_scalar(d, f'p.meta[{abi.scalar(s)}]')};")
+    lines += _uniform_inputs(r, k, abi)
     pre = ["unsigned rw[4];", "fb_philox(rw, (unsigned long long)(e + j), seed, offset);"] \
         if abi.random else []
     post, stores = [], []
@@ -470,12 +497,188 @@ def _render_kernel(r: CudaRenderer, ks: KernelSource, n: int) -> list[str]:
     return lines
 
 
+def _args_struct(abi, n: int) -> str:
+    meta = f" long long meta[{abi.n_meta}];" if abi.n_meta else ""
+    return (f"struct fb_args_{n} {{ long long ptr[{abi.n_ptrs}];{meta} "
+            "long long start, stop, flags; };")
+
+
+def _uniform_inputs(r: CudaRenderer, k, abi) -> list[str]:
+    """Seed and offset (random groups) and the scalar inputs, from their meta words."""
+    lines = []
+    if abi.random:
+        lines += [f"  const unsigned long long {name} = (unsigned long long)p.meta[{slot}];"
+                  for name, slot in (("seed", abi.seed), ("offset", abi.offset))]
+    scalars = {n_.attr: n_.dtype for n_ in k.nodes if n_.op == "scalar"}
+    for s, d in sorted(scalars.items()):
+        lines.append(f"  const {r.type_name(d)} a{s} = {_scalar(d, f'p.meta[{abi.scalar(s)}]')};")
+    return lines
+
+
 def _dispatch(n: int, V: int) -> list[str]:
     """Pick the instantiation of kernel n's body for the flags (bit 0 vector, bit 1 64-bit)."""
     def pick(I: str) -> str:
         scalar = f"fb_body_{n}<{I}, 1>(p);"
         return scalar if V == 1 else f"if (p.flags & 1) fb_body_{n}<{I}, {V}>(p); else {scalar}"
     return [f"  if (p.flags & 2) {{ {pick('long long')} }}", f"  else {{ {pick('int')} }}"]
+
+
+# ---------------------------------------------------------------- row reductions ---------------
+
+def _row_offset(abi, op: int, letters: str, rank: int) -> str:
+    """Offset of operand `op`'s row from the outer coordinates x0..x{rank-2}."""
+    terms = [f"x{d} * (I)p.meta[{abi.stride(op, d)}]" for d in range(rank - 1)
+             if letters[d] != "b"]
+    return " + ".join(terms) or "(I)0"
+
+
+def _identity(r: CudaRenderer, op: str, d: dt.DType) -> str:
+    """The start value of a row accumulator."""
+    if op == "rsum":
+        return r.const(0, d)
+    if d.is_float:
+        return r.const(-math.inf if op == "rmax" else math.inf, d)
+    lo, hi = int_range(d)
+    return r.const(lo if op == "rmax" else hi, d)
+
+
+def _combine(r: CudaRenderer, op: str, a: str, b: str, d: dt.DType) -> str:
+    """a (+|max|min) b in the row's order (NaN-propagating max and min; a first on ties)."""
+    return r.op({"rsum": "add", "rmax": "max", "rmin": "min"}[op], [a, b], d)
+
+
+def _accumulate(r: CudaRenderer, op: str, acc: str, x: str, d: dt.DType) -> str:
+    """Add element x to the thread's accumulator; float sums are compensated (Neumaier: the
+    rounding error of every addition is kept in c{acc}), so a thread's partial sum is accurate
+    to a few ulps whatever its length and the error of the row is that of the tree."""
+    if op == "rsum" and d.is_float:
+        T = r.type_name(d)
+        return (f"{{ const {T} t_ = s{acc} + {x}; c{acc} += fb_fabs(s{acc}) >= fb_fabs({x}) ? "
+                f"(s{acc} - t_) + {x} : ({x} - t_) + s{acc}; s{acc} = t_; }}")
+    return f"s{acc} = {_combine(r, op, f's{acc}', x, d)};"
+
+
+def _tree(r: CudaRenderer, op: str, items: list[str], d: dt.DType) -> str:
+    """The pairwise combination of `items`, in order."""
+    while len(items) > 1:
+        items = [_combine(r, op, items[i], items[i + 1], d) if i + 1 < len(items) else items[i]
+                 for i in range(0, len(items), 2)]
+    return items[0]
+
+
+def _render_reduction(r: CudaRenderer, ks: KernelSource, n: int) -> list[str]:
+    """A reduction kernel: R threads per row (a warp, or the block: flags bit 2), template over
+    (index type, V). Each sweep over the row (the passes of `schedule`, then the sweep that
+    stores the full outputs) has every thread take V consecutive elements every R * V;
+    reductions are accumulated per thread, combined by a butterfly of warp shuffles (so every
+    lane holds the result) and, for R = 128, across the warps through shared memory."""
+    k, abi, rank, layouts = ks.kernel, ks.abi, ks.rank, ks.layouts
+    sched = schedule(k)
+    r.inner = tuple(_inner(lay) for lay in layouts)
+    n_in = len(k.in_dtypes)
+    lines = [_args_struct(abi, n), "", f"// {ks.key}",
+             "template <typename I, int V>",
+             f"__device__ __forceinline__ void fb_body_{n}(const fb_args_{n}& p) {{",
+             "  typedef typename fb_unsigned<I>::type U;",
+             f"  const bool block = p.flags & {ROW_BLOCK};    // a block per row, else a warp",
+             f"  const U R = block ? {BLOCK}u : 32u;             // threads per row",
+             f"  const long long N = p.meta[{abi.size(rank - 1)}], W = N > 0 ? N : 1;",
+             "  const long long first = p.start ? (p.start + W - 1) / W : 0;   // rows r with "
+             "r W in [start, stop)",
+             "  const long long row = first + (block ? (long long)blockIdx.x : "
+             f"(long long)blockIdx.x * {BLOCK // 32} + threadIdx.x / 32);",
+             "  if (row * W >= p.stop) return;",
+             "  const U n = (U)N, l = block ? (U)threadIdx.x : (U)(threadIdx.x % 32);"]
+    if rank > 1:
+        lines.append("  U r = (U)row;")
+        for d in range(rank - 2, 0, -1):
+            lines.append(f"  const I x{d} = (I)(r % (U)p.meta[{abi.size(d)}]); "
+                         f"r /= (U)p.meta[{abi.size(d)}];")
+        lines.append("  const I x0 = (I)r;")
+    loaded = sorted({n_.attr for n_ in k.nodes if n_.op == "load"})
+    for pos in sorted({p for p, _ in loaded}):
+        lines.append(f"  const I o{pos} = {_row_offset(abi, pos, layouts[pos], rank)};")
+    for o in range(len(k.outputs)):
+        lines.append(f"  const I q{o} = {_row_offset(abi, n_in + o, 's' * rank, rank)};")
+    lines += _uniform_inputs(r, k, abi)
+    lines += [f"  {x}" for x in r.render_nodes(k, sched.hoisted)]
+
+    def inner(pos: int) -> str:
+        letter = r.inner[pos]
+        return {"c": " + (I)b", "s": f" + (I)b * (I)p.meta[{abi.stride(pos, rank - 1)}]",
+                "b": ""}[letter]
+
+    def sweep(ids: tuple[int, ...], before: list[str], body: list[str], after: list[str]
+              ) -> list[str]:
+        out = ["  for (U b = l * V; b < n; b += R * V) {"]
+        for pos, c in sorted({k.nodes[i].attr for i in ids if k.nodes[i].op == "load"}):
+            S, W = storage_type(k.in_dtypes[pos]), "V" if r.inner[pos] == "c" else "1"
+            out.append(f"    const fb_vec<{S}, {W}> l{pos}_{c} = fb_load<{S}, {W}>((const {S}*)"
+                       f"p.ptr[{abi.in_ptr(pos, c)}] + o{pos}{inner(pos)});")
+        out += [f"    {x}" for x in before]
+        out += ["#pragma unroll", "    for (int j = 0; j < V; ++j) {"]
+        if any(k.nodes[i].op == "rand" for i in ids):
+            out += ["      unsigned rw[4];",
+                    "      fb_philox(rw, (unsigned long long)(row * N + (long long)b + j), seed, "
+                    "offset);"]
+        out += [f"      {x}" for x in r.render_nodes(k, ids) + body]
+        return out + ["    }"] + [f"    {x}" for x in after] + ["  }"]
+
+    for ps in sched.passes:
+        reds = [(i, k.nodes[i].op, k.nodes[i].dtype) for i in ps.reds]
+        for i, op, d in reds:
+            T = r.type_name(d)
+            lines.append(f"  {T} s{i} = {_identity(r, op, d)};")
+            if op == "rsum" and d.is_float:
+                lines.append(f"  {T} c{i} = {r.const(0, d)};")
+        lines += sweep(ps.elem, [], [_accumulate(r, op, str(i), f"v{k.nodes[i].args[0]}", d)
+                                     for i, op, d in reds], [])
+        for i, op, d in reds:
+            T = r.type_name(d)
+            fold = f"fb_fabs(s{i}) < fb_inf<{T}>() ? s{i} + c{i} : s{i}" \
+                if op == "rsum" and d.is_float else f"s{i}"
+            lines += [f"  {T} t{i} = {fold};",
+                      "  for (int o = 1; o < 32; o <<= 1) {",
+                      f"    const {T} y_ = fb_shfl_xor(t{i}, o), lo_ = (threadIdx.x & o) ? y_ : "
+                      f"t{i}, hi_ = (threadIdx.x & o) ? t{i} : y_;",
+                      f"    t{i} = {_combine(r, op, 'lo_', 'hi_', d)};", "  }"]
+        warps = BLOCK // 32
+        lines.append("  if (block) {    // the warps' results, through shared memory")
+        for i, op, d in reds:
+            lines += [f"    FB_SHARED({r.type_name(d)}, w{i}, {warps});",
+                      f"    if (threadIdx.x % 32 == 0) w{i}[threadIdx.x / 32] = t{i};"]
+        lines.append("    __syncthreads();")
+        for i, op, d in reds:
+            lines.append(f"    t{i} = {_tree(r, op, [f'w{i}[{w}]' for w in range(warps)], d)};")
+        lines.append("  }")
+        for i, op, d in reds:
+            empty = f"n > 0 ? t{i} : {r.const(math.nan if d.is_float else 0, d)}" \
+                if op != "rsum" else f"t{i}"
+            lines.append(f"  const {r.type_name(d)} v{i} = {empty};")
+        lines += [f"  {x}" for x in r.render_nodes(k, ps.after)]
+    stores = []
+    for o, out in enumerate(k.outputs):
+        if out.row:
+            S = storage_type(out.dtype)
+            stores.append(f"    (({S}*)p.ptr[{abi.out_ptr(o)}])[q{o}] = "
+                          f"{r.store(f'v{out.parts[0]}', out.dtype)};")
+    if stores:
+        lines += ["  if (l == 0) {", *stores, "  }"]
+    full = [(o, out) for o, out in enumerate(k.outputs) if not out.row]
+    if full:
+        before, body, after = [], [], []
+        for o, out in full:
+            S = storage_type(out.dtype)
+            for c, part in enumerate(out.parts):
+                before.append(f"fb_vec<{S}, V> s{o}_{c};")
+                body.append(f"s{o}_{c}.v[j] = {r.store(f'v{part}', out.dtype)};")
+                after.append(f"fb_store<{S}, V>(({S}*)p.ptr[{abi.out_ptr(o, c)}] + q{o} + (I)b, "
+                             f"s{o}_{c});")
+        lines += sweep(sched.final, before, body, after)
+    lines += ["}", "",
+              f'extern "C" __global__ void __launch_bounds__({BLOCK}) '
+              f"{ks.symbol}(const fb_args_{n} p) {{", *_dispatch(n, vector_width(ks)), "}"]
+    return lines
 
 
 def render_module(kernels: list[KernelSource]) -> str:
@@ -486,5 +689,6 @@ def render_module(kernels: list[KernelSource]) -> str:
     parts = [PRELUDE.format(version=__version__, group=group, math1=math1)]
     r = CudaRenderer()
     for n, ks in enumerate(kernels):
-        parts.append("\n".join(_render_kernel(r, ks, n)))
+        render = _render_reduction if ks.kernel.reduce else _render_kernel
+        parts.append("\n".join(render(r, ks, n)))
     return "\n\n".join(parts) + "\n"

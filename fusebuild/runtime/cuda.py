@@ -10,6 +10,12 @@ functions over numpy, shared with the host-side emulation tests. A call on cupy 
 device, shapes, strides and dtypes of an earlier one runs by that call's plan (`serve`): its
 parameter words with the data pointers, seed and scalars filled in, and the vector path chosen by
 the pointers' alignment.
+
+Reduction groups (DESIGN §8) launch over the work count rows * max(N, 1) (`dispatch.work_count`)
+with a warp per row (four rows a block) for rows of N <= WARP_ROW_MAX and a block per row beyond
+(flags bit ROW_BLOCK); row outputs are `[..., 1]` arrays stored once per row. Calls of N = 0 with
+rows still launch (their row outputs get written) on any kernel of the dtypes
+(`empty_rows_canon`): no element is read, so the inputs' layouts do not matter.
 """
 from __future__ import annotations
 
@@ -32,6 +38,10 @@ from .manifest import kernel_file, read_artifact
 
 BLOCK = 128            # threads per block (fixed by codegen.cuda)
 VECTOR, WIDE = 1, 2    # flags bits: vector path, 64-bit indexing
+ROW_BLOCK = 4          # flags bit of a reduction kernel: a block per row, else a warp per row
+WARP_ROW_MAX = 1024    # reduction rows up to this length get a warp (4 rows per block); longer
+#                        rows a block of 128 threads, so a thread takes <= 32 elements of a row
+#                        on the warp path and the block path keeps 128 threads busy per row
 MAX_GRID = (1 << 31) - 1
 _DL_CUDA = (2, 13)     # DLPack device types kDLCUDA, kDLCUDAManaged
 _CUPY_HINT = "running CUDA kernels needs cupy: pip install cupy-cuda13x (or cupy-cuda12x)"
@@ -57,7 +67,8 @@ class DeviceArray:
 
     @property
     def c_contiguous(self) -> bool:
-        return all(s == c * self.dtype.itemsize or n == 1 for n, s, c in
+        """C order (any strides for an empty array, as numpy's flag says)."""
+        return 0 in self.shape or all(s == c * self.dtype.itemsize or n == 1 for n, s, c in
                    zip(self.shape, self.strides, contiguous_strides(self.shape)))
 
 
@@ -173,20 +184,23 @@ def pointers(abi: Abi, call: dispatch.Call, outputs: list[DeviceArray],
 
 
 def vector_alignment(canon: Canonical, layouts: tuple[str, ...], vector: int,
-                     itemsizes: list[int]) -> list[int] | None:
+                     itemsizes: list[int], row_outputs: tuple[bool, ...] = ()
+                     ) -> list[int] | None:
     """Byte alignment each operand's pointers need for the vector path (1: any), or None when
     the kernel, the inner extent or the strides rule it out.
 
     The vector path needs a kernel with one (vector > 1), an inner extent that is a multiple of
     it, and every vector-accessed operand (inputs whose kernel layout is 'c' inside, all outputs)
     with inner stride 1, outer strides that are multiples of `vector` and aligned pointers.
-    Operands are the inputs (kernel `layouts`), then the outputs, as in `canon.strides`.
+    Operands are the inputs (kernel `layouts`), then the outputs, as in `canon.strides`; row
+    outputs of a reduction kernel (`row_outputs`) are stored one element per row, unaligned.
     """
     sizes = canon.sizes
     if vector == 1 or not sizes or sizes[-1] % vector:
         return None
     letters = [lay[-1] if lay else "b" for lay in layouts]
-    letters += ["c"] * (len(canon.strides) - len(layouts))
+    rows = row_outputs or (False,) * (len(canon.strides) - len(layouts))
+    letters += ["b" if row else "c" for row in rows]
     aligns = []
     for st, size, letter in zip(canon.strides, itemsizes, letters):
         if letter != "c":
@@ -199,14 +213,21 @@ def vector_alignment(canon: Canonical, layouts: tuple[str, ...], vector: int,
 
 
 def launch_flags(canon: Canonical, layouts: tuple[str, ...], vector: int,
-                 operand_ptrs: list[list[int]], itemsizes: list[int]) -> int:
-    """The flags word of a launch: WIDE (64-bit indexing) when the element count or any
-    operand's offset span reaches 2^31; VECTOR when `vector_alignment` allows it and every
-    operand's pointers are aligned."""
+                 operand_ptrs: list[list[int]], itemsizes: list[int],
+                 row_outputs: tuple[bool, ...] | None = None) -> int:
+    """The flags word of a launch: WIDE (64-bit indexing) when the element count (the work
+    count of a reduction) or any operand's offset span reaches 2^31; VECTOR when
+    `vector_alignment` allows it and every operand's pointers are aligned. A reduction kernel
+    (`row_outputs` given, per output) gets ROW_BLOCK for rows longer than WARP_ROW_MAX."""
     sizes = canon.sizes
     spans = [sum((n - 1) * abs(s) for n, s in zip(sizes, st)) for st in canon.strides]
-    flags = WIDE if math.prod(sizes) >= 1 << 31 or max(spans, default=0) >= 1 << 31 else 0
-    aligns = vector_alignment(canon, layouts, vector, itemsizes)
+    count = math.prod(sizes)
+    if row_outputs is not None:
+        count = math.prod(sizes[:-1]) * max(sizes[-1], 1)
+    flags = WIDE if count >= 1 << 31 or max(spans, default=0) >= 1 << 31 else 0
+    if row_outputs is not None and sizes[-1] > WARP_ROW_MAX:
+        flags |= ROW_BLOCK
+    aligns = vector_alignment(canon, layouts, vector, itemsizes, row_outputs or ())
     if aligns is None or any(p % a for ptrs, a in zip(operand_ptrs, aligns) for p in ptrs):
         return flags
     return flags | VECTOR
@@ -217,7 +238,12 @@ def param_words(ptrs: np.ndarray, meta: np.ndarray, n: int, flags: int) -> np.nd
     return np.concatenate([ptrs, meta, np.array([0, n, flags], np.int64)])
 
 
-def grid_size(n: int, vector: int, flags: int) -> int:
+def grid_size(n: int, vector: int, flags: int, row: int = 0) -> int:
+    """Blocks of a launch over [0, n): V elements per thread on the vector path; for a
+    reduction kernel (`row` = max(N, 1)) a block per row (ROW_BLOCK) or per BLOCK // 32 rows."""
+    if row:
+        rows = n // row
+        return rows if flags & ROW_BLOCK else -(-rows // (BLOCK // 32))
     per_block = BLOCK * (vector if flags & VECTOR else 1)
     return -(-n // per_block)
 
@@ -229,16 +255,45 @@ def operand_slots(abi: Abi) -> list[list[int]]:
 
 
 def launch_words(abi: Abi, call: dispatch.Call, outputs: list[DeviceArray], cats: list,
-                 layouts: tuple[str, ...], vector: int, seed: int, offset: int
-                 ) -> tuple[np.ndarray, int]:
-    """The parameter words and grid size of a launch of a non-empty call."""
+                 layouts: tuple[str, ...], vector: int, seed: int, offset: int,
+                 row_outputs: tuple[bool, ...] | None = None) -> tuple[np.ndarray, int]:
+    """The parameter words and grid size of a launch of a non-empty call (a reduction kernel's
+    when `row_outputs` says which outputs are row outputs)."""
     ptrs = pointers(abi, call, outputs, cats)
     operand_ptrs = [[int(ptrs[s]) for s in slots] for slots in operand_slots(abi)]
     itemsizes = [a.dtype.itemsize for a in call.arrays] + [o.dtype.itemsize for o in outputs]
-    flags = launch_flags(call.canon, layouts, vector, operand_ptrs, itemsizes)
-    n = dispatch.element_count(call)
+    flags = launch_flags(call.canon, layouts, vector, operand_ptrs, itemsizes, row_outputs)
+    reduces = row_outputs is not None
+    n = dispatch.work_count(call, reduces)
     words = param_words(ptrs, dispatch.meta_words(call, abi, seed, offset), n, flags)
-    return words, grid_size(n, vector, flags)
+    return words, grid_size(n, vector, flags, row_length(call) if reduces else 0)
+
+
+def empty_rows_canon(call: dispatch.Call, kernel_layouts: tuple[str, ...],
+                     row_outputs: tuple[bool, ...]) -> Canonical:
+    """The canonical form of a reduction call whose rows have N = 0, for a kernel of layouts
+    `kernel_layouts` (any of the dtypes: no element is read, and numpy gives empty arrays
+    strides 0, so their layouts say nothing): sizes (1, ..., rows, 0), inputs of stride 0, row
+    outputs one element per row, full outputs (empty) stride 1 inside."""
+    rank = len(kernel_layouts[0])
+    rows = math.prod(call.shape[:-1])
+    lead = (1,) * (rank - 2) + (rows,) if rank > 1 else ()
+    zeros = (0,) * rank
+    outs = [zeros[:-2] + ((1, 0) if row else (0, 1)) if rank > 1 else zeros
+            for row in row_outputs]
+    return Canonical(lead + (0,), (zeros,) * len(call.arrays) + tuple(outs), kernel_layouts)
+
+
+def row_outputs(info: dispatch.GroupInfo) -> tuple[bool, ...] | None:
+    """Per output, whether it is a row output, for a reduction group; None otherwise."""
+    if not info.reduces:
+        return None
+    return info.row_outputs or (False,) * len(info.outputs)
+
+
+def row_length(call: dispatch.Call) -> int:
+    """max(N, 1) of a reduction call: the work units per row."""
+    return max(call.shape[-1], 1)
 
 
 # ---------------------------------------------------------------- target choice ----------------
@@ -320,10 +375,14 @@ class CudaKernels:
         """The remembered plans of a group's cupy calls."""
         return self.memos.get(info.name) or self.memos.setdefault(info.name, _Memo(info))
 
-    def find(self, key: str, device: int, empty: bool) -> _Kernel:
+    def find(self, key: str, device: int, empty: bool, empty_rows: int = 0) -> _Kernel:
         """The kernel for a call of `key` on `device`; on a miss, logs it (FUSEBUILD_MISS_LOG,
         target cuda:sm_XY of the device) and compiles it with NVRTC when on_miss="jit". A miss
-        is handled once per (key, device): later calls get the same answer."""
+        is handled once per (key, device): later calls get the same answer. `empty_rows` > 0:
+        a reduction call of that many rows of N = 0, which any kernel of the key's dtypes runs
+        (of rank >= 2 for several rows; see `empty_rows_canon`)."""
+        if empty_rows:
+            return self._any_kernel(key, device, empty_rows)
         cached = self._kernels.get((key, device))
         if cached is not None:
             return cached
@@ -352,6 +411,20 @@ class CudaKernels:
                 error = self._not_found(cp, key, device, cc, reasons)
         self._missed[(key, device, empty)] = error
         raise KernelNotFound(str(error), error.key, error.nearest)
+
+    def _any_kernel(self, key: str, device: int, rows: int) -> _Kernel:
+        """A kernel of `key`'s dtypes for `rows` rows of N = 0 (not remembered for `key`)."""
+        cp = _cupy()
+        cc = _capability(cp, device)
+        max_isa = max_ptx_isa(cp.cuda.runtime.driverGetVersion())
+        for k in self.bundle.candidates(key, True):
+            target, _ = select_target(self._entries.get(k, {}), cc, max_isa)
+            if target and (rows == 1 or len(parse_key(k)[1][0][1]) >= 2):
+                entry = self._entries[k][target]
+                self.bundle.output_dtypes(k)
+                return _Kernel(entry, self._function(cp, entry, device),
+                               tuple(lay for _, lay in parse_key(k)[1]))
+        return self.find(key, device, False)     # none: the miss of the key itself
 
     def _kernel(self, cp, k: str, entry: dict, device: int, key: str, empty: bool) -> _Kernel:
         """Kernel `k` (entry `entry`) for calls of `key` on `device`, remembered if not empty."""
@@ -489,11 +562,11 @@ def _plan(cp, info: dispatch.GroupInfo, c: dispatch.Call, abi: Abi, kernel: _Ker
     outs = [DeviceArray(0, tuple(shape), tuple(s * d.itemsize for s in contiguous_strides(shape)),
                         d.numpy, device) for shape, d in zip(c.out_shapes, dtypes)]
     at_zero = replace(c, arrays=[replace(a, ptr=0) for a in c.arrays])
-    vector = kernel.entry.get("vector", 1)
-    words, grid = launch_words(abi, at_zero, outs, cats, kernel.layouts, vector, 0, 0)
+    vector, rows = kernel.entry.get("vector", 1), row_outputs(info)
+    words, grid = launch_words(abi, at_zero, outs, cats, kernel.layouts, vector, 0, 0, rows)
     slots = operand_slots(abi)
     aligns = vector_alignment(c.canon, kernel.layouts, vector,
-                              [a.dtype.itemsize for a in c.arrays + outs]) \
+                              [a.dtype.itemsize for a in c.arrays + outs], rows or ()) \
         if words[-1] & VECTOR else [1] * len(slots)
     scalars = [(i, name, dt.lookup(d)) for i, (name, kind, d) in enumerate(info.params)
                if kind == "scalar"]
@@ -501,7 +574,8 @@ def _plan(cp, info: dispatch.GroupInfo, c: dispatch.Call, abi: Abi, kernel: _Ker
         cp=cp, device=device, function=kernel.function.ptr, words=tuple(words.tolist()),
         ptr_slots=tuple((s, op) for op, ss in enumerate(slots) for s in ss),
         aligns=tuple((s, a) for ss, a in zip(slots, aligns) for s in ss if a > 1), grid=grid,
-        scalar_grid=grid_size(dispatch.element_count(c), vector, int(words[-1]) & ~VECTOR),
+        scalar_grid=grid_size(dispatch.work_count(c, info.reduces), vector,
+                              int(words[-1]) & ~VECTOR, row_length(c) if info.reduces else 0),
         random=info.has_random, fill_at=abi.n_ptrs + abi.seed,
         scalars=tuple(scalars),
         alloc=tuple((o.shape, np.dtype(np.uint16) if d == dt.bfloat16 else o.dtype)   # as _outputs
@@ -680,24 +754,29 @@ def call(caller, args: tuple, out, seed, offset: int):
         c = prepare(info, args, stream)
         if info.has_random:
             dispatch.check_seed(info.name, seed, offset)
-        n = dispatch.element_count(c)
+        n = dispatch.work_count(c, info.reduces)
+        empty_rows = n if info.reduces and not c.shape[-1] else 0
         kernels = caller.bundle._cuda or _attach(caller.bundle)
-        kernel = kernels.find(c.key, device, empty=n == 0)
+        kernel = kernels.find(c.key, device, empty=n == 0, empty_rows=empty_rows)
         cats = [cat for _, cat in info.outputs]
         outs, results = _outputs(cp, info, c, kernel.entry, out, args, stream)
         if n:
-            c.canon = dispatch.pad(c.canon, kernel.layouts)
+            c.canon = empty_rows_canon(c, kernel.layouts, row_outputs(info)) if empty_rows \
+                else dispatch.pad(c.canon, kernel.layouts, info.reduces)
             rank = len(c.canon.sizes)
             abi = Abi(rank, tuple(ch[0] if ch else 1 for ch in info.chunks),
                       tuple(cat[0] if cat else 1 for cat in cats), info.has_random,
                       len(c.scalars))
             words, grid = launch_words(abi, c, outs, cats, kernel.layouts,
-                                       kernel.entry.get("vector", 1), seed or 0, offset)
+                                       kernel.entry.get("vector", 1), seed or 0, offset,
+                                       row_outputs(info))
             if grid > MAX_GRID:
-                raise ArgumentError(f"{info.name}: {n} elements need {grid} blocks, over CUDA's "
+                what = f"{n // row_length(c)} rows" if info.reduces else f"{n} elements"
+                raise ArgumentError(f"{info.name}: {what} need {grid} blocks, over CUDA's "
                                     f"limit of {MAX_GRID}")
             _launch(cp, kernel.function.ptr, grid, words.tolist(), stream)
-            kernels.memo(info).remember(args, lambda: _plan(cp, info, c, abi, kernel, device))
+            if not empty_rows:
+                kernels.memo(info).remember(args, lambda: _plan(cp, info, c, abi, kernel, device))
     return results[0] if len(results) == 1 else tuple(results)
 
 

@@ -239,6 +239,21 @@ def pad(canon: Canonical, kernel_layouts: tuple[str, ...], keep_last: bool = Fal
                      tuple("".join(spread(tuple(lay), "b")) for lay in canon.layouts))
 
 
+def hollow(canon: Canonical, kernel_layouts: tuple[str, ...], row_outputs: tuple[bool, ...]
+           ) -> Canonical:
+    """A call of rows of N = 0 (a reduction kernel then reads no input and writes only its
+    row outputs) in the form of a kernel of `kernel_layouts` (rank at least the call's): all
+    rows on the kernel's second-to-last dim (row outputs are C-contiguous [..., 1], so row r is
+    at element r), size-1 dims elsewhere, every other stride 0."""
+    rank = len(kernel_layouts[0])
+    rows = math.prod(canon.sizes[:-1])
+    sizes = (1,) * (rank - 2) + (rows, 0) if rank > 1 else (0,)
+    row_dim = (0,) * (rank - 2) + (1, 0) if rank > 1 else (0,)
+    rows_of = (False,) * len(canon.layouts) + tuple(row_outputs)
+    strides = tuple(row_dim if row else (0,) * rank for row in rows_of)
+    return Canonical(sizes, strides, kernel_layouts)
+
+
 def check_seed(group: str, seed, offset) -> None:
     """Random groups need seed=; seed and offset are uint64 values."""
     if seed is None:

@@ -111,35 +111,44 @@ class Bundle:
             self._outputs[key] = found
         return found
 
-    def candidates(self, key: str, empty: bool = False) -> list[str]:
+    def candidates(self, key: str, empty: bool = False, hollow: bool = False) -> list[str]:
         """Keys whose kernels compute a call of `key`: itself, then by `dispatch.placement`,
         those that keep the call's inner dim inner first (for an empty call, any key of the same
-        dtypes: no kernel runs, only output dtypes count)."""
+        dtypes: no kernel runs, only output dtypes count). A reduction group's call keeps its
+        reduced (last) dim on the kernel's last dim; a `hollow` one (rows of N = 0: the kernel
+        reads no input, only writes row outputs) runs on any key of its dtypes and at least its
+        rank."""
         group, descs = parse_key(key)
         layouts = tuple(lay for _, lay in descs)
+        caller = self._callers.get(group)
+        keep_last = caller is not None and caller.info.reduces
         found = [key] if key in self._index else []
         fits = []
         for lays, k in self._by_dtypes.get((group, tuple(d for d, _ in descs)), []):
-            dims = () if empty else dispatch.placement(lays, layouts)
+            if empty or hollow:
+                dims = () if not hollow or len(lays[0]) >= len(layouts[0]) else None
+            else:
+                dims = dispatch.placement(lays, layouts, keep_last)
             if k != key and dims is not None:
                 fits.append((bool(dims) and dims[-1] != len(lays[0]) - 1, k))
         return found + [k for _, k in sorted(fits, key=lambda fit: fit[0])]
 
-    def find_cpu(self, key: str, empty: bool = False) -> KernelEntry:
+    def find_cpu(self, key: str, empty: bool = False, hollow: bool = False) -> KernelEntry:
         """The kernel for a call of `key` at the best ISA level this host runs; on a miss,
         logs it (FUSEBUILD_MISS_LOG) and compiles it when on_miss="jit". A miss is looked up,
-        logged and compiled (or refused) once: later calls of the key get the same answer."""
+        logged and compiled (or refused) once: later calls of the key get the same answer.
+        `empty` and `hollow` as in `candidates`."""
         entry = self._resolved.get(key)
         if entry is not None:
             return entry
-        missed = self._missed.get((key, empty))
+        missed = self._missed.get((key, empty or hollow))
         if missed is not None:
             raise _again(missed)
-        for k in self.candidates(key, empty):
+        for k in self.candidates(key, empty, hollow):
             entries = self._index[k]
             for target in self._cpu_targets:
                 if target in entries:
-                    if not empty:
+                    if not (empty or hollow):
                         self._resolved[key] = entries[target]
                     return entries[target]
         error = self.fixed_dtype_error(key)
@@ -152,7 +161,7 @@ class Bundle:
                     error = e
             else:
                 error = self._not_found(key, empty)
-        self._missed[(key, empty)] = error
+        self._missed[(key, empty or hollow)] = error
         raise _again(error)
 
     def fixed_dtype_error(self, key: str) -> KernelNotFound | None:
@@ -319,7 +328,7 @@ class _Plan:
     """What a CPU call with given shapes, strides and dtypes needs, computed once."""
     entry: KernelEntry
     fn: object                     # ctypes function
-    n: int                         # elements to compute
+    n: int                         # work range [0, n): elements, rows * max(N, 1) if reducing
     in_ptrs: tuple                 # (tensor argument index, byte offset) per input pointer
     outs: tuple                    # (shape, numpy dtype, nbytes) per output
     out_ptrs: tuple                # (output index, byte offset) per output pointer
@@ -378,6 +387,9 @@ class GroupCaller(Caller):
         self._scalars = tuple((i, n, dt.lookup(d)) for i, (n, k, d) in enumerate(info.params)
                               if k == "scalar")
         self._plans: dict[tuple, _Plan] = {}
+        # row outputs are stored after a row's passes, before its last sweep re-reads the
+        # inputs: never in place of an input
+        self._row_outs = info.row_outputs or (False,) * len(info.outputs)
         super().__init__(info.name, len(info.params), self._tensor_pos,
                          tuple(i for i, _, _ in self._scalars), len(info.outputs), info.has_random)
 
@@ -483,10 +495,14 @@ class GroupCaller(Caller):
     def _plan(self, args: tuple, tensors: list, key: tuple) -> _Plan:
         info = self.info
         call = dispatch.prepare(info, args, _numpy_describe)
-        n = dispatch.element_count(call)
-        entry = self.bundle.find_cpu(call.key, empty=n == 0)
-        if n:
-            call.canon = dispatch.pad(call.canon, tuple(lay for _, lay in parse_key(entry.key)[1]))
+        n = dispatch.work_count(call, info.reduces)      # rows * max(N, 1) for reductions
+        hollow = bool(n) and info.reduces and call.shape[-1] == 0
+        entry = self.bundle.find_cpu(call.key, empty=n == 0, hollow=hollow)
+        layouts = tuple(lay for _, lay in parse_key(entry.key)[1])
+        if hollow:
+            call.canon = dispatch.hollow(call.canon, layouts, self._row_outs)
+        elif n:
+            call.canon = dispatch.pad(call.canon, layouts, info.reduces)
         rank = len(call.canon.sizes)
         abi = Abi(rank, tuple(c[0] if c else 1 for c in info.chunks),
                   tuple(cat[0] if cat else 1 for _, cat in info.outputs), info.has_random,
@@ -513,7 +529,8 @@ class GroupCaller(Caller):
                      *zip(*(dispatch.byte_extent(a.shape, a.strides, a.itemsize) for a in tensors)),
                      tuple(tuple(a.shape == shape and a.dtype == d and a.strides ==
                                  tuple(st * d.itemsize for st in contiguous_strides(shape))
-                                 for shape, d, _ in outs) for a in tensors))
+                                 and not row for (shape, d, _), row in zip(outs, self._row_outs))
+                           for a in tensors))
         plan.fast_args = plan.fast(self._scalars)
         if len(self._plans) >= _MAX_PLANS:
             self._plans.clear()
@@ -527,7 +544,7 @@ class GroupCaller(Caller):
         if len(outs) != len(plan.outs):
             raise ArgumentError(f"{self.info.name} has {plural(len(plan.outs), 'output')} "
                                 f"({', '.join(names)}); out= gave {len(outs)}")
-        for name, o, (shape, d, _) in zip(names, outs, plan.outs):
+        for name, o, (shape, d, _), row in zip(names, outs, plan.outs, self._row_outs):
             if not isinstance(o, np.ndarray):
                 raise ArgumentError(f"out= for '{name}' must be a numpy array, got {type(o).__name__}")
             if o.shape != shape or o.dtype != d:
@@ -536,6 +553,10 @@ class GroupCaller(Caller):
             if not o.flags.c_contiguous or not o.flags.writeable:
                 raise ArgumentError(f"out= for '{name}' must be a writeable C-contiguous array")
             for a, tname in zip(tensors, self.info.tensor_names):
+                if row and np.may_share_memory(o, a):
+                    raise ArgumentError(f"out= for '{name}' overlaps input '{tname}': a row "
+                                        "output is written before the inputs are read again, so "
+                                        "it cannot update one in place")
                 if np.may_share_memory(o, a) and not _same_memory(o, a):
                     raise ArgumentError(f"out= for '{name}' overlaps input '{tname}' without being "
                                         "the same array; only exact in-place updates are allowed")

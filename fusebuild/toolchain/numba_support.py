@@ -1,7 +1,8 @@
 """Memory-access and bit-cast intrinsics that generated numba source imports.
 
 Kernels receive raw addresses as int64; these intrinsics turn them into typed loads and stores
-(`ld_f32(addr, index)`, `st_f32(addr, index, value)`) and reinterpret bits (`f32_from_bits`).
+(`ld_f32(addr, index)`, `st_f32(addr, index, value)`), prefetch hints (`pf_f32(addr, index)`) and
+reinterpret bits (`f32_from_bits`).
 Loads are marked as not aliasing stores: the runtime never passes overlapping inputs and outputs,
 and this lets LLVM vectorize loops with many operands without run-time alias checks.
 The exponent intrinsics of the math helpers (`f32_ldexp`, `f32_pow2`, `f32_exponent`,
@@ -9,11 +10,16 @@ The exponent intrinsics of the math helpers (`f32_ldexp`, `f32_pow2`, `f32_expon
 `bf16_value`, `bf16_bits`) are written with 32-bit integer operations (numba would widen integer
 arithmetic to 64 bits), so the loop vectorizer keeps them in 32-bit lanes on every ISA level;
 `muladd` lets polynomials use FMA where the ISA has it, and `select` keeps `where` branch-free.
+Row reductions accumulate with `acc_add` (`fadd reassoc`: only these additions may be reordered,
+so LLVM's loop vectorizer keeps SIMD partial sums while the compensated math helpers stay exact),
+`acc_max`/`acc_min` (`llvm.maximum`/`llvm.minimum`: NaN-propagating, reduced by the vectorizer)
+and combine block sums pairwise on a small stack (`cascade_stack`, `cascade_push`, `cascade_total`).
+A row's costly values can be kept for the next sweep in a `row_scratch` buffer.
 """
 from __future__ import annotations
 
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core.extending import intrinsic
 
 _STORAGE = {
@@ -30,13 +36,21 @@ _STORAGE = {
 
 def _scopes(builder):
     """The alias scopes of a function: one for kernel inputs, one for outputs."""
+    return _all_scopes(builder)[:2]
+
+
+def _all_scopes(builder):
+    """Scope lists of kernel inputs, outputs and row scratch, and the list of the first two
+    (what scratch accesses never alias)."""
     module = builder.module
     cached = getattr(module, "_fb_scopes", None)
     if cached is None:
         domain = module.add_metadata([ir.MetaDataString(module, "fusebuild")])
         loads = module.add_metadata([ir.MetaDataString(module, "fusebuild.loads"), domain])
         stores = module.add_metadata([ir.MetaDataString(module, "fusebuild.stores"), domain])
-        cached = (module.add_metadata([loads]), module.add_metadata([stores]))
+        scratch = module.add_metadata([ir.MetaDataString(module, "fusebuild.scratch"), domain])
+        cached = (module.add_metadata([loads]), module.add_metadata([stores]),
+                  module.add_metadata([scratch]), module.add_metadata([loads, stores]))
         module._fb_scopes = cached
     return cached
 
@@ -181,6 +195,163 @@ def select(typingctx, cond, a, b):
 
 
 @intrinsic
+def acc_add(typingctx, acc, x):
+    """acc + x for a reduction's accumulator: floats with `reassoc`, the one freedom the loop
+    vectorizer needs to keep partial sums in SIMD lanes (integers: a plain add)."""
+    if acc != x or not isinstance(acc, (types.Float, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        if isinstance(sig.return_type, types.Float):
+            return builder.fadd(args[0], args[1], flags=("reassoc",))
+        return builder.add(args[0], args[1])
+    return acc(acc, x), codegen
+
+
+def _make_extremum(name: str, signed: str, unsigned: str):
+    @intrinsic
+    def extremum(typingctx, acc, x):
+        if acc != x or not isinstance(acc, (types.Float, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            t = sig.return_type
+            if isinstance(t, types.Float):     # NaN-propagating, -0 < +0 (torch.amax/amin)
+                ftype = context.get_value_type(t)
+                fn = builder.module.declare_intrinsic(f"llvm.{name}", [ftype],
+                                                      ir.FunctionType(ftype, [ftype] * 2))
+                return builder.call(fn, args)
+            op = signed if t.signed else unsigned
+            return builder.select(builder.icmp_signed(op, args[0], args[1]) if t.signed else
+                                  builder.icmp_unsigned(op, args[0], args[1]), args[0], args[1])
+        return acc(acc, x), codegen
+    return extremum
+
+
+acc_max = _make_extremum("maximum", ">", ">")
+acc_min = _make_extremum("minimum", "<", "<")
+
+CASCADE_DEPTH = 64     # block sums of up to 2**64 blocks
+
+
+def _entry_alloca(builder, ty):
+    """The address of an uninitialized `ty` on the stack, allocated once in the entry block
+    (numba's cgutils.alloca_once zero-fills it: a memset per call)."""
+    with builder.goto_entry_block():
+        ptr = builder.alloca(ty)
+    return builder.ptrtoint(ptr, _I64)
+
+
+@intrinsic
+def cascade_stack(typingctx, zero):
+    """Address of a per-call stack of CASCADE_DEPTH accumulators of zero's type (an alloca in
+    the kernel's entry block), for `cascade_push`/`cascade_total`."""
+    if not isinstance(zero, types.Float):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _entry_alloca(builder, ir.ArrayType(args[0].type, CASCADE_DEPTH))
+    return types.int64(zero), codegen
+
+
+def _make_stack_access(nb_type, ll_type):
+    """Unannotated load/store of a cascade stack (ld_*/st_* promise loads never alias stores)."""
+    @intrinsic
+    def load(typingctx, addr, index):
+        def codegen(context, builder, sig, args):
+            return builder.load(builder.gep(builder.inttoptr(args[0], ll_type.as_pointer()),
+                                            [args[1]]))
+        return nb_type(types.int64, types.int64), codegen
+
+    @intrinsic
+    def store(typingctx, addr, index, value):
+        def codegen(context, builder, sig, args):
+            ptr = builder.gep(builder.inttoptr(args[0], ll_type.as_pointer()), [args[1]])
+            builder.store(context.cast(builder, args[2], sig.args[2], nb_type), ptr)
+            return context.get_dummy_value()
+        return types.void(types.int64, types.int64, value), codegen
+    return load, store
+
+
+SCRATCH = 8192     # elements of a row scratch buffer (`row_scratch`)
+
+
+@intrinsic
+def row_scratch(typingctx, zero):
+    """Address of a buffer of SCRATCH values of zero's type (an alloca in the kernel's entry
+    block): a row's values computed in one sweep and read back in the next (`sc_st_*`, `sc_ld_*`)
+    instead of being computed again."""
+    if not isinstance(zero, types.Float):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _entry_alloca(builder, ir.ArrayType(args[0].type, SCRATCH))
+    return types.int64(zero), codegen
+
+
+def _make_scratch_access(nb_type, ll_type):
+    """Loads and stores of a row scratch buffer: they alias each other, never kernel operands."""
+    @intrinsic
+    def load(typingctx, addr, index):
+        def codegen(context, builder, sig, args):
+            inst = builder.load(builder.gep(builder.inttoptr(args[0], ll_type.as_pointer()),
+                                            [args[1]]))
+            _, _, scratch, operands = _all_scopes(builder)
+            inst.set_metadata("alias.scope", scratch)
+            inst.set_metadata("noalias", operands)
+            return inst
+        return nb_type(types.int64, types.int64), codegen
+
+    @intrinsic
+    def store(typingctx, addr, index, value):
+        def codegen(context, builder, sig, args):
+            ptr = builder.gep(builder.inttoptr(args[0], ll_type.as_pointer()), [args[1]])
+            inst = builder.store(context.cast(builder, args[2], sig.args[2], nb_type), ptr)
+            _, _, scratch, operands = _all_scopes(builder)
+            inst.set_metadata("alias.scope", scratch)
+            inst.set_metadata("noalias", operands)
+            return context.get_dummy_value()
+        return types.void(types.int64, types.int64, value), codegen
+    return load, store
+
+
+sc_ld_f32, sc_st_f32 = _make_scratch_access(types.float32, ir.FloatType())
+sc_ld_f64, sc_st_f64 = _make_scratch_access(types.float64, ir.DoubleType())
+_stk_f32 = _make_stack_access(types.float32, ir.FloatType())
+_stk_f64 = _make_stack_access(types.float64, ir.DoubleType())
+
+
+def _make_cascade(ld, st):
+    @njit(inline="always")
+    def push(stack, count, s):
+        # the count-th block sum (0-based): merge it with the stored sums of the blocks before
+        # it like a binary counter, so every sum adds two sums of equally many blocks
+        level = 0
+        while count & 1:
+            s = ld(stack, level) + s
+            count >>= 1
+            level += 1
+        st(stack, level, s)
+
+    @njit(inline="always")
+    def total(stack, count, zero):
+        # the sum of `count` pushed blocks: the stored sums, smallest first
+        s = zero
+        level = 0
+        while count:
+            if count & 1:
+                s = s + ld(stack, level)
+            count >>= 1
+            level += 1
+        return s
+    return push, total
+
+
+cascade_push_f32, cascade_total_f32 = _make_cascade(*_stk_f32)
+cascade_push_f64, cascade_total_f64 = _make_cascade(*_stk_f64)
+
+
+@intrinsic
 def f16_value(typingctx, h):
     """float16 bits (uint16) -> float32, exact for every value (subnormals, inf, NaN payload)."""
     def codegen(context, builder, sig, args):
@@ -248,16 +419,35 @@ def f16_bits(typingctx, x):
     return types.uint16(x), codegen
 
 
+def _make_prefetch(ll_type):
+    @intrinsic
+    def prefetch(typingctx, addr, index):
+        """Hint the cache line of element `index` of `addr` into the caches (a hint: never
+        faults, even for an address past the end)."""
+        def codegen(context, builder, sig, args):
+            ptr = builder.gep(builder.inttoptr(args[0], ll_type.as_pointer()), [args[1]])
+            i8p = ir.IntType(8).as_pointer()
+            fn = builder.module.declare_intrinsic(
+                "llvm.prefetch", [i8p], ir.FunctionType(ir.VoidType(), [i8p] + [_I32] * 3))
+            builder.call(fn, [builder.bitcast(ptr, i8p), _i32(0), _i32(3), _i32(1)])
+            return context.get_dummy_value()
+        return types.void(types.int64, types.int64), codegen
+    return prefetch
+
+
 for _name, (_nb, _ll) in _STORAGE.items():
     globals()[f"ld_{_name}"] = _make_load(_nb, _ll)
     globals()[f"st_{_name}"] = _make_store(_nb, _ll)
+    globals()[f"pf_{_name}"] = _make_prefetch(_ll)
 
 f32_from_bits = _make_bitcast(types.uint32, types.float32)
 bits_from_f32 = _make_bitcast(types.float32, types.uint32)
 f64_from_bits = _make_bitcast(types.int64, types.float64)
 bits_from_f64 = _make_bitcast(types.float64, types.uint64)
 
-__all__ = [f"{op}_{n}" for n in _STORAGE for op in ("ld", "st")] + [
+__all__ = [f"{op}_{n}" for n in _STORAGE for op in ("ld", "st", "pf")] + [
     "f32_from_bits", "bits_from_f32", "f64_from_bits", "bits_from_f64", "f32_ldexp", "f32_pow2",
     "f32_exponent", "f32_significand", "f64_pow2", "muladd", "bf16_bits", "bf16_value",
-    "f16_bits", "f16_value", "select"]
+    "f16_bits", "f16_value", "select", "acc_add", "acc_max", "acc_min", "cascade_stack",
+    "cascade_push_f32", "cascade_total_f32", "cascade_push_f64", "cascade_total_f64",
+    "SCRATCH", "row_scratch", "sc_ld_f32", "sc_st_f32", "sc_ld_f64", "sc_st_f64"]

@@ -9,6 +9,8 @@ import types
 
 import numpy as np
 
+from .harness import run_kernel
+
 
 class FakeArray:
     """A 'cupy' array: a numpy array (view) whose memory the emulated kernels use."""
@@ -66,7 +68,7 @@ def fake_cupy(libs: dict[str, ctypes.CDLL], capability: str = "90", driver: int 
         symbol = functions[f]
         lib = libs[symbol]
         assert getattr(lib, f"emu_bytes_{symbol}")() == size
-        getattr(lib, f"emu_{symbol}")(words.ctypes.data, gx)
+        run_kernel(lib, symbol, words.ctypes.data, gx)
         launched.append(symbol)
 
     runtime = types.SimpleNamespace(driverGetVersion=lambda: driver,

@@ -27,13 +27,14 @@ def have_compiler() -> bool:
     return shutil.which(CXX) is not None
 
 
-def compile_source(text: str, out_dir: str, name: str) -> ctypes.CDLL:
-    """g++ `text` (which includes emu.h) into out_dir/name.so and load it."""
+def compile_source(text: str, out_dir: str, name: str, flags: tuple[str, ...] = ()
+                   ) -> ctypes.CDLL:
+    """g++ `text` (which includes emu.h) into out_dir/name.so (extra g++ `flags`) and load it."""
     src, so = os.path.join(out_dir, f"{name}.cc"), os.path.join(out_dir, f"{name}.so")
     with open(src, "w") as f:
         f.write(text)
-    proc = subprocess.run([CXX, *CXXFLAGS, f"-I{HERE}", "-o", so, src], capture_output=True,
-                          text=True)
+    proc = subprocess.run([CXX, *CXXFLAGS, *flags, f"-I{HERE}", "-o", so, src],
+                          capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"g++ failed on {src}:\n{proc.stderr[-4000:]}")
     return ctypes.CDLL(so)
@@ -42,10 +43,25 @@ def compile_source(text: str, out_dir: str, name: str) -> ctypes.CDLL:
 def launchers(symbols: list[str]) -> str:
     """One host launcher per kernel symbol, and the size of its parameter struct."""
     return "\n".join(
-        f'extern "C" void emu_{s}(const long long *w, unsigned grid) '
-        f"{{ fb_emulate({s}, w, grid, {BLOCK}u); }}\n"
+        f'extern "C" int emu_{s}(const long long *w, unsigned grid) '
+        f"{{ return fb_emulate({s}, w, grid, {BLOCK}u); }}\n"
         f'extern "C" unsigned long long emu_bytes_{s}(void) {{ return fb_param_bytes({s}); }}'
         for s in symbols)
+
+
+class EmulationError(RuntimeError):
+    """A launch the emulator stopped: a deadlock, or a CUDA feature used outside what it
+    emulates."""
+
+
+def run_kernel(lib: ctypes.CDLL, symbol: str, words: int, grid: int) -> None:
+    """Launch kernel `symbol` of an emulation library on `grid` blocks, its parameter words at
+    address `words`; raises EmulationError with the emulator's reason when it stops."""
+    launch = getattr(lib, f"emu_{symbol}")
+    launch.argtypes, launch.restype = [ctypes.c_void_p, ctypes.c_uint], ctypes.c_int
+    if launch(words, grid):
+        lib.fb_emu_error.restype = ctypes.c_char_p
+        raise EmulationError(f"{symbol}: {lib.fb_emu_error().decode()}")
 
 
 @dataclass
@@ -63,18 +79,19 @@ class EmulatedGroup:
         self.kernels = {ks.key: ks for ks in kernels}
         self.info = dispatch.GroupInfo.from_manifest(group.to_json())
         for ks in kernels:
-            getattr(lib, f"emu_{ks.symbol}").argtypes = [ctypes.c_void_p, ctypes.c_uint]
             getattr(lib, f"emu_bytes_{ks.symbol}").restype = ctypes.c_ulonglong
 
-    def resolve(self, key: str) -> str:
-        """The kernel the runtime picks for a call of `key` (same rules as Bundle.candidates)."""
-        if key in self.kernels:
+    def resolve(self, key: str, empty_rows: int = 0) -> str:
+        """The kernel the runtime picks for a call of `key` (same rules as Bundle.candidates;
+        for `empty_rows` rows of N = 0 any of the dtypes, of rank >= 2 for several rows)."""
+        if key in self.kernels and not empty_rows:
             return key
         group, descs = parse_key(key)
         layouts = tuple(lay for _, lay in descs)
         fits = [k for k, ks in self.kernels.items()
                 if [d for d, _ in parse_key(k)[1]] == [d for d, _ in descs]
-                and dispatch.serves(ks.layouts, layouts)]
+                and (dispatch.serves(ks.layouts, layouts, self.info.reduces) if not empty_rows
+                     else empty_rows == 1 or ks.rank >= 2)]
         fits.sort(key=lambda k: (not _keeps_inner(self.kernels[k].layouts, layouts),
                                  self.kernels[k].rank,
                                  "".join(self.kernels[k].layouts).count("s"), k))
@@ -86,45 +103,51 @@ class EmulatedGroup:
                  start: int = 0) -> Launch:
         """Run on numpy arrays; `flags(host_flags) -> flags` may override the host's choice.
 
-        A `start` (a multiple of the element count) runs elements [start, start + n) with every
-        pointer moved back by the offset of element `start`: the same results, computed from
-        element indices and offsets beyond 32 bits.
+        A `start` (a multiple of the element count, or of the work count rows * max(N, 1) of a
+        reduction) runs elements [start, start + n) with every pointer moved back by the offset
+        of element (row) `start`: the same results, computed from element indices, row indices
+        and offsets beyond 32 bits.
         """
         described = tuple(_host(a) if kind == "tensor" else a
                           for (_, kind, _), a in zip(self.info.params, args))
         call = dispatch.prepare(self.info, described, lambda a: (a.shape, a.strides, a.dtype))
-        key = self.resolve(call.key)
+        reduces = self.info.reduces
+        n = dispatch.work_count(call, reduces)
+        empty_rows = n if reduces and not call.shape[-1] else 0
+        key = self.resolve(call.key, empty_rows)
         ks = self.kernels[key]
         outs = [np.empty(shape, o.dtype.numpy)
                 for shape, o in zip(call.out_shapes, ks.kernel.outputs)]
-        n = dispatch.element_count(call)
         if not n:
             return Launch(key, 0, outs)
-        call.canon = dispatch.pad(call.canon, ks.layouts)
+        call.canon = cuda.empty_rows_canon(call, ks.layouts, cuda.row_outputs(self.info)) \
+            if empty_rows else dispatch.pad(call.canon, ks.layouts, reduces)
         abi: Abi = ks.abi
         vector = vector_width(ks)
         words, _ = cuda.launch_words(abi, call, [_host(o) for o in outs],
                                      [cat for _, cat in self.info.outputs], ks.layouts, vector,
-                                     seed, offset)
+                                     seed, offset, cuda.row_outputs(self.info))
         if flags is not None:
             words[-1] = flags(int(words[-1]))
         if start:
-            _shift(words, ks, call, outs, [cat for _, cat in self.info.outputs], start)
-        grid = cuda.grid_size(n, vector, int(words[-1]))
+            _shift(words, ks, call, outs, [cat for _, cat in self.info.outputs], start, n,
+                   reduces)
+        grid = cuda.grid_size(n, vector, int(words[-1]), cuda.row_length(call) if reduces else 0)
         assert getattr(self.lib, f"emu_bytes_{ks.symbol}")() == words.nbytes
-        getattr(self.lib, f"emu_{ks.symbol}")(words.ctypes.data, grid)
+        run_kernel(self.lib, ks.symbol, words.ctypes.data, grid)
         return Launch(key, int(words[-1]), outs)
 
 
 def _shift(words: np.ndarray, ks: KernelSource, call: dispatch.Call, outs: list, cats: list,
-           start: int) -> None:
-    """Make a launch compute elements [start, start + n) of a grid `start // n` times taller:
+           start: int, n: int, reduces: bool) -> None:
+    """Make a launch over [0, n) compute [start, start + n) of a grid `start // n` times taller:
     move each pointer back by `start // n * size[0]` times the stride the kernel applies to the
-    outermost dim (its layout letter decides: 'b' 0, inner 'c' 1, plain outputs dense)."""
-    abi, sizes, n = ks.abi, call.canon.sizes, dispatch.element_count(call)
-    assert abi.rank and start % n == 0
+    outermost dim (its layout letter decides: 'b' 0, inner 'c' of rank 1 1, plain outputs
+    dense; the outer dim of a reduction kernel, whose rank is >= 2, is never the inner one)."""
+    abi, sizes = ks.abi, call.canon.sizes
+    assert abi.rank > reduces and start % n == 0
     rows = start // n * sizes[0]
-    letters = [lay[0] for lay in ks.layouts] + ["s" if cat else "d" for cat in cats]
+    letters = [lay[0] for lay in ks.layouts] + ["s" if cat or reduces else "d" for cat in cats]
     itemsizes = [a.dtype.itemsize for a in call.arrays] + [o.itemsize for o in outs]
     slots = [[abi.in_ptr(i, k) for k in range(c)] for i, c in enumerate(abi.chunks)]
     slots += [[abi.out_ptr(o, k) for k in range(c)] for o, c in enumerate(abi.parts)]
