@@ -285,16 +285,24 @@ class _BodyParser:
         params = dict(zip(op.params, e.args))
         dim = params.pop("dim", None)
         if dim is not None:
-            if dim.kind != "num" or type(dim.value) is not int or dim.value < -1:
+            if dim.kind != "num" or type(dim.value) is not int:
                 raise self.smap.error(
-                    f"{op.name}() reduces the last dim only: dim={_show(dim)} is not supported",
-                    dim.line, dim.col, f"write {op.name}(x) or {op.name}(x, dim=-1)")
+                    f"dim= of {op.name}() must be an integer literal, got {_show(dim)}",
+                    dim.line, dim.col, f"write {op.name}(x) or {op.name}(x, dim=-1): reductions "
+                    "reduce the last dim")
+            if dim.value < -1:
+                raise self.smap.error(
+                    f"{op.name}() reduces the last dim only: dim={dim.value} is not supported",
+                    dim.line, dim.col, f"write {op.name}(x, dim=-1) and pass a view whose last "
+                    "dim is the one to reduce (a transposed view is a strided call)")
             if dim.value >= 0:
                 self.dims.append((dim.value, dim.line, dim.col))
         for name, a in params.items():
             if name != "x" and a.kind != "num" and not (a.kind == "name" and a.value in self.uniform):
-                raise self.smap.error(f"{name}= of {op.name}() must be a number or a scalar input",
-                                      a.line, a.col, f"e.g. {op.name}(x, {name}=1e-5)")
+                raise self.smap.error(f"{name}= of {op.name}() must be a number or a scalar input, "
+                                      f"got {_show(a)}", a.line, a.col,
+                                      f"e.g. {op.name}(x, {name}={_EXAMPLE.get(name, 1)}), or "
+                                      f"declare a scalar input ({name}: scalar(float32))")
         return Expr("call", op.name, tuple(params.values()), line=e.line, col=e.col)
 
     def bind(self, op: OpDef, node: ast.Call, pos: dict):
@@ -307,7 +315,7 @@ class _BodyParser:
         for kw in node.keywords:
             if kw.arg not in op.params:
                 raise self.err(kw.value, f"{op.name}() got an unexpected keyword '{kw.arg}'",
-                               f"{op.name}({', '.join(op.params)})")
+                               _keyword_hint(op, kw.arg))
             if kw.arg in bound:
                 raise self.err(kw.value, f"{op.name}() got multiple values for '{kw.arg}'",
                                f"{op.name}({', '.join(op.params)})")
@@ -331,7 +339,35 @@ class _BodyParser:
 
 
 def _show(e: Expr) -> str:
-    return repr(e.value) if e.kind in ("num", "name") else "..."
+    if e.kind == "num":
+        return repr(e.value)
+    return e.value if e.kind == "name" else f"an expression ({e.value}(...))"
+
+
+_EXAMPLE = {"eps": "1e-5", "correction": "1"}    # values shown in hints for reduction parameters
+_KEEPDIM = ("reductions always keep the reduced dim (size 1, like torch's keepdim=True) and "
+            "broadcast against full rows; drop {kw}=")
+# Keywords of torch/numpy reductions that the spec language spells differently (or not at all).
+_KEYWORD_HINTS = {
+    "axis": "reductions take dim=, not axis=: did you mean {op}(x, dim=-1)?",
+    "keepdim": _KEEPDIM, "keepdims": _KEEPDIM,
+    "unbiased": "write correction=1 for torch's unbiased=True (the default is correction=0)",
+    "normalized_shape": "{op}() normalizes the last dim; an affine weight and bias are written "
+                        "in the body: {op}(x, eps=1e-5) * w + b",
+}
+
+
+def _keyword_hint(op: OpDef, kw: str) -> str:
+    """The hint for an unknown keyword of `op`: a known torch spelling, a close parameter name,
+    or the signature."""
+    signature = f"{op.name}({', '.join(op.params)})"
+    if op.rule == "reduce" and kw == "dim":
+        return f"{op.name}() always normalizes the last dim: drop dim=, e.g. {op.name}(x, eps=1e-5)"
+    if op.rule == "reduce" and kw in _KEYWORD_HINTS:
+        return _KEYWORD_HINTS[kw].format(op=op.name, kw=kw)
+    from difflib import get_close_matches
+    near = get_close_matches(kw, op.params[1:], n=1)
+    return f"did you mean {near[0]}=? {signature}" if near else signature
 
 
 def _parse_body(body: str, smap: SourceMap) -> ast.Module:
@@ -872,9 +908,14 @@ class _Typer:
         t = self.promote([x])
         if t.is_float:
             acc = dt.float64 if t == dt.float64 else dt.float32
-        elif rule.ints == "error" or (t.is_bool and rule.ints == "keep"):
+        elif rule.ints == "error":
             raise self.err(e, f"{op.name}() needs a float operand, got {t.name}",
                            f"cast first, e.g. {op.name}(float32(x))")
+        elif t.is_bool and rule.ints == "keep":
+            which = "any" if op.name == "amax" else "every"
+            raise self.err(e, f"{op.name}() needs an int or float operand, got bool",
+                           f"cast first: {op.name}(uint8(c)) is 1 where {which} element of the "
+                           "row is True")
         else:
             acc = dt.int64 if rule.ints == "int64" else t
         out = t if t.is_float else acc

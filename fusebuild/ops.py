@@ -237,10 +237,11 @@ def _log_softmax(b, x):
 
 
 def _logsumexp(b, x):
-    """torch's: the max is taken as 0 where it is infinite, so a row of -inf gives -inf and a
-    row holding +inf gives +inf (not NaN)."""
+    """torch's: the max is taken as 0 where it is not finite, so a row of -inf gives -inf, a
+    row holding +inf gives +inf (not NaN) and an empty row log(0) = -inf (a NaN still gives NaN:
+    it reaches the sum)."""
     m = b.row("rmax", x)
-    m = b.op("where", b.op("isinf", m), b.c(0), m)
+    m = b.op("where", b.op("isfinite", m), m, b.c(0))
     return b.op("add", b.op("log", b.row("rsum", _shifted_exp(b, x, m))), m)
 
 

@@ -288,7 +288,7 @@ def _reduction(name: str, x: np.ndarray, extra: list, d: dt.DType) -> tuple[np.n
     if name in ("softmax", "log_softmax", "logsumexp"):
         m = _row_max(w, np.max)
         if name == "logsumexp":
-            m = np.where(np.isinf(m), 0, m)
+            m = np.where(np.isfinite(m), m, 0)
         s = _lsum(np.exp(w - m))
         value = {"softmax": lambda: np.exp(w - m) / s, "log_softmax": lambda: (w - m) - np.log(s),
                  "logsumexp": lambda: np.log(s) + m}[name]()

@@ -649,6 +649,9 @@ def _miss_problem(group: Group, descs: tuple) -> str:
              for i, (d, _) in zip(inputs, descs) if i.dtype is not None and i.dtype != d]
     if fixed:
         return "; ".join(fixed)
+    if group.reduces and any(not lay for _, lay in descs):
+        return f"has rank 0, but group '{group.name}' reduces over the last dim: its keys " \
+            "have rank >= 1"
     try:
         instantiate(group, {i.name: d for i, (d, _) in zip(inputs, descs)})
     except SpecError as e:
