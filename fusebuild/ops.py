@@ -217,9 +217,11 @@ def _mean(b, x):
 
 def _var(b, x, correction):
     """Two passes: the mean, then the sum of squared deviations (no cancellation of sums of
-    squares); divided by N - correction like torch (N - correction <= 0 gives inf or NaN)."""
+    squares); divided by N - correction like torch (N - correction <= 0 gives inf or NaN, an
+    empty row NaN)."""
     d = b.op("sub", x, _mean(b, x))
-    return b.op("div", b.row("rsum", b.op("mul", d, d)), b.op("sub", b.n(), correction))
+    v = b.op("div", b.row("rsum", b.op("mul", d, d)), b.op("sub", b.n(), correction))
+    return b.op("where", b.op("eq", b.n(), b.c(0)), b.c(math.nan), v)
 
 
 def _shifted_exp(b, x, m):

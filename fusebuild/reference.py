@@ -283,7 +283,7 @@ def _reduction(name: str, x: np.ndarray, extra: list, d: dt.DType) -> tuple[np.n
         return mean, big
     if name == "var":
         dev = w - mean
-        v = _lsum(dev * dev) / (n - extra[0].astype(np.longdouble))
+        v = _lsum(dev * dev) / (n - extra[0].astype(np.longdouble)) if n else mean   # NaN
         return v, 2 * big * _row_max(np.abs(dev), np.max) + np.abs(v) if n else big
     if name in ("softmax", "log_softmax", "logsumexp"):
         m = _row_max(w, np.max)
