@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import dtypes as dt
-from . import elf, ir, reference
+from . import elf, ir, syntax, reference
 from . import targets as tg
 from .argspec import Canonical, contiguous_strides, parse_key, row_strides
 from .codegen.common import KernelSource
@@ -59,7 +59,7 @@ def open_root(path: str) -> str:
     return os.path.abspath(path)
 
 
-def check_schema(manifest: dict) -> dict[str, ir.Group]:
+def check_schema(manifest: dict) -> dict[str, syntax.Group]:
     """Every group parses back to its own JSON and every kernel's target and output dtypes are
     those of its group's IR (`read_manifest` checked files, hashes and symbols); returns the
     groups."""
@@ -131,7 +131,7 @@ def _int_range(d: dt.DType) -> tuple[int, int]:
     return max(lo, -1000), min(hi, 1000) + 1
 
 
-def check_numerics(root: str, group: ir.Group, entry: dict, rng: np.random.Generator) -> None:
+def check_numerics(root: str, group: syntax.Group, entry: dict, rng: np.random.Generator) -> None:
     """Run one CPU kernel on random inputs of its key's layout and compare with the reference;
     a reduction kernel once per row length of ROW_LENGTHS."""
     _, descs = parse_key(entry["key"])
@@ -143,7 +143,7 @@ def check_numerics(root: str, group: ir.Group, entry: dict, rng: np.random.Gener
                     sizes if n_row is None else sizes[:-1] + (n_row,), rng)
 
 
-def _check_call(root: str, group: ir.Group, entry: dict, ks: KernelSource, dtypes: dict,
+def _check_call(root: str, group: syntax.Group, entry: dict, ks: KernelSource, dtypes: dict,
                 sizes: tuple, rng: np.random.Generator) -> None:
     """One call over canonical `sizes`, split in two at a random index (inside a row of a
     reduction kernel: its row rule, abi.py, computes each row once)."""

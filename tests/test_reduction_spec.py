@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from fusebuild import dtypes as dt, ir, reference, schedule, spec
+from fusebuild import dtypes as dt, ir, syntax, reference, schedule, spec
 from fusebuild.argspec import canonicalize, contiguous_strides, row_strides
 from fusebuild.ops import ROW_OPS
 from fusebuild.runtime import dispatch
 from conftest import SPECS
 
 
-def group(body: str, inputs: str = "x", outputs=("y",), scalars: str = "") -> ir.Group:
+def group(body: str, inputs: str = "x", outputs=("y",), scalars: str = "") -> syntax.Group:
     ins = [(n, "tensor", None) for n in inputs] + [(n, "scalar", dt.float32) for n in scalars]
-    return ir.parse_group("g", ins, [(o, None) for o in outputs], body, ir.SourceMap())
+    return syntax.parse_group("g", ins, [(o, None) for o in outputs], body, syntax.SourceMap())
 
 
 def kernel(body: str, dtypes=(dt.float32,), **kw) -> ir.Kernel:

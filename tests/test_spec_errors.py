@@ -84,7 +84,7 @@ CASES = [
     ("unassigned-output", body("t = x", outputs="[y]"), "t = x", r"output 'y' is never assigned"),
     ("scalar-without-dtype", BASE.replace("b: tensor}", "b: tensor, s: scalar}"), "scalar}",
      r"scalar input 's' needs a dtype"),
-    # nesting past ir.MAX_NESTING (1000) is refused at the operator where it is crossed
+    # nesting past syntax.MAX_NESTING (1000) is refused at the operator where it is crossed
     ("deep-minus", body("y = " + "-" * 1100 + "x"), (7, 11 + 1000), NESTED),
     ("deep-not", body("y = " + "not " * 1100 + "x"), (7, 11 + 4 * 1000), NESTED),
     ("deep-invert", body("y = " + "~" * 1100 + "x"), (7, 11 + 1000), NESTED),
