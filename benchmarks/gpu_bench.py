@@ -54,7 +54,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fusebuild import __version__, dtypes as dt, ir, spec  # noqa: E402
+from fusebuild import __version__, dtypes as dt, ir, syntax, spec  # noqa: E402
 from fusebuild.argspec import Dim, broadcast_shapes  # noqa: E402
 from fusebuild.codegen.cuda import CUDA_OPS, CudaRenderer  # noqa: E402
 from fusebuild.ops import PRIMITIVES  # noqa: E402
@@ -128,7 +128,7 @@ class Case:
     broadcast: bool
 
     @property
-    def group(self) -> ir.Group:
+    def group(self) -> syntax.Group:
         return self.plan.group
 
     @property
@@ -173,7 +173,7 @@ class Case:
                 "broadcast": self.broadcast}
 
 
-def pattern_shapes(group: ir.Group, pattern: dict, elements: int, side: int
+def pattern_shapes(group: syntax.Group, pattern: dict, elements: int, side: int
                    ) -> tuple[dict[str, tuple[int, ...]], bool]:
     """Concrete input shapes of one symbolic pattern, and whether an input is broadcast."""
     inputs = group.tensor_inputs

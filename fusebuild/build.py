@@ -24,7 +24,8 @@ from .bundle import make_manifest, plan_hash, write_bundle
 from .cache import Cache, Entry, default_dir, module_key
 from .codegen.common import KernelSource
 from .errors import BuildError, FusebuildError, UsageError
-from .ir import Group, instantiate
+from .syntax import Group
+from .ir import instantiate
 from .runtime.manifest import is_plain_path
 from .spec import Plan, Variant
 from .text import plural

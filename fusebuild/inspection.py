@@ -1,7 +1,7 @@
 """`fusebuild inspect`: the kernels of a bundle, and the generated source of one of them."""
 from __future__ import annotations
 
-from . import ir
+from . import ir, syntax
 from . import targets as tg
 from .argspec import parse_key
 from .codegen.common import KernelSource
@@ -28,7 +28,7 @@ def kernel_source(manifest: dict, key: str, target: str | None = None) -> str:
                (target is None or k["target"] == target)]
     if not entries:
         raise BundleError(f"the bundle has no kernel {key}" + (f" for {target}" if target else ""))
-    group = ir.group_from_json(manifest["groups"][entries[0]["group"]])
+    group = syntax.group_from_json(manifest["groups"][entries[0]["group"]])
     names = [i.name for i in group.tensor_inputs]
     dtypes = {n: d for n, (d, _) in zip(names, parse_key(key)[1])}
     ks = KernelSource(ir.instantiate(group, dtypes), key)

@@ -20,12 +20,12 @@ from .errors import FusebuildError, SpecError
 def compile_missing(group_json: dict, key: str, target: str, out_dir: str) -> dict:
     """Compile `key` of the group for `target`; the manifest-style entry, with an absolute file.
     The build side is imported here, so that its absence is an answer ("extras"), not a crash."""
-    from . import build, ir
+    from . import build, ir, syntax
     from . import targets as tg
     from .argspec import parse_key
     from .cache import Cache, Entry, default_dir, module_key
     from .spec import Variant
-    group = ir.group_from_json(group_json)
+    group = syntax.group_from_json(group_json)
     dtypes = tuple(d for d, _ in parse_key(key)[1])
     ir.instantiate(group, {i.name: d for i, d in zip(group.tensor_inputs, dtypes)})
     backend = tg.backend(target)

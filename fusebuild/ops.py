@@ -217,9 +217,11 @@ def _mean(b, x):
 
 def _var(b, x, correction):
     """Two passes: the mean, then the sum of squared deviations (no cancellation of sums of
-    squares); divided by N - correction like torch (N - correction <= 0 gives inf or NaN)."""
+    squares); divided by N - correction like torch (N - correction <= 0 gives inf or NaN, an
+    empty row NaN)."""
     d = b.op("sub", x, _mean(b, x))
-    return b.op("div", b.row("rsum", b.op("mul", d, d)), b.op("sub", b.n(), correction))
+    v = b.op("div", b.row("rsum", b.op("mul", d, d)), b.op("sub", b.n(), correction))
+    return b.op("where", b.op("eq", b.n(), b.c(0)), b.c(math.nan), v)
 
 
 def _shifted_exp(b, x, m):
@@ -237,10 +239,11 @@ def _log_softmax(b, x):
 
 
 def _logsumexp(b, x):
-    """torch's: the max is taken as 0 where it is infinite, so a row of -inf gives -inf and a
-    row holding +inf gives +inf (not NaN)."""
+    """torch's: the max is taken as 0 where it is not finite, so a row of -inf gives -inf, a
+    row holding +inf gives +inf (not NaN) and an empty row log(0) = -inf (a NaN still gives NaN:
+    it reaches the sum)."""
     m = b.row("rmax", x)
-    m = b.op("where", b.op("isinf", m), b.c(0), m)
+    m = b.op("where", b.op("isfinite", m), m, b.c(0))
     return b.op("add", b.op("log", b.row("rsum", _shifted_exp(b, x, m))), m)
 
 

@@ -283,12 +283,12 @@ def _reduction(name: str, x: np.ndarray, extra: list, d: dt.DType) -> tuple[np.n
         return mean, big
     if name == "var":
         dev = w - mean
-        v = _lsum(dev * dev) / (n - extra[0].astype(np.longdouble))
+        v = _lsum(dev * dev) / (n - extra[0].astype(np.longdouble)) if n else mean   # NaN
         return v, 2 * big * _row_max(np.abs(dev), np.max) + np.abs(v) if n else big
     if name in ("softmax", "log_softmax", "logsumexp"):
         m = _row_max(w, np.max)
         if name == "logsumexp":
-            m = np.where(np.isinf(m), 0, m)
+            m = np.where(np.isfinite(m), m, 0)
         s = _lsum(np.exp(w - m))
         value = {"softmax": lambda: np.exp(w - m) / s, "log_softmax": lambda: (w - m) - np.log(s),
                  "logsumexp": lambda: np.log(s) + m}[name]()

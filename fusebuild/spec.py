@@ -1,7 +1,7 @@
 """Spec files (YAML, `fusebuild: 1`) -> groups and their ArgSpec matrix (a build plan).
 
 The YAML is composed into nodes so every error can name file:line:column; bodies are parsed by
-`ir.parse_group`. Matrix shapes are symbolic (B, C, 4*H) and canonicalized with the same
+`body.parse_group`. Matrix shapes are symbolic (B, C, 4*H) and canonicalized with the same
 `argspec.canonicalize` the runtime uses, so the planned keys are exactly the keys calls produce.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ from . import targets as tg
 from .argspec import (Dim, broadcast_shapes, canonicalize, contiguous_strides, format_key,
                       parse_key, row_strides)
 from .errors import SpecError, UsageError
-from .ir import Group, SourceMap, instantiate, parse_group
+from .syntax import Group, SourceMap, parse_group
+from .ir import instantiate
 
 TOP_KEYS = ("fusebuild", "bundle", "targets", "groups")
 GROUP_KEYS = ("name", "doc", "inputs", "outputs", "body", "matrix", "targets")
@@ -649,6 +650,9 @@ def _miss_problem(group: Group, descs: tuple) -> str:
              for i, (d, _) in zip(inputs, descs) if i.dtype is not None and i.dtype != d]
     if fixed:
         return "; ".join(fixed)
+    if group.reduces and any(not lay for _, lay in descs):
+        return f"has rank 0, but group '{group.name}' reduces over the last dim: its keys " \
+            "have rank >= 1"
     try:
         instantiate(group, {i.name: d for i, (d, _) in zip(inputs, descs)})
     except SpecError as e:

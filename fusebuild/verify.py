@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import dtypes as dt
-from . import elf, ir, reference
+from . import elf, ir, syntax, reference
 from . import targets as tg
 from .argspec import Canonical, contiguous_strides, parse_key, row_strides
 from .codegen.common import KernelSource
@@ -59,7 +59,7 @@ def open_root(path: str) -> str:
     return os.path.abspath(path)
 
 
-def check_schema(manifest: dict) -> dict[str, ir.Group]:
+def check_schema(manifest: dict) -> dict[str, syntax.Group]:
     """Every group parses back to its own JSON and every kernel's target and output dtypes are
     those of its group's IR (`read_manifest` checked files, hashes and symbols); returns the
     groups."""
@@ -110,12 +110,15 @@ def _check_artifact(root: str, rel: str, kernels: list[dict], host: tuple[str, .
     return False
 
 
+ROW_LENGTHS = (37, 300, 0)   # row lengths N reduction kernels are checked at (0: empty rows)
+
+
 def _strided_view(d: dt.DType, sizes: tuple, letters: str, rng) -> np.ndarray:
     """A random array of `sizes` whose strides follow `letters` (c dense, b 0, s gapped)."""
     dense = contiguous_strides(sizes)
     strides = [0 if c == "b" else dense[i] * 2 + (i == len(sizes) - 1) if c == "s" else dense[i]
                for i, c in enumerate(letters)]
-    n = 1 + sum((s - 1) * st for s, st in zip(sizes, strides))
+    n = max(1, 1 + sum((s - 1) * st for s, st in zip(sizes, strides)))
     base = np.ascontiguousarray(
         (rng.standard_normal(n) * 2).astype(d.numpy) if d.is_float else
         rng.random(n) < 0.5 if d.is_bool else
@@ -128,21 +131,29 @@ def _int_range(d: dt.DType) -> tuple[int, int]:
     return max(lo, -1000), min(hi, 1000) + 1
 
 
-def check_numerics(root: str, group: ir.Group, entry: dict, rng: np.random.Generator) -> None:
-    """Run one CPU kernel on random inputs of its key's layout and compare with the reference
-    (a reduction kernel over rows of 2..6 elements, with the tolerance of rows that long)."""
+def check_numerics(root: str, group: syntax.Group, entry: dict, rng: np.random.Generator) -> None:
+    """Run one CPU kernel on random inputs of its key's layout and compare with the reference;
+    a reduction kernel once per row length of ROW_LENGTHS."""
     _, descs = parse_key(entry["key"])
-    names = [i.name for i in group.tensor_inputs]
-    dtypes = {n: d for n, (d, _) in zip(names, descs)}
+    dtypes = {i.name: d for i, (d, _) in zip(group.tensor_inputs, descs)}
     ks = KernelSource(ir.instantiate(group, dtypes), entry["key"])
-    abi = ks.abi
-    sizes = tuple(int(x) for x in rng.integers(2, 7, abi.rank))
+    sizes = tuple(int(x) for x in rng.integers(2, 7, ks.rank))
+    for n_row in ROW_LENGTHS if ks.kernel.reduce else (None,):
+        _check_call(root, group, entry, ks, dtypes,
+                    sizes if n_row is None else sizes[:-1] + (n_row,), rng)
+
+
+def _check_call(root: str, group: syntax.Group, entry: dict, ks: KernelSource, dtypes: dict,
+                sizes: tuple, rng: np.random.Generator) -> None:
+    """One call over canonical `sizes`, split in two at a random index (inside a row of a
+    reduction kernel: its row rule, abi.py, computes each row once)."""
+    abi, reduces, descs = ks.abi, ks.kernel.reduce, parse_key(ks.key)[1]
     views = [[_strided_view(d, sizes, lay, rng) for _ in range(abi.chunks[i])]
              for i, (d, lay) in enumerate(descs)]
     scalars = [float(rng.uniform(0.05, 0.95)) if s.dtype.is_float else int(rng.integers(-50, 50))
                for s in group.scalar_inputs]
     bits = [dispatch._scalar_bits(s.name, v, s.dtype) for s, v in zip(group.scalar_inputs, scalars)]
-    rows = [o.row for o in group.outputs]     # row outputs of a reduction: [..., 1]
+    rows = [o.row for o in group.outputs]
     outs = [[np.empty(sizes[:-1] + (1,) if row else sizes, dt.lookup(o).numpy) for _ in range(n)]
             for o, n, row in zip(entry["outputs"], abi.parts, rows)]
     strides = [tuple(st // v[0].itemsize for st in v[0].strides) for v in views] + \
@@ -155,17 +166,21 @@ def check_numerics(root: str, group: ir.Group, entry: dict, rng: np.random.Gener
                     [o.ctypes.data for os_ in outs for o in os_], np.int64)
     fn = load_verified(root, entry["file"], entry["sha256"])[entry["symbol"]]
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-    fn(ptrs.ctypes.data, meta.ctypes.data, 0, dispatch.work_count(call, group.reduces))
+    n = dispatch.work_count(call, reduces)
+    split = int(rng.integers(0, n + 1))
+    for start, stop in ((0, split), (split, n)):
+        fn(ptrs.ctypes.data, meta.ctypes.data, start, stop)
     want = reference.evaluate_views(ir.instantiate(group, dtypes, expand=False), views, scalars,
                                     seed, offset)
-    n_row = sizes[-1] if group.reduces else 0
+    n_row = sizes[-1] if reduces else 0
     for o, parts in zip(group.outputs, outs):
+        magnitude = want.magnitude[o.name] if o.row else want.part_magnitude
         for k, part in enumerate(parts):
-            m = reference.compare(part, want.parts[o.name][k],
-                                  want.magnitude[o.name] if o.row else want.part_magnitude,
-                                  n_row=n_row)
+            m = reference.compare(part, want.parts[o.name][k], magnitude, n_row=n_row)
             if m:
-                raise BundleError(f"{entry['key']} [{entry['target']}] output {o.name}: {m.message}")
+                where = f" (rows of N = {n_row})" if reduces else ""
+                raise BundleError(f"{entry['key']} [{entry['target']}] output {o.name}{where}: "
+                                  f"{m.message}")
 
 
 def verify(path: str, numerics: bool = False, seed: int = 0, allow_skip: bool = False) -> Report:

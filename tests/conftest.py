@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from fusebuild import build, dtypes as dt, ir, reference, runtime, spec
+from fusebuild import build, dtypes as dt, ir, syntax, reference, runtime, spec
 from fusebuild.argspec import Dim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +73,7 @@ def adam_case(bundle, n: int, seed: int = 8):
     p, g, m, v = (random_array(dt.float32, (n,), rng) for _ in range(4))
     v = np.abs(v)
     scalars = [1e-3, 0.9, 0.999, 1e-8, 0.1, 0.001]
-    group = ir.group_from_json(bundle.manifest["groups"]["adam"])
+    group = syntax.group_from_json(bundle.manifest["groups"]["adam"])
     want = reference.evaluate(ir.instantiate(group, dict.fromkeys(
         ("param", "grad", "exp_avg", "exp_avg_sq"), dt.float32), expand=False), [p, g, m, v],
         scalars)
@@ -131,8 +131,8 @@ def strided_view(a: np.ndarray) -> np.ndarray:
     return big[..., ::2]
 
 
-def group_of(bundle, name: str) -> ir.Group:
-    return ir.group_from_json(bundle.manifest["groups"][name])
+def group_of(bundle, name: str) -> syntax.Group:
+    return syntax.group_from_json(bundle.manifest["groups"][name])
 
 
 def check_call(bundle, name: str, args: list, seed=None, offset=0, out=None):
@@ -152,8 +152,10 @@ def check_call(bundle, name: str, args: list, seed=None, offset=0, out=None):
             assert x.tobytes() == y.tobytes() == z.tobytes(), f"{name}: fast and Python paths differ"
     want = reference.evaluate(ir.instantiate(g, dtypes, expand=False), tensors, scalars,
                               seed or 0, offset)
+    n_row = want.part_magnitude.shape[-1] if g.reduces else 0     # reductions: DESIGN §8
     for o, value in zip(g.outputs, got):
-        mismatch = reference.compare(value, want.outputs[o.name], want.magnitude[o.name])
+        mismatch = reference.compare(value, want.outputs[o.name], want.magnitude[o.name],
+                                     n_row=n_row)
         assert mismatch is None, f"{name} output {o.name} ({bundle[name].key(*args)}): " \
                                  f"{mismatch.message}"
     return got

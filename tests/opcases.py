@@ -5,7 +5,7 @@ import itertools
 
 import numpy as np
 
-from fusebuild import dtypes as dt, ir
+from fusebuild import dtypes as dt, ir, syntax
 from fusebuild.errors import SpecError
 from fusebuild.ops import CASTS, OPS
 
@@ -47,7 +47,7 @@ def op_bodies() -> dict[str, tuple[tuple[str, ...], str]]:
 def accepted_dtypes(name: str, inputs: tuple[str, ...], body: str) -> list[dt.DType]:
     """The dtypes (all tensor inputs alike, `cond` bool) the op type-checks with."""
     decl = [(i, "tensor", dt.bool_ if i == "cond" else None) for i in inputs]
-    g = ir.parse_group(name, decl, [("y", None)], body, ir.SourceMap())
+    g = syntax.parse_group(name, decl, [("y", None)], body, syntax.SourceMap())
     ok = []
     for d in dt.ALL:
         try:

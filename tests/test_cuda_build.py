@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fusebuild import build, dtypes as dt, ir, spec
+from fusebuild import build, dtypes as dt, ir, syntax, spec
 from fusebuild.codegen.common import KernelSource
 from fusebuild.codegen.cuda import render_module
 from fusebuild.elf import cubin_sm, functions
@@ -120,8 +120,8 @@ def test_missing_nvrtc_names_the_pip_package(monkeypatch, tmp_path):
 def test_half_rounding_uses_ptx_cvt_where_the_arch_has_it():
     """f32 -> f16 by cvt.rn.f16.f32 everywhere; f32 -> bf16 by cvt.rn.bf16.f32 from sm_80 on,
     by the integer round-to-nearest-even trick on sm_75."""
-    group = ir.parse_group("cvt", [("x", "tensor", None)],
-                           [("h", dt.float16), ("b", dt.bfloat16)], "h = x\nb = x", ir.SourceMap())
+    group = syntax.parse_group("cvt", [("x", "tensor", None)],
+                           [("h", dt.float16), ("b", dt.bfloat16)], "h = x\nb = x", syntax.SourceMap())
     ks = KernelSource(ir.instantiate(group, {"x": dt.float32}), "cvt(f32:c)")
     source = render_module([ks])
     for arch, has_bf16 in (("compute_75", False), ("compute_80", True), ("compute_90", True)):
@@ -134,8 +134,8 @@ def test_half_rounding_uses_ptx_cvt_where_the_arch_has_it():
 def test_multiply_adds_are_not_contracted():
     """--fmad=false: `s + v * a * b` and lerp round each op, like the CPU backend (contracted,
     they leave the reference's tolerances; see toolchain/nvrtc.py)."""
-    group = ir.parse_group("muladd", [(n, "tensor", None) for n in "sab"], [("y", None)],
-                           "y = addcmul(s, a, b, value=3) + lerp(s, a, b)", ir.SourceMap())
+    group = syntax.parse_group("muladd", [(n, "tensor", None) for n in "sab"], [("y", None)],
+                           "y = addcmul(s, a, b, value=3) + lerp(s, a, b)", syntax.SourceMap())
     ks = KernelSource(ir.instantiate(group, dict.fromkeys("sab", dt.float32)),
                       "muladd(f32:c,f32:c,f32:c)")
     ptx = nvrtc.compile_cuda(render_module([ks]), "cuda:compute_90", "muladd").decode()

@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from fusebuild import build, dtypes as dt, ir, reference, runtime, spec
+from fusebuild import build, dtypes as dt, ir, syntax, reference, runtime, spec
 from fusebuild.argspec import format_key, parse_key
 from fusebuild.codegen.common import KernelSource
 from fusebuild.codegen.cuda import render_module, vector_width
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(not have_compiler(), reason="needs g++ for the h
 PLAN = spec.load_plan([SPECS])
 
 
-def emulate(group: ir.Group, kernels: list[KernelSource], out_dir: str) -> EmulatedGroup:
+def emulate(group: syntax.Group, kernels: list[KernelSource], out_dir: str) -> EmulatedGroup:
     text = '#include "emu.h"\n' + render_module(kernels) + launchers([k.symbol for k in kernels])
     return EmulatedGroup(group, kernels, compile_source(text, out_dir, group.name))
 
@@ -124,7 +124,7 @@ def test_every_op_matches_reference_for_every_dtype(op_groups, name):
 def test_layout_corner_cases(tmp_path):
     """Inner-broadcast operands on the vector path, and outer strides that forbid it."""
     decl = [(n, "tensor", None) for n in ("x", "s", "t")]
-    group = ir.parse_group("layouts", decl, [("y", None)], "y = x * s + t", ir.SourceMap())
+    group = syntax.parse_group("layouts", decl, [("y", None)], "y = x * s + t", syntax.SourceMap())
     types = (dt.float32, dt.float16, dt.uint8, dt.float64)
     kernels = [KernelSource(ir.instantiate(group, dict.fromkeys("xst", d)),
                             format_key("layouts", [(d, x), (d, "sb"), (d, "bc")]))
@@ -156,8 +156,8 @@ def test_scalar_inputs_of_every_dtype(tmp_path):
     names = [f"s_{d.short}" for d in dt.ALL]
     decl = [("x", "tensor", None)] + [(n, "scalar", d) for n, d in zip(names, dt.ALL)]
     body = "\n".join(f"y_{n} = x + float64({n})" for n in names)
-    group = ir.parse_group("scalars", decl, [(f"y_{n}", None) for n in names], body,
-                           ir.SourceMap())
+    group = syntax.parse_group("scalars", decl, [(f"y_{n}", None) for n in names], body,
+                           syntax.SourceMap())
     kernels = [KernelSource(ir.instantiate(group, {"x": dt.float64}), "scalars(f64:c)")]
     em = emulate(group, kernels, str(tmp_path))
     values = [True, -100, -30000, -2**31, -2**63, 255, 1.0009765625 + 2**-12, 1.00390625 + 2**-9,
@@ -171,8 +171,8 @@ RAND_BODY = "y = rand_like(x)\nz = rand_like(float64(x))"
 
 @pytest.mark.parametrize("d", dt.FLOATS, ids=lambda d: d.name)
 def test_random_values_are_bit_identical_to_the_reference(tmp_path, d):
-    group = ir.parse_group("rand_probe", [("x", "tensor", None)], [("y", None), ("z", None)],
-                           RAND_BODY, ir.SourceMap())
+    group = syntax.parse_group("rand_probe", [("x", "tensor", None)], [("y", None), ("z", None)],
+                           RAND_BODY, syntax.SourceMap())
     keys = [format_key("rand_probe", [(d, "c")]), format_key("rand_probe", [(d, "sc")])]
     kernels = [KernelSource(ir.instantiate(group, {"x": d}), k) for k in keys]
     em = emulate(group, kernels, str(tmp_path))

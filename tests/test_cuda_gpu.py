@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from fusebuild import build, dtypes as dt, ir, reference, runtime, spec
+from fusebuild import build, dtypes as dt, ir, syntax, reference, runtime, spec
 from fusebuild.argspec import parse_key
 from fusebuild.errors import ArgumentError, KernelNotFound
 from fusebuild.runtime.cuda import max_ptx_isa
@@ -135,7 +135,7 @@ def download(x, want: np.dtype) -> np.ndarray:
     return x.cpu().numpy()
 
 
-def run_and_check(bundle, group: ir.Group, case, xp: str, magnitude: bool = True, n_row: int = 0,
+def run_and_check(bundle, group: syntax.Group, case, xp: str, magnitude: bool = True, n_row: int = 0,
                   oracle: list | None = None):
     """Run `case` on the device and compare with the reference (and `oracle`, per output, with
     the same tolerances); a reduction's outputs with the row term of rows of `n_row`."""
@@ -259,7 +259,7 @@ def test_reductions_over_many_rows_match_torch(reductions, torch):
 
 @pytest.mark.parametrize("d", dt.FLOATS, ids=lambda d: d.name)
 def test_random_values_are_bit_identical_to_the_reference(probes, d):
-    group = ir.group_from_json(probes.manifest["groups"]["rand_probe"])
+    group = syntax.group_from_json(probes.manifest["groups"]["rand_probe"])
     rng = np.random.default_rng(2)
     xp = "torch" if d == dt.bfloat16 else "cupy"
     if xp == "torch":
@@ -309,7 +309,7 @@ def test_calls_past_2_pow_31_elements(examples, cp):
         pytest.skip("needs about 7 GB of free device memory")
     img = cp.random.randint(0, 256, (n_rows, width), dtype=cp.uint8)
     out, bright = examples.leaky_clip_u8(img, -7)
-    group = ir.group_from_json(examples.manifest["groups"]["leaky_clip_u8"])
+    group = syntax.group_from_json(examples.manifest["groups"]["leaky_clip_u8"])
     kernel = ir.instantiate(group, {"img": dt.uint8}, expand=False)
     for rows in (slice(0, 3), slice(n_rows - 3, n_rows)):
         want = reference.evaluate(kernel, [img[rows].get()], [-7])

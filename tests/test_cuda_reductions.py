@@ -118,8 +118,8 @@ def _t(a: np.ndarray) -> torch.Tensor:
 
 
 def _nan_if_empty(x: np.ndarray, v: torch.Tensor) -> np.ndarray:
-    """fusebuild's empty-row rule (contract.md: amax of an empty row is NaN, so is logsumexp and
-    var; torch gives -inf for logsumexp and raises for amax)."""
+    """fusebuild's empty-row rule where torch differs or raises: mean and var of an empty row
+    are NaN (torch.var warns and gives NaN too), amax/amin NaN (torch raises)."""
     v = v.numpy()
     return np.full(v.shape, np.nan) if x.shape[-1] == 0 else v
 
@@ -161,7 +161,7 @@ ORACLES = {
     "r_softmax": lambda x: (torch.softmax(_t(x), -1).numpy(),),
     "r_masked_softmax": lambda x, mask: (torch.softmax(_t(x) + _t(mask), -1).numpy(),),
     "r_log_softmax": lambda x: (torch.log_softmax(_t(x), -1).numpy(),),
-    "r_logsumexp": lambda x: (_nan_if_empty(x, torch.logsumexp(_t(x), -1, keepdim=True)),),
+    "r_logsumexp": lambda x: (torch.logsumexp(_t(x), -1, keepdim=True).numpy(),),   # empty: -inf
     "r_layer_norm": lambda x, w, b, eps: (
         F.layer_norm(_t(x), (x.shape[-1],), _t(w), _t(b), float(np.float32(eps))).numpy(),),
     "r_rms_norm": lambda x, w: (F.rms_norm(_t(x), (x.shape[-1],), _t(w), 1e-6).numpy(),),
@@ -169,9 +169,7 @@ ORACLES = {
         F.rms_norm(_t(x) + _t(residual), (x.shape[-1],), _t(w), float(np.float32(eps))).numpy(),
         (_t(x) + _t(residual)).numpy()),
     "r_quant": _quant,
-    # var of an empty row: torch NaN, fusebuild's expansion 0 / (0 - 1) = -0 (reported)
-    "r_var": lambda x: (torch.var(_t(x), -1, correction=1, keepdim=True).numpy()
-                        if x.shape[-1] else np.full(x.shape[:-1] + (1,), -0.0),
+    "r_var": lambda x: (_nan_if_empty(x, torch.var(_t(x), -1, correction=1, keepdim=True)),
                         _nan_if_empty(x, torch.mean(_t(x), -1, keepdim=True))),
     "r_dropout_softmax": _dropout_softmax,
     "r_int": _ints,

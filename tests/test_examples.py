@@ -74,3 +74,25 @@ def test_random_values_depend_only_on_seed_offset_and_index(examples_bundle):
     assert not np.array_equal(a, k(x + 1, bias, x, 0.5, seed=42, offset=4))
     kept = (a != 0).mean()
     assert 0.35 < kept < 0.65
+
+
+def test_verify_numerics_checks_reduction_kernels(examples_bundle):
+    """`verify --numerics` runs each reduction kernel at N = 37, 300 and 0 against the reference,
+    and refuses a kernel whose group computes something else (eps 0.5 instead of 1e-6)."""
+    from fusebuild import syntax, verify
+    from fusebuild.errors import BundleError
+    from fusebuild.runtime.cpu import host_isas
+    root, manifest = examples_bundle.root, examples_bundle.manifest
+    level = f"cpu:{host_isas()[-1]}"
+    entries = [k for k in manifest["kernels"] if k["target"] == level
+               and manifest["groups"][k["group"]].get("reduce")]
+    assert {k["group"] for k in entries} == {gp.group.name for gp in PLAN.groups
+                                            if gp.group.reduces}
+    rng = np.random.default_rng(3)
+    for k in entries:
+        verify.check_numerics(root, syntax.group_from_json(manifest["groups"][k["group"]]), k, rng)
+    (entry,) = [k for k in entries if k["key"] == "rms_norm(f32:cc,f32:bc)"]
+    wrong = syntax.group_from_json({**manifest["groups"]["rms_norm"],
+                                "body": "y = rms_norm(x, eps=0.5) * w"})
+    with pytest.raises(BundleError, match=r"rms_norm\(f32:cc,f32:bc\) .* output y \(rows of N = "):
+        verify.check_numerics(root, wrong, entry, rng)

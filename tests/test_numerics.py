@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from fusebuild import dtypes as dt, ir, reference
+from fusebuild import dtypes as dt, ir, syntax, reference
 from conftest import bundles_per_isa
 from cuda_emulation.harness import (EmulatedGroup, compile_source, have_compiler, kernel_sources,
                                     launchers)
@@ -141,8 +141,8 @@ def test_issue_examples_of_scalar_rounding(backends):
 
 
 def test_scalar_input_is_not_rounded_in_the_ir():
-    g = ir.parse_group("t", [("x", "tensor", None), ("s", "scalar", dt.float32)], [("y", None)],
-                       "y = x * s", ir.SourceMap())
+    g = syntax.parse_group("t", [("x", "tensor", None), ("s", "scalar", dt.float32)], [("y", None)],
+                       "y = x * s", syntax.SourceMap())
     k = ir.instantiate(g, {"x": dt.bfloat16})
     ops = [n.op for n in k.nodes]
     assert "cast" not in ops and "hold" in ops, k.nodes

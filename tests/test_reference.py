@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fusebuild import dtypes as dt, ir, reference
+from fusebuild import dtypes as dt, ir, syntax, reference
 from fusebuild.errors import SpecError
 
 # Random123 kat_vectors (Salmon et al., SC'11): philox4x32 10 rounds: counter, key -> output
@@ -31,8 +31,8 @@ def test_uniform_is_on_the_dtype_grid_and_in_unit_interval():
 
 
 def kernel(body, inputs, dtypes):
-    g = ir.parse_group("t", [(n, "tensor", None) for n in inputs], [("y", None)], body,
-                       ir.SourceMap())
+    g = syntax.parse_group("t", [(n, "tensor", None) for n in inputs], [("y", None)], body,
+                       syntax.SourceMap())
     return ir.instantiate(g, dict(zip(inputs, dtypes)), expand=False)
 
 
@@ -90,8 +90,8 @@ def test_weak_operands():
     assert k.outputs[0].dtype == dt.float32          # int true division
     k = kernel("y = a > 1", "a", [dt.float64])
     assert k.outputs[0].dtype == dt.bool_
-    g = ir.parse_group("t", [("a", "tensor", None), ("s", "scalar", dt.float64)], [("y", None)],
-                       "y = a * s", ir.SourceMap())
+    g = syntax.parse_group("t", [("a", "tensor", None), ("s", "scalar", dt.float64)], [("y", None)],
+                       "y = a * s", syntax.SourceMap())
     assert ir.instantiate(g, {"a": dt.float16}).outputs[0].dtype == dt.float16
     assert ir.instantiate(g, {"a": dt.int8}).outputs[0].dtype == dt.float64
     with pytest.raises(SpecError, match="does not fit uint8"):

@@ -33,6 +33,7 @@ def body(text: str, inputs: str = "{x: tensor, b: tensor}", outputs: str = "[y]"
             f"    body: |\n{lines}\n    matrix: {matrix}\n")
 
 
+ROWS = "{dtype: [float32], shapes: [{x: [B, N], b: [B, N]}]}"
 NESTED = r"expression nested more than 1000 levels deep"
 UNKNOWN_ARCH = r"cannot compile for sm_|is not a known CUDA architecture"
 
@@ -83,7 +84,7 @@ CASES = [
     ("unassigned-output", body("t = x", outputs="[y]"), "t = x", r"output 'y' is never assigned"),
     ("scalar-without-dtype", BASE.replace("b: tensor}", "b: tensor, s: scalar}"), "scalar}",
      r"scalar input 's' needs a dtype"),
-    # nesting past ir.MAX_NESTING (1000) is refused at the operator where it is crossed
+    # nesting past syntax.MAX_NESTING (1000) is refused at the operator where it is crossed
     ("deep-minus", body("y = " + "-" * 1100 + "x"), (7, 11 + 1000), NESTED),
     ("deep-not", body("y = " + "not " * 1100 + "x"), (7, 11 + 4 * 1000), NESTED),
     ("deep-invert", body("y = " + "~" * 1100 + "x"), (7, 11 + 1000), NESTED),
@@ -119,6 +120,46 @@ CASES = [
      r"bundle name and version are 206 characters long; at most 200"),
     ("bad-bundle-version", "bundle: {name: demo, version: 'a b'}\n" + BASE, "'a b'",
      r"bundle version 'a b' may only hold"),
+    # row reductions (DESIGN §8): the last dim only, float types, uniform parameters, row values
+    ("reduce-dim-0", body("y = sum(x, dim=0)", matrix=ROWS), "0)",
+     r"dim=0 is not the last dim of the shape pattern at line 8 \(rank 2\)"),
+    ("reduce-dim-not-last-in-one-pattern", body("y = amax(x, dim=1)", matrix=ROWS.replace(
+        "]}]", "]}, {x: [N], b: [N]}]")), "1)", r"dim=1 is not the last dim .*\(rank 1\)"),
+    ("reduce-dim-minus-2", body("y = mean(x, dim=-2)", matrix=ROWS), "-2",
+     r"mean\(\) reduces the last dim only: dim=-2 is not supported"),
+    ("reduce-chunk-dim-0", body("a, c = chunk(x, 2, dim=1)\ny = sum(a, dim=0) + c",
+                                matrix=ROWS.replace("x: [B, N]", "x: [B, 2*N]")), "0)",
+     r"dim=0 is not the last dim"),
+    ("reduce-dim-name", body("y = sum(x, dim=b)", matrix=ROWS), "b)",
+     r"dim= of sum\(\) must be an integer literal, got b"),
+    ("reduce-dim-float", body("y = sum(x, dim=-1.0)", matrix=ROWS), "-1.0",
+     r"must be an integer literal, got -1.0"),
+    ("mean-of-int", body("y = mean(x)", inputs="{x: tensor(int32), b: tensor}", matrix=ROWS),
+     "mean(", r"mean\(\) needs a float operand, got int32"),
+    ("var-of-bool", body("y = var(x > b)", matrix=ROWS), "var(",
+     r"var\(\) needs a float operand, got bool"),
+    ("softmax-of-int", body("y = softmax(x)", inputs="{x: tensor(int8), b: tensor}",
+                            matrix=ROWS), "softmax(",
+     r"softmax\(\) needs a float operand, got int8"),
+    ("amax-of-bool", body("y = amax(x > b)", matrix=ROWS), "amax(",
+     r"amax\(\) needs an int or float operand, got bool\n.*amax\(uint8\(c\)\) is 1 where any"),
+    ("row-value-in-cat", body("y = cat([sum(x), b], dim=-1)", matrix=ROWS), "sum(x)",
+     r"cat\(\) part of 'y' is a row value"),
+    ("eps-tensor", body("y = layer_norm(x, eps=b)", matrix=ROWS), "b)",
+     r"eps= of layer_norm\(\) must be a number or a scalar input, got b"),
+    ("reduce-rank-0-pattern", body("y = softmax(x) + b", matrix=ROWS.replace(
+        "]}]", "]}, {x: [], b: []}]")), "{x: []", r"reduces over the last dim, but this shape "
+     r"pattern has rank 0"),
+    ("reduce-arity", body("y = softmax(x, -1, 2)", matrix=ROWS), "softmax(",
+     r"softmax\(\) takes at most 2 arguments \(3 given\)"),
+    ("reduce-axis", body("y = sum(x, axis=-1)", matrix=ROWS), "-1)",
+     r"unexpected keyword 'axis'\n.*did you mean sum\(x, dim=-1\)"),
+    ("reduce-keepdim", body("y = amax(x, keepdim=True) + b", matrix=ROWS), "True",
+     r"unexpected keyword 'keepdim'\n.*always keep the reduced dim"),
+    ("norm-dim", body("y = layer_norm(x, dim=-1)", matrix=ROWS), "-1)",
+     r"layer_norm\(\) always normalizes the last dim"),
+    ("var-unbiased", body("y = var(x, unbiased=True)", matrix=ROWS), "True",
+     r"unexpected keyword 'unbiased'\n.*correction=1"),
 ]
 
 
@@ -163,6 +204,16 @@ def test_cli_reports_spec_errors_with_exit_code_2_and_no_traceback(tmp_path):
         assert "Traceback" not in proc.stderr
         assert f"{path}:7:11: error: unknown op 'gelux'" in proc.stderr
         assert "hint: did you mean gelu" in proc.stderr
+
+
+def test_cli_check_locates_a_reduction_error_in_the_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(body("y = x - mean(x, axis=-1)", matrix=ROWS))
+    proc = subprocess.run([sys.executable, "-m", "fusebuild", "check", str(path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{path}:7:28: error: mean() got an unexpected keyword 'axis'" in proc.stderr
+    assert "hint: reductions take dim=, not axis=" in proc.stderr
 
 
 # (id, spec bytes, expected (line, column), message regex): files YAML cannot even read as text

@@ -15,7 +15,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from fusebuild import ir, spec
+from fusebuild import syntax, spec
 from fusebuild.cli import main
 from fusebuild.errors import SpecError
 from fusebuild.ops import CASTS, OPS
@@ -173,7 +173,7 @@ def test_random_bodies(tmp_path):
         if seen[-1] == "ok":   # the canonical body is ast.unparse's and survives the manifest
             (gp,) = spec.load_plan([str(tmp_path / "s.yaml")]).groups
             assert gp.group.body == "\n".join(ast.unparse(st) for st in ast.parse(body).body)
-            assert ir.group_from_json(gp.group.to_json()).body == gp.group.body
+            assert syntax.group_from_json(gp.group.to_json()).body == gp.group.body
     assert seen.count("error") > 100 and seen.count("ok") > 50
 
 
@@ -183,7 +183,7 @@ def test_unparse_matches_ast_unparse():
     for _ in range(1000):
         text = f"y = {expression(rng, 6)}"
         try:
-            ir.parse_group("g", inputs, [("y", None)], text, ir.SourceMap())
+            syntax.parse_group("g", inputs, [("y", None)], text, syntax.SourceMap())
         except SpecError:
             continue
         st = ast.parse(text).body[0]

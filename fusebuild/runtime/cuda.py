@@ -15,7 +15,7 @@ Reduction groups (DESIGN §8) launch over the work count rows * max(N, 1) (`disp
 with a warp per row (four rows a block) for rows of N <= WARP_ROW_MAX and a block per row beyond
 (flags bit ROW_BLOCK); row outputs are `[..., 1]` arrays stored once per row. Calls of N = 0 with
 rows still launch (their row outputs get written) on any kernel of the dtypes
-(`empty_rows_canon`): no element is read, so the inputs' layouts do not matter.
+(`dispatch.hollow`): no element is read, so the inputs' layouts do not matter.
 """
 from __future__ import annotations
 
@@ -269,21 +269,6 @@ def launch_words(abi: Abi, call: dispatch.Call, outputs: list[DeviceArray], cats
     return words, grid_size(n, vector, flags, row_length(call) if reduces else 0)
 
 
-def empty_rows_canon(call: dispatch.Call, kernel_layouts: tuple[str, ...],
-                     row_outputs: tuple[bool, ...]) -> Canonical:
-    """The canonical form of a reduction call whose rows have N = 0, for a kernel of layouts
-    `kernel_layouts` (any of the dtypes: no element is read, and numpy gives empty arrays
-    strides 0, so their layouts say nothing): sizes (1, ..., rows, 0), inputs of stride 0, row
-    outputs one element per row, full outputs (empty) stride 1 inside."""
-    rank = len(kernel_layouts[0])
-    rows = math.prod(call.shape[:-1])
-    lead = (1,) * (rank - 2) + (rows,) if rank > 1 else ()
-    zeros = (0,) * rank
-    outs = [zeros[:-2] + ((1, 0) if row else (0, 1)) if rank > 1 else zeros
-            for row in row_outputs]
-    return Canonical(lead + (0,), (zeros,) * len(call.arrays) + tuple(outs), kernel_layouts)
-
-
 def row_outputs(info: dispatch.GroupInfo) -> tuple[bool, ...] | None:
     """Per output, whether it is a row output, for a reduction group; None otherwise."""
     if not info.reduces:
@@ -380,9 +365,9 @@ class CudaKernels:
         target cuda:sm_XY of the device) and compiles it with NVRTC when on_miss="jit". A miss
         is handled once per (key, device): later calls get the same answer. `empty_rows` > 0:
         a reduction call of that many rows of N = 0, which any kernel of the key's dtypes runs
-        (of rank >= 2 for several rows; see `empty_rows_canon`)."""
+        (of at least the call's rank; see `dispatch.hollow`)."""
         if empty_rows:
-            return self._any_kernel(key, device, empty_rows)
+            return self._any_kernel(key, device)
         cached = self._kernels.get((key, device))
         if cached is not None:
             return cached
@@ -412,14 +397,14 @@ class CudaKernels:
         self._missed[(key, device, empty)] = error
         raise KernelNotFound(str(error), error.key, error.nearest)
 
-    def _any_kernel(self, key: str, device: int, rows: int) -> _Kernel:
-        """A kernel of `key`'s dtypes for `rows` rows of N = 0 (not remembered for `key`)."""
+    def _any_kernel(self, key: str, device: int) -> _Kernel:
+        """A kernel of `key`'s dtypes for rows of N = 0 (not remembered for `key`)."""
         cp = _cupy()
         cc = _capability(cp, device)
         max_isa = max_ptx_isa(cp.cuda.runtime.driverGetVersion())
-        for k in self.bundle.candidates(key, True):
+        for k in self.bundle.candidates(key, hollow=True):
             target, _ = select_target(self._entries.get(k, {}), cc, max_isa)
-            if target and (rows == 1 or len(parse_key(k)[1][0][1]) >= 2):
+            if target:
                 entry = self._entries[k][target]
                 self.bundle.output_dtypes(k)
                 return _Kernel(entry, self._function(cp, entry, device),
@@ -761,7 +746,7 @@ def call(caller, args: tuple, out, seed, offset: int):
         cats = [cat for _, cat in info.outputs]
         outs, results = _outputs(cp, info, c, kernel.entry, out, args, stream)
         if n:
-            c.canon = empty_rows_canon(c, kernel.layouts, row_outputs(info)) if empty_rows \
+            c.canon = dispatch.hollow(c.canon, kernel.layouts, row_outputs(info)) if empty_rows \
                 else dispatch.pad(c.canon, kernel.layouts, info.reduces)
             rank = len(c.canon.sizes)
             abi = Abi(rank, tuple(ch[0] if ch else 1 for ch in info.chunks),

@@ -263,12 +263,12 @@ def kernel_entries(manifest: dict) -> list[KernelEntry]:
 # ---------------------------------------------------------------- the groups' IR ---------------
 
 def group_ir(g: dict):
-    """The IR (`ir.Group`) of a manifest group; BundleError unless the group's JSON is exactly
+    """The IR (`syntax.Group`) of a manifest group; BundleError unless the group's JSON is exactly
     what that IR writes, so its inputs, chunks, outputs and cats are those of its body."""
-    from .. import ir      # the parser and typer: only needed once a kernel is called
+    from .. import syntax      # the parser and typer: only needed once a kernel is called
     from ..errors import SpecError
     try:
-        group = ir.group_from_json(g)
+        group = syntax.group_from_json(g)
     except (SpecError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise BundleError(f"group {g.get('name')!r} of the manifest is invalid: {e}") from None
     if {**group.to_json(), "spec_hash": group.spec_hash} != g:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fusebuild import dtypes as dt, ir
+from fusebuild import dtypes as dt, ir, syntax
 from fusebuild.abi import Abi
 from fusebuild.argspec import parse_key
 from fusebuild.codegen.common import KernelSource
@@ -74,7 +74,7 @@ class Launch:
 class EmulatedGroup:
     """One group's kernels compiled for the host, called like the CUDA runtime calls them."""
 
-    def __init__(self, group: ir.Group, kernels: list[KernelSource], lib: ctypes.CDLL):
+    def __init__(self, group: syntax.Group, kernels: list[KernelSource], lib: ctypes.CDLL):
         self.group, self.lib = group, lib
         self.kernels = {ks.key: ks for ks in kernels}
         self.info = dispatch.GroupInfo.from_manifest(group.to_json())
@@ -120,7 +120,7 @@ class EmulatedGroup:
                 for shape, o in zip(call.out_shapes, ks.kernel.outputs)]
         if not n:
             return Launch(key, 0, outs)
-        call.canon = cuda.empty_rows_canon(call, ks.layouts, cuda.row_outputs(self.info)) \
+        call.canon = dispatch.hollow(call.canon, ks.layouts, cuda.row_outputs(self.info)) \
             if empty_rows else dispatch.pad(call.canon, ks.layouts, reduces)
         abi: Abi = ks.abi
         vector = vector_width(ks)
@@ -170,11 +170,11 @@ def _host(a: np.ndarray) -> cuda.DeviceArray:
     return cuda.DeviceArray(a.ctypes.data, a.shape, a.strides, a.dtype, 0, a)
 
 
-def kernel_sources(group: ir.Group, variants) -> list[KernelSource]:
+def kernel_sources(group: syntax.Group, variants) -> list[KernelSource]:
     names = [i.name for i in group.tensor_inputs]
     return [KernelSource(ir.instantiate(group, dict(zip(names, v.dtypes))), v.key)
             for v in variants]
 
 
-def dtype_map(group: ir.Group, dtypes) -> dict[str, dt.DType]:
+def dtype_map(group: syntax.Group, dtypes) -> dict[str, dt.DType]:
     return {i.name: d for i, d in zip(group.tensor_inputs, dtypes)}
