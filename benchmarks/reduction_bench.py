@@ -289,8 +289,8 @@ def build_bundle(targets: list[str], ops: list[str], dtypes: tuple[str, ...], ou
 
 def reference_outputs(bundle, case: Case, inputs: list[np.ndarray]) -> tuple:
     """fusebuild.reference's evaluation of the case's group (float64, rounded once)."""
-    from fusebuild import dtypes as dt, ir, reference
-    group = ir.group_from_json(bundle.manifest["groups"][case.spec.group])
+    from fusebuild import dtypes as dt, ir, reference, syntax
+    group = syntax.group_from_json(bundle.manifest["groups"][case.spec.group])
     d = dt.float32 if case.dtype == "f32" else dt.bfloat16
     kernel = ir.instantiate(group, dict.fromkeys(case.spec.inputs, d), expand=False)
     result = reference.evaluate(kernel, inputs, list(case.spec.scalars))
