@@ -292,6 +292,7 @@ def _runs(host: int) -> list:
     return runs
 
 
+@pytest.mark.filterwarnings("ignore:var:UserWarning")      # torch at N = 1: no degrees of freedom
 @pytest.mark.parametrize("name", [n for n in ORACLES])
 def test_every_reduction_kernel_matches_reference_and_oracle(plan, emulated, name):
     gp = next(g for g in plan.groups if g.group.name == name)
