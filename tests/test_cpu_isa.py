@@ -63,9 +63,8 @@ def packed_single(body: list[Insn], register: str) -> list[Insn]:
             and register in i[2]]
 
 
-def hot_loop(function: list[Insn], register: str) -> list[Insn]:
-    """The innermost loop (conditional backward branch) with the most packed single-precision
-    instructions on `register`s: the vectorizer's main loop (its epilogue runs narrower)."""
+def innermost_loops(function: list[Insn]) -> list[list[Insn]]:
+    """The bodies of the innermost loops of a function (conditional backward branches)."""
     index = {addr: n for n, (addr, _, _) in enumerate(function)}
     spans = []
     for n, (addr, op, args) in enumerate(function):
@@ -74,11 +73,16 @@ def hot_loop(function: list[Insn], register: str) -> list[Insn]:
             start = int(target.group(1), 16)
             if start <= addr and start in index:
                 spans.append((index[start], n))
-    innermost = [(a, b) for a, b in spans
-                 if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
+    return [function[a:b + 1] for a, b in spans
+            if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
+
+
+def hot_loop(function: list[Insn], register: str) -> list[Insn]:
+    """The innermost loop with the most packed single-precision instructions on `register`s:
+    the vectorizer's main loop (its epilogue runs narrower)."""
+    innermost = innermost_loops(function)
     assert innermost, "kernel has no loop"
-    return max((function[a:b + 1] for a, b in innermost),
-               key=lambda body: len(packed_single(body, register)))
+    return max(innermost, key=lambda body: len(packed_single(body, register)))
 
 
 def kernels(bundle, group: str, dtype: str) -> list[dict]:

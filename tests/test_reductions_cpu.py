@@ -30,7 +30,7 @@ from fusebuild.runtime import threads
 from fusebuild.runtime.cpu import host_isas
 from fusebuild.toolchain.numba import ISAS
 from conftest import group_of
-from test_cpu_isa import NARROW, REGISTER, WIDEN, disassemble, scalar_16bit_access
+from test_cpu_isa import NARROW, REGISTER, WIDEN, disassemble, innermost_loops, scalar_16bit_access
 
 SPEC = """
 fusebuild: 1
@@ -481,17 +481,7 @@ SCALAR = re.compile(r"^v?(add|sub|mul|div|max|min)ss$|^vfn?m(add|sub)\d+ss$")
 def sweeps(function, register: str) -> list[list]:
     """The vector main loops of a function: innermost loops (conditional backward branches)
     doing packed float arithmetic on `register`s and no scalar float arithmetic."""
-    index = {addr: n for n, (addr, _, _) in enumerate(function)}
-    spans = []
-    for n, (addr, op, args) in enumerate(function):
-        target = re.match(r"([0-9a-f]+) <", args)
-        if op.startswith("j") and op != "jmp" and target:
-            start = int(target.group(1), 16)
-            if start <= addr and start in index:
-                spans.append((index[start], n))
-    inner = [function[a:b + 1] for a, b in spans
-             if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
-    return [loop for loop in inner
+    return [loop for loop in innermost_loops(function)
             if any(PACKED.match(op) and register in args for _, op, args in loop)
             and not any(SCALAR.match(op) for _, op, _ in loop)]
 
