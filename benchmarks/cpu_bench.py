@@ -545,14 +545,18 @@ def build_examples(tmp: str, groups: list[str] | None) -> str:
     return build.build(plan, os.path.join(tmp, "bundle"), progress=False, cache_dir=None).path
 
 
-def machine() -> dict:
-    model = platform.processor()
+def cpu_model() -> str:
+    """The CPU's model name from lscpu (else platform.processor())."""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                     if line.startswith("Model name"))
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
+                    if line.startswith("Model name"))
     except (OSError, StopIteration):
-        pass
+        return platform.processor()
+
+
+def machine() -> dict:
+    model = cpu_model()
     import numba
     import numexpr
     from fusebuild.runtime.cpu import host_isas

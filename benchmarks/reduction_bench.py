@@ -34,12 +34,10 @@ use fusebuild with `out=`). GPU: >= 0.85x copy bandwidth for N >= 1024, >= 1.0x 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -51,6 +49,9 @@ from typing import Callable
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from cpu_bench import cpu_model  # noqa: E402  (the benchmarks' shared helpers)
+from gpu_bench import Emitter  # noqa: E402
 SPEC = os.path.join(ROOT, "benchmarks", "specs", "reductions.yaml")
 F32 = np.float32
 LN_EPS, RMS_EPS = 1e-5, 1e-6          # as written in the spec (add_rms_norm takes eps as a scalar)
@@ -453,7 +454,6 @@ def cpu_section(args, emit: Callable, tmp: str) -> None:
 
 def _gpu_tools():
     """gpu_bench's timers, copy, environment and array helpers (it imports no GPU library)."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import gpu_bench
     return gpu_bench
 
@@ -609,33 +609,8 @@ def gpu_section(args, emit: Callable, tmp: str) -> None:
 # ------------------------------------------------------------------ main -----------------------
 
 def machine() -> dict:
-    model = platform.processor()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                     if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "loadavg": os.getloadavg(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "loadavg": os.getloadavg(),
             "numpy": np.__version__, "python": platform.python_version()}
-
-
-class Emitter:
-    """Prints each line as JSON and writes it to --out as well."""
-
-    def __init__(self, path: str | None):
-        self.file = open(path, "w") if path else None
-
-    def __call__(self, row: dict) -> None:
-        line = json.dumps(row, default=str)
-        print(line, flush=True)
-        if self.file:
-            self.file.write(line + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
