@@ -242,63 +242,36 @@ def _entry_alloca(builder, ty):
     return builder.ptrtoint(ptr, _I64)
 
 
-@intrinsic
-def cascade_stack(typingctx, zero):
-    """Address of a per-call stack of CASCADE_DEPTH accumulators of zero's type (an alloca in
-    the kernel's entry block), for `cascade_push`/`cascade_total`."""
-    if not isinstance(zero, types.Float):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return _entry_alloca(builder, ir.ArrayType(args[0].type, CASCADE_DEPTH))
-    return types.int64(zero), codegen
-
-
-def _make_stack_access(nb_type, ll_type):
-    """Unannotated load/store of a cascade stack (ld_*/st_* promise loads never alias stores)."""
+def _make_entry_buffer(count: int):
+    """An intrinsic giving the address of `count` uninitialized values of its argument's float
+    type, allocated once in the kernel's entry block."""
     @intrinsic
-    def load(typingctx, addr, index):
+    def buffer(typingctx, zero):
+        if not isinstance(zero, types.Float):
+            return None
+
         def codegen(context, builder, sig, args):
-            return builder.load(builder.gep(builder.inttoptr(args[0], ll_type.as_pointer()),
-                                            [args[1]]))
-        return nb_type(types.int64, types.int64), codegen
-
-    @intrinsic
-    def store(typingctx, addr, index, value):
-        def codegen(context, builder, sig, args):
-            ptr = builder.gep(builder.inttoptr(args[0], ll_type.as_pointer()), [args[1]])
-            builder.store(context.cast(builder, args[2], sig.args[2], nb_type), ptr)
-            return context.get_dummy_value()
-        return types.void(types.int64, types.int64, value), codegen
-    return load, store
+            return _entry_alloca(builder, ir.ArrayType(args[0].type, count))
+        return types.int64(zero), codegen
+    return buffer
 
 
-SCRATCH = 8192     # elements of a row scratch buffer (`row_scratch`)
+def _make_buffer_access(nb_type, ll_type, scoped: bool):
+    """Load and store of an entry buffer. Unannotated for a cascade stack (ld_*/st_* promise
+    loads never alias stores); `scoped` (a row scratch buffer): they alias each other, never
+    kernel operands."""
+    def tag(builder, inst):
+        if scoped:
+            _, _, scratch, operands = _all_scopes(builder)
+            inst.set_metadata("alias.scope", scratch)
+            inst.set_metadata("noalias", operands)
 
-
-@intrinsic
-def row_scratch(typingctx, zero):
-    """Address of a buffer of SCRATCH values of zero's type (an alloca in the kernel's entry
-    block): a row's values computed in one sweep and read back in the next (`sc_st_*`, `sc_ld_*`)
-    instead of being computed again."""
-    if not isinstance(zero, types.Float):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return _entry_alloca(builder, ir.ArrayType(args[0].type, SCRATCH))
-    return types.int64(zero), codegen
-
-
-def _make_scratch_access(nb_type, ll_type):
-    """Loads and stores of a row scratch buffer: they alias each other, never kernel operands."""
     @intrinsic
     def load(typingctx, addr, index):
         def codegen(context, builder, sig, args):
             inst = builder.load(builder.gep(builder.inttoptr(args[0], ll_type.as_pointer()),
                                             [args[1]]))
-            _, _, scratch, operands = _all_scopes(builder)
-            inst.set_metadata("alias.scope", scratch)
-            inst.set_metadata("noalias", operands)
+            tag(builder, inst)
             return inst
         return nb_type(types.int64, types.int64), codegen
 
@@ -306,19 +279,24 @@ def _make_scratch_access(nb_type, ll_type):
     def store(typingctx, addr, index, value):
         def codegen(context, builder, sig, args):
             ptr = builder.gep(builder.inttoptr(args[0], ll_type.as_pointer()), [args[1]])
-            inst = builder.store(context.cast(builder, args[2], sig.args[2], nb_type), ptr)
-            _, _, scratch, operands = _all_scopes(builder)
-            inst.set_metadata("alias.scope", scratch)
-            inst.set_metadata("noalias", operands)
+            tag(builder, builder.store(context.cast(builder, args[2], sig.args[2], nb_type), ptr))
             return context.get_dummy_value()
         return types.void(types.int64, types.int64, value), codegen
     return load, store
 
 
-sc_ld_f32, sc_st_f32 = _make_scratch_access(types.float32, ir.FloatType())
-sc_ld_f64, sc_st_f64 = _make_scratch_access(types.float64, ir.DoubleType())
-_stk_f32 = _make_stack_access(types.float32, ir.FloatType())
-_stk_f64 = _make_stack_access(types.float64, ir.DoubleType())
+# A per-call stack of CASCADE_DEPTH accumulators, for `cascade_push`/`cascade_total`.
+cascade_stack = _make_entry_buffer(CASCADE_DEPTH)
+
+SCRATCH = 8192     # elements of a row scratch buffer (`row_scratch`)
+# A row's values computed in one sweep and read back in the next (`sc_st_*`, `sc_ld_*`) instead
+# of being computed again.
+row_scratch = _make_entry_buffer(SCRATCH)
+
+sc_ld_f32, sc_st_f32 = _make_buffer_access(types.float32, ir.FloatType(), scoped=True)
+sc_ld_f64, sc_st_f64 = _make_buffer_access(types.float64, ir.DoubleType(), scoped=True)
+_stk_f32 = _make_buffer_access(types.float32, ir.FloatType(), scoped=False)
+_stk_f64 = _make_buffer_access(types.float64, ir.DoubleType(), scoped=False)
 
 
 def _make_cascade(ld, st):
