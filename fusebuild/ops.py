@@ -264,3 +264,201 @@ EXPANSIONS.update({"mean": _mean, "var": _var, "softmax": _softmax,
                    "layer_norm": _layer_norm, "rms_norm": _rms_norm})
 
 assert set(EXPANSIONS) == {n for n, d in OPS.items() if d.composite}
+
+
+# --- derivatives (reverse mode, DESIGN §9) --------------------------------------------------
+# Each rule receives a builder `d` (the expansion interface: d.op, d.c, d.row, d.n), the
+# gradient `g` of the op's result, the result `y` and the operands; it returns one gradient term
+# per operand (None where there is none). Formulas follow torch's derivatives.yaml, so ties and
+# edges (relu at 0, max of equal operands, clamp at its bounds) give what torch gives.
+# Composite ops without a rule here are differentiated through their expansion; ops in
+# ZERO_GRAD contribute nothing (comparisons, rounding, integer ops), as in torch.
+
+LN2, LN10 = math.log(2.0), math.log(10.0)
+TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+SQRT_HALF = math.sqrt(0.5)
+
+ZERO_GRAD = frozenset(n for n, o in OPS.items() if o.rule in (
+    "cmp", "logical", "pred", "bitwise", "shift", "round")) | {
+    "sign", "floor_divide", "rand_like", "int8", "int16", "int32", "int64", "uint8", "bool"}
+FLOAT_CASTS = ("float16", "bfloat16", "float32", "float64")
+
+
+def _mul(d, *xs):
+    out = xs[0]
+    for x in xs[1:]:
+        out = d.op("mul", out, x)
+    return out
+
+
+def _neg(d, x):
+    return d.op("neg", x)
+
+
+def _unary(f):
+    """A rule for y = op(x) from dy/dx as f(d, x, y)."""
+    return lambda d, g, y, x: (_mul(d, g, f(d, x, y)),)
+
+
+def _max_rule(d, g, y, a, b, flip: bool):
+    """torch's maximum/minimum backward: equal operands share the gradient."""
+    half = d.op("div", g, d.c(2))
+    lose_a, lose_b = ("gt", "lt") if flip else ("lt", "gt")
+    return (d.op("where", d.op("eq", a, b), half, d.op("where", d.op(lose_a, a, b), d.c(0), g)),
+            d.op("where", d.op("eq", a, b), half, d.op("where", d.op(lose_b, a, b), d.c(0), g)))
+
+
+def _pow_rule(d, g, y, a, b):
+    da = d.op("where", d.op("eq", b, d.c(0)), d.c(0),
+              _mul(d, g, b, d.op("pow", a, d.op("sub", b, d.c(1)))))
+    db = d.op("where", d.op("logical_and", d.op("eq", a, d.c(0)), d.op("ge", b, d.c(0))),
+              d.c(0), _mul(d, g, y, d.op("log", a)))
+    return da, db
+
+
+def _atan2_rule(d, g, y, a, b):
+    r = d.op("add", d.op("mul", a, a), d.op("mul", b, b))
+    return d.op("div", d.op("mul", g, b), r), _neg(d, d.op("div", d.op("mul", g, a), r))
+
+
+def _clamp_rule(d, g, y, x, lo, hi):
+    inside = None
+    for bound, cmp in ((lo, "ge"), (hi, "le")):
+        if bound is not None:
+            c = d.op(cmp, x, bound)
+            inside = c if inside is None else d.op("logical_and", inside, c)
+    dx = d.op("where", inside, g, d.c(0))
+    dlo = None if lo is None else d.op("where", d.op("lt", x, lo), g, d.c(0))
+    dhi = None if hi is None else d.op("where", d.op("gt", x, hi), g, d.c(0))
+    return dx, dlo, dhi
+
+
+def _inside_rule(lo, hi):
+    """hardtanh/relu6: the gradient passes strictly between the bounds (torch)."""
+    def rule(d, g, y, x, *bounds):
+        a, b = bounds if bounds else (d.c(lo), d.c(hi))
+        out = d.op("logical_or", d.op("le", x, a), d.op("ge", x, b))
+        return (d.op("where", out, d.c(0), g),) + (None,) * len(bounds)
+    return rule
+
+
+def _softplus_rule(d, g, y, x, beta, th):
+    z = d.op("mul", x, beta)
+    return d.op("where", d.op("gt", z, th), g, d.op("mul", g, d.op("sigmoid", z))), None, None
+
+
+def _logit_rule(d, g, y, x, eps):
+    dx = d.op("div", g, d.op("mul", x, d.op("sub", d.c(1), x)))
+    if eps is None:
+        out, fill = d.op("logical_or", d.op("lt", x, d.c(0)), d.op("gt", x, d.c(1))), d.c(math.nan)
+    else:
+        out = d.op("logical_or", d.op("lt", x, eps), d.op("gt", x, d.op("sub", d.c(1), eps)))
+        fill = d.c(0)
+    return d.op("where", out, fill, dx), None
+
+
+def _gelu_grad(d, x, y):
+    """Phi(x) + x phi(x)."""
+    cdf = d.op("mul", d.c(0.5), d.op("erfc", d.op("mul", x, d.c(-SQRT_HALF))))
+    pdf = d.op("mul", d.c(INV_SQRT_2PI), d.op("exp", d.op("mul", d.c(-0.5), d.op("mul", x, x))))
+    return d.op("add", cdf, d.op("mul", x, pdf))
+
+
+def _mean_of(d, x):
+    return d.op("div", d.row("rsum", x), d.n())
+
+
+def _centered(d, x):
+    return d.op("sub", x, _mean_of(d, x))
+
+
+def _amax_rule(d, g, y, x, *_):
+    """torch's amax/amin backward: the gradient is shared evenly by the values equal to y."""
+    hit = d.op("eq", x, y)
+    return (d.op("where", hit, d.op("div", g, d.row("rsum", hit)), d.c(0)),)
+
+
+def _var_rule(d, g, y, x, correction):
+    scale = d.op("div", d.c(2), d.op("sub", d.n(), correction))
+    return _mul(d, g, scale, _centered(d, x)), None
+
+
+def _softmax_rule(d, g, y, x):
+    return (d.op("mul", y, d.op("sub", g, d.row("rsum", d.op("mul", g, y)))),)
+
+
+def _log_softmax_rule(d, g, y, x):
+    return (d.op("sub", g, d.op("mul", d.op("exp", y), d.row("rsum", g))),)
+
+
+def _layer_norm_rule(d, g, y, x, eps):
+    c = _centered(d, x)
+    rstd = d.op("rsqrt", d.op("add", _mean_of(d, d.op("mul", c, c)), eps))
+    inner = d.op("sub", d.op("sub", g, _mean_of(d, g)), d.op("mul", y, _mean_of(d, d.op("mul", g, y))))
+    return d.op("mul", rstd, inner), None
+
+
+def _rms_norm_rule(d, g, y, x, eps):
+    r = d.op("rsqrt", d.op("add", _mean_of(d, d.op("mul", x, x)), eps))
+    return d.op("mul", r, d.op("sub", g, d.op("mul", y, _mean_of(d, d.op("mul", g, y))))), None
+
+
+DERIVATIVES: dict[str, Callable] = {
+    "exp": _unary(lambda d, x, y: y),
+    "exp2": _unary(lambda d, x, y: d.op("mul", y, d.c(LN2))),
+    "expm1": _unary(lambda d, x, y: d.op("add", y, d.c(1))),
+    "log": lambda d, g, y, x: (d.op("div", g, x),),
+    "log2": lambda d, g, y, x: (d.op("div", g, d.op("mul", x, d.c(LN2))),),
+    "log10": lambda d, g, y, x: (d.op("div", g, d.op("mul", x, d.c(LN10))),),
+    "log1p": lambda d, g, y, x: (d.op("div", g, d.op("add", x, d.c(1))),),
+    "sqrt": lambda d, g, y, x: (d.op("div", g, d.op("mul", d.c(2), y)),),
+    "rsqrt": _unary(lambda d, x, y: _mul(d, d.c(-0.5), y, y, y)),
+    "sin": _unary(lambda d, x, y: d.op("cos", x)),
+    "cos": _unary(lambda d, x, y: _neg(d, d.op("sin", x))),
+    "tan": _unary(lambda d, x, y: d.op("add", d.c(1), d.op("mul", y, y))),
+    "asin": _unary(lambda d, x, y: d.op("rsqrt", d.op("sub", d.c(1), d.op("mul", x, x)))),
+    "acos": _unary(lambda d, x, y: _neg(d, d.op("rsqrt", d.op("sub", d.c(1), d.op("mul", x, x))))),
+    "atan": lambda d, g, y, x: (d.op("div", g, d.op("add", d.op("mul", x, x), d.c(1))),),
+    "sinh": _unary(lambda d, x, y: d.op("cosh", x)),
+    "cosh": _unary(lambda d, x, y: d.op("sinh", x)),
+    "tanh": _unary(lambda d, x, y: d.op("sub", d.c(1), d.op("mul", y, y))),
+    "erf": _unary(lambda d, x, y: d.op("mul", d.c(TWO_OVER_SQRT_PI),
+                                      d.op("exp", _neg(d, d.op("mul", x, x))))),
+    "erfc": _unary(lambda d, x, y: d.op("mul", d.c(-TWO_OVER_SQRT_PI),
+                                       d.op("exp", _neg(d, d.op("mul", x, x))))),
+    "sigmoid": _unary(lambda d, x, y: d.op("mul", y, d.op("sub", d.c(1), y))),
+    "gelu": _unary(_gelu_grad),
+    "abs": _unary(lambda d, x, y: d.op("sign", x)),
+    "neg": lambda d, g, y, x: (_neg(d, g),),
+    "add": lambda d, g, y, a, b: (g, g),
+    "sub": lambda d, g, y, a, b: (g, _neg(d, g)),
+    "mul": lambda d, g, y, a, b: (d.op("mul", g, b), d.op("mul", g, a)),
+    "div": lambda d, g, y, a, b: (d.op("div", g, b),
+                                  _neg(d, d.op("div", d.op("mul", g, a), d.op("mul", b, b)))),
+    "pow": _pow_rule,
+    "atan2": _atan2_rule,
+    "fmod": lambda d, g, y, a, b: (g, _neg(d, d.op("mul", g, d.op("trunc", d.op("div", a, b))))),
+    "remainder": lambda d, g, y, a, b: (g, _neg(d, d.op("mul", g, d.op("floor", d.op("div", a, b))))),
+    "max": lambda d, g, y, a, b: _max_rule(d, g, y, a, b, False),
+    "min": lambda d, g, y, a, b: _max_rule(d, g, y, a, b, True),
+    "where": lambda d, g, y, c, a, b: (None, d.op("where", c, g, d.c(0)),
+                                       d.op("where", c, d.c(0), g)),
+    "relu": lambda d, g, y, x: (d.op("where", d.op("le", y, d.c(0)), d.c(0), g),),
+    "relu6": _inside_rule(0, 6),
+    "hardtanh": _inside_rule(-1, 1),
+    "clamp": _clamp_rule,
+    "softplus": _softplus_rule,
+    "logit": _logit_rule,
+    "sum": lambda d, g, y, x: (g,),
+    "mean": lambda d, g, y, x: (d.op("div", g, d.n()),),
+    "amax": _amax_rule,
+    "amin": _amax_rule,
+    "var": _var_rule,
+    "softmax": _softmax_rule,
+    "log_softmax": _log_softmax_rule,
+    "logsumexp": lambda d, g, y, x: (d.op("mul", g, d.op("exp", d.op("sub", x, y))),),
+    "layer_norm": _layer_norm_rule,
+    "rms_norm": _rms_norm_rule,
+    **{c: (lambda d, g, y, x: (g,)) for c in FLOAT_CASTS},
+}

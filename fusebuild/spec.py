@@ -21,9 +21,10 @@ from .argspec import (Dim, broadcast_shapes, canonicalize, contiguous_strides, f
 from .errors import SpecError, UsageError
 from .syntax import Group, SourceMap, parse_group
 from .ir import instantiate
+from . import autodiff
 
 TOP_KEYS = ("fusebuild", "bundle", "targets", "groups")
-GROUP_KEYS = ("name", "doc", "inputs", "outputs", "body", "matrix", "targets")
+GROUP_KEYS = ("name", "doc", "inputs", "outputs", "body", "matrix", "targets", "grad")
 MATRIX_KEYS = ("dtype", "shapes", "strided")
 DEFAULT_MAX_KERNELS = 20000
 MAX_GROUP_NAME = 255 - len(".cubin")   # file names hold 255 bytes; <group>.cubin is the longest
@@ -305,19 +306,20 @@ def load_plan(paths: list[str], targets: list[str] | None = None, name: str | No
         if "groups" not in doc:
             raise top.err("the spec has no `groups:`", "add a `groups:` list of fusion groups")
         for gy in doc["groups"].seq("groups"):
-            gp = _group_plan(gy, cli_targets, file_targets)
-            if gp.group.name in seen:
-                first = seen[gp.group.name]
-                raise gy.mapping("group")["name"].err(
-                    f"duplicate group '{gp.group.name}' (first defined at "
-                    f"{first.file}:{first.line})", "group names must be unique across all specs")
-            seen[gp.group.name] = gp
-            total += len(gp.variants) * len(gp.targets)
-            if total > max_kernels:
-                where = gy.mapping("group").get("matrix", gy)
-                raise where.err(f"the build would have {total}+ kernels, over the limit of "
-                                f"{max_kernels}", "narrow the matrix or raise --max-kernels")
-            groups.append(gp)
+            for gp in _group_plans(gy, cli_targets, file_targets):
+                if gp.group.name in seen:
+                    first = seen[gp.group.name]
+                    raise gy.mapping("group")["name"].err(
+                        f"duplicate group '{gp.group.name}' (first defined at "
+                        f"{first.file}:{first.line})", "group names must be unique across all "
+                        "specs (a group with grad: also defines <name>__grad)")
+                seen[gp.group.name] = gp
+                total += len(gp.variants) * len(gp.targets)
+                if total > max_kernels:
+                    where = gy.mapping("group").get("matrix", gy)
+                    raise where.err(f"the build would have {total}+ kernels, over the limit of "
+                                    f"{max_kernels}", "narrow the matrix or raise --max-kernels")
+                groups.append(gp)
     final_name = name or (bundle[0] if bundle else DEFAULT_NAME)
     final_version = version or (bundle[1] if bundle else DEFAULT_VERSION)
     for v, what, given in ((final_name, "name", name), (final_version, "version", version)):
@@ -408,8 +410,9 @@ def _output_decls(y: _Y, inputs) -> list[tuple[str, dt.DType | None]]:
     return [(n, d) for n, d, _ in items]
 
 
-def _group_plan(gy: _Y, cli_targets: tuple[str, ...] | None,
-                file_targets: tuple[str, ...] | None) -> GroupPlan:
+def _group_plans(gy: _Y, cli_targets: tuple[str, ...] | None,
+                 file_targets: tuple[str, ...] | None) -> list[GroupPlan]:
+    """The plan of one spec group, and of its backward group when it has `grad:`."""
     g = gy.mapping("group", GROUP_KEYS)
     for req in ("name", "inputs", "outputs", "body"):
         if req not in g:
@@ -418,10 +421,12 @@ def _group_plan(gy: _Y, cli_targets: tuple[str, ...] | None,
     if not _IDENT.match(name):
         raise g["name"].err(f"group name '{name}' is not an identifier",
                             "use letters, digits and _ (it becomes part of C symbols)")
-    if len(name) > MAX_GROUP_NAME:
+    longest = MAX_GROUP_NAME - (len(autodiff.SUFFIX) if "grad" in g else 0)
+    if len(name) > longest:
         raise g["name"].err(f"group name is {len(name)} characters long; at most "
-                            f"{MAX_GROUP_NAME} fit a file name", "shorten it (its artifacts "
-                            "are files named <group>.cubin, <group>.so)")
+                            f"{longest} fit a file name", "shorten it (its artifacts "
+                            "are files named <group>.cubin, <group>.so" +
+                            (", and <group>__grad.cubin for its backward)" if "grad" in g else ")"))
     inputs = _input_decls(g["inputs"])
     outputs = _output_decls(g["outputs"], inputs)
     body_y = g["body"]
@@ -429,8 +434,61 @@ def _group_plan(gy: _Y, cli_targets: tuple[str, ...] | None,
                         g["doc"].str("doc") if "doc" in g else "")
     group_targets = _targets(g["targets"]) if "targets" in g else None
     targets = cli_targets or group_targets or file_targets or tg.expand(["cpu"])
-    variants, shapes = _variants(group, g.get("matrix"), gy)
-    return GroupPlan(group, variants, targets, gy.file, gy.line, shapes)
+    matrix = _Matrix.parse(group, g.get("matrix"), gy)
+    plans = [GroupPlan(group, matrix.variants(group), targets, gy.file, gy.line, matrix.shapes)]
+    if "grad" in g:
+        bwd, bmatrix = _backward(group, matrix, g["grad"])
+        plans.append(GroupPlan(bwd, bmatrix.variants(bwd), targets, gy.file, gy.line,
+                               bmatrix.shapes))
+    return plans
+
+
+def _grad_inputs(group: Group, y: _Y, matrix: "_Matrix") -> tuple[str, ...]:
+    """The inputs listed under `grad:`: float tensor inputs of the group, each once."""
+    items = y.seq("grad")
+    if not items:
+        raise y.err("grad: lists no input", "e.g. grad: [x, bias]")
+    decls = {i.name: i for i in group.inputs}
+    names: list[str] = []
+    for item in items:
+        name = item.str("an input name")
+        decl = decls.get(name)
+        if decl is None:
+            raise item.err(f"'{name}' is not an input of group '{group.name}'",
+                           f"grad: lists tensor inputs: {', '.join(i.name for i in group.tensor_inputs)}")
+        if decl.kind != "tensor":
+            raise item.err(f"'{name}' is a scalar input: scalars are not differentiated",
+                           f"declare it `{name}: tensor` to get its gradient")
+        if name in names:
+            raise item.err(f"'{name}' is listed twice", "list each input once")
+        bad = sorted({d[name].name for d, _ in matrix.dtype_maps if not d[name].is_float})
+        if bad:
+            raise item.err(f"'{name}' is {' and '.join(bad)} in the matrix: only float inputs "
+                           "have gradients", "drop it from grad:, or give it float dtypes")
+        names.append(name)
+    return tuple(names)
+
+
+def _backward(group: Group, matrix: "_Matrix", y: _Y) -> tuple[Group, "_Matrix"]:
+    """The backward group (`autodiff.derive`) and its matrix: the forward one with the output
+    gradients `grad_<o>` at the outputs' shapes and dtypes."""
+    wrt = _grad_inputs(group, y, matrix)
+    bwd = autodiff.derive(group, wrt, SourceMap(y.file, y.line, (y.col,)))
+    seeds = [i.name for i in bwd.inputs[len(group.inputs):]]
+    dtype_maps = []
+    for dmap, dy in matrix.dtype_maps:
+        outs = {o.name: o.dtype for o in instantiate(group, dmap).outputs}
+        full = {**dmap, **{s: outs[s[len("grad_"):]] for s in seeds}}
+        try:
+            instantiate(bwd, full)
+        except SpecError as e:
+            raise y.err(f"the backward of group '{group.name}' does not type for "
+                        f"{', '.join(f'{k}: {v.name}' for k, v in dmap.items())}: {e.message}",
+                        "report this as a fusebuild bug, with the group") from None
+        dtype_maps.append((full, dy))
+    shapes = [{**shape, **{s: _output_shape(group, shape, s[len("grad_"):], sy) for s in seeds}}
+              for shape, sy in zip(matrix.shapes, matrix.shape_nodes)]
+    return bwd, _Matrix(dtype_maps, tuple(shapes), matrix.shape_nodes, matrix.strided)
 
 
 def _dtype_maps(group: Group, y: _Y | None, where: _Y) -> list[tuple[dict[str, dt.DType], _Y]]:
@@ -481,28 +539,41 @@ def _parse_dim(y: _Y) -> int | Dim:
     return Dim(coef, tuple(syms)) if syms else coef
 
 
-def _variants(group: Group, matrix: _Y | None, gy: _Y) -> tuple[tuple[Variant, ...], tuple]:
-    m = matrix.mapping("matrix", MATRIX_KEYS) if matrix is not None else {}
-    where = matrix or gy
-    dtype_maps = _dtype_maps(group, m.get("dtype"), where)
-    if "shapes" not in m:
-        raise where.err("matrix.shapes is required", "e.g. shapes: [{x: [N]}]")
-    strided = bool(m["strided"].scalar()) if "strided" in m else False
-    shape_nodes = m["shapes"].seq("matrix.shapes")
-    shapes = [_shape_pattern(group, s) for s in shape_nodes]
-    patterns = [_layouts(group, shape, s) for shape, s in zip(shapes, shape_nodes)]
-    if strided:   # the general-stride kernel of each pattern's rank
-        n = len(group.tensor_inputs)
-        patterns += [("s" * r,) * n for r in sorted({max(len(v) for v in shape.values())
-                                                   for shape in shapes}) if r]
-    out: dict[str, Variant] = {}
-    for dmap, dy in dtype_maps:
-        instantiate(group, dmap)   # type-check this dtype assignment
-        dts = tuple(dmap[i.name] for i in group.tensor_inputs)
-        for layouts in patterns:
-            key = format_key(group.name, list(zip(dts, layouts)))
-            out.setdefault(key, Variant(key, dts))
-    return tuple(out.values()), tuple(shapes)
+@dataclass(frozen=True)
+class _Matrix:
+    """A group's parsed `matrix:`: dtype assignments, symbolic shape patterns, strided."""
+    dtype_maps: list            # [(dict input -> DType, _Y where written)]
+    shapes: tuple               # per pattern: dict input -> symbolic shape
+    shape_nodes: tuple          # per pattern: its _Y
+    strided: bool
+
+    @staticmethod
+    def parse(group: Group, matrix: _Y | None, gy: _Y) -> "_Matrix":
+        m = matrix.mapping("matrix", MATRIX_KEYS) if matrix is not None else {}
+        where = matrix or gy
+        dtype_maps = _dtype_maps(group, m.get("dtype"), where)
+        if "shapes" not in m:
+            raise where.err("matrix.shapes is required", "e.g. shapes: [{x: [N]}]")
+        strided = bool(m["strided"].scalar()) if "strided" in m else False
+        shape_nodes = tuple(m["shapes"].seq("matrix.shapes"))
+        shapes = tuple(_shape_pattern(group, s) for s in shape_nodes)
+        return _Matrix(dtype_maps, shapes, shape_nodes, strided)
+
+    def variants(self, group: Group) -> tuple[Variant, ...]:
+        """Every (dtype assignment, canonical layout) key of `group` over this matrix."""
+        patterns = [_layouts(group, shape, s) for shape, s in zip(self.shapes, self.shape_nodes)]
+        if self.strided:   # the general-stride kernel of each pattern's rank
+            n = len(group.tensor_inputs)
+            patterns += [("s" * r,) * n for r in sorted({max(len(v) for v in shape.values())
+                                                       for shape in self.shapes}) if r]
+        out: dict[str, Variant] = {}
+        for dmap, _ in self.dtype_maps:
+            instantiate(group, dmap)   # type-check this dtype assignment
+            dts = tuple(dmap[i.name] for i in group.tensor_inputs)
+            for layouts in patterns:
+                key = format_key(group.name, list(zip(dts, layouts)))
+                out.setdefault(key, Variant(key, dts))
+        return tuple(out.values())
 
 
 def _shape_pattern(group: Group, sy: _Y) -> dict[str, tuple]:
@@ -520,8 +591,8 @@ def _shape_pattern(group: Group, sy: _Y) -> dict[str, tuple]:
     return shapes
 
 
-def _layouts(group: Group, shapes: dict[str, tuple], sy: _Y) -> tuple[str, ...]:
-    """Canonical layouts of one symbolic shape pattern (all operands C-contiguous)."""
+def _views(group: Group, shapes: dict[str, tuple], sy: _Y) -> list[tuple[tuple, tuple]]:
+    """(shape, strides) of each tensor input as the kernel sees it (chunks divided)."""
     views = []
     for inp in group.tensor_inputs:
         shape = shapes[inp.name]
@@ -539,6 +610,10 @@ def _layouts(group: Group, shapes: dict[str, tuple], sy: _Y) -> tuple[str, ...]:
             shape = shape[:d] + (Dim.of(size) // n if isinstance(size, Dim) else size // n,) + \
                 shape[d + 1:]
         views.append((shape, strides))
+    return views
+
+
+def _iteration_shape(group: Group, views: list, sy: _Y) -> tuple:
     try:
         it_shape = broadcast_shapes([s for s, _ in views])
     except ValueError as e:
@@ -546,20 +621,34 @@ def _layouts(group: Group, shapes: dict[str, tuple], sy: _Y) -> tuple[str, ...]:
                      "inputs broadcast like numpy (right-aligned, size 1 stretches)") from None
     if group.reduces:
         _check_reduced_dims(group, len(it_shape), sy)
-    extra = []
-    for out in group.outputs:
-        if out.row:
-            extra.append(row_strides(it_shape))
-            continue
-        full = it_shape
-        if out.cat:
-            n, dim = out.cat
-            d = dim + len(it_shape) if dim < 0 else dim
-            if not 0 <= d < len(it_shape):
-                raise sy.err(f"cat(..., dim={dim}) of output '{out.name}' is out of range for "
-                             f"rank {len(it_shape)}", "fix the cat dim or the shape pattern")
-            full = it_shape[:d] + (it_shape[d] * n,) + it_shape[d + 1:]
-        extra.append(contiguous_strides(full))
+    return it_shape
+
+
+def _shape_of(out, it_shape: tuple, sy: _Y) -> tuple:
+    """The symbolic shape of output `out` for the iteration shape."""
+    if out.row:
+        return it_shape[:-1] + (1,)
+    if not out.cat:
+        return it_shape
+    n, dim = out.cat
+    d = dim + len(it_shape) if dim < 0 else dim
+    if not 0 <= d < len(it_shape):
+        raise sy.err(f"cat(..., dim={dim}) of output '{out.name}' is out of range for "
+                     f"rank {len(it_shape)}", "fix the cat dim or the shape pattern")
+    return it_shape[:d] + (it_shape[d] * n,) + it_shape[d + 1:]
+
+
+def _output_shape(group: Group, shapes: dict[str, tuple], name: str, sy: _Y) -> tuple:
+    it_shape = _iteration_shape(group, _views(group, shapes, sy), sy)
+    return _shape_of(next(o for o in group.outputs if o.name == name), it_shape, sy)
+
+
+def _layouts(group: Group, shapes: dict[str, tuple], sy: _Y) -> tuple[str, ...]:
+    """Canonical layouts of one symbolic shape pattern (all operands C-contiguous)."""
+    views = _views(group, shapes, sy)
+    it_shape = _iteration_shape(group, views, sy)
+    extra = [row_strides(it_shape) if out.row else
+             contiguous_strides(_shape_of(out, it_shape, sy)) for out in group.outputs]
     return canonicalize(it_shape, views, extra, keep_last=group.reduces).layouts
 
 
