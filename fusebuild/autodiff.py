@@ -179,7 +179,7 @@ class _Deriver:
                 self.lines.append(_Chunk(pieces, grad_name(o.name), o.cat[0], o.cat[1]))
             else:
                 pieces = (grad_name(o.name),)
-            self.level.update({p: FULL for p in pieces})
+            self.level.update({p: ROW if o.row else FULL for p in pieces})
             grads = [_name(p) for p in pieces]
             for a, gr in zip(atoms, grads):
                 if self._is_active(a):
@@ -194,6 +194,8 @@ class _Deriver:
                 terms = DERIVATIVES[let.op](self, g, _name(let.name), *let.args)
             for a, term in zip(let.args, terms):
                 if term is not None and self._is_active(a):
+                    if self.level[a.value] == ROW and self.level.get(term.value) == FULL:
+                        term = self.op("sum", term)     # a row value broadcast over the row
                     adj.setdefault(a.value, []).append(term)
         return seeds, self.results(adj)
 
@@ -252,7 +254,7 @@ def derive(group: Group, wrt: tuple[str, ...], where: SourceMap) -> Group:
     body = "\n".join(_text(ln) for ln in lines)
     doc = f"backward of {group.name}: gradients of {', '.join(wrt)}"
     return parse_group(group.name + SUFFIX, inputs, [(grad_name(w), None) for w in wrt], body,
-                       SourceMap(where.file, where.first_line, (where.col_offsets[0],) *
+                       SourceMap(where.file, where.first_line, (where.locate(1, 0)[2],) *
                                  (body.count("\n") + 1)), doc)
 
 

@@ -380,8 +380,8 @@ def _amax_rule(d, g, y, x, *_):
 
 
 def _var_rule(d, g, y, x, correction):
-    scale = d.op("div", d.c(2), d.op("sub", d.n(), correction))
-    return _mul(d, g, scale, _centered(d, x)), None
+    # d.n() is float32 (exact below 2**24): divide by it last, in the operand's type
+    return d.op("div", _mul(d, g, d.c(2), _centered(d, x)), d.op("sub", d.n(), correction)), None
 
 
 def _softmax_rule(d, g, y, x):
@@ -444,6 +444,12 @@ DERIVATIVES: dict[str, Callable] = {
     "min": lambda d, g, y, a, b: _max_rule(d, g, y, a, b, True),
     "where": lambda d, g, y, c, a, b: (None, d.op("where", c, g, d.c(0)),
                                        d.op("where", c, d.c(0), g)),
+    "hardsigmoid": lambda d, g, y, x: (d.op("where", d.op("logical_and", d.op("gt", x, d.c(-3)),
+                                                          d.op("lt", x, d.c(3))),
+                                            d.op("div", g, d.c(6)), d.c(0)),),
+    "hardswish": lambda d, g, y, x: (d.op("where", d.op("lt", x, d.c(-3)), d.c(0), d.op(
+        "where", d.op("le", x, d.c(3)), d.op("mul", g, d.op("add", d.op("div", x, d.c(3)),
+                                                           d.c(0.5))), g)),),
     "relu": lambda d, g, y, x: (d.op("where", d.op("le", y, d.c(0)), d.c(0), g),),
     "relu6": _inside_rule(0, 6),
     "hardtanh": _inside_rule(-1, 1),
