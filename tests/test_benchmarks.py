@@ -126,3 +126,72 @@ def test_reduction_bench_gpu_plan_and_targets():
     assert (copy["met"], copy["cases"], len(copy["missed"])) == (False, 2, 1)
     assert (compiled["met"], compiled["cases"], len(compiled["missed"])) == (False, 2, 2)
     assert rb.gpu_targets([fast])[0]["met"] and not rb.gpu_targets([fast])[1]["met"]
+
+
+def _load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (it imports no GPU library nor torch at the top)."""
+    module_spec = importlib.util.spec_from_file_location(
+        name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module       # dataclasses look their module up while it executes
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def test_torch_bench_quick_smoke(tmp_path):
+    """The training benchmark's --quick run (float32, iteration space [64, 64]): fusebuild's
+    torch ops, torch eager and torch.compile each ran forward + backward of every group and match
+    float64 torch autograd of the expression (for dropout with each one's own mask: forward and
+    backward agree on it, and about 1 - p of the elements are kept); the gradients of the
+    deterministic groups match torch eager's; the overhead row and the targets come out."""
+    pytest.importorskip("torch")
+    out = tmp_path / "torch.jsonl"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "torch_bench.py"), "--quick",
+         "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [json.loads(line) for line in proc.stdout.splitlines()] == rows
+    assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r][:2]
+    groups = ("bias_gelu", "bias_dropout_residual", "lstm_cell")
+    build = next(r for r in rows if r["what"] == "build")
+    assert build["backward_groups"] == sorted(f"{g}__grad" for g in groups)
+    results = [r for r in rows if r["what"] == "train"]
+    assert {(r["group"], r["dtype"]) for r in results} == {(g, "f32") for g in groups}
+    for group in groups:
+        got = {r["impl"]: r for r in results if r["group"] == group}
+        assert set(got) == {"fusebuild", "torch_eager", "torch_compile"}, group
+        for name, r in got.items():
+            assert r["ok"] and r["max_rel_err"] <= 1e-4 and r["ms"] > 0, (group, name, r)
+            if group == "bias_dropout_residual":
+                assert 0.85 <= r["keep_fraction"] <= 0.95, (name, r)
+            else:
+                assert r["grad_max_abs_diff_vs_eager"] <= 1e-4, (group, name, r)
+    summaries = [r for r in rows if r["what"] == "train_summary"]
+    assert len(summaries) == 3
+    assert all(r["vs_torch_eager"] > 0 and r["vs_torch_compile"] > 0 for r in summaries)
+    call = next(r for r in rows if r["what"] == "call_overhead_1024_f32")
+    assert call["torch_ops_us"] > 0 and call["runtime_us"] > 0
+    targets = [r for r in rows if r["what"] == "target"]
+    assert len(targets) == 3 and all(r["met"] is not None for r in targets)
+
+
+def test_torch_bench_plan_and_targets():
+    """The training benchmark's cases at 2^22 elements ([2048, 2048] iteration space; lstm_cell's
+    gates [2048, 8192]) and its target tally, checked without torch or a build."""
+    tb = _load_benchmark("torch_bench")
+    cases = tb.cases(list(tb.OPS), tb.ELEMENTS, quick=False)
+    assert [(c.group, c.dtype) for c in cases] == [(g, d) for g in tb.OPS for d in ("f32", "bf16")]
+    shapes = {c.group: c.input_shapes() for c in cases}
+    assert shapes == {"bias_gelu": ((2048, 2048), (2048,)),
+                      "bias_dropout_residual": ((2048, 2048), (2048,), (2048, 2048)),
+                      "lstm_cell": ((2048, 8192), (2048, 2048))}
+    assert [c.input_shapes() for c in tb.cases(["bias_gelu"], 1 << 13, quick=True)] == [
+        ((128, 64), (64,))]
+    fast = {"group": "bias_gelu", "dtype": "f32", "vs_torch_eager": 2.5, "vs_torch_compile": 1.2}
+    slow = {"group": "lstm_cell", "dtype": "bf16", "vs_torch_eager": 1.5, "vs_torch_compile": 0.9}
+    eager, compiled, call = tb.targets([fast, slow], {"ratio": 1.5})
+    assert (eager["met"], eager["cases"], eager["worst"]) == (False, 2, "lstm_cell bf16")
+    assert (compiled["met"], compiled["missed"]) == (False, ["lstm_cell bf16: 0.9"])
+    assert call["met"] and not tb.targets([fast], {"ratio": 2.5})[2]["met"]
+    assert tb.targets([fast], None)[0]["met"] and tb.targets([], None)[2]["met"] is None
