@@ -847,7 +847,7 @@ def _render_rows(r: NumbaRenderer, ks: KernelSource, fn: str) -> list[str]:
                 lines.append(f"    stk{i} = cascade_stack({r.type_name(n.dtype)}(0))")
     keep = _kept(k, sch)
     for i in keep:
-        lines.append(f"    sc{i} = row_scratch({r.type_name(k.nodes[i].dtype)}(0))")
+        lines.append(f"    sc{i} = row_scratch({r.type_name(k.nodes[i].dtype.compute)}(0))")
     lines.append(f"    w = {size} if {size} > 1 else 1")
     lines += [f"    {b}" for b in r.render_nodes(k, sch.hoisted)]
     lines.append("    for row in range((start + w - 1) // w, (stop + w - 1) // w):")
@@ -867,7 +867,7 @@ def _render_rows(r: NumbaRenderer, ks: KernelSource, fn: str) -> list[str]:
             out += [f"        {b}" for b in r.render_nodes(k, sch.passes[-1].after)]
         out += row_stores
         if stores:
-            loads = [f"v{i} = sc_ld_{k.nodes[i].dtype.short}(sc{i}, j)" for i in keep]
+            loads = [f"v{i} = sc_ld_{k.nodes[i].dtype.compute.short}(sc{i}, j)" for i in keep]
             out.append(f"        for j in range({size}):")
             out += [f"            {b}" for b in loads +
                     _elements(r, k, _needed_without(k, sch, keep), size) + stores]
@@ -982,7 +982,7 @@ def _sweep(r: NumbaRenderer, k: Kernel, p: Pass, size: str, keep: tuple[int, ...
         step.append(f"a{i} = acc_{n.op[1:]}(a{i}, {x})")
         done.append(f"v{i} = select({size} > 0, a{i}, {T}({empty}))")
     body = _elements(r, k, p.elem, size) + \
-        [f"sc_st_{k.nodes[i].dtype.short}(sc{i}, j, v{i})" for i in keep]
+        [f"sc_st_{k.nodes[i].dtype.compute.short}(sc{i}, j, v{i})" for i in keep]
     out = [f"        {b}" for b in init]
     if not sums:
         out.append(f"        for j in range({size}):")
