@@ -93,15 +93,25 @@ class Bundle:
         return (f"<fusebuild bundle {self.name}-{self.version} {self.id[:12]} "
                 f"({plural(len(self._callers), 'group')})>")
 
+    def group_ir(self, group: str):
+        """The IR (`syntax.Group`) of a group of the manifest, checked against its JSON once."""
+        if group not in self._groups_ir:
+            self._groups_ir[group] = group_ir(self.manifest["groups"][group])
+        return self._groups_ir[group]
+
+    def torch_library(self, namespace: str):
+        """Register every group as the torch custom op `torch.ops.<namespace>.<group>`, with a
+        fake implementation and, where the bundle holds `<group>__grad`, autograd (DESIGN §9);
+        returns an object whose attributes are the ops. Imports torch."""
+        from .torch_ops import torch_library
+        return torch_library(self, namespace)
+
     def output_dtypes(self, key: str) -> tuple[dt.DType, ...]:
         """The output dtypes of kernel `key` derived from its group's IR (outputs are allocated
         from these); BundleError if an entry of the key records others."""
         found = self._outputs.get(key)
         if found is None:
-            group = parse_key(key)[0]
-            if group not in self._groups_ir:
-                self._groups_ir[group] = group_ir(self.manifest["groups"][group])
-            found = output_dtypes(self._groups_ir[group], key)
+            found = output_dtypes(self.group_ir(parse_key(key)[0]), key)
             for e in self._index.get(key, {}).values():
                 if e.outputs != tuple(d.name for d in found):
                     raise BundleError(f"kernel {key} [{e.target}] of bundle {self.name}-"

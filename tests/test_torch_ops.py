@@ -1,0 +1,449 @@
+"""Bundles as torch custom ops (DESIGN §9): schemas, fake kernels, opcheck, autograd through
+hand-written `<group>__grad` groups, torch.compile, import hygiene. Oracles: torch's own ops and
+autograd of the same expression, torch.autograd.gradcheck on float64."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from fusebuild import build, runtime, spec
+from fusebuild.errors import UsageError
+from fusebuild.runtime.cpu import host_isas
+from fusebuild.runtime.torch_ops import _detaching, schema
+from conftest import ROOT, SPECS, concrete, make_args
+
+SPEC = """\
+fusebuild: 1
+bundle: {name: torchops, version: 0.1.0}
+groups:
+  - name: bias_gelu_scale
+    doc: gelu(x + bias) * alpha, a broadcast bias and a scalar
+    inputs: {x: tensor, bias: tensor, alpha: scalar(float32)}
+    outputs: [y]
+    body: |
+      y = gelu(x + bias) * alpha
+    matrix: {dtype: [float32, float64, bfloat16], shapes: [{x: [B, C], bias: [C]}]}
+
+  - name: bias_gelu_scale__grad
+    inputs: {x: tensor, bias: tensor, alpha: scalar(float32), grad_y: tensor}
+    outputs: [grad_x, grad_bias]
+    body: |
+      u = x + bias
+      d = grad_y * alpha * (0.5 * (1 + erf(u * 0.7071067811865476))
+                            + u * exp(-0.5 * u * u) * 0.3989422804014327)
+      grad_x = d
+      grad_bias = d
+    matrix:
+      dtype: [float32, float64, bfloat16]
+      shapes: [{x: [B, C], bias: [C], grad_y: [B, C]}]
+
+  - name: two_out
+    inputs: {a: tensor, b: tensor}
+    outputs: [s, p]
+    body: |
+      s = a + b
+      p = a * tanh(b)
+    matrix: {dtype: [float32, float64], shapes: [{a: [N], b: [N]}]}
+
+  - name: two_out__grad
+    inputs: {a: tensor, b: tensor, grad_s: tensor, grad_p: tensor}
+    outputs: [grad_a, grad_b]
+    body: |
+      t = tanh(b)
+      grad_a = grad_s + grad_p * t
+      grad_b = grad_s + grad_p * a * (1 - t * t)
+    matrix: {dtype: [float32, float64], shapes: [{a: [N], b: [N], grad_s: [N], grad_p: [N]}]}
+
+  - name: rotate
+    doc: rotary embedding of the two halves of x
+    inputs: {x: tensor, cos: tensor, sin: tensor}
+    outputs: [y]
+    body: |
+      x1, x2 = chunk(x, 2, dim=-1)
+      y = cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    matrix: {dtype: [float32, float64], shapes: [{x: [T, 2*D], cos: [T, D], sin: [T, D]}]}
+
+  - name: rotate__grad
+    inputs: {x: tensor, cos: tensor, sin: tensor, grad_y: tensor}
+    outputs: [grad_x, grad_cos]
+    body: |
+      x1, x2 = chunk(x, 2, dim=-1)
+      g1, g2 = chunk(grad_y, 2, dim=-1)
+      grad_x = cat([g1 * cos + g2 * sin, g2 * cos - g1 * sin], dim=-1)
+      grad_cos = g1 * x1 + g2 * x2
+    matrix:
+      dtype: [float32, float64]
+      shapes: [{x: [T, 2*D], cos: [T, D], sin: [T, D], grad_y: [T, 2*D]}]
+
+  - name: dropout_add
+    doc: inverted dropout of x plus a residual
+    inputs: {x: tensor, res: tensor, p: scalar(float32)}
+    outputs: [y]
+    body: |
+      y = where(rand_like(x) >= p, x / (1 - p), 0.0) + res
+    matrix: {dtype: [float32, float64], shapes: [{x: [N], res: [N]}]}
+
+  - name: dropout_add__grad
+    inputs: {x: tensor, res: tensor, p: scalar(float32), grad_y: tensor}
+    outputs: [grad_x, grad_res]
+    body: |
+      grad_x = where(rand_like(x) >= p, grad_y / (1 - p), 0.0)
+      grad_res = grad_y
+    matrix: {dtype: [float32, float64], shapes: [{x: [N], res: [N], grad_y: [N]}]}
+
+  - name: absmax_norm
+    doc: x over its row's largest magnitude, and that magnitude (a row output)
+    inputs: {x: tensor}
+    outputs: [y, s]
+    body: |
+      s = amax(abs(x), dim=-1)
+      y = x / s
+    matrix: {dtype: [float32, float64], shapes: [{x: [B, N]}]}
+
+  - name: absmax_norm__grad
+    inputs: {x: tensor, grad_y: tensor, grad_s: tensor}
+    outputs: [grad_x]
+    body: |
+      s = amax(abs(x), dim=-1)
+      top = where(abs(x) == s, sign(x), 0.0)
+      grad_x = grad_y / s + top * (grad_s - sum(grad_y * x, dim=-1) / (s * s))
+    matrix: {dtype: [float32, float64], shapes: [{x: [B, N], grad_y: [B, N], grad_s: [B, 1]}]}
+
+  - name: count_pos
+    doc: no backward; int and bool scalars, a bool output
+    inputs: {x: tensor, k: scalar(int32), flip: scalar(bool)}
+    outputs: [m, z]
+    body: |
+      m = (x * k > 0) if flip else (x < 0)
+      z = x + k
+    matrix: {dtype: [float32], shapes: [{x: [N]}]}
+"""
+NS = "fbtest"
+F64 = dict(dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def bundle_path(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("torchops")
+    (d / "torchops.yaml").write_text(SPEC)
+    plan = spec.load_plan([str(d / "torchops.yaml")], targets=[f"cpu:{host_isas()[0]}"])
+    return build.build(plan, str(d / "out"), progress=False).path
+
+
+@pytest.fixture(scope="module")
+def ops(bundle_path):
+    return runtime.load(bundle_path).torch_library(NS)
+
+
+def randn(*shape, dtype=torch.float32, grad=False, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 97 * len(shape) + sum(shape))
+    return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(grad)
+
+
+def cases(dtype=torch.float32, grad=False) -> dict[str, tuple[tuple, dict]]:
+    """(args, kwargs) of one call of every forward op of the spec."""
+    t = dict(dtype=dtype, grad=grad)
+    return {
+        "bias_gelu_scale": ((randn(5, 6, **t), randn(6, **t, seed=1), 0.75), {}),
+        "two_out": ((randn(7, **t), randn(7, **t, seed=1)), {}),
+        "rotate": ((randn(3, 8, **t), randn(3, 4, **t, seed=1), randn(3, 4, dtype=dtype,
+                                                                       seed=2)), {}),
+        "dropout_add": ((randn(40, **t), randn(40, **t, seed=1), 0.25),
+                        {"seed": 1234, "offset": 7}),
+        "absmax_norm": ((randn(4, 9, **t),), {}),
+    }
+
+
+def grad_case(ops, name: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """(args, kwargs) of the backward op of `name`: the forward inputs, then random output
+    gradients for the differentiable outputs it takes (by the autodiff contract's names)."""
+    bundle = ops._bundle
+    grad = bundle[name + "__grad"].info
+    outs = getattr(ops, name)(*(a.detach() if torch.is_tensor(a) else a for a in args), **kwargs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    names = [n for n, _ in bundle[name].info.outputs]
+    grads = [torch.randn_like(outs[names.index(n[len("grad_"):])])
+             for n, _, _ in grad.params[len(args):]]
+    return (*(a.detach() if torch.is_tensor(a) else a for a in args), *grads), kwargs
+
+
+def test_schemas_and_the_ops_object(ops, bundle_path):
+    b = ops._bundle
+    assert schema(b.dropout_add.info) == \
+        "dropout_add(Tensor x, Tensor res, float p, *, int seed, int offset=0) -> Tensor"
+    assert schema(b.count_pos.info) == "count_pos(Tensor x, int k, bool flip) -> (Tensor, Tensor)"
+    assert schema(b.rotate__grad.info) == \
+        "rotate__grad(Tensor x, Tensor cos, Tensor sin, Tensor grad_y) -> (Tensor, Tensor)"
+    for name in b.groups:
+        assert getattr(ops, name) is getattr(torch.ops.fbtest, name)
+        assert str(getattr(ops, name).default._schema) == f"{NS}::{schema(b[name].info)}"
+    assert set(dir(ops)) >= set(b.groups)
+    assert repr(ops).startswith(f"<fusebuild torch ops torch.ops.{NS}: 11 ops of bundle "
+                                "torchops-0.1.0 ")
+    assert "autograd for absmax_norm, bias_gelu_scale, dropout_add, rotate, two_out>" in repr(ops)
+    assert b.torch_library(NS) is ops
+    assert runtime.load(bundle_path).torch_library(NS) is ops      # the same bundle id
+    with pytest.raises(AttributeError, match="no op 'nope' of this bundle; ops: absmax_norm"):
+        ops.nope
+
+
+def test_cuda_kernel_detaches_its_inputs():
+    """Below autograd, inputs still require grad, which DLPack (the CUDA path) refuses."""
+    seen = []
+    _detaching(lambda *args, seed: seen.extend((*args, seed)))(randn(3, grad=True), 0.5, seed=2)
+    assert not seen[0].requires_grad and seen[1:] == [0.5, 2]
+
+
+def test_namespace_conflicts(ops, examples_bundle):
+    with pytest.raises(UsageError, match=f"'{NS}' already holds the ops of bundle torchops-0.1.0"):
+        examples_bundle.torch_library(NS)
+    with pytest.raises(UsageError, match="'aten' already holds .* not of a fusebuild bundle"):
+        ops._bundle.torch_library("aten")
+    with pytest.raises(UsageError, match="not an identifier"):
+        ops._bundle.torch_library("a.b")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_forward_and_backward_ops(ops, dtype):
+    for name, (args, kwargs) in cases(dtype, grad=True).items():
+        torch.library.opcheck(getattr(ops, name), args, kwargs)
+        g_args, g_kwargs = grad_case(ops, name, args, kwargs)
+        torch.library.opcheck(getattr(ops, name + "__grad"), g_args, g_kwargs)
+    torch.library.opcheck(ops.count_pos, (randn(6), 3, True))
+    torch.library.opcheck(ops.count_pos, (randn(6), -2, False))
+
+
+def test_opcheck_bfloat16(ops):
+    args = (randn(5, 6, dtype=torch.bfloat16, grad=True),
+            randn(6, dtype=torch.bfloat16, grad=True, seed=1), 0.75)
+    torch.library.opcheck(ops.bias_gelu_scale, args)
+    torch.library.opcheck(ops.bias_gelu_scale__grad, grad_case(ops, "bias_gelu_scale", args, {})[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_real_outputs_match_fake_outputs(ops, dtype):
+    all_cases = cases(dtype) if dtype != torch.bfloat16 else \
+        {"bias_gelu_scale": cases(dtype)["bias_gelu_scale"]}
+    all_cases["count_pos"] = ((randn(6), 3, True), {})
+    for name, (args, kwargs) in list(all_cases.items()):
+        if name + "__grad" in ops._bundle.groups:
+            all_cases[name + "__grad"] = grad_case(ops, name, args, kwargs)
+    for name, (args, kwargs) in all_cases.items():
+        real = getattr(ops, name)(*args, **kwargs)
+        with FakeTensorMode() as mode:
+            fake = getattr(ops, name)(*(mode.from_tensor(a) if torch.is_tensor(a) else a
+                                        for a in args), **kwargs)
+        real, fake = (r if isinstance(r, tuple) else (r,) for r in (real, fake))
+        assert [(r.shape, r.dtype, r.stride()) for r in real] == \
+            [(f.shape, f.dtype, f.stride()) for f in fake], name
+        assert all(r.is_contiguous() for r in real)
+
+
+def torch_forward(name: str, args: tuple) -> tuple:
+    """torch's own expression of each op (the oracle)."""
+    if name == "bias_gelu_scale":
+        x, bias, alpha = args
+        return (F.gelu(x + bias) * alpha,)
+    if name == "two_out":
+        a, b = args
+        return a + b, a * torch.tanh(b)
+    if name == "rotate":
+        x, cos, sin = args
+        x1, x2 = x.chunk(2, dim=-1)
+        return (torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1),)
+    x, = args
+    s = x.abs().amax(-1, keepdim=True)
+    return x / s, s
+
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-14)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_values_and_gradients_match_torch_autograd(ops, dtype):
+    for name, (args, kwargs) in cases(dtype, grad=True).items():
+        if name == "dropout_add":
+            continue
+        got = getattr(ops, name)(*args, **kwargs)
+        got = got if isinstance(got, tuple) else (got,)
+        want = torch_forward(name, args)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, **TOL[dtype])
+        leaves = [a for a in args if torch.is_tensor(a) and a.requires_grad]
+        weights = [torch.randn_like(w) for w in want]
+        loss = sum((g * w).sum() for g, w in zip(got, weights))
+        expected = sum((g * w).sum() for g, w in zip(want, weights))
+        for g, w in zip(torch.autograd.grad(loss, leaves, allow_unused=True),
+                        torch.autograd.grad(expected, leaves, allow_unused=True)):
+            if w is None:             # rotate's sin is not in its grad list
+                assert g is None or not g.any()
+            else:
+                torch.testing.assert_close(g, w, **TOL[dtype])
+
+
+def test_bfloat16_values_and_gradients(ops):
+    x = randn(5, 6, dtype=torch.bfloat16, grad=True)
+    bias = randn(6, dtype=torch.bfloat16, grad=True, seed=1)
+    y = ops.bias_gelu_scale(x, bias, 0.75)
+    want = F.gelu(x.float() + bias.float()) * 0.75
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want, rtol=2 ** -7, atol=1e-3)    # one bf16 rounding
+    y.sum().backward()
+    xf, bf = x.detach().float().requires_grad_(), bias.detach().float().requires_grad_()
+    (F.gelu(xf + bf) * 0.75).sum().backward()
+    assert x.grad.dtype == bias.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad.float(), xf.grad, rtol=2 ** -7, atol=1e-2)
+    torch.testing.assert_close(bias.grad.float(), bf.grad, rtol=2 ** -6, atol=5e-2)
+
+
+def test_gradcheck_float64(ops):
+    for name, (args, kwargs) in cases(torch.float64, grad=True).items():
+        leaves = [i for i, a in enumerate(args) if torch.is_tensor(a) and a.requires_grad]
+
+        def f(*ts, name=name, args=args, kwargs=kwargs, leaves=leaves):
+            full = list(args)
+            for i, t in zip(leaves, ts):
+                full[i] = t
+            return getattr(ops, name)(*full, **kwargs)
+        assert torch.autograd.gradcheck(f, tuple(args[i] for i in leaves)), name
+
+
+def test_broadcast_bias_gradient_is_summed_to_its_shape(ops):
+    x, bias = randn(5, 6, **F64, grad=True), randn(6, **F64, grad=True, seed=1)
+    ops.bias_gelu_scale(x, bias, 0.5).sum().backward()       # a stride-0 expanded grad
+    assert bias.grad.shape == (6,) and x.grad.shape == (5, 6)
+    torch.testing.assert_close(bias.grad, x.grad.sum(0), rtol=1e-12, atol=1e-14)
+
+
+def test_dropout_backward_uses_the_forward_mask(ops):
+    x, res = randn(1000, **F64, grad=True), torch.zeros(1000, **F64, requires_grad=True)
+    y = ops.dropout_add(x, res, 0.25, seed=99, offset=3)
+    keep = y != 0
+    torch.testing.assert_close(y, torch.where(keep, x / 0.75, 0.0), rtol=1e-15, atol=0)
+    assert 650 < int(keep.sum()) < 850
+    w = randn(1000, **F64, seed=5)
+    (y * w).sum().backward()
+    torch.testing.assert_close(x.grad, torch.where(keep, w / 0.75, 0.0), rtol=1e-15, atol=0)
+    assert torch.equal(res.grad, w)
+    assert torch.equal(ops.dropout_add(x, res, 0.25, seed=99, offset=3), y)
+    assert not torch.equal(ops.dropout_add(x, res, 0.25, seed=99, offset=4) != 0, keep)
+
+
+def test_unused_output_gradients(ops):
+    a, b = randn(7, **F64, grad=True), randn(7, **F64, grad=True, seed=1)
+    s, p = ops.two_out(a, b)
+    p.sum().backward()                  # s unused
+    torch.testing.assert_close(a.grad, torch.tanh(b.detach()), rtol=1e-12, atol=1e-14)
+    x = randn(4, 9, **F64, grad=True)
+    y, _ = ops.absmax_norm(x)
+    y.sum().backward()
+    xd = x.detach().requires_grad_()
+    torch_forward("absmax_norm", (xd,))[0].sum().backward()
+    torch.testing.assert_close(x.grad, xd.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_double_backward_is_refused(ops):
+    x, bias = randn(5, 6, **F64, grad=True), randn(6, **F64, grad=True, seed=1)
+    gx, = torch.autograd.grad(ops.bias_gelu_scale(x, bias, 0.5).sum(), x, create_graph=True)
+    with pytest.raises(UsageError, match=rf"torch\.ops\.{NS}\.bias_gelu_scale__grad .*first "
+                                         "derivatives only"):
+        gx.sum().backward()
+
+
+def test_compile_fullgraph_matches_eager(ops):
+    def f(x, bias, cos, sin, res):
+        h = ops.bias_gelu_scale(x, bias, 0.5)
+        r = ops.rotate(h, cos, sin)
+        s, p = ops.two_out(r, res)
+        return ops.dropout_add(p, res, 0.2, seed=11, offset=0)
+
+    def inputs():
+        return (randn(4, 8, grad=True), randn(8, grad=True, seed=1), randn(4, 4, grad=True, seed=2),
+                randn(4, 4, seed=3), randn(4, 8, grad=True, seed=4))
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(f, fullgraph=True, dynamic=False)
+        eager_in, compiled_in = inputs(), inputs()
+        want, got = f(*eager_in), compiled(*compiled_in)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        want.sum().backward()
+        got.sum().backward()
+        for e, c in zip(eager_in, compiled_in):
+            if e.requires_grad:
+                torch.testing.assert_close(c.grad, e.grad, rtol=0, atol=0)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_export_with_a_dynamic_batch_dim(ops):
+    class Block(torch.nn.Module):
+        def forward(self, x, bias, res):
+            return ops.dropout_add(ops.bias_gelu_scale(x, bias, 0.5), res, 0.1, seed=3)
+
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(Block(), (randn(4, 8), randn(8), randn(4, 8, seed=1)),
+                                  dynamic_shapes={"x": {0: batch}, "bias": None,
+                                                  "res": {0: batch}})
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert targets == [ops.bias_gelu_scale.default, ops.dropout_add.default]
+    args = (randn(6, 8, seed=2), randn(8, seed=3), randn(6, 8, seed=4))
+    assert torch.equal(program.module()(*args), Block()(*args))
+
+
+def test_import_hygiene(bundle_path):
+    code = f"""
+import sys
+import numpy as np
+from fusebuild import runtime
+b = runtime.load({bundle_path!r})
+b.two_out(np.ones(3, np.float32), np.ones(3, np.float32))
+assert "torch" not in sys.modules, "runtime.load and a numpy call imported torch"
+b.torch_library("hygiene")
+assert "torch" in sys.modules
+print("ok")
+"""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def example_args(gp) -> tuple[tuple, dict]:
+    """torch arguments of one float32 (else first) kernel of an example group, small shapes;
+    float tensors positive (Adam's exp_avg_sq; a NaN output would differ from itself)."""
+    dtypes = next((v.dtypes for v in gp.variants if any(d.name == "float32" for d in v.dtypes)),
+                  gp.variants[0].dtypes)
+    syms = {s for shape in gp.shapes[0].values() for d in shape for s in _syms(d)}
+    shapes = {k: concrete(s, dict.fromkeys(syms, 3)) for k, s in gp.shapes[0].items()}
+    args = make_args(gp, dtypes, shapes, np.random.default_rng(5))
+    args = tuple(torch.from_numpy(np.abs(a) if a.dtype.kind == "f" else a)
+                 if isinstance(a, np.ndarray) else a for a in args)
+    return args, ({"seed": 3, "offset": 1} if gp.group.has_random else {})
+
+
+def _syms(d) -> tuple[str, ...]:
+    from fusebuild.argspec import Dim
+    return Dim.of(d).syms
+
+
+def test_examples_register_and_pass_opcheck(examples_bundle):
+    ops = examples_bundle.torch_library("fbex")
+    assert set(dir(ops)) >= set(examples_bundle.groups)
+    plan = {gp.group.name: gp for gp in spec.load_plan([SPECS]).groups}
+    for name in examples_bundle.groups:
+        if name not in plan:              # a backward group: checked with its forward group
+            continue
+        args, kwargs = example_args(plan[name])
+        has_grad = name + "__grad" in examples_bundle.groups
+        if has_grad:
+            args = tuple(a.requires_grad_() if torch.is_tensor(a) and a.is_floating_point()
+                         else a for a in args)
+        torch.library.opcheck(getattr(ops, name), args, kwargs)
+        if has_grad:
+            torch.library.opcheck(getattr(ops, name + "__grad"), *grad_case(ops, name, args, kwargs))
