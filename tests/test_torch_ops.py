@@ -177,7 +177,7 @@ def grad_case(ops, name: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 def test_schemas_and_the_ops_object(ops, bundle_path):
     b = ops._bundle
     assert schema(b.dropout_add.info) == \
-        "dropout_add(Tensor x, Tensor res, float p, *, int seed, int offset=0) -> Tensor"
+        "dropout_add(Tensor x, Tensor res, float p, *, SymInt seed, SymInt offset=0) -> Tensor"
     assert schema(b.count_pos.info) == "count_pos(Tensor x, int k, bool flip) -> (Tensor, Tensor)"
     assert schema(b.rotate__grad.info) == \
         "rotate__grad(Tensor x, Tensor cos, Tensor sin, Tensor grad_y) -> (Tensor, Tensor)"
@@ -437,7 +437,7 @@ def test_examples_register_and_pass_opcheck(examples_bundle):
     assert set(dir(ops)) >= set(examples_bundle.groups)
     plan = {gp.group.name: gp for gp in spec.load_plan([SPECS]).groups}
     for name in examples_bundle.groups:
-        if name not in plan:              # a backward group: checked with its forward group
+        if name.endswith("__grad"):       # a backward group: checked with its forward group
             continue
         args, kwargs = example_args(plan[name])
         has_grad = name + "__grad" in examples_bundle.groups

@@ -99,11 +99,12 @@ def _check_namespace(namespace: str, groups: tuple[str, ...]) -> None:
 
 
 def schema(info: GroupInfo) -> str:
-    """The torch schema of a group: `g(Tensor x, float p, *, int seed, int offset=0) -> Tensor`."""
+    """The torch schema of a group: `g(Tensor x, float p, *, SymInt seed, SymInt offset=0) ->
+    Tensor` (SymInt: torch.compile passes a changing seed without recompiling)."""
     args = [f"Tensor {n}" if k == "tensor" else f"{_SCHEMA_TYPES[dt.lookup(d).kind]} {n}"
             for n, k, d in info.params]
     if info.has_random:
-        args += ["*", "int seed", "int offset=0"]
+        args += ["*", "SymInt seed", "SymInt offset=0"]
     returns = "Tensor" if len(info.outputs) == 1 else \
         f"({', '.join('Tensor' for _ in info.outputs)})"
     return f"{info.name}({', '.join(args)}) -> {returns}"
