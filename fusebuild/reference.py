@@ -344,6 +344,7 @@ def _evaluate(kernel: Kernel, views: list, scalars, seed: int, offset: int) -> R
     shape = broadcast_shapes([v.shape for vs in views for v in vs])
     values: list[np.ndarray] = []
     mag = np.zeros(shape, np.float64)
+    scales: list[np.ndarray | None] = []
     words = None
     for node in kernel.nodes:
         d = node.dtype
@@ -380,23 +381,27 @@ def _evaluate(kernel: Kernel, views: list, scalars, seed: int, offset: int) -> R
                 finite = np.where(np.isfinite(v), np.abs(v.astype(np.float64)), 0)
             mag = np.maximum(mag, finite)
         if extra_mag is not None:
-            mag = np.maximum(mag, np.where(np.isfinite(extra_mag), extra_mag, 0).astype(np.float64))
+            extra_mag = np.where(np.isfinite(extra_mag), extra_mag, 0).astype(np.float64)
+            mag = np.maximum(mag, extra_mag)
         values.append(v)
+        scales.append(_scale(node, v, finite if v.dtype.kind == "f" else None, extra_mag,
+                             values, scales))
     outputs, magnitude, all_parts = {}, {}, {}
     for o in kernel.outputs:
+        part_mags = [mag if scales[p] is None else np.maximum(mag, scales[p]) for p in o.parts]
         if o.row:   # one value per row: the row's largest magnitude bounds its error
             row_shape = shape[:-1] + (1,)
             v = np.broadcast_to(values[o.parts[0]], row_shape).astype(o.dtype.numpy)
             outputs[o.name], all_parts[o.name] = v, [v]
-            magnitude[o.name] = np.max(mag, axis=-1, keepdims=True, initial=0.0)
+            magnitude[o.name] = np.max(part_mags[0], axis=-1, keepdims=True, initial=0.0)
             continue
         parts = [np.broadcast_to(values[p], shape).astype(o.dtype.numpy) for p in o.parts]
         all_parts[o.name] = parts
         if o.cat:
             outputs[o.name] = np.concatenate(parts, axis=o.cat[1])
-            magnitude[o.name] = np.concatenate([mag] * len(parts), axis=o.cat[1])
+            magnitude[o.name] = np.concatenate(part_mags, axis=o.cat[1])
         else:
-            outputs[o.name], magnitude[o.name] = parts[0], mag
+            outputs[o.name], magnitude[o.name] = parts[0], part_mags[0]
     return Result(outputs, magnitude, all_parts, mag)
 
 
@@ -447,6 +452,30 @@ class Mismatch:
     got: object
     want: object
     message: str
+
+
+def _scale(node, v, finite, extra_mag, values, scales) -> np.ndarray | None:
+    """The error scale of a float node: |value|, or more where an operand's own scale (its
+    cancellation error) is multiplied or divided by a large factor (first-order propagation:
+    s(a b) = max(|a b|, s(a) |b|, |a| s(b)), s(a / b) = max(|a / b|, s(a) / |b|, |a / b| s(b) /
+    |b|)); sums of a row Σ s(terms); other ops the largest scale of their operands."""
+    if finite is None:
+        return None
+    args = [a for a in node.args if scales[a] is not None]
+    out = finite
+    with np.errstate(all="ignore"):
+        if node.op in ("mul", "div") and len(args) == 2:
+            a, b = (np.abs(values[i].astype(np.float64)) for i in node.args)
+            sa, sb = scales[node.args[0]], scales[node.args[1]]
+            terms = (sa * b, a * sb) if node.op == "mul" else (sa / b, finite * sb / b)
+        elif node.op == "rsum" and args:
+            terms = (np.sum(np.broadcast_to(scales[args[0]], values[args[0]].shape), axis=-1,
+                            keepdims=True),)
+        else:
+            terms = tuple(scales[a] for a in args)
+        for t in terms + ((extra_mag,) if extra_mag is not None else ()):
+            out = np.maximum(out, np.where(np.isfinite(t), t, 0))
+    return out
 
 
 def compare(got: np.ndarray, want: np.ndarray, magnitude: np.ndarray | None = None,

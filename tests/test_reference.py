@@ -107,3 +107,14 @@ def test_float16_is_held_in_float32_and_rounded_once():
     k = kernel("y = float32(float16(a * 3))", "a", [dt.float32])
     r = reference.evaluate(k, [np.array([0.1], np.float32)]).outputs["y"]
     assert r[0] == np.float32(np.float16(0.1 * 3))
+
+
+def test_magnitude_covers_a_cancellation_scaled_by_a_large_factor():
+    """r * (g - y * m) with g ~ y * m: the difference's rounding error (ulp of g) is scaled by
+    r, so the output's magnitude (its error scale) is at least r * |g|, not max(|r|, |g|)."""
+    from fusebuild.syntax import SourceMap, parse_group
+    g = parse_group("t", [("g", "tensor", None), ("y", "tensor", None), ("r", "tensor", None)],
+                    [("o", None)], "o = r * (g - y * 2.0)", SourceMap())
+    k = ir.instantiate(g, {"g": dt.float32, "y": dt.float32, "r": dt.float32}, expand=False)
+    res = reference.evaluate(k, [np.float32([6.0]), np.float32([3.0]), np.float32([13.0])])
+    assert res.outputs["o"][0] == 0 and res.magnitude["o"][0] >= 13 * 6
