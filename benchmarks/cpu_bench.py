@@ -538,9 +538,11 @@ def build_examples(tmp: str, groups: list[str] | None) -> str:
     from fusebuild.runtime.cpu import host_isas
     isa = host_isas()[-1]
     plan = spec.load_plan([os.path.join(ROOT, "specs")], targets=[f"cpu:{isa}"])
-    # every elementwise group by default (row reductions have their own reduction_bench.py)
+    # every elementwise forward group by default (row reductions have their own
+    # reduction_bench.py, backward groups torch_bench.py)
     plan = replace(plan, groups=tuple(gp for gp in plan.groups if (
-        gp.group.name in groups if groups else not gp.group.reduces)))
+        gp.group.name in groups if groups else not (gp.group.reduces or
+                                                    gp.group.name.endswith("__grad")))))
     # no cache: measure what the code generator of this checkout emits
     return build.build(plan, os.path.join(tmp, "bundle"), progress=False, cache_dir=None).path
 

@@ -191,10 +191,12 @@ def side_of(elements: int) -> int:
 
 def make_cases(plan: spec.Plan, groups: tuple[str, ...] | None, elements: int) -> list[Case]:
     """Every dtype combination (float64 left out) times every shape pattern of each elementwise
-    group (row reductions have their own benchmark, reduction_bench.py)."""
+    forward group (row reductions have their own benchmark, reduction_bench.py; backward groups
+    torch_bench.py)."""
     cases = []
     for gp in plan.groups:
-        if gp.group.reduces or (groups and gp.group.name not in groups):
+        if gp.group.reduces or gp.group.name.endswith("__grad") or \
+                (groups and gp.group.name not in groups):
             continue
         for dtypes in dict.fromkeys(v.dtypes for v in gp.variants):
             if dt.float64 in dtypes:

@@ -10,7 +10,7 @@ returns `grad_<input>` for each listed input at the iteration (broadcast) shape.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import SpecError
 from .ops import (CASTS, DERIVATIVES, EXPANSIONS, OPS, PRIMITIVE_REDUCTION,
@@ -163,8 +163,9 @@ class _Deriver:
         return outs
 
     # ---- reverse
-    def backward(self, outs: dict[str, tuple[Expr, ...]]) -> tuple[list[str], list]:
-        """Seed the output gradients, run the rules in reverse; (grad inputs, output lines)."""
+    def backward(self, outs: dict[str, tuple[Expr, ...]]) -> tuple[list[str], list, dict]:
+        """Seed the output gradients, run the rules in reverse; (grad inputs, output lines,
+        aliases)."""
         forward = [ln for ln in self.lines if isinstance(ln, _Let)]
         adj: dict[str, list[Expr]] = {}
         seeds = []
@@ -197,7 +198,7 @@ class _Deriver:
                     if self.level[a.value] == ROW and self.level.get(term.value) == FULL:
                         term = self.op("sum", term)     # a row value broadcast over the row
                     adj.setdefault(a.value, []).append(term)
-        return seeds, self.results(adj)
+        return seeds, *self.results(adj, seeds)
 
     def total(self, terms: list[Expr]) -> Expr:
         out = terms[0]
@@ -213,14 +214,21 @@ class _Deriver:
             return self.op("where", self.op("isnan", _name(like)), value, value)
         return value
 
-    def results(self, adj: dict[str, list[Expr]]) -> list:
-        lines = []
+    def results(self, adj: dict[str, list[Expr]], seeds: list[str]) -> tuple[list, dict]:
+        """The output statements, and the aliases: listed inputs whose gradient is the same value
+        as an earlier one's or an output gradient given to the group (x + bias: one array)."""
+        lines, alias, given = [], {}, {}
         inputs = {i.name: i for i in self.g.inputs}
         chunks = {ln.source: ln for ln in self.lines if isinstance(ln, _Chunk)}
         for w in self.wrt:
             if inputs[w].chunk is None:
                 terms = adj.get(w)
-                lines.append(_Let(grad_name(w), "", (self.full(terms and self.total(terms), w),)))
+                value = self.full(terms and self.total(terms), w).value
+                if value in seeds or value in given:
+                    alias[w] = given.get(value, value)
+                else:
+                    given[value] = grad_name(w)
+                    lines.append(_Let(grad_name(w), "", (_name(value),)))
             else:
                 ch = chunks[w]
                 parts = []
@@ -228,7 +236,10 @@ class _Deriver:
                     terms = adj.get(piece)
                     parts.append(self.full(terms and self.total(terms), piece).value)
                 lines.append(_Cat(grad_name(w), tuple(parts), ch.dim))
-        return lines
+        if not lines:       # every gradient is an output gradient: return the first one
+            w = self.wrt[0]
+            lines.append(_Let(grad_name(w), "", (_name(alias.pop(w)),)))
+        return lines, alias
 
 
 def derive(group: Group, wrt: tuple[str, ...], where: SourceMap) -> Group:
@@ -236,7 +247,7 @@ def derive(group: Group, wrt: tuple[str, ...], where: SourceMap) -> Group:
     spec). Errors in the body point at its ops; others at `where` (the `grad:` entry)."""
     d = _Deriver(group, wrt)
     outs = d.forward()
-    seeds, results = d.backward(outs)
+    seeds, results, alias = d.backward(outs)
     if not seeds:
         raise where.error(f"no output of group '{group.name}' depends on {', '.join(wrt)} "
                           "through differentiable ops", 1, 0,
@@ -253,9 +264,11 @@ def derive(group: Group, wrt: tuple[str, ...], where: SourceMap) -> Group:
                           "is reserved for gradients when the group has grad:)")
     body = "\n".join(_text(ln) for ln in lines)
     doc = f"backward of {group.name}: gradients of {', '.join(wrt)}"
-    return parse_group(group.name + SUFFIX, inputs, [(grad_name(w), None) for w in wrt], body,
-                       SourceMap(where.file, where.first_line, (where.locate(1, 0)[2],) *
-                                 (body.count("\n") + 1)), doc)
+    outputs = [(grad_name(w), None) for w in wrt if w not in alias]
+    bwd = parse_group(group.name + SUFFIX, inputs, outputs, body,
+                      SourceMap(where.file, where.first_line, (where.locate(1, 0)[2],) *
+                                (body.count("\n") + 1)), doc)
+    return replace(bwd, grad_alias=tuple(alias.items()))
 
 
 def _used(lines: list) -> list:

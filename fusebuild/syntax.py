@@ -14,7 +14,7 @@ import json
 import sys
 import tokenize
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import dtypes as dt
 from .deep import trampoline
@@ -105,6 +105,8 @@ class Group:
     source: SourceMap = field(default_factory=SourceMap, compare=False, repr=False)
     reduces: bool = False               # reduces over the last dim (DESIGN §8)
     dims: tuple = ()                    # (dim, line, col) of each reduction's non-negative dim=
+    grad_alias: tuple = ()              # backward groups: (input, name) for each listed input
+                                        # whose gradient is an output or input named there
 
     @property
     def tensor_inputs(self) -> tuple[InputDecl, ...]:
@@ -119,7 +121,11 @@ class Group:
              "inputs": [i.to_json() for i in self.inputs],
              "outputs": [o.to_json() for o in self.outputs],
              "body": self.body, "has_random": self.has_random}
-        return {**d, "reduce": True} if self.reduces else d
+        if self.reduces:
+            d["reduce"] = True
+        if self.grad_alias:
+            d["grad_alias"] = dict(self.grad_alias)
+        return d
 
     def ir_json(self) -> dict:
         """to_json without the doc: everything that determines the generated code."""
@@ -141,8 +147,9 @@ def group_from_json(d: dict, file: str = "<manifest>") -> Group:
               for i in d["inputs"]]
     outputs = [(o["name"], dt.lookup(o["dtype"]) if o["dtype"] else None) for o in d["outputs"]]
     lines = d["body"].count("\n") + 1
-    return parse_group(d["name"], inputs, outputs, d["body"],
-                       SourceMap(file, 1, (1,) * lines), doc=d.get("doc", ""))
+    group = parse_group(d["name"], inputs, outputs, d["body"], SourceMap(file, 1, (1,) * lines),
+                        doc=d.get("doc", ""))
+    return replace(group, grad_alias=tuple(d.get("grad_alias", {}).items()))
 
 
 # ---------------------------------------------------------------- body parser ------------------

@@ -323,6 +323,16 @@ NORM_KEYS = {
     "add_rms_norm": [f"add_rms_norm({d}:cc,{d}:cc,{d}:bc)" for d in ("f32", "f16", "bf16")],
     "quant_per_token": ["quant_per_token(f32:cc)", "quant_per_token(bf16:cc)"],
 }
+# the backward groups of the norms with grad: (inputs, then the output gradients)
+NORM_GRAD_KEYS = {
+    "softmax__grad": [f"softmax__grad({d}:{lay},{d}:{lay})" for d in ("f32", "bf16")
+                      for lay in ("cc", "ss")],
+    "layer_norm__grad": [f"layer_norm__grad({d}:cc,{d}:bc,{d}:bc,{d}:cc)"
+                         for d in ("f32", "f16", "bf16")],
+    "rms_norm__grad": [f"rms_norm__grad({d}:cc,{d}:bc,{d}:cc)" for d in ("f32", "bf16")],
+    "add_rms_norm__grad": [f"add_rms_norm__grad({d}:cc,{d}:cc,{d}:bc,{d}:cc,{d}:cc)"
+                           for d in ("f32", "f16", "bf16")],
+}
 
 
 def test_plan_of_the_norm_examples_lists_their_keys():
@@ -334,12 +344,12 @@ def test_plan_of_the_norm_examples_lists_their_keys():
     got: dict[str, list[str]] = {}
     for row in rows:
         got.setdefault(row["group"], []).append(row["key"])
-    assert got == NORM_KEYS
+    assert got == NORM_KEYS | NORM_GRAD_KEYS
     plan = spec.load_plan([NORMS])
     rows_out = {gp.group.name: [o.name for o in gp.group.outputs if o.row] for gp in plan.groups}
     assert rows_out == {"softmax": [], "masked_softmax": [], "log_softmax": ["lse"],
                         "layer_norm": [], "rms_norm": [], "add_rms_norm": [],
-                        "quant_per_token": ["scale"]}
+                        "quant_per_token": ["scale"]} | dict.fromkeys(NORM_GRAD_KEYS, [])
     assert all(gp.group.reduces for gp in plan.groups)
 
 

@@ -30,6 +30,8 @@ class GroupInfo:
     signature: str
     reduces: bool = False                             # a reduction group (DESIGN §8)
     row_outputs: tuple[bool, ...] = ()                # per output: one value per row, [..., 1]
+    grad_alias: tuple[tuple[str, str], ...] = ()      # backward groups: (input, the output or
+                                                      # grad input holding its gradient)
 
     @staticmethod
     def from_manifest(g: dict) -> "GroupInfo":
@@ -43,7 +45,8 @@ class GroupInfo:
         signature = f"{g['name']}({', '.join(args)}) -> {', '.join(n for n, _ in outputs)}"
         return GroupInfo(g["name"], params, chunks, outputs, g["has_random"], signature,
                          bool(g.get("reduce", False)),
-                         tuple(bool(o.get("row", False)) for o in g["outputs"]))
+                         tuple(bool(o.get("row", False)) for o in g["outputs"]),
+                         tuple(g.get("grad_alias", {}).items()))
 
     @property
     def tensor_names(self) -> list[str]:

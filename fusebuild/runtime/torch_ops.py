@@ -194,7 +194,15 @@ def _register_autograd(lib, namespace: str, info: GroupInfo, grad: GroupInfo) ->
     n_in = len(info.params)
     out_names = [n for n, _ in info.outputs]
     grad_outs = [out_names.index(n[len("grad_"):]) for n, _, _ in grad.params[n_in:]]
-    listed = [[n for n, _, _ in info.params].index(o[len("grad_"):]) for o, _ in grad.outputs]
+    names = [n for n, _, _ in info.params]
+    returned = [o for o, _ in grad.outputs]
+    # each listed input: ('out', index into the backward op's outputs) or ('in', index into
+    # the incoming gradients) when its gradient is one of those (grad_alias)
+    where = {names.index(o[len("grad_"):]): ("out", k) for k, o in enumerate(returned)}
+    for inp, src in grad.grad_alias:
+        where[names.index(inp)] = ("out", returned.index(src)) if src in returned else \
+            ("in", out_names.index(src[len("grad_"):]))
+    listed = sorted(where)
     tensor_pos = [i for i, (_, k, _) in enumerate(info.params) if k == "tensor"]
 
     def setup_context(ctx, inputs, output, keyword_only_inputs=None):
@@ -210,8 +218,11 @@ def _register_autograd(lib, namespace: str, info: GroupInfo, grad: GroupInfo) ->
         for i, t in zip(tensor_pos, ctx.saved_tensors):
             inputs[i] = t
         got = backward_op(*inputs, *(grads[o].contiguous() for o in grad_outs), **ctx.random)
-        for i, g in zip(listed, got if isinstance(got, tuple) else (got,)):
+        got = got if isinstance(got, tuple) else (got,)
+        for i in listed:
             if ctx.needs_input_grad[i]:
+                kind, k = where[i]
+                g = got[k] if kind == "out" else grads[k]
                 result[i] = g.sum_to_size(inputs[i].shape).to(inputs[i].dtype)
         return tuple(result)
 
