@@ -62,9 +62,9 @@ def torch_library(bundle, namespace: str) -> TorchOps:
     infos = {name: bundle[name].info for name in bundle.groups}
     for name, info in infos.items():
         lib.define(schema(info))
-        impl = _implementation(bundle[name])
-        lib.impl(name, impl, "CPU")
-        lib.impl(name, _detaching(impl), "CUDA")
+        caller = bundle[name]     # the C fast path itself, seed= and offset= included
+        lib.impl(name, caller, "CPU")
+        lib.impl(name, _detaching(caller), "CUDA")
         torch.library.register_fake(f"{namespace}::{name}", _fake(bundle, info), lib=lib)
     backward = tuple(n for n in infos if n + GRAD in infos)
     for name in backward:
@@ -108,19 +108,6 @@ def schema(info: GroupInfo) -> str:
     returns = "Tensor" if len(info.outputs) == 1 else \
         f"({', '.join('Tensor' for _ in info.outputs)})"
     return f"{info.name}({', '.join(args)}) -> {returns}"
-
-
-def _implementation(caller):
-    """The CPU kernel of an op: the bundle's own call (fresh output tensors; inputs that
-    require grad are read as they are)."""
-    if caller.info.has_random:
-        def run_random(*args, seed: int, offset: int = 0):
-            return caller(*args, seed=seed, offset=offset)
-        return run_random
-
-    def run(*args):
-        return caller(*args)
-    return run
 
 
 def _detaching(impl):
