@@ -70,7 +70,6 @@ class _Deriver:
                                       for i in group.inputs}
         self._count = 0
         self._n: Expr | None = None
-        self.where: Expr | None = None      # the forward expression being lowered (errors)
 
     # ---- the builder interface of ops.EXPANSIONS / ops.DERIVATIVES
     def op(self, name: str, *args) -> Expr:

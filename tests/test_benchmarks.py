@@ -14,6 +14,19 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _quick_rows(tmp_path, script: str, timeout: int) -> list[dict]:
+    """The JSON rows of `benchmarks/<script> --quick`: the same on stdout and in --out, and
+    none of them an error."""
+    out = tmp_path / "bench.jsonl"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--quick",
+                           "--out", str(out)], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [json.loads(line) for line in proc.stdout.splitlines()] == rows
+    assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r][:2]
+    return rows
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_cpu_bench_quick_smoke(tmp_path):
     pytest.importorskip("numexpr")
@@ -70,14 +83,7 @@ def test_reduction_bench_quick_smoke(tmp_path):
     length that is no multiple of a vector): every implementation of every case ran and matches
     the float64 oracle, fusebuild matches fusebuild.reference too, and the targets are tallied;
     without a GPU the GPU section says why it skipped."""
-    out = tmp_path / "reductions.jsonl"
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "reduction_bench.py"), "--quick",
-         "--out", str(out)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [json.loads(line) for line in proc.stdout.splitlines()] == rows
-    assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r][:2]
+    rows = _quick_rows(tmp_path, "reduction_bench.py", timeout=300)
     try:
         import torch  # noqa: F401
         impls = {"fusebuild", "fusebuild_alloc", "numpy", "torch_eager"}
@@ -144,15 +150,7 @@ def test_torch_bench_quick_smoke(tmp_path):
     float64 torch autograd of the expression (for dropout with each one's own mask: forward and
     backward agree on it, and about 1 - p of the elements are kept); the gradients of the
     deterministic groups match torch eager's; the overhead row and the targets come out."""
-    pytest.importorskip("torch")
-    out = tmp_path / "torch.jsonl"
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "torch_bench.py"), "--quick",
-         "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [json.loads(line) for line in proc.stdout.splitlines()] == rows
-    assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r][:2]
+    rows = _quick_rows(tmp_path, "torch_bench.py", timeout=600)
     groups = ("bias_gelu", "bias_dropout_residual", "lstm_cell")
     build = next(r for r in rows if r["what"] == "build")
     assert build["backward_groups"] == sorted(f"{g}__grad" for g in groups)
