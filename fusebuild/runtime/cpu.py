@@ -11,7 +11,12 @@ import warnings
 from ..errors import BundleError
 from .manifest import kernel_file, read_artifact
 
-ISA_LEVELS = ("x86-64-v2", "x86-64-v3", "x86-64-v4")
+# CPU ISA levels of each architecture family (platform.machine() spelling), lowest first: the
+# `cpu:<level>` targets a bundle may hold. `cpu:<family>` means all levels of one family.
+LEVELS = {"x86_64": ("x86-64-v2", "x86-64-v3", "x86-64-v4"),
+          "aarch64": ("armv8.2-a", "neoverse-v1", "neoverse-v2")}
+FAMILY_NAMES = {"x86_64": "x86-64", "aarch64": "aarch64"}     # as written in targets
+ISA_LEVELS = LEVELS["x86_64"]
 # x86-64 micro-architecture levels (psABI) by the /proc/cpuinfo flags they need
 _REQUIRED = {
     "x86-64-v2": {"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"},
