@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zlib
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -47,10 +49,12 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture(scope="session")
 def examples_bundle(tmp_path_factory):
-    """The example specs built for every CPU ISA level, whatever this host runs: the loaded
-    bundle runs the best level the host supports, and tests inspect the others statically."""
+    """The example specs built for every CPU ISA level of both families, whatever this host
+    runs: the loaded bundle runs the best level the host supports, tests inspect the others
+    statically, and test_aarch64_emulated runs the aarch64 ones under qemu (one build: the numba
+    lowering of a group, half its compile time, serves all six levels)."""
     out = tmp_path_factory.mktemp("examples")
-    plan = spec.load_plan([SPECS], targets=["cpu"])
+    plan = spec.load_plan([SPECS], targets=["cpu:x86-64", "cpu:aarch64"])
     result = build.build(plan, str(out), progress=False)
     return runtime.load(result.path)
 
@@ -135,6 +139,39 @@ def strided_view(a: np.ndarray) -> np.ndarray:
     return big[..., ::2]
 
 
+def symbols(gp) -> list[str]:
+    """The size symbols of planned group `gp`'s shape patterns."""
+    return sorted({s for pattern in gp.shapes for shape in pattern.values() for d in shape
+                   for s in Dim.of(d).syms})
+
+
+def example_calls(gp) -> Iterator[tuple[list, dict, bool]]:
+    """Calls of planned group `gp` on random inputs, as (args, seed kwargs, served): random
+    sizes, 1-element, 0-size, broadcast operands (from the patterns) and non-contiguous views,
+    which only a group built with `strided: true` serves (`served` False: KernelNotFound; not
+    made for chunked groups, whose contiguous calls are strided already)."""
+    rng = np.random.default_rng(zlib.crc32(gp.group.name.encode()))
+    seed = dict(seed=int(rng.integers(0, 2**63)), offset=int(rng.integers(0, 2**40))) \
+        if gp.group.has_random else {}
+    syms = symbols(gp)
+    assignments = [{s: int(rng.integers(2, 9)) for s in syms} for _ in range(3)]
+    assignments += [{s: 1 for s in syms}]                       # one element
+    assignments += [{**assignments[0], s: 1} for s in syms]     # one symbol of size 1
+    if syms:
+        assignments += [{**{s: 3 for s in syms}, syms[0]: 0}]    # empty
+    strided = any("s" * len(lay) == lay and lay for v in gp.variants
+                  for lay in [v.key.split(":")[-1].rstrip(")")])
+    for dtypes in dict.fromkeys(v.dtypes for v in gp.variants):
+        for pattern in gp.shapes:
+            for values in assignments:
+                shapes = {k: concrete(s, values) for k, s in pattern.items()}
+                yield make_args(gp, dtypes, shapes, rng), seed, True
+            shapes = {k: concrete(s, assignments[0]) for k, s in pattern.items()}
+            args = make_args(gp, dtypes, shapes, rng, view=strided_view)
+            if strided or not any(p.chunk for p in gp.group.inputs):
+                yield args, seed, strided
+
+
 def group_of(bundle, name: str) -> syntax.Group:
     return syntax.group_from_json(bundle.manifest["groups"][name])
 
@@ -142,9 +179,6 @@ def group_of(bundle, name: str) -> syntax.Group:
 def check_call(bundle, name: str, args: list, seed=None, offset=0, out=None):
     """Call group `name` and compare every output with the reference evaluator."""
     g = group_of(bundle, name)
-    tensors = [a for a, p in zip(args, g.inputs) if p.kind == "tensor"]
-    scalars = [a for a, p in zip(args, g.inputs) if p.kind == "scalar"]
-    dtypes = {p.name: dt.from_numpy(a.dtype) for a, p in zip(tensors, g.tensor_inputs)}
     kw = {} if seed is None else {"seed": seed, "offset": offset}
     got = bundle[name](*args, out=out, **kw)
     got = got if isinstance(got, tuple) else (got,)
@@ -154,12 +188,24 @@ def check_call(bundle, name: str, args: list, seed=None, offset=0, out=None):
         for x, y, z in zip(got, again if isinstance(again, tuple) else (again,),
                            slow if isinstance(slow, tuple) else (slow,)):
             assert x.tobytes() == y.tobytes() == z.tobytes(), f"{name}: fast and Python paths differ"
-    want = reference.evaluate(ir.instantiate(g, dtypes, expand=False), tensors, scalars,
+    check_outputs(g, got, expected(g, args, seed, offset), bundle[name].key(*args))
+    return got
+
+
+def expected(g: syntax.Group, args: list, seed=None, offset=0):
+    """The reference evaluator's result for a call of group `g`."""
+    tensors = [a for a, p in zip(args, g.inputs) if p.kind == "tensor"]
+    scalars = [a for a, p in zip(args, g.inputs) if p.kind == "scalar"]
+    dtypes = {p.name: dt.from_numpy(a.dtype) for a, p in zip(tensors, g.tensor_inputs)}
+    return reference.evaluate(ir.instantiate(g, dtypes, expand=False), tensors, scalars,
                               seed or 0, offset)
+
+
+def check_outputs(g: syntax.Group, got: tuple, want, key: str) -> None:
+    """Compare the outputs `got` of kernel `key` of group `g` with the reference result `want`
+    (`expected`), within the tolerances of `reference.compare`."""
     n_row = want.part_magnitude.shape[-1] if g.reduces else 0     # reductions: DESIGN §8
     for o, value in zip(g.outputs, got):
         mismatch = reference.compare(value, want.outputs[o.name], want.magnitude[o.name],
                                      n_row=n_row)
-        assert mismatch is None, f"{name} output {o.name} ({bundle[name].key(*args)}): " \
-                                 f"{mismatch.message}"
-    return got
+        assert mismatch is None, f"{g.name} output {o.name} ({key}): {mismatch.message}"

@@ -3,22 +3,14 @@ several shapes: random sizes, 1-element, 0-size, broadcast operands (from the pa
 non-contiguous views (groups built with `strided: true`) and in-place outputs."""
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 import pytest
 
 from fusebuild import dtypes as dt, spec
-from fusebuild.argspec import Dim
 from fusebuild.errors import KernelNotFound
-from conftest import SPECS, check_call, concrete, make_args, random_array, strided_view
+from conftest import SPECS, check_call, example_calls, random_array
 
 PLAN = spec.load_plan([SPECS])
-
-
-def symbols(gp) -> list[str]:
-    return sorted({s for pattern in gp.shapes for shape in pattern.values() for d in shape
-                   for s in Dim.of(d).syms})
 
 
 pytestmark = pytest.mark.isa
@@ -26,29 +18,12 @@ pytestmark = pytest.mark.isa
 
 @pytest.mark.parametrize("gp", PLAN.groups, ids=lambda gp: gp.group.name)
 def test_example_group_matches_reference(examples_bundle, gp):
-    rng = np.random.default_rng(zlib.crc32(gp.group.name.encode()))
-    seed = dict(seed=int(rng.integers(0, 2**63)), offset=int(rng.integers(0, 2**40))) \
-        if gp.group.has_random else {}
-    syms = symbols(gp)
-    assignments = [{s: int(rng.integers(2, 9)) for s in syms} for _ in range(3)]
-    assignments += [{s: 1 for s in syms}]                       # one element
-    assignments += [{**assignments[0], s: 1} for s in syms]     # one symbol of size 1
-    if syms:
-        assignments += [{**{s: 3 for s in syms}, syms[0]: 0}]    # empty
-    strided = any("s" * len(lay) == lay and lay for v in gp.variants
-                  for lay in [v.key.split(":")[-1].rstrip(")")])
-    for dtypes in dict.fromkeys(v.dtypes for v in gp.variants):
-        for pattern in gp.shapes:
-            for values in assignments:
-                shapes = {k: concrete(s, values) for k, s in pattern.items()}
-                check_call(examples_bundle, gp.group.name, make_args(gp, dtypes, shapes, rng), **seed)
-            shapes = {k: concrete(s, assignments[0]) for k, s in pattern.items()}
-            args = make_args(gp, dtypes, shapes, rng, view=strided_view)
-            if strided:
-                check_call(examples_bundle, gp.group.name, args, **seed)
-            elif not any(p.chunk for p in gp.group.inputs):
-                with pytest.raises(KernelNotFound, match=gp.group.name):
-                    examples_bundle[gp.group.name](*args, **seed)
+    for args, seed, served in example_calls(gp):
+        if served:
+            check_call(examples_bundle, gp.group.name, args, **seed)
+        else:
+            with pytest.raises(KernelNotFound, match=gp.group.name):
+                examples_bundle[gp.group.name](*args, **seed)
 
 
 def test_inplace_adam_update_matches_reference(examples_bundle):

@@ -17,18 +17,38 @@ LEVELS = {"x86_64": ("x86-64-v2", "x86-64-v3", "x86-64-v4"),
           "aarch64": ("armv8.2-a", "neoverse-v1", "neoverse-v2")}
 FAMILY_NAMES = {"x86_64": "x86-64", "aarch64": "aarch64"}     # as written in targets
 ISA_LEVELS = LEVELS["x86_64"]
-# x86-64 micro-architecture levels (psABI) by the /proc/cpuinfo flags they need
-_REQUIRED = {
-    "x86-64-v2": {"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"},
-    "x86-64-v3": {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"},
-    "x86-64-v4": {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"},
-}
+# x86-64 micro-architecture levels (psABI) by the /proc/cpuinfo flags they need (each level
+# those of the levels below too)
+_V2 = {"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"}
+_V3 = _V2 | {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
+_REQUIRED = {"x86-64-v2": _V2, "x86-64-v3": _V3,
+             "x86-64-v4": _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}}
+# aarch64 features by their bit in the kernel's AT_HWCAP / AT_HWCAP2 words (Linux
+# arch/arm64/include/uapi/asm/hwcap.h), named as in /proc/cpuinfo "Features"
+AT_HWCAP, AT_HWCAP2 = 16, 26
+_HWCAP = {"fp": 0, "asimd": 1, "fphp": 9, "asimdhp": 10, "sha3": 17, "asimddp": 20, "sve": 22}
+_HWCAP2 = {"sve2": 1, "svei8mm": 9, "svebf16": 12, "i8mm": 13, "bf16": 14}
+# Each aarch64 level needs the features of its LLVM CPU model that LLVM selects from plain IR
+# (no intrinsics): fp16 arithmetic and conversions, dot products (the vectorizer's partial
+# reductions: sdot/udot, and usdot with i8mm), bfloat16 conversions (bfcvt), NEON eor3 for
+# xor chains (sha3: neoverse-v1 only; neoverse-v2 uses SVE2's eor3). Features reachable only
+# through intrinsics or atomics (aes, sha1/2, sm4, rdm, fcma, jscvt, lse, rcpc) are not required.
+_ARMV82 = {"fp", "asimd", "fphp", "asimdhp", "asimddp"}
+_SVE = _ARMV82 | {"sve", "bf16", "svebf16", "i8mm", "svei8mm"}
+_REQUIRED |= {"armv8.2-a": _ARMV82, "neoverse-v1": _SVE | {"sha3"}, "neoverse-v2": _SVE | {"sve2"}}
+_MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 
 
 _WARNED: set[str] = set()       # FUSEBUILD_CPU_ISA values above the CPU, warned about once
 
 
+def host_family() -> str | None:
+    """The host's architecture family (a key of LEVELS), None for others."""
+    return _MACHINES.get(platform.machine().lower())
+
+
 def _cpu_flags() -> set[str]:
+    """x86-64: the flags of /proc/cpuinfo."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
@@ -39,29 +59,76 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def _auxv() -> tuple[int, int]:
+    """aarch64: the kernel's AT_HWCAP and AT_HWCAP2 words (what qemu-user emulates, where
+    /proc/cpuinfo describes the machine running qemu)."""
+    getauxval = ctypes.CDLL(None).getauxval
+    getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+    return getauxval(AT_HWCAP), getauxval(AT_HWCAP2)
+
+
+def hwcap_features(hwcap: int, hwcap2: int) -> set[str]:
+    """The aarch64 features (of those the levels need) set in HWCAP words."""
+    return ({name for name, bit in _HWCAP.items() if hwcap >> bit & 1}
+            | {name for name, bit in _HWCAP2.items() if hwcap2 >> bit & 1})
+
+
+def supported_levels(family: str, flags: set[str]) -> tuple[str, ...]:
+    """The levels of `family` a CPU with `flags` runs, lowest first: each needs all its
+    features (x86-64 levels include the lower ones; an aarch64 CPU may run neoverse-v2 but not
+    neoverse-v1, which needs sha3)."""
+    return tuple(level for level in LEVELS[family] if _REQUIRED[level] <= flags)
+
+
+def missing_features(level: str) -> set[str]:
+    """The features `level` needs that this CPU lacks."""
+    return _REQUIRED[level] - _host_flags(host_family())
+
+
+def _host_flags(family: str | None) -> set[str]:
+    if family == "x86_64":
+        return _cpu_flags()
+    if family == "aarch64":
+        return hwcap_features(*_auxv())
+    return set()
+
+
+def no_level_reason() -> str:
+    """Why this host runs no ISA level: its architecture, or what the lowest level needs."""
+    family = host_family()
+    if family is None:
+        return f"no CPU ISA level: {platform.machine() or 'this machine'} is neither x86-64 " \
+               "nor aarch64"
+    lowest = LEVELS[family][0]
+    return (f"none of the {FAMILY_NAMES[family]} levels: {lowest} needs "
+            f"{', '.join(sorted(missing_features(lowest)))}, which this CPU lacks")
+
+
 def host_isas() -> tuple[str, ...]:
     """ISA levels this host can run, best last; FUSEBUILD_CPU_ISA caps the choice (a cap above
-    what the CPU runs is the CPU's best level, with one RuntimeWarning per value)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    what the CPU runs is the CPU's best level below it, with one RuntimeWarning per value; a
+    level of another architecture family is an error)."""
+    family = host_family()
+    if family is None:
         return ()
-    flags, levels = _cpu_flags(), []
-    for level in ISA_LEVELS:
-        if not _REQUIRED[level] <= flags:
-            break
-        levels.append(level)
+    levels = supported_levels(family, _host_flags(family))
     forced = os.environ.get("FUSEBUILD_CPU_ISA")
     if forced:
-        if forced not in ISA_LEVELS:
-            raise BundleError(f"FUSEBUILD_CPU_ISA={forced!r} is not one of {', '.join(ISA_LEVELS)}")
-        if forced in levels:
-            levels = levels[:levels.index(forced) + 1]
-        elif forced not in _WARNED:
+        order = LEVELS[family]
+        if forced not in order:
+            other = [f for f, names in LEVELS.items() if forced in names]
+            why = (f" ({forced} is an {FAMILY_NAMES[other[0]]} level and this host is "
+                   f"{FAMILY_NAMES[family]})" if other else "")
+            raise BundleError(f"FUSEBUILD_CPU_ISA={forced!r} is not one of {', '.join(order)}{why}")
+        capped = tuple(level for level in levels if order.index(level) <= order.index(forced))
+        if forced not in levels and forced not in _WARNED:
             _WARNED.add(forced)
             warnings.warn(f"FUSEBUILD_CPU_ISA={forced}, but this CPU runs only "
                           f"{', '.join(levels) or 'none of the levels'}: using "
-                          f"{levels[-1] if levels else 'no CPU kernels'}", RuntimeWarning,
+                          f"{capped[-1] if capped else 'no CPU kernels'}", RuntimeWarning,
                           stacklevel=2)
-    return tuple(levels)
+        levels = capped
+    return levels
 
 
 class Libraries:

@@ -20,7 +20,7 @@ from . import cuda, dispatch, interop, threads
 from . import _dispatch
 from ._dispatch import Caller
 from .archive import cache_home
-from .cpu import Libraries, host_isas
+from .cpu import FAMILY_NAMES, Libraries, host_family, host_isas, no_level_reason
 from .manifest import (KernelEntry, group_ir, kernel_entries, output_dtypes, read_manifest,
                        verify_artifacts)
 
@@ -198,18 +198,21 @@ class Bundle:
             return KernelNotFound(f"bundle {self.name}-{self.version} has only CUDA kernels "
                                   f"({', '.join(have)}) and was called with CPU arrays: pass CUDA "
                                   "arrays (cupy, torch, ...) or rebuild with --target cpu", key)
-        where = ", ".join(self._cpu_targets) or "no CPU ISA level (not an x86-64 host)"
+        where = ", ".join(self._cpu_targets) or no_level_reason()
         levels = sorted({t for k in self.candidates(key, empty) for t in self._index[k]
                          if t.startswith("cpu:")})
         if levels:
             forced = os.environ.get("FUSEBUILD_CPU_ISA")
             cap = f", capped by FUSEBUILD_CPU_ISA={forced}" if forced else ""
-            best = self._cpu_targets[0] if self._cpu_targets else "cpu"
+            if self._cpu_targets:
+                family = FAMILY_NAMES[host_family()]
+                fix = (f"the key and dtypes are fine: rebuild with `--target cpu:{family}` "
+                       f"(every {family} level) or `--target {self._cpu_targets[0]}`")
+            else:
+                fix = "no CPU kernel of fusebuild runs here: call it with CUDA arrays instead"
             return KernelNotFound(
                 f"bundle {self.name}-{self.version} has {key} only for {', '.join(levels)}, "
-                f"which this CPU cannot run (it runs {where}{cap}); the key and dtypes are "
-                f"fine: rebuild with `--target cpu` (every x86-64 level) or `--target {best}`",
-                key)
+                f"which this CPU cannot run (it runs {where}{cap}); {fix}", key)
         near = dispatch.nearest_keys(key, list(self._index))
         fix = f"to fix it: {self._convert_hint(key, converted)}" if converted else \
             f"to add it: {self._suggest(key)}"
