@@ -3,7 +3,8 @@
 Pipeline (per module): exec the source, compile each entry function with `numba.cfunc`
 (error_model="numpy", so no exception paths) at NUMBA_OPT=0, link the libraries into one LLVM
 module, drop numba's Python-facing wrappers, add a `void sym(const int64_t *ptrs, const int64_t
-*meta, int64_t start, int64_t stop)` entry per kernel, internalize everything else, then per ISA:
+*meta, int64_t start, int64_t stop)` entry per kernel, internalize everything else and mark it
+`alwaysinline`, then per ISA:
 O3 pipeline for an llvmlite target machine of that CPU, emit an object, link with `cc -shared`
 into a stripped `.so` whose only undefined symbols are libc/libm.
 """
@@ -112,7 +113,18 @@ def _compile_entries(source: str, entries: dict[str, str], filename: str) -> str
     for gv in module.global_variables:
         if not gv.is_declaration:
             gv.linkage = "internal"
-    return str(module)   # the now-internal wrappers die in the O3 pipeline of llvm_to_object
+    return _always_inline(str(module))   # the internal wrappers die in llvm_to_object's O3
+
+
+def _always_inline(llvm_ir: str) -> str:
+    """Mark every internal function `alwaysinline`: the generated source's helpers (compiled
+    once per module by numba, which is much faster than numba's own inlining) must end up inside
+    the kernels' loops, and LLVM's inliner would leave a big helper called by several kernels out
+    of line, keeping those loops scalar."""
+    return _INTERNAL_DEFINE.sub(lambda m: m.group(1) + " alwaysinline {", llvm_ir)
+
+
+_INTERNAL_DEFINE = re.compile(r"^(define internal [^\n]*?)\s*\{$", re.M)
 
 
 def _inner_function(module, wrapper_name: str) -> str:
