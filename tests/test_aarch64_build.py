@@ -17,7 +17,7 @@ from fusebuild import targets as tg
 from fusebuild.errors import BundleError, SpecError, ToolchainError, UsageError
 from fusebuild.runtime.cpu import FAMILY_NAMES, LEVELS
 from fusebuild.runtime.manifest import bundle_id
-from fusebuild.toolchain import lld
+from fusebuild.toolchain import lld, numba as numba_toolchain
 from fusebuild.verify import verify
 
 SPEC = """fusebuild: 1
@@ -74,6 +74,7 @@ def test_family_and_level_targets():
     assert tg.expand(["cpu:neoverse-v2", "cpu:aarch64", "cpu:x86-64-v3"]) == \
         ("cpu:neoverse-v2", "cpu:armv8.2-a", "cpu:neoverse-v1", "cpu:x86-64-v3")
     assert [tg.family(t[4:]) for t in ARM + X86] == ["aarch64"] * 3 + ["x86_64"] * 3
+    assert set(numba_toolchain.MACHINES) == set(numba_toolchain.ISAS) == set(tg.CPU_ISAS)
 
 
 @pytest.mark.parametrize("name", ["cpu:armv9-a", "cpu:arm64", "cpu:neoverse-n1", "cpu:x86-64-v1"])
