@@ -261,17 +261,15 @@ class WorkerPool:
 
 # ---------------------------------------------------------------- the build --------------------
 
-def toolchain_versions(plan: Plan) -> dict[str, str]:
-    return backend_versions({tg.backend(t) for t in plan.targets})
-
-
-def backend_versions(backends: set[str]) -> dict[str, str]:
-    """fusebuild's version and those of the toolchains of `backends` ('cpu', 'cuda')."""
+def toolchain_versions(targets: tuple[str, ...]) -> dict[str, str]:
+    """fusebuild's version and those of the toolchains that build `targets` (numba, llvmlite
+    and the linker of each CPU architecture family; NVRTC)."""
     versions = {"fusebuild": __version__}
-    if "cpu" in backends:
+    isas = tuple(tg.arch(t) for t in targets if tg.backend(t) == "cpu")
+    if isas:
         from .toolchain import numba as numba_toolchain
-        versions.update(numba_toolchain.versions())
-    if "cuda" in backends:
+        versions.update(numba_toolchain.versions(isas))
+    if any(tg.backend(t) == "cuda" for t in targets):
         from .toolchain import nvrtc
         versions.update(nvrtc.versions())
     return versions
@@ -323,7 +321,7 @@ def build(plan: Plan, out_dir: str = "build", jobs: int | None = None, keep_goin
     """
     start = time.perf_counter()
     cache = Cache(default_dir() if cache_dir == "" else cache_dir)
-    toolchain = toolchain_versions(plan)
+    toolchain = toolchain_versions(plan.targets)
     modules = plan_modules(plan, shard)
     entries: dict[tuple[str, str], Entry] = {}
     keys: dict[tuple[str, str], str] = {}

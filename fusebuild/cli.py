@@ -67,7 +67,8 @@ def main():
 _specs = click.argument("specs", nargs=-1, required=True, type=click.Path())
 _target = click.option("--target", "targets", multiple=True, metavar="T",
                        help="Build for T instead of the specs' targets (repeatable): cpu, "
-                            "cpu:x86-64-v3, cuda:sm_90, cuda:compute_90 ...")
+                            "cpu:x86-64-v3, cpu:aarch64, cpu:neoverse-v2, cuda:sm_90, "
+                            "cuda:compute_90 ...")
 _max = click.option("--max-kernels", type=click.IntRange(1), default=None,
                     help="Refuse matrices that expand to more kernels than this.")
 

@@ -1,9 +1,10 @@
-"""Minimal ELF64 reading: machine, flags and exported function symbols (for bundle checks)."""
+"""Minimal ELF64 reading: machine, flags, exported and undefined symbols (for bundle checks)."""
 from __future__ import annotations
 
 import struct
 
 EM_X86_64 = 62
+EM_AARCH64 = 183
 EM_CUDA = 190
 _SHT_SYMTAB, _SHT_DYNSYM = 2, 11
 
@@ -26,21 +27,30 @@ def cubin_sm(data: bytes) -> int:
     return (flags >> 8) & 0xFF if abi >= 8 else flags & 0xFF
 
 
-def functions(data: bytes) -> set[str]:
-    """Names of defined global function symbols (static and dynamic symbol tables)."""
+def _symbols(data: bytes, types: tuple[int, ...]):
+    """(name, st_info, st_shndx) of every symbol in the symbol tables of `types`."""
     header(data)
     (shoff,) = struct.unpack_from("<Q", data, 40)
     shentsize, shnum, _ = struct.unpack_from("<HHH", data, 58)
     sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize)
                 for i in range(shnum)]
-    names = set()
     for _, sh_type, _, _, offset, size, link, _, _, entsize in sections:
-        if sh_type not in (_SHT_SYMTAB, _SHT_DYNSYM) or not entsize:
+        if sh_type not in types or not entsize:
             continue
         strtab = sections[link][4]
         for pos in range(offset, offset + size, entsize):
             st_name, st_info, _, st_shndx, _, _ = struct.unpack_from("<IBBHQQ", data, pos)
-            if st_info >> 4 == 1 and st_info & 0xF == 2 and st_shndx != 0:   # GLOBAL FUNC
-                start = strtab + st_name
-                names.add(data[start:data.index(b"\0", start)].decode())
-    return names
+            start = strtab + st_name
+            yield data[start:data.index(b"\0", start)].decode(), st_info, st_shndx
+
+
+def functions(data: bytes) -> set[str]:
+    """Names of defined global function symbols (static and dynamic symbol tables)."""
+    return {name for name, info, shndx in _symbols(data, (_SHT_SYMTAB, _SHT_DYNSYM))
+            if info >> 4 == 1 and info & 0xF == 2 and shndx != 0}          # GLOBAL FUNC
+
+
+def undefined(data: bytes) -> dict[str, bool]:
+    """Undefined dynamic symbols of a shared object, each with whether it is weak."""
+    return {name: info >> 4 == 2 for name, info, shndx in _symbols(data, (_SHT_DYNSYM,))
+            if shndx == 0 and name}

@@ -29,7 +29,7 @@ def compile_missing(group_json: dict, key: str, target: str, out_dir: str) -> di
     dtypes = tuple(d for d, _ in parse_key(key)[1])
     ir.instantiate(group, {i.name: d for i, d in zip(group.tensor_inputs, dtypes)})
     backend = tg.backend(target)
-    toolchain = build.backend_versions({backend})
+    toolchain = build.toolchain_versions((target,))
     cache = Cache(default_dir())
     ckey = module_key(group.ir_json(), [key], target, toolchain)
     entry = cache.get(ckey)

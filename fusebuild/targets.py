@@ -1,10 +1,16 @@
-"""Target names: `cpu` (all x86-64 ISA levels), `cpu:x86-64-vN`, `cuda:sm_XY[a]`, `cuda:compute_XY`."""
+"""Target names: `cpu` (every ISA level of the host's architecture family), `cpu:x86-64` and
+`cpu:aarch64` (every level of that family), `cpu:<level>`, `cuda:sm_XY[a]`, `cuda:compute_XY`."""
 from __future__ import annotations
 
+import platform
 import re
 from functools import lru_cache
 
-CPU_ISAS = ("x86-64-v2", "x86-64-v3", "x86-64-v4")
+from .runtime.cpu import FAMILY_NAMES, LEVELS
+
+CPU_ISAS = tuple(level for levels in LEVELS.values() for level in levels)   # every family's
+_FAMILY_OF = {level: family for family, levels in LEVELS.items() for level in levels}
+_FAMILIES = {f"cpu:{name}": family for family, name in FAMILY_NAMES.items()}
 _CUDA = re.compile(r"^cuda:(sm|compute)_(\d{2,3})(a?)$")
 # The sm_XY numbers of the CUDA architectures NVIDIA has released: the archs a spec may name
 # when NVRTC is not installed (with NVRTC, its own list decides).
@@ -13,19 +19,33 @@ KNOWN_CUDA_ARCHS = (50, 52, 53, 60, 61, 62, 70, 72, 75, 80, 86, 87, 88, 89, 90, 
 FIRST_ARCH_SPECIFIC = 90   # sm_XYa / compute_XYa exist from sm_90a on
 
 
+def host_family() -> str:
+    """The architecture family (a key of LEVELS) whose levels `cpu` means on this machine:
+    aarch64 on Arm hosts, x86_64 everywhere else."""
+    return "aarch64" if platform.machine().lower() in ("aarch64", "arm64") else "x86_64"
+
+
+def family(level: str) -> str:
+    """The architecture family of a CPU ISA level (a key of LEVELS)."""
+    return _FAMILY_OF[level]
+
+
 def expand(names: list[str]) -> tuple[str, ...]:
     """Validate and expand target names, keeping order and dropping repeats; ValueError if bad."""
     out: list[str] = []
     for name in names:
         if name == "cpu":
-            items = [f"cpu:{isa}" for isa in CPU_ISAS]
+            items = [f"cpu:{isa}" for isa in LEVELS[host_family()]]
+        elif name in _FAMILIES:
+            items = [f"cpu:{isa}" for isa in LEVELS[_FAMILIES[name]]]
         elif name.startswith("cpu:") and name[4:] in CPU_ISAS:
             items = [name]
         elif _CUDA.match(name):
             items = [name]
         else:
-            raise ValueError(f"unknown target '{name}'; use cpu, cpu:{'|cpu:'.join(CPU_ISAS)}, "
-                             "cuda:sm_XY, cuda:sm_XYa or cuda:compute_XY")
+            cpu = ", ".join(["cpu", *_FAMILIES, *(f"cpu:{isa}" for isa in CPU_ISAS)])
+            raise ValueError(f"unknown target '{name}'; use {cpu}, cuda:sm_XY, cuda:sm_XYa or "
+                             "cuda:compute_XY")
         out += [t for t in items if t not in out]
     return tuple(out)
 

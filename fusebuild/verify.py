@@ -17,7 +17,7 @@ from .errors import BundleError
 from .text import plural
 from .runtime import dispatch
 from .runtime.archive import extract
-from .runtime.cpu import host_isas, load_verified
+from .runtime.cpu import FAMILY_NAMES, host_isas, load_verified
 from .runtime.manifest import (group_ir, output_dtypes, read_artifact, read_manifest,
                                verify_artifacts)
 
@@ -31,12 +31,15 @@ class Report:
     symbols: int = 0
     numerics: int = 0                                       # kernels run against the reference
     skipped: dict[str, int] = field(default_factory=dict)   # kernels not run, by reason
+    foreign: dict[str, int] = field(default_factory=dict)   # shared objects of other families
 
     def summary(self) -> str:
         text = (f"ok: {self.root} (id {self.bundle_id[:12]}): {plural(self.artifacts, 'artifact')} "
                 f"{_verb(self.artifacts, 'match')} their sha256, "
                 f"{plural(self.symbols, 'kernel symbol')} present, "
                 f"{plural(self.loaded, 'shared object')} loaded")
+        for name, n in sorted(self.foreign.items()):
+            text += f", {plural(n, 'shared object')} not loadable here ({name})"
         if self.numerics:
             text += (f", {plural(self.numerics, 'CPU kernel')} {_verb(self.numerics, 'match')} "
                      "the reference")
@@ -79,6 +82,9 @@ def check_schema(manifest: dict) -> dict[str, syntax.Group]:
     return groups
 
 
+_MACHINES = {"x86_64": elf.EM_X86_64, "aarch64": elf.EM_AARCH64}   # ELF e_machine per family
+
+
 def _check_artifact(root: str, rel: str, kernels: list[dict], host: tuple[str, ...]) -> bool:
     """ELF checks for one artifact; loads it when this host can. Returns whether it loaded."""
     data = read_artifact(root, rel, kernels[0]["sha256"])
@@ -89,8 +95,11 @@ def _check_artifact(root: str, rel: str, kernels: list[dict], host: tuple[str, .
     else:
         try:
             machine = elf.header(data)[0]
-            if tg.backend(target) == "cpu" and machine != elf.EM_X86_64:
-                raise ValueError(f"e_machine {machine} is not x86-64")
+            if tg.backend(target) == "cpu":
+                family = tg.family(tg.arch(target))
+                if machine != _MACHINES[family]:
+                    raise ValueError(f"e_machine {machine} is not {FAMILY_NAMES[family]} "
+                                     f"({_MACHINES[family]}), as {target} needs")
             if tg.backend(target) == "cuda" and elf.cubin_sm(data) != \
                     int(tg.arch(target)[3:].rstrip("a")):
                 raise ValueError(f"it is for sm_{elf.cubin_sm(data)}, not {tg.arch(target)}")
@@ -199,6 +208,10 @@ def verify(path: str, numerics: bool = False, seed: int = 0, allow_skip: bool = 
     for rel, kernels in sorted(by_file.items()):
         report.loaded += _check_artifact(root, rel, kernels, host)
         report.symbols += len(kernels)
+        target = kernels[0]["target"]
+        if tg.backend(target) == "cpu" and tg.family(tg.arch(target)) != tg.host_family():
+            name = FAMILY_NAMES[tg.family(tg.arch(target))]
+            report.foreign[name] = report.foreign.get(name, 0) + 1
     if numerics:
         rng = np.random.default_rng(seed)
         for k in manifest["kernels"]:
@@ -218,7 +231,11 @@ def _skip_reason(target: str, host: tuple[str, ...]) -> str:
     """Why verify --numerics cannot run a kernel of `target` here ('' if it can)."""
     if tg.backend(target) != "cpu":
         return f"{tg.backend(target).upper()}: numerics are checked on CPU kernels only"
+    family = tg.family(tg.arch(target))
+    if family != tg.host_family():
+        return (f"{FAMILY_NAMES[family]}: not runnable on this "
+                f"{FAMILY_NAMES[tg.host_family()]} host")
     if tg.arch(target) not in host:
         return (f"{tg.arch(target)}: this host runs only {', '.join(host)}" if host
-                else f"{tg.arch(target)}: this host runs no x86-64 ISA level")
+                else f"{tg.arch(target)}: this host runs no {FAMILY_NAMES[family]} ISA level")
     return ""

@@ -174,7 +174,7 @@ def test_inconsistent_shards_are_refused_saying_why(specs, tmp_path, monkeypatch
     with pytest.raises(BundleError, match=r"different builds: specs differ in group\(s\) gate"):
         bundle.merge_shards([a.path, b.path], str(tmp_path / "m"))
     real = fb_build.toolchain_versions
-    monkeypatch.setattr(fb_build, "toolchain_versions", lambda p: {**real(p), "numba": "0.0.1"})
+    monkeypatch.setattr(fb_build, "toolchain_versions", lambda t: {**real(t), "numba": "0.0.1"})
     c = fb_build.build(plan_of(specs), str(tmp_path / "u"), cache_dir=None, shard=(0, 2),
                        progress=False)
     with pytest.raises(BundleError, match=r"toolchains differ: numba 0.0.1 vs"):

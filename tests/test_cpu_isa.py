@@ -18,8 +18,9 @@ import subprocess
 
 import pytest
 
-from fusebuild.runtime.cpu import host_isas
-from fusebuild.toolchain.numba import ISAS
+from fusebuild.runtime.cpu import LEVELS, host_isas
+
+ISAS = LEVELS["x86_64"]   # the x86-64 levels (aarch64: test_aarch64_isa.py)
 
 pytestmark = [pytest.mark.isa, pytest.mark.skipif(shutil.which("objdump") is None,
                                                   reason="objdump (binutils) is not installed")]

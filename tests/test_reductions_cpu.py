@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from fusebuild import build, dtypes as dt, ir, reference, runtime, spec
 from fusebuild.errors import ArgumentError
 from fusebuild.runtime import threads
-from fusebuild.runtime.cpu import host_isas
-from fusebuild.toolchain.numba import ISAS
+from fusebuild.runtime.cpu import LEVELS, host_isas
 from conftest import group_of
 from test_cpu_isa import NARROW, REGISTER, WIDEN, disassemble, innermost_loops, scalar_16bit_access
+
+ISAS = LEVELS["x86_64"]   # the x86-64 levels (aarch64: test_aarch64_isa.py)
 
 SPEC = """
 fusebuild: 1

@@ -195,7 +195,7 @@ _M32 = np.uint64(0xFFFFFFFF)
 _S32 = np.uint64(32)
 
 
-@njit(inline="always")   # LLVM's inliner may keep a call per element in modules of many kernels
+@njit
 def philox(index, seed, offset):
     # Philox4x32-10: counter (index, offset), key seed
     i = np.uint64(index)
@@ -222,14 +222,14 @@ def philox(index, seed, offset):
 # erf/erfc, sin/cos/tan, sinh/cosh and pow evaluate in float64 lanes and round once. Helpers call
 # each other by name; `MATH_F32` maps each to its source and `math_helpers` orders dependencies.
 # Integer work goes through the 32-bit exponent intrinsics of toolchain/numba_support.py. numba
-# inlines every helper (inline="always"): LLVM's inliner leaves a big helper out of line when
-# several kernels of a module call it, and a call per element keeps the loop scalar.
+# compiles each helper once per module; the toolchain then has LLVM inline every one of them into
+# the kernels (a call per element would keep the loop scalar).
 MATH_F32: dict[str, str] = {
     "_F": """
 _F = np.float32
 """,
     "_expr_f32": """
-@njit(inline="always")
+@njit
 def _expr_f32(r):
     # e**r - 1 - r on [-ln2/2, ln2/2] (cephes expf polynomial; Estrin's scheme: a shorter
     # dependency chain than Horner's, which matters when a kernel chains several functions)
@@ -240,7 +240,7 @@ def _expr_f32(r):
     return muladd(muladd(s, r2, q), r2, p) * r2
 """,
     "_exp_reduce_f32": """
-@njit(inline="always")
+@njit
 def _exp_reduce_f32(x):
     # x = n ln2 + r, |r| <= ln2/2, for x clamped to [-104, 89] (NaN -> -104: callers restore it);
     # n * ln2_hi is exact and so is the subtraction (Cody-Waite)
@@ -250,14 +250,14 @@ def _exp_reduce_f32(x):
     return n, muladd(n, _F(-1.428606765330187e-06), muladd(n, _F(-0.693145751953125), xc))
 """,
     "exp_f32": """
-@njit(inline="always")
+@njit
 def exp_f32(x):
     n, r = _exp_reduce_f32(x)
     y = f32_ldexp((_expr_f32(r) + r) + _F(1.0), n)
     return y if x == x else x
 """,
     "exp2_f32": """
-@njit(inline="always")
+@njit
 def exp2_f32(x):
     xc = x if x > _F(-152.0) else _F(-152.0)
     xc = xc if xc < _F(129.0) else _F(129.0)
@@ -273,7 +273,7 @@ def exp2_f32(x):
     return y if x == x else x
 """,
     "expm1_f32": """
-@njit(inline="always")
+@njit
 def expm1_f32(x):
     # 2**n (e**r - 1) + (2**n - 1); for n = 128 scale by 2**127, then by 2 (inf if it overflows)
     n, r = _exp_reduce_f32(x if x > _F(-30.0) else _F(-30.0))   # below -30 the result is -1
@@ -285,7 +285,7 @@ def expm1_f32(x):
     return y if abs(x) > _F(0.0) else x
 """,
     "_log_parts_f32": """
-@njit(inline="always")
+@njit
 def _log_parts_f32(x):
     # x > 0 as 2**e (1 + f) with f in [sqrt(1/2) - 1, sqrt(2) - 1); subnormals scaled by 2**23
     sub = x < _F(1.1754943508222875e-38)
@@ -298,7 +298,7 @@ def _log_parts_f32(x):
     return e, m - _F(1.0)
 """,
     "_log1p_tail_f32": """
-@njit(inline="always")
+@njit
 def _log1p_tail_f32(f):
     # log(1 + f) - f on [sqrt(1/2) - 1, sqrt(2) - 1] (cephes logf polynomial, Estrin's scheme)
     z = f * f
@@ -311,21 +311,21 @@ def _log1p_tail_f32(f):
     return muladd(p * f, z, _F(-0.5) * z)
 """,
     "_log_special_f32": """
-@njit(inline="always")
+@njit
 def _log_special_f32(y, x):
     # the log family at x = 0 (-inf), x < 0 (NaN), +inf and NaN
     y = y if x > _F(0.0) else (_F(-np.inf) if x == _F(0.0) else _F(np.nan))
     return y if x < _F(np.inf) else x
 """,
     "log_f32": """
-@njit(inline="always")
+@njit
 def log_f32(x):
     e, f = _log_parts_f32(x)
     y = f + (_log1p_tail_f32(f) + e * _F(-2.12194440e-4)) + e * _F(0.693359375)
     return _log_special_f32(y, x)
 """,
     "log2_f32": """
-@njit(inline="always")
+@njit
 def log2_f32(x):
     e, f = _log_parts_f32(x)
     l = f + _log1p_tail_f32(f)
@@ -333,7 +333,7 @@ def log2_f32(x):
     return _log_special_f32(y, x)
 """,
     "log10_f32": """
-@njit(inline="always")
+@njit
 def log10_f32(x):
     e, f = _log_parts_f32(x)
     l = f + _log1p_tail_f32(f)
@@ -341,7 +341,7 @@ def log10_f32(x):
     return _log_special_f32(y, x)
 """,
     "log1p_f32": """
-@njit(inline="always")
+@njit
 def log1p_f32(x):
     # log(u) for u = 1 + x, plus the rounding error of u relative to u
     u = _F(1.0) + x
@@ -352,7 +352,7 @@ def log1p_f32(x):
     return y if abs(x) > _F(0.0) else x
 """,
     "tanh_f32": """
-@njit(inline="always")
+@njit
 def tanh_f32(x):
     a = abs(x)
     z = x * x
@@ -368,7 +368,7 @@ def tanh_f32(x):
     return y if a > _F(0.0) else x
 """,
     "sigmoid_f32": """
-@njit(inline="always")
+@njit
 def sigmoid_f32(x):
     # sigmoid(-|x|) = e / (1 + e) with e = exp(-|x|) (no overflow, no cancellation); for x >= 0
     # one minus it: rounded once, so the saturation towards 1 is correctly rounded (1 / (1 + e)
@@ -378,7 +378,7 @@ def sigmoid_f32(x):
     return _F(1.0) - s if x >= _F(0.0) else s
 """,
     "_exp_f64": """
-@njit(inline="always")
+@njit
 def _exp_f64(y):
     # e**y in float64 to 2**-34 relative (float32 results), y clamped to [-700, 700]
     # (NaN -> -700: callers restore it); minimax polynomial on [-ln2/2, ln2/2]
@@ -396,7 +396,7 @@ def _exp_f64(y):
     return p * f64_pow2(n)
 """,
     "_erfc_abs_f64": """
-@njit(inline="always")
+@njit
 def _erfc_abs_f64(x):
     # erfc(|x|) in float64: exp(-a*a) g(t) / (1 + 2a) with a*a exact, g = (1 + 2a) erfcx(a) a
     # minimax polynomial in t = (a - 3) / (a + 3) to 2**-28.8 relative on [0, 10.5]
@@ -416,7 +416,7 @@ def _erfc_abs_f64(x):
     return _exp_f64(-(a * a)) * g / (1.0 + a + a)
 """,
     "erf_f32": """
-@njit(inline="always")
+@njit
 def erf_f32(x):
     # |x| < 0.75: x + x P(x*x) (minimax, float32); otherwise 1 - erfc(|x|) in float64, signed
     z = x * x
@@ -431,7 +431,7 @@ def erf_f32(x):
     return y if x == x else x
 """,
     "gelu_f32": """
-@njit(inline="always")
+@njit
 def gelu_f32(x):
     # 0.5 x erfc(-x / sqrt 2) in float64, rounded once: the argument is good to 2**-53 (in float32
     # its rounding, amplified 2u**2-fold by erfc, costs ~100 ULP in the tail); erfc(u) < 2**-160
@@ -445,7 +445,7 @@ def gelu_f32(x):
     return y if x == x else x
 """,
     "erfc_f32": """
-@njit(inline="always")
+@njit
 def erfc_f32(x):
     e = _erfc_abs_f64(x)
     y = np.float32(e if x >= _F(0.0) else 2.0 - e)
@@ -466,7 +466,7 @@ def _two_over_pi_chunks():
 _PIO2_CHUNKS = _two_over_pi_chunks()
 
 
-@njit(inline="always")
+@njit
 def _reduce_pio2_f64(x):
     # float32 x = (n + f) pi/2 with |f| <= 1/2, for every finite x (Payne-Hanek without branches):
     # the row of chunks is picked by x's exponent, each product x * chunk is exact, and the sum is
@@ -483,7 +483,7 @@ def _reduce_pio2_f64(x):
     return f * 1.5707963267948966, n - 4.0 * np.floor(n * 0.25)
 """,
     "_sincos_f64": """
-@njit(inline="always")
+@njit
 def _sincos_f64(r):
     # sin(r), cos(r) on [-pi/4, pi/4] (minimax, 2**-37 and 2**-33.8 relative)
     z = r * r
@@ -498,7 +498,7 @@ def _sincos_f64(r):
     return s, c
 """,
     "_sin_quadrant_f32": """
-@njit(inline="always")
+@njit
 def _sin_quadrant_f32(x, quarter):
     # sin(x + quarter pi/2), rounded once to float32
     r, q = _reduce_pio2_f64(x)
@@ -509,18 +509,18 @@ def _sin_quadrant_f32(x, quarter):
     return np.float32(-y if q >= 2.0 else y)
 """,
     "sin_f32": """
-@njit(inline="always")
+@njit
 def sin_f32(x):
     y = _sin_quadrant_f32(x, 0.0)
     return y if x != _F(0.0) else x
 """,
     "cos_f32": """
-@njit(inline="always")
+@njit
 def cos_f32(x):
     return _sin_quadrant_f32(x, 1.0)
 """,
     "tan_f32": """
-@njit(inline="always")
+@njit
 def tan_f32(x):
     r, q = _reduce_pio2_f64(x)
     s, c = _sincos_f64(r)
@@ -529,7 +529,7 @@ def tan_f32(x):
     return y if x != _F(0.0) else x
 """,
     "sinh_f32": """
-@njit(inline="always")
+@njit
 def sinh_f32(x):
     # float64: |x| < 1/2 odd Taylor polynomial, else (e - 1/e) / 2 with e = exp(|x|); signed
     a = np.float64(abs(x))
@@ -544,14 +544,14 @@ def sinh_f32(x):
     return y if abs(x) > _F(0.0) else x
 """,
     "cosh_f32": """
-@njit(inline="always")
+@njit
 def cosh_f32(x):
     e = _exp_f64(np.float64(abs(x)))
     y = np.float32(0.5 * (e + 1.0 / e))
     return y if x == x else x
 """,
     "pow_f32": """
-@njit(inline="always")
+@njit
 def pow_f32(a, b):
     # |a|**b = e**(b ln|a|) in float64: ln(1 + f) = 2 atanh(s), s = f / (2 + f), to 2**-37.6
     # relative, so b ln|a| is good to ~2**-30 wherever the result is finite and nonzero. Then

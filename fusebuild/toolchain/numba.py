@@ -1,11 +1,13 @@
-"""numba/llvmlite toolchain: generated numba source -> plain C-ABI shared objects per x86-64 ISA.
+"""numba/llvmlite toolchain: generated numba source -> plain C-ABI shared objects per CPU ISA level.
 
 Pipeline (per module): exec the source, compile each entry function with `numba.cfunc`
 (error_model="numpy", so no exception paths) at NUMBA_OPT=0, link the libraries into one LLVM
 module, drop numba's Python-facing wrappers, add a `void sym(const int64_t *ptrs, const int64_t
-*meta, int64_t start, int64_t stop)` entry per kernel, internalize everything else, then per ISA:
-O3 pipeline for an llvmlite target machine of that CPU, emit an object, link with `cc -shared`
-into a stripped `.so` whose only undefined symbols are libc/libm.
+*meta, int64_t start, int64_t stop)` entry per kernel, internalize everything else and mark
+it `alwaysinline`, then per ISA level: retarget the module to the level's triple and data layout, O3 pipeline (loop and SLP
+vectorization) for an llvmlite target machine of that CPU, emit an object, link it into a stripped
+`.so` whose only undefined symbols are libc/libm: x86-64 levels with `cc -shared`, aarch64 levels
+with ld.lld (`lld.py`), so no aarch64 machine or C library is needed to build them.
 """
 from __future__ import annotations
 
@@ -19,22 +21,50 @@ import tempfile
 from functools import lru_cache
 
 from ..errors import ToolchainError
+from .. import elf
+from ..runtime.cpu import LEVELS
+from . import lld
 
-ISAS = ("x86-64-v2", "x86-64-v3", "x86-64-v4")
+ISAS = tuple(level for levels in LEVELS.values() for level in levels)
+_FAMILY = {level: family for family, levels in LEVELS.items() for level in levels}
+TRIPLES = {"x86_64": "x86_64-unknown-linux-gnu", "aarch64": "aarch64-unknown-linux-gnu"}
+# The llvmlite target machine of each ISA level: (cpu, features). AVX-512 code is kept on
+# 512-bit vectors; armv8.2-a is the baseline of Graviton2 / Ampere Altra (Neoverse N1); the
+# Neoverse levels take every feature from the CPU (SVE; SVE2 on V2).
+MACHINES = {
+    "x86-64-v2": ("x86-64-v2", ""),
+    "x86-64-v3": ("x86-64-v3", ""),
+    "x86-64-v4": ("x86-64-v4", "-prefer-256-bit"),
+    "armv8.2-a": ("generic", "+v8.2a,+neon,+fullfp16,+dotprod"),
+    "neoverse-v1": ("neoverse-v1", ""),
+    "neoverse-v2": ("neoverse-v2", ""),
+}
 LINK_FLAGS = ("-shared", "-Wl,--build-id=none", "-Wl,-s", "-Wl,-z,noexecstack")
 
 
-def versions() -> dict[str, str]:
-    """numba, llvmlite and the linker's version line (all of them shape the bytes)."""
+def versions(isas: tuple[str, ...]) -> dict[str, str]:
+    """numba, llvmlite and the version lines of the linkers that building `isas` uses (all of
+    them shape the bytes): `cc` for x86-64 levels, `ld.lld` for aarch64 levels."""
     from importlib import metadata
-    cc = _find_cc()
-    try:
-        proc = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
-        line = proc.stdout.splitlines()[0].strip() if proc.returncode == 0 and proc.stdout else cc
-    except subprocess.TimeoutExpired:
-        line = cc
-    return {"numba": metadata.version("numba"), "llvmlite": metadata.version("llvmlite"),
-            "cc": line}
+    out = {"numba": metadata.version("numba"), "llvmlite": metadata.version("llvmlite")}
+    families = {_family(isa) for isa in isas}
+    if "x86_64" in families:
+        cc = _find_cc()
+        try:
+            proc = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+            out["cc"] = (proc.stdout.splitlines()[0].strip() if proc.returncode == 0
+                         and proc.stdout else cc)
+        except subprocess.TimeoutExpired:
+            out["cc"] = cc
+    if "aarch64" in families:
+        out["ld.lld"] = lld.version()
+    return out
+
+
+def _family(isa: str) -> str:
+    if isa not in _FAMILY:
+        raise ToolchainError(f"unknown CPU ISA level '{isa}'; known: {', '.join(ISAS)}")
+    return _FAMILY[isa]
 
 
 def _find_cc() -> str:
@@ -50,8 +80,8 @@ def _find_cc() -> str:
 @lru_cache(maxsize=None)
 def _llvm():
     import llvmlite.binding as llvm
-    llvm.initialize_native_target()
-    llvm.initialize_native_asmprinter()
+    llvm.initialize_all_targets()
+    llvm.initialize_all_asmprinters()
     return llvm
 
 
@@ -112,7 +142,18 @@ def _compile_entries(source: str, entries: dict[str, str], filename: str) -> str
     for gv in module.global_variables:
         if not gv.is_declaration:
             gv.linkage = "internal"
-    return str(module)   # the now-internal wrappers die in the O3 pipeline of llvm_to_object
+    return _always_inline(str(module))   # the internal wrappers die in llvm_to_object's O3
+
+
+def _always_inline(llvm_ir: str) -> str:
+    """Mark every internal function `alwaysinline`: the generated source's helpers (compiled
+    once per module by numba, which is much faster than numba's own inlining) must end up inside
+    the kernels' loops, and LLVM's inliner would leave a big helper called by several kernels out
+    of line, keeping those loops scalar."""
+    return _INTERNAL_DEFINE.sub(lambda m: m.group(1) + " alwaysinline {", llvm_ir)
+
+
+_INTERNAL_DEFINE = re.compile(r"^(define internal [^\n]*?)\s*\{$", re.M)
 
 
 def _inner_function(module, wrapper_name: str) -> str:
@@ -128,16 +169,14 @@ def _inner_function(module, wrapper_name: str) -> str:
 
 
 def llvm_to_object(llvm_ir: str, isa: str) -> bytes:
-    """Optimize `llvm_ir` for x86-64 ISA level `isa` and emit an ELF object."""
-    if isa not in ISAS:
-        raise ToolchainError(f"unknown CPU ISA level '{isa}'; known: {', '.join(ISAS)}")
+    """Optimize `llvm_ir` (target-independent numba IR) for ISA level `isa` and emit an ELF
+    object of the level's architecture."""
+    triple, (cpu, features) = TRIPLES[_family(isa)], MACHINES[isa]
     llvm = _llvm()
-    target = llvm.Target.from_triple("x86_64-unknown-linux-gnu")
-    features = "-prefer-256-bit" if isa == "x86-64-v4" else ""
-    tm = target.create_target_machine(cpu=isa, features=features, opt=3, reloc="pic",
-                                      codemodel="default")
+    tm = llvm.Target.from_triple(triple).create_target_machine(
+        cpu=cpu, features=features, opt=3, reloc="pic", codemodel="default")
     module = llvm.parse_assembly(llvm_ir)
-    module.triple = "x86_64-unknown-linux-gnu"
+    module.triple = triple
     module.data_layout = str(tm.target_data)
     pto = llvm.create_pipeline_tuning_options(speed_level=3)
     pto.loop_vectorization = True
@@ -158,12 +197,33 @@ _LIBM = re.compile(r"^(exp|exp2|expm1|log|log2|log10|log1p|sqrt|sin|cos|tan|asin
                    r"fabs|copysign|memcpy|memset|memmove)f?$")
 
 
+# weak references of the C runtime's start files that `cc -shared` links in
+_CRT_HOOKS = {"__cxa_finalize", "__gmon_start__", "_ITM_deregisterTMCloneTable",
+              "_ITM_registerTMCloneTable"}
+
+
 def _is_libc_or_libm(name: str) -> bool:
     return bool(_LIBM.match(name))
 
 
-def link_shared(obj: bytes, soname: str) -> bytes:
-    """Link one object into a stripped shared object that needs only libc and libm."""
+def check_imports(so: bytes, soname: str) -> None:
+    """Refuse a shared object that needs symbols other than libc/libm functions, such as a
+    backend's runtime calls (`__truncsfhf2`) that the IR check of `llvm_to_object` cannot see."""
+    bad = sorted(n for n, weak in elf.undefined(so).items()
+                 if not _is_libc_or_libm(n) and not (weak and n in _CRT_HOOKS))
+    if bad:
+        raise ToolchainError(f"{soname} needs symbols outside libc and libm: {', '.join(bad)}")
+
+
+def link_shared(obj: bytes, soname: str, isa: str) -> bytes:
+    """Link the object of ISA level `isa` into a stripped shared object that needs only libc
+    and libm, and check that it does."""
+    so = lld.link_shared(obj, soname) if _family(isa) == "aarch64" else _link_cc(obj, soname)
+    check_imports(so, soname)
+    return so
+
+
+def _link_cc(obj: bytes, soname: str) -> bytes:
     cc = _find_cc()
     with tempfile.TemporaryDirectory(prefix="fusebuild-ld-") as tmp:
         o_path, so_path = os.path.join(tmp, "k.o"), os.path.join(tmp, "k.so")
@@ -179,6 +239,7 @@ def link_shared(obj: bytes, soname: str) -> bytes:
 
 def compile_shared_objects(source: str, entries: dict[str, str], isas: tuple[str, ...],
                            soname: str, filename: str = "<fusebuild>") -> dict[str, bytes]:
-    """numba source -> {isa: .so bytes}; the numba step runs once for all ISA levels."""
+    """numba source -> {isa: .so bytes}; the numba step runs once for all ISA levels, of every
+    architecture family."""
     llvm_ir = source_to_llvm(source, entries, filename)
-    return {isa: link_shared(llvm_to_object(llvm_ir, isa), soname) for isa in isas}
+    return {isa: link_shared(llvm_to_object(llvm_ir, isa), soname, isa) for isa in isas}
