@@ -2,11 +2,10 @@
 `cpu:aarch64` (every level of that family), `cpu:<level>`, `cuda:sm_XY[a]`, `cuda:compute_XY`."""
 from __future__ import annotations
 
-import platform
 import re
 from functools import lru_cache
 
-from .runtime.cpu import FAMILY_NAMES, LEVELS
+from .runtime.cpu import FAMILY_NAMES, LEVELS, host_family as _machine_family
 
 CPU_ISAS = tuple(level for levels in LEVELS.values() for level in levels)   # every family's
 _FAMILY_OF = {level: family for family, levels in LEVELS.items() for level in levels}
@@ -22,7 +21,7 @@ FIRST_ARCH_SPECIFIC = 90   # sm_XYa / compute_XYa exist from sm_90a on
 def host_family() -> str:
     """The architecture family (a key of LEVELS) whose levels `cpu` means on this machine:
     aarch64 on Arm hosts, x86_64 everywhere else."""
-    return "aarch64" if platform.machine().lower() in ("aarch64", "arm64") else "x86_64"
+    return _machine_family() or "x86_64"
 
 
 def family(level: str) -> str:

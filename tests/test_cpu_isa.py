@@ -100,7 +100,7 @@ def test_every_isa_level_is_built(examples_bundle):
     """Every level is built and checked here, whatever the host runs (kernels of levels the host
     cannot run are only disassembled)."""
     targets = {k["target"] for k in examples_bundle.manifest["kernels"]}
-    assert {f"cpu:{isa}" for isa in ISAS} == targets
+    assert {f"cpu:{isa}" for levels in LEVELS.values() for isa in levels} == targets
     assert set(host_isas()) <= set(ISAS)
 
 
@@ -160,11 +160,11 @@ def test_16bit_operands_move_as_vectors_in_every_group(examples_bundle, isa):
 
 def test_kernels_call_no_function(examples_bundle):
     """Every kernel of every example group without float64 operands is one inlined loop nest:
-    no call to libm, to a math helper or to Philox, at any ISA level (a call per element would
-    also keep the loop scalar)."""
+    no call to libm, to a math helper or to Philox, at any x86-64 level (a call per element
+    would also keep the loop scalar; aarch64: test_aarch64_isa.py)."""
     by_file: dict[str, list[dict]] = {}
     for k in examples_bundle.manifest["kernels"]:
-        if "f64:" not in k["key"]:
+        if "f64:" not in k["key"] and k["target"] in {f"cpu:{isa}" for isa in ISAS}:
             by_file.setdefault(k["file"], []).append(k)
     for rel, entries in by_file.items():
         functions = disassemble(os.path.join(examples_bundle.root, rel))

@@ -11,7 +11,7 @@ ROOT=${1:-build/aarch64-root}
 SUITE=bookworm
 MIRROR=http://deb.debian.org/debian
 PACKAGES=python3.11,libpython3.11-dev,python3-numpy,libstdc++6
-ML_DTYPES=0.5.1              # the newest with an aarch64 wheel for numpy 1.24 (bookworm's)
+ML_DTYPES=0.5.1              # pinned; needs numpy >= 1.23.3 on Python 3.11: bookworm has 1.24
 RECIPE="$SUITE $PACKAGES ml_dtypes==$ML_DTYPES"
 
 fail() { echo "setup-root.sh: $*" >&2; exit 1; }
