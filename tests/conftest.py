@@ -33,15 +33,25 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Say which ISA levels ran kernels here and which were only checked statically."""
+    """Say which ISA levels ran kernels here, which ran under qemu (test_aarch64_emulated) and
+    which were only checked statically."""
     from fusebuild.runtime.cpu import host_isas
     from fusebuild.targets import CPU_ISAS
     ran = host_isas()
-    static = [i for i in CPU_ISAS if i not in ran]
+    emulated: dict[str, list[str]] = {}      # level -> SVE vector lengths
+    for report in terminalreporter.stats.get("passed", []):
+        for name, value in getattr(report, "user_properties", ()):
+            if name == "emulated":
+                level, _, bits = value.partition(":")
+                emulated.setdefault(level, []).extend([bits] if bits else [])
+    static = [i for i in CPU_ISAS if i not in ran and i not in emulated]
     capped = os.environ.get("FUSEBUILD_CPU_ISA")
     terminalreporter.write_line(
         f"fusebuild: CPU kernels ran at {', '.join(ran) or 'no level'}"
         + (f" (capped by FUSEBUILD_CPU_ISA={capped})" if capped else "")
+        + ("; under qemu-user at " + ", ".join(
+            level + (f" (SVE {', '.join(bits)} bit)" if bits else "")
+            for level, bits in emulated.items()) if emulated else "")
         + (f"; {', '.join(static)} built and checked statically only (disassembly), not run: "
            + ("capped" if capped else "this host cannot run them") if static else
            "; every level ran"))
@@ -204,6 +214,7 @@ def expected(g: syntax.Group, args: list, seed=None, offset=0):
 def check_outputs(g: syntax.Group, got: tuple, want, key: str) -> None:
     """Compare the outputs `got` of kernel `key` of group `g` with the reference result `want`
     (`expected`), within the tolerances of `reference.compare`."""
+    assert len(got) == len(g.outputs), f"{g.name} ({key}): {len(got)} outputs"
     n_row = want.part_magnitude.shape[-1] if g.reduces else 0     # reductions: DESIGN §8
     for o, value in zip(g.outputs, got):
         mismatch = reference.compare(value, want.outputs[o.name], want.magnitude[o.name],

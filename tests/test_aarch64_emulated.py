@@ -102,8 +102,9 @@ def test_max_cpu_runs_every_level(runs):
     assert runs["neoverse-v2-sve128"][1]["isas"] == ["armv8.2-a", "neoverse-v1", "neoverse-v2"]
 
 
-@pytest.mark.parametrize("name", [c[0] for c in CPUS])
-def test_every_example_kernel_matches_the_reference(runs, calls, examples_bundle, name):
+@pytest.mark.parametrize("name, cpu, env, level, bits", CPUS, ids=[c[0] for c in CPUS])
+def test_every_example_kernel_matches_the_reference(runs, calls, examples_bundle, record_property,
+                                                    name, cpu, env, level, bits):
     run, report = runs[name]
     failures, checked = [], 0
     for (case, served), result in zip(calls, report["cases"]):
@@ -127,6 +128,7 @@ def test_every_example_kernel_matches_the_reference(runs, calls, examples_bundle
         checked += 1
     assert checked == len(calls)
     assert not failures, f"{len(failures)} of {checked} calls failed:\n" + "\n".join(failures[:20])
+    record_property("emulated", f"{level}:{bits or ''}")      # for the run's summary line
 
 
 _EXPECTED: dict[int, object] = {}       # reference results by case, shared by the CPUs
