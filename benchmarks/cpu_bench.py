@@ -42,6 +42,11 @@ MEMORY_BOUND = {"hardswish_residual", "adam", "adamw", "quantize_int8", "dequant
                 "leaky_clip_u8", "rotary_embedding", "scale_shift", "masked_scores"}
 
 
+def sig(x: float, digits: int = 4) -> float:
+    """`x` to `digits` significant digits: a slow run of a tiny case never rounds to 0."""
+    return float(f"{x:.{digits}g}")
+
+
 # ------------------------------------------------------------------ peers ----------------------
 # numpy-style functions of float32 arrays (bfloat16 inputs are cast first); the same function is
 # the numpy peer and, through njit(parallel=True, fastmath=True), the numba peer (so no helper
@@ -614,7 +619,7 @@ def main() -> None:
             if lib is not None:
                 lib.set_threads(threads)
             copy = copy_gbps(lib, 1 << 28 if not args.quick else 1 << 24, repeats)
-            emit({"what": "copy_bw", "threads": threads, "GBps": round(copy, 2)})
+            emit({"what": "copy_bw", "threads": threads, "GBps": sig(copy)})
             for case in cases:
                 run_case(case, bundle, threads, copy, lib, numba_fns, numpy_ms, repeats, emit)
     for row in target_rows(rows):
@@ -683,8 +688,8 @@ def run_case(case: Case, bundle, threads: int, copy: float, lib, numba_fns, nump
     c_fn = c_call(lib, case, c_outs)
     base = {"group": case.group, "dtype": case.dtype, "shape": case.shape, "threads": threads,
             "bytes": moved, "memory_bound": case.group in MEMORY_BOUND}
-    emit({**base, "impl": "fusebuild", "ms": round(fb_ms, 3), "GBps": round(moved / fb_ms / 1e6, 2),
-          "frac_of_copy": round(moved / fb_ms / 1e6 / copy, 3)})
+    emit({**base, "impl": "fusebuild", "ms": sig(fb_ms), "GBps": sig(moved / fb_ms / 1e6),
+          "frac_of_copy": sig(moved / fb_ms / 1e6 / copy)})
     for name, fn, why in impls:
         if fn is None:
             emit({**base, "impl": name, "ms": None, "note": why})
@@ -695,17 +700,17 @@ def run_case(case: Case, bundle, threads: int, copy: float, lib, numba_fns, nump
             ms = best_ms(fn, repeats)
         if name == "numpy":
             numpy_ms[case.label] = ms
-        row = {**base, "impl": name, "ms": round(ms, 3), "GBps": round(moved / ms / 1e6, 2),
-               "frac_of_copy": round(moved / ms / 1e6 / copy, 3),
-               "fusebuild_speedup": round(ms / fb_ms, 2)}
+        row = {**base, "impl": name, "ms": sig(ms), "GBps": sig(moved / ms / 1e6),
+               "frac_of_copy": sig(moved / ms / 1e6 / copy),
+               "fusebuild_speedup": sig(ms / fb_ms)}
         if case.group not in RANDOM:
             row["max_rel_diff"] = float(f"{rel_diff(fn(), outs):.3g}")
         emit(row)
     if c_fn is not None:
         ms = best_ms(c_fn, repeats)
-        emit({**base, "impl": "c_fastmath", "ms": round(ms, 3),
-              "GBps": round(moved / ms / 1e6, 2), "frac_of_copy": round(moved / ms / 1e6 / copy, 3),
-              "fusebuild_speedup": round(ms / fb_ms, 2),
+        emit({**base, "impl": "c_fastmath", "ms": sig(ms),
+              "GBps": sig(moved / ms / 1e6), "frac_of_copy": sig(moved / ms / 1e6 / copy),
+              "fusebuild_speedup": sig(ms / fb_ms),
               "max_rel_diff": float(f"{rel_diff(c_outs, outs):.3g}")})
 
 

@@ -192,7 +192,7 @@ def llvm_to_object(llvm_ir: str, isa: str) -> bytes:
     return tm.emit_object(module)
 
 
-_LIBM = re.compile(r"^(exp|exp2|expm1|log|log2|log10|log1p|sqrt|sin|cos|tan|asin|acos|atan|"
+_LIBM = re.compile(r"^(exp|exp2|expm1|log|log2|log10|log1p|sqrt|sin|cos|sincos|tan|asin|acos|atan|"
                    r"atan2|sinh|cosh|tanh|erf|erfc|lgamma|pow|fmod|floor|ceil|trunc|rint|round|"
                    r"fabs|copysign|memcpy|memset|memmove)f?$")
 
