@@ -37,7 +37,7 @@ def aarch64_host(monkeypatch):
     monkeypatch.setattr(cpu, "_WARNED", set())
 
     def set_cpu(*names: str) -> None:
-        monkeypatch.setattr(cpu, "_auxv", lambda: hwcap(*names))
+        monkeypatch.setattr(cpu, "hwcap_words", lambda: hwcap(*names))
     return set_cpu
 
 

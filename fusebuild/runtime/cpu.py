@@ -16,7 +16,6 @@ from .manifest import kernel_file, read_artifact
 LEVELS = {"x86_64": ("x86-64-v2", "x86-64-v3", "x86-64-v4"),
           "aarch64": ("armv8.2-a", "neoverse-v1", "neoverse-v2")}
 FAMILY_NAMES = {"x86_64": "x86-64", "aarch64": "aarch64"}     # as written in targets
-ISA_LEVELS = LEVELS["x86_64"]
 # x86-64 micro-architecture levels (psABI) by the /proc/cpuinfo flags they need (each level
 # those of the levels below too)
 _V2 = {"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"}
@@ -59,7 +58,7 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _auxv() -> tuple[int, int]:
+def hwcap_words() -> tuple[int, int]:
     """aarch64: the kernel's AT_HWCAP and AT_HWCAP2 words (what qemu-user emulates, where
     /proc/cpuinfo describes the machine running qemu)."""
     getauxval = ctypes.CDLL(None).getauxval
@@ -89,7 +88,7 @@ def _host_flags(family: str | None) -> set[str]:
     if family == "x86_64":
         return _cpu_flags()
     if family == "aarch64":
-        return hwcap_features(*_auxv())
+        return hwcap_features(*hwcap_words())
     return set()
 
 

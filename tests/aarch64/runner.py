@@ -60,7 +60,8 @@ def run_case(bundle, case: dict, blob: bytes, out: bytearray) -> dict:
 
 
 def main(bundle_path: str, cases_dir: str, out_dir: str) -> None:
-    report = {"features": sorted(cpu.hwcap_features(*cpu._auxv())), "vector_bits": sve_vector_bits()}
+    report = {"features": sorted(cpu.hwcap_features(*cpu.hwcap_words())),
+              "vector_bits": sve_vector_bits()}
     try:
         report["isas"] = list(cpu.host_isas())
     except runtime.BundleError as e:
