@@ -3,11 +3,12 @@
 Pipeline (per module): exec the source, compile each entry function with `numba.cfunc`
 (error_model="numpy", so no exception paths) at NUMBA_OPT=0, link the libraries into one LLVM
 module, drop numba's Python-facing wrappers, add a `void sym(const int64_t *ptrs, const int64_t
-*meta, int64_t start, int64_t stop)` entry per kernel, internalize everything else and mark
-it `alwaysinline`, then per ISA level: retarget the module to the level's triple and data layout, O3 pipeline (loop and SLP
-vectorization) for an llvmlite target machine of that CPU, emit an object, link it into a stripped
-`.so` whose only undefined symbols are libc/libm: x86-64 levels with `cc -shared`, aarch64 levels
-with ld.lld (`lld.py`), so no aarch64 machine or C library is needed to build them.
+*meta, int64_t start, int64_t stop)` entry per kernel, internalize everything else and mark it
+`alwaysinline`, then per ISA level: retarget the module to the level's triple and data layout,
+O3 pipeline (loop and SLP vectorization) for an llvmlite target machine of that CPU, emit an
+object, link it into a stripped `.so` whose only undefined symbols are libc/libm: x86-64 levels
+with `cc -shared`, aarch64 levels with ld.lld (`lld.py`), so no aarch64 machine or C library is
+needed to build them.
 """
 from __future__ import annotations
 
