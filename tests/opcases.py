@@ -44,17 +44,26 @@ def op_bodies() -> dict[str, tuple[tuple[str, ...], str]]:
     return out
 
 
+# Integer inputs that an op converts to float before computing take the same conversion in every
+# op (tested per dtype by the cast ops): such ops are tested with these representatives only
+# (bool, the widest signed and an unsigned integer), every other dtype they accept in full.
+PROMOTED_REPRESENTATIVES = (dt.bool_, dt.int64, dt.uint8)
+
+
 def accepted_dtypes(name: str, inputs: tuple[str, ...], body: str) -> list[dt.DType]:
-    """The dtypes (all tensor inputs alike, `cond` bool) the op type-checks with."""
+    """The dtypes (all tensor inputs alike, `cond` bool) the op type-checks with, integer inputs
+    it promotes to float reduced to `PROMOTED_REPRESENTATIVES`."""
     decl = [(i, "tensor", dt.bool_ if i == "cond" else None) for i in inputs]
     g = syntax.parse_group(name, decl, [("y", None)], body, syntax.SourceMap())
     ok = []
     for d in dt.ALL:
         try:
-            ir.instantiate(g, {i: d for i in inputs if i != "cond"} | {"cond": dt.bool_})
-            ok.append(d)
+            k = ir.instantiate(g, {i: d for i in inputs if i != "cond"} | {"cond": dt.bool_})
         except SpecError:
-            pass
+            continue
+        promoted = not d.is_float and k.outputs[0].dtype.is_float
+        if not promoted or name.startswith("cast_") or d in PROMOTED_REPRESENTATIVES:
+            ok.append(d)
     return ok
 
 

@@ -1,4 +1,5 @@
-"""Every op of the table, on the CPU, for every dtype it accepts, at every ISA level the host
+"""Every op of the table, on the CPU, for every dtype it accepts (integer inputs an op converts to
+float: the representatives of `opcases.PROMOTED_REPRESENTATIVES`), at every ISA level the host
 runs: all pairs of special values (0, -0, +-inf, NaN, extremes, subnormals, integer limits,
 shift counts around the bit width) plus random values, against the reference evaluator.
 
