@@ -5,10 +5,9 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from .runtime.cpu import FAMILY_NAMES, LEVELS, host_family as _machine_family
+from .runtime.cpu import FAMILY_NAMES, FAMILY_OF, LEVELS, host_family as _machine_family
 
-CPU_ISAS = tuple(level for levels in LEVELS.values() for level in levels)   # every family's
-_FAMILY_OF = {level: family for family, levels in LEVELS.items() for level in levels}
+CPU_ISAS = tuple(FAMILY_OF)   # every family's levels
 _FAMILIES = {f"cpu:{name}": family for family, name in FAMILY_NAMES.items()}
 _CUDA = re.compile(r"^cuda:(sm|compute)_(\d{2,3})(a?)$")
 # The sm_XY numbers of the CUDA architectures NVIDIA has released: the archs a spec may name
@@ -26,7 +25,7 @@ def host_family() -> str:
 
 def family(level: str) -> str:
     """The architecture family of a CPU ISA level (a key of LEVELS)."""
-    return _FAMILY_OF[level]
+    return FAMILY_OF[level]
 
 
 def expand(names: list[str]) -> tuple[str, ...]:

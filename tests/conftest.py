@@ -98,6 +98,17 @@ def adam_case(bundle, n: int, seed: int = 8):
     return (p, g, m, v), scalars, want
 
 
+def no_lld() -> str:
+    """Why aarch64 levels cannot be linked here ('' when ld.lld is found)."""
+    from fusebuild.errors import ToolchainError
+    from fusebuild.toolchain import lld
+    try:
+        lld.find()
+        return ""
+    except ToolchainError as e:
+        return str(e)
+
+
 def random_array(d: dt.DType, shape, rng: np.random.Generator, scale: float = 2.0) -> np.ndarray:
     if d.is_float:
         return (rng.standard_normal(shape) * scale).astype(d.numpy)

@@ -20,6 +20,8 @@ from fusebuild.runtime.manifest import bundle_id
 from fusebuild.toolchain import lld, numba as numba_toolchain
 from fusebuild.verify import verify
 
+from conftest import no_lld
+
 SPEC = """fusebuild: 1
 bundle: {name: arm, version: '1'}
 targets: [TARGETS]
@@ -34,15 +36,7 @@ ARM = tuple(f"cpu:{isa}" for isa in LEVELS["aarch64"])
 X86 = tuple(f"cpu:{isa}" for isa in LEVELS["x86_64"])
 
 
-def _no_lld() -> str:
-    try:
-        lld.find()
-        return ""
-    except ToolchainError as e:
-        return str(e)
-
-
-needs_lld = pytest.mark.skipif(bool(_no_lld()), reason=_no_lld())
+needs_lld = pytest.mark.skipif(bool(no_lld()), reason=no_lld())
 
 
 def write_spec(tmp_path, targets: str) -> str:
@@ -177,8 +171,8 @@ def test_cache_key_holds_the_linker_version(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def both(tmp_path_factory):
     """A bundle with the lowest level of each family: one of them runs here, the other not."""
-    if _no_lld():
-        pytest.skip(_no_lld())
+    if no_lld():
+        pytest.skip(no_lld())
     d = tmp_path_factory.mktemp("both")
     plan = spec.load_plan([write_spec(d, "cpu:x86-64-v2, cpu:armv8.2-a")])
     return build.build(plan, str(d / "out"), progress=False).path

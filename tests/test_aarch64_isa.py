@@ -27,28 +27,17 @@ import subprocess
 import pytest
 
 from fusebuild import build, elf, spec
-from fusebuild.errors import ToolchainError
 from fusebuild.runtime.cpu import LEVELS
-from fusebuild.toolchain import lld
 from fusebuild.toolchain.numba import _is_libc_or_libm
 
-from conftest import SPECS
-
-
-
-def _no_lld() -> str:
-    try:
-        lld.find()
-        return ""
-    except ToolchainError as e:
-        return str(e)
-
+from conftest import SPECS, no_lld
+from disassembly import Insn, branch_target, disassemble, innermost_loops, unstrided
 
 OBJDUMP = "aarch64-linux-gnu-objdump"
 pytestmark = [
     pytest.mark.skipif(shutil.which(OBJDUMP) is None, reason=f"{OBJDUMP} is not installed "
                        "(apt-get install binutils-aarch64-linux-gnu)"),
-    pytest.mark.skipif(bool(_no_lld()), reason=_no_lld())]
+    pytest.mark.skipif(bool(no_lld()), reason=no_lld())]
 
 ISAS = LEVELS["aarch64"]
 GROUPS = ("silu_add", "bias_gelu_tanh", "lstm_cell")
@@ -60,9 +49,6 @@ WIDEN = re.compile(r"^([us]shll|[us]xtl|shll|[us]unpk(lo|hi))2?$|^ld1s?h$")
 NARROW = re.compile(r"^(xtn|uzp1|uqxtn|shrn)2?$|^st1h$")
 SCALAR16 = re.compile(r"^(ldrh|ldrsh|strh|ldurh|sturh)$")
 LANE16 = re.compile(r"\bv\d+\.h\[\d+\]|\{v\d+\.h\}\[\d+\]|^[hH]\d+,")   # one 16-bit lane, h<n>
-
-Insn = tuple[int, str, str]   # address, mnemonic, operands
-
 
 @pytest.fixture(scope="module")
 def a64(tmp_path_factory):
@@ -80,38 +66,9 @@ def objdump(path: str, *flags: str) -> str:
                           check=True).stdout
 
 
-def disassemble(path: str) -> dict[str, list[Insn]]:
-    """Instructions of each labelled function of a shared object."""
-    functions: dict[str, list[Insn]] = {}
-    current: list[Insn] | None = None
-    for line in objdump(path, "-d", "--no-show-raw-insn").splitlines():
-        label = re.match(r"^[0-9a-f]+ <([^>@]+)>:$", line)
-        if label:
-            current = functions.setdefault(label.group(1), [])
-            continue
-        insn = re.match(r"^\s+([0-9a-f]+):\s+(\S+)\s*(.*)$", line)
-        if insn and current is not None:
-            current.append((int(insn.group(1), 16), insn.group(2), insn.group(3)))
-    return functions
-
-
-def branch_target(args: str) -> int | None:
-    m = re.search(r"\b([0-9a-f]+) <", args)
-    return int(m.group(1), 16) if m else None
-
-
-def innermost_loops(function: list[Insn]) -> list[list[Insn]]:
-    """The bodies of the innermost loops of a function (conditional backward branches:
-    b.<cond>, cbz/cbnz, tbz/tbnz)."""
-    index = {addr: n for n, (addr, _, _) in enumerate(function)}
-    spans = []
-    for n, (addr, op, args) in enumerate(function):
-        target = branch_target(args)
-        if (op.startswith("b.") or op in ("cbz", "cbnz", "tbz", "tbnz")) and target is not None \
-                and target <= addr and target in index:
-            spans.append((index[target], n))
-    return [function[a:b + 1] for a, b in spans
-            if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
+def a64_conditional(op: str) -> bool:
+    """b.<cond>, cbz/cbnz, tbz/tbnz."""
+    return op.startswith("b.") or op in ("cbz", "cbnz", "tbz", "tbnz")
 
 
 def vector_float(body: list[Insn], register: re.Pattern) -> list[Insn]:
@@ -120,7 +77,7 @@ def vector_float(body: list[Insn], register: re.Pattern) -> list[Insn]:
 
 
 def hot_loop(function: list[Insn]) -> list[Insn]:
-    innermost = innermost_loops(function)
+    innermost = innermost_loops(function, a64_conditional)
     assert innermost, "kernel has no loop"
     return max(innermost, key=lambda b: len(vector_float(b, NEON)) + len(vector_float(b, SVE)))
 
@@ -130,7 +87,7 @@ def kernels(manifest: dict, group: str, dtype: str, isa: str) -> list[dict]:
     broadcast (strided inner loops are not expected to vectorize)."""
     return [k for k in manifest["kernels"] if k["group"] == group and k["target"] == f"cpu:{isa}"
             and k["key"].startswith(f"{group}({dtype}:")
-            and all(d.split(":")[1][-1:] != "s" for d in k["key"][len(group) + 1:-1].split(","))]
+            and unstrided(k["key"], group)]
 
 
 def test_every_aarch64_level_is_built_into_its_folder(a64):
@@ -178,7 +135,7 @@ def test_hot_loop_uses_vectors_of_the_level(a64, isa, group, dtype):
         pytest.skip(f"{group} has no float16 variant")
     assert entries, f"{group} {dtype} not built for {isa}"
     path = os.path.join(root, entries[0]["file"])
-    functions = disassemble(path)
+    functions = disassemble(path, OBJDUMP)
     if isa == "armv8.2-a":
         sve = [f"{op} {args}" for body in functions.values() for _, op, args in body
                if SVE_ANY.search(args)]
@@ -210,7 +167,7 @@ def test_kernels_call_no_function(a64):
     root, manifest = a64
     files = {k["file"] for k in manifest["kernels"]}
     for rel in sorted(files):
-        functions = disassemble(os.path.join(root, rel))
+        functions = disassemble(os.path.join(root, rel), OBJDUMP)
         for k in manifest["kernels"]:
             if k["file"] != rel or "f64:" in k["key"]:
                 continue

@@ -14,11 +14,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 
 import pytest
 
 from fusebuild.runtime.cpu import LEVELS, host_isas
+from disassembly import Insn, disassemble, innermost_loops, unstrided
 
 ISAS = LEVELS["x86_64"]   # the x86-64 levels (aarch64: test_aarch64_isa.py)
 
@@ -38,50 +38,20 @@ def scalar_16bit_access(op: str, args: str) -> bool:
     stores = op in ("mov", "movw") and bool(re.match(REG16 + ",", args)) and "(" in args
     return op in ("movzwl", "movzwq") or stores
 
-Insn = tuple[int, str, str]   # address, mnemonic, operands
-
-
-def disassemble(path: str) -> dict[str, list[Insn]]:
-    """Instructions of each labelled function of a shared object."""
-    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", path], capture_output=True,
-                         text=True, check=True).stdout
-    functions: dict[str, list[Insn]] = {}
-    current: list[Insn] | None = None
-    for line in out.splitlines():
-        label = re.match(r"^[0-9a-f]+ <([^>@]+)(@@\w+)?>:$", line)
-        if label:
-            current = functions.setdefault(label.group(1), [])
-            continue
-        insn = re.match(r"^\s+([0-9a-f]+):\s+(\S+)\s*(.*)$", line)
-        if insn and current is not None:
-            current.append((int(insn.group(1), 16), insn.group(2), insn.group(3)))
-    return functions
-
-
 def packed_single(body: list[Insn], register: str) -> list[Insn]:
     """Packed single-precision instructions on `register`s (xmm, ymm or zmm)."""
     return [i for i in body if i[1].endswith("ps") and not i[1].startswith("vbroadcast")
             and register in i[2]]
 
 
-def innermost_loops(function: list[Insn]) -> list[list[Insn]]:
-    """The bodies of the innermost loops of a function (conditional backward branches)."""
-    index = {addr: n for n, (addr, _, _) in enumerate(function)}
-    spans = []
-    for n, (addr, op, args) in enumerate(function):
-        target = re.match(r"([0-9a-f]+) <", args)
-        if op.startswith("j") and op != "jmp" and target:
-            start = int(target.group(1), 16)
-            if start <= addr and start in index:
-                spans.append((index[start], n))
-    return [function[a:b + 1] for a, b in spans
-            if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
+def x86_conditional(op: str) -> bool:
+    return op.startswith("j") and op != "jmp"
 
 
 def hot_loop(function: list[Insn], register: str) -> list[Insn]:
     """The innermost loop with the most packed single-precision instructions on `register`s:
     the vectorizer's main loop (its epilogue runs narrower)."""
-    innermost = innermost_loops(function)
+    innermost = innermost_loops(function, x86_conditional)
     assert innermost, "kernel has no loop"
     return max(innermost, key=lambda body: len(packed_single(body, register)))
 
@@ -91,7 +61,7 @@ def kernels(bundle, group: str, dtype: str) -> list[dict]:
     or broadcast (strided inner loops are not expected to vectorize)."""
     out = [k for k in bundle.manifest["kernels"] if k["group"] == group
            and k["key"].startswith(f"{group}({dtype}:")
-           and all(d.split(":")[1][-1:] != "s" for d in k["key"][len(group) + 1:-1].split(","))]
+           and unstrided(k["key"], group)]
     assert out, f"no {dtype} kernels of {group}"
     return out
 

@@ -224,7 +224,7 @@ def test_math_kernels_call_no_function(math_bundles):
     import shutil
     if shutil.which("objdump") is None:
         pytest.skip("objdump (binutils) is not installed")
-    from test_cpu_isa import disassemble
+    from disassembly import disassemble
     bundle = next(iter(math_bundles.values()))
     files: dict[str, list[dict]] = {}
     for k in bundle.manifest["kernels"]:

@@ -29,7 +29,8 @@ from fusebuild.errors import ArgumentError
 from fusebuild.runtime import threads
 from fusebuild.runtime.cpu import LEVELS, host_isas
 from conftest import group_of
-from test_cpu_isa import NARROW, REGISTER, WIDEN, disassemble, innermost_loops, scalar_16bit_access
+from disassembly import disassemble, innermost_loops
+from test_cpu_isa import NARROW, REGISTER, WIDEN, scalar_16bit_access, x86_conditional
 
 ISAS = LEVELS["x86_64"]   # the x86-64 levels (aarch64: test_aarch64_isa.py)
 
@@ -482,7 +483,7 @@ SCALAR = re.compile(r"^v?(add|sub|mul|div|max|min)ss$|^vfn?m(add|sub)\d+ss$")
 def sweeps(function, register: str) -> list[list]:
     """The vector main loops of a function: innermost loops (conditional backward branches)
     doing packed float arithmetic on `register`s and no scalar float arithmetic."""
-    return [loop for loop in innermost_loops(function)
+    return [loop for loop in innermost_loops(function, x86_conditional)
             if any(PACKED.match(op) and register in args for _, op, args in loop)
             and not any(SCALAR.match(op) for _, op, _ in loop)]
 

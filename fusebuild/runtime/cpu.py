@@ -16,6 +16,7 @@ from .manifest import kernel_file, read_artifact
 LEVELS = {"x86_64": ("x86-64-v2", "x86-64-v3", "x86-64-v4"),
           "aarch64": ("armv8.2-a", "neoverse-v1", "neoverse-v2")}
 FAMILY_NAMES = {"x86_64": "x86-64", "aarch64": "aarch64"}     # as written in targets
+FAMILY_OF = {level: family for family, levels in LEVELS.items() for level in levels}
 # x86-64 micro-architecture levels (psABI) by the /proc/cpuinfo flags they need (each level
 # those of the levels below too)
 _V2 = {"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"}

@@ -23,11 +23,10 @@ from functools import lru_cache
 
 from ..errors import ToolchainError
 from .. import elf
-from ..runtime.cpu import LEVELS
+from ..runtime.cpu import FAMILY_OF
 from . import lld
 
-ISAS = tuple(level for levels in LEVELS.values() for level in levels)
-_FAMILY = {level: family for family, levels in LEVELS.items() for level in levels}
+ISAS = tuple(FAMILY_OF)
 TRIPLES = {"x86_64": "x86_64-unknown-linux-gnu", "aarch64": "aarch64-unknown-linux-gnu"}
 # The llvmlite target machine of each ISA level: (cpu, features). AVX-512 code is kept on
 # 512-bit vectors; armv8.2-a is the baseline of Graviton2 / Ampere Altra (Neoverse N1); the
@@ -63,9 +62,9 @@ def versions(isas: tuple[str, ...]) -> dict[str, str]:
 
 
 def _family(isa: str) -> str:
-    if isa not in _FAMILY:
+    if isa not in FAMILY_OF:
         raise ToolchainError(f"unknown CPU ISA level '{isa}'; known: {', '.join(ISAS)}")
-    return _FAMILY[isa]
+    return FAMILY_OF[isa]
 
 
 def _find_cc() -> str:
