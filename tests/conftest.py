@@ -35,7 +35,7 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_terminal_summary(terminalreporter):
     """Say which ISA levels ran kernels here, which ran under qemu (test_aarch64_emulated) and
     which were only checked statically."""
-    from fusebuild.runtime.cpu import host_isas
+    from fusebuild.runtime.cpu import FAMILY_OF, host_family, host_isas
     from fusebuild.targets import CPU_ISAS
     ran = host_isas()
     emulated: dict[str, list[str]] = {}      # level -> SVE vector lengths
@@ -46,15 +46,20 @@ def pytest_terminal_summary(terminalreporter):
                 emulated.setdefault(level, []).extend([bits] if bits else [])
     static = [i for i in CPU_ISAS if i not in ran and i not in emulated]
     capped = os.environ.get("FUSEBUILD_CPU_ISA")
+    family = host_family()
+    here = [i for i in static if FAMILY_OF[i] == family]
+    foreign = [i for i in static if FAMILY_OF[i] != family]
+    reasons = ([f"{', '.join(here)}: {'capped' if capped else 'this host cannot run them'}"]
+               if here else []) + ([f"{', '.join(foreign)}: another architecture, not emulated "
+                                    "in this run"] if foreign else [])
     terminalreporter.write_line(
         f"fusebuild: CPU kernels ran at {', '.join(ran) or 'no level'}"
         + (f" (capped by FUSEBUILD_CPU_ISA={capped})" if capped else "")
         + ("; under qemu-user at " + ", ".join(
             level + (f" (SVE {', '.join(bits)} bit)" if bits else "")
             for level, bits in emulated.items()) if emulated else "")
-        + (f"; {', '.join(static)} built and checked statically only (disassembly), not run: "
-           + ("capped" if capped else "this host cannot run them") if static else
-           "; every level ran"))
+        + ("; built and checked statically only (disassembly), not run: " + "; ".join(reasons)
+           if static else "; every level ran"))
 
 
 @pytest.fixture(scope="session")
