@@ -33,13 +33,19 @@ class UsageError(FusebuildError):
 
 
 class MissingExtra(UsageError):
-    """A module of the build extras is not installed (a runtime-only install)."""
+    """A module of the build extras is not installed (a runtime-only install, or one with the
+    extra of the other backend only)."""
 
     BUILD_MODULES = ("click", "yaml", "tqdm", "numba", "llvmlite")
+    CPU_MODULES = ("numba", "llvmlite")
 
     def __init__(self, module: str):
+        extra = ("pip install 'fusebuild[cpu]' (CPU kernels; 'fusebuild[build]' for CPU and CUDA)"
+                 if module.split(".")[0] in self.CPU_MODULES else
+                 "pip install 'fusebuild[cpu]' (CPU kernels), 'fusebuild[cuda]' (CUDA kernels) or "
+                 "'fusebuild[build]' (both)")
         super().__init__(f"fusebuild's command line needs the build extras ({module} is not "
-                         "installed): pip install 'fusebuild[build]'")
+                         f"installed): {extra}")
 
 
 class ToolchainError(FusebuildError):

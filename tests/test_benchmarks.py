@@ -75,6 +75,7 @@ def test_runtime_bench_quick_smoke(tmp_path, examples_bundle):
         assert rows["call_overhead_1024_f32_torch_cpusilu_add"]["fusebuild_out_us"] > 0
     assert rows["load_ms"]["kernels"] > 0 and rows["load_ms"]["ms"] > 0
     assert rows["cold_start_ms"]["first_result_ms"] > 0
+    assert rows["first_bf16_call_msbias_gelu"]["ms"] > 0
     assert {"threads_2p24silu_add", "threads_2p24bias_gelu_tanh"} <= set(rows)
 
 

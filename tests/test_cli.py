@@ -121,7 +121,50 @@ def test_a_runtime_only_install_names_the_extra_to_install(small_spec, hidden, a
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=small_spec)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert f"({hidden} is not installed): pip install 'fusebuild[build]'" in r.stderr
+    assert (f"({hidden} is not installed): pip install 'fusebuild[cpu]' (CPU kernels), "
+            "'fusebuild[cuda]' (CUDA kernels) or 'fusebuild[build]' (both)") in r.stderr
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = 'fusebuild = "fusebuild.__main__:main"'      # the console script takes this path
     assert script in open(os.path.join(root, "pyproject.toml")).read()
+
+
+# What an install of one backend's extra lacks: the other's modules and their distributions.
+_WITHOUT = """import sys, importlib.metadata as md
+hidden = {hidden!r}
+for m in hidden: sys.modules[m] = None
+version = md.version
+def without(name):
+    if name in hidden or name.startswith("cupy") or name.startswith("nvidia"):
+        raise md.PackageNotFoundError(name)
+    return version(name)
+md.version = without
+sys.argv = ["fusebuild", "compile", "specs", "-o", "out", "--target", {target!r}, "-q"]
+from fusebuild.__main__ import main; main()
+"""
+
+
+@pytest.mark.parametrize("extra,hidden,target", [
+    ("cpu", ["cupy", "cupy_backends", "nvidia"], "cpu:x86-64-v2"),
+    ("cuda", ["numba", "llvmlite"], "cuda:sm_80")])
+def test_one_backend_extra_builds_its_backend(small_spec, extra, hidden, target):
+    """`[cpu]` builds CPU kernels without cupy and NVRTC, `[cuda]` CUDA kernels without numba and
+    llvmlite; `[build]` is both (pyproject.toml)."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib: Python 3.11+")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    assert extras["build"] == ["fusebuild[cpu,cuda]"]
+    assert all(not any(d.replace("-", "_").startswith(h) for h in hidden) for d in extras[extra])
+    r = subprocess.run([sys.executable, "-c", _WITHOUT.format(hidden=hidden, target=target)],
+                       capture_output=True, text=True, cwd=small_spec)
+    assert r.returncode == 0, r.stderr
+    assert len(list((small_spec / "out").glob(f"*/{target.split(':')[0]}/*/axpy.*"))) == 1
+
+
+def test_a_cuda_only_install_names_the_cpu_extra(small_spec):
+    r = subprocess.run([sys.executable, "-c", _WITHOUT.format(hidden=["numba", "llvmlite"],
+                                                              target="cpu:x86-64-v2")],
+                       capture_output=True, text=True, cwd=small_spec)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "pip install 'fusebuild[cpu]' (CPU kernels; 'fusebuild[build]' for CPU and CUDA)" \
+        in r.stderr

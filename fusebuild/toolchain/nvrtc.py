@@ -15,7 +15,7 @@ from ..errors import ToolchainError
 
 _TARGET = re.compile(r"^cuda:(sm|compute)_(\d{2,3})(a?)$")
 _INSTALL = ("install the pip packages nvidia-cuda-nvrtc and cupy-cuda13x "
-            "(`pip install 'fusebuild[build]'`)")
+            "(`pip install 'fusebuild[cuda]'`, or 'fusebuild[build]' for CPU and CUDA)")
 OPTIONS = ("--std=c++17", "--fmad=false")
 
 
