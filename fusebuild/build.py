@@ -28,7 +28,7 @@ from .syntax import Group
 from .ir import instantiate
 from .runtime.manifest import is_plain_path
 from .spec import Plan, Variant
-from .text import plural
+from .text import groups_phrase, plural
 
 DEFAULT_JOB_TIMEOUT = 900.0
 
@@ -85,7 +85,7 @@ class BuildResult:
         shard = m.get("shard")
         what = f"shard {shard['index'] + 1}/{shard['count']}: " if shard else ""
         state = "up to date" if self.up_to_date else "written"
-        return (f"{what}{plural(self.n_kernels, 'kernel')} ({plural(len(m['groups']), 'group')}, "
+        return (f"{what}{plural(self.n_kernels, 'kernel')} ({groups_phrase(m['groups'])}, "
                 f"{plural(len(targets), 'target')}: {', '.join(targets)}); "
                 f"{plural(self.modules, 'module')}: {self.compiled} compiled, {self.cached} "
                 f"cached; {self.seconds:.1f} s -> {self.path} ({state}, id {m['id'][:12]})")
@@ -275,6 +275,19 @@ def toolchain_versions(targets: tuple[str, ...]) -> dict[str, str]:
     return versions
 
 
+# The toolchain entries that shape a module's bytes, by CPU family or backend (see
+# toolchain_versions): a module's cache key holds these and fusebuild's version, nothing of the
+# toolchains of the build's other targets.
+_SHAPED_BY = {"x86_64": ("numba", "llvmlite", "cc"), "aarch64": ("numba", "llvmlite", "ld.lld"),
+              "cuda": ("nvrtc",)}
+
+
+def module_toolchain(target: str, toolchain: dict[str, str]) -> dict[str, str]:
+    """The part of a build's `toolchain` that builds modules of `target`."""
+    kind = tg.family(tg.arch(target)) if tg.backend(target) == "cpu" else tg.backend(target)
+    return {k: v for k, v in toolchain.items() if k == "fusebuild" or k in _SHAPED_BY[kind]}
+
+
 def plan_modules(plan: Plan, shard: tuple[int, int] | None = None) -> list[Module]:
     """Every (group, target) module of the plan in a stable order, or shard I of N of them."""
     modules = [Module(gp.group, gp.variants, t) for gp in plan.groups for t in gp.targets]
@@ -327,7 +340,7 @@ def build(plan: Plan, out_dir: str = "build", jobs: int | None = None, keep_goin
     keys: dict[tuple[str, str], str] = {}
     for m in modules:
         keys[m.group.name, m.target] = module_key(m.group.ir_json(), [v.key for v in m.variants],
-                                                  m.target, toolchain)
+                                                  m.target, module_toolchain(m.target, toolchain))
         hit = cache.get(keys[m.group.name, m.target])
         if hit is not None and _holds(hit, m):
             entries[m.group.name, m.target] = hit

@@ -11,7 +11,7 @@ import click
 
 from . import __version__
 from .errors import FusebuildError, MissingExtra, SpecError
-from .text import plural
+from .text import backward_groups, groups_phrase, plural
 
 
 class _Terminated(BaseException):
@@ -121,9 +121,11 @@ def compile(specs, out_dir, targets, jobs, keep_going, shard, cache_dir, no_cach
                    job_timeout=job_timeout)
     if as_json:
         m = result.manifest
+        backward = backward_groups(m["groups"])
         click.echo(json.dumps({"ok": True, "bundle": result.path, "id": m["id"], "name": m["name"],
                                "version": m["version"], "kernels": result.n_kernels,
-                               "groups": len(m["groups"]), "modules": result.modules,
+                               "groups": len(m["groups"]) - backward,
+                               "backward_groups": backward, "modules": result.modules,
                                "compiled": result.compiled, "cached": result.cached,
                                "up_to_date": result.up_to_date,
                                "seconds": round(result.seconds, 3)}))
@@ -158,7 +160,8 @@ def _report_misses(log: str, fold) -> None:
 def check(specs, targets, max_kernels):
     """Parse and type-check SPECS without compiling."""
     plan = _plan(specs, targets, max_kernels=max_kernels)
-    click.echo(f"ok: {plural(len(plan.groups), 'group')}, {plural(plan.n_kernels, 'kernel')} "
+    click.echo(f"ok: {groups_phrase(gp.group.name for gp in plan.groups)}, "
+               f"{plural(plan.n_kernels, 'kernel')} "
                f"({', '.join(plan.targets)})")
 
 
@@ -177,8 +180,8 @@ def plan(specs, targets, max_kernels, as_json):
                 click.echo(json.dumps({"group": gp.group.name, "key": v.key, "target": t})
                            if as_json else f"{v.key}\t{t}")
     if not as_json:
-        click.echo(f"{plural(p.n_kernels, 'kernel')} in {plural(len(p.groups), 'group')}",
-                   err=True)
+        click.echo(f"{plural(p.n_kernels, 'kernel')} in "
+                   f"{groups_phrase(gp.group.name for gp in p.groups)}", err=True)
 
 
 @main.command(name="list")

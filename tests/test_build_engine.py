@@ -21,6 +21,7 @@ from fusebuild import build as fb_build, bundle, runtime, spec
 from fusebuild.errors import BuildError, BundleError
 from fusebuild.runtime.cpu import host_isas
 from fusebuild.verify import verify
+from conftest import no_lld
 
 SPEC = """fusebuild: 1
 bundle: {name: eng, version: "1.0"}
@@ -93,6 +94,21 @@ def test_cache_hits_and_corrupt_entries_are_misses(specs, tmp_path):
     assert (third.compiled, third.cached) == (2, 1)
     assert third.manifest["id"] == first.manifest["id"]
     assert same_tree(first.path, third.path)
+
+
+def test_modules_are_cached_apart_from_the_other_targets_of_a_build(specs, tmp_path):
+    """A module's cache key holds its own toolchain only: x86-64 modules built beside aarch64
+    and CUDA ones (ld.lld and NVRTC versions in the build's toolchain) serve an x86-only build."""
+    if no_lld():
+        pytest.skip(no_lld())
+    cache = str(tmp_path / "cache")
+    mixed = plan_of(specs, targets=["cpu:x86-64-v2", "cpu:armv8.2-a", "cuda:sm_80"])
+    first = fb_build.build(mixed, str(tmp_path / "a"), cache_dir=cache, progress=False)
+    assert {"ld.lld", "nvrtc", "cc"} <= set(first.manifest["toolchain"])
+    alone = fb_build.build(plan_of(specs, targets=["cpu:x86-64-v2"]), str(tmp_path / "b"),
+                           cache_dir=cache, progress=False)
+    assert (alone.compiled, alone.cached) == (0, 3)
+    assert set(alone.manifest["toolchain"]) == {"fusebuild", "numba", "llvmlite", "cc"}
 
 
 def test_no_cache_writes_nothing(specs, tmp_path):
