@@ -1,13 +1,11 @@
 """Training with the example groups that have `grad:` (DESIGN §9), through their torch ops:
 torch.autograd.gradcheck on float64 kernels of every one; float32 gradients against torch
 autograd of the same expression written in torch (the independent oracle); torch.compile
-(fullgraph) over several ops, forward and backward; the README's training example."""
+(fullgraph) over several ops, forward and backward. (The README's training example runs in
+tests/test_readme.py.)"""
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ import yaml
 
 from fusebuild import build, runtime, spec
 from fusebuild.runtime.cpu import host_isas
-from conftest import ROOT, SPECS, concrete, make_args
+from conftest import SPECS, concrete, make_args
 
 SIZES = {"N": 6, "B": 3, "C": 5, "H": 4, "T": 3, "R": 2, "F": 3, "S": 4}
 
@@ -166,15 +164,3 @@ def test_compile_fullgraph_over_example_ops_matches_eager(examples_bundle):
             torch.testing.assert_close(c.grad, e.grad, rtol=1e-6, atol=1e-6)
     finally:
         torch._dynamo.reset()
-
-
-def test_readme_training_example_runs(examples_bundle):
-    """The README's training example, as written there, on the example bundle."""
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    code = re.search(r"```python\n(# training example.*?)```", readme, re.S).group(1)
-    code = code.replace('"build/examples-0.1.0"', repr(examples_bundle.root))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "FUSEBUILD_NUM_THREADS": "2"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = [float(v) for v in re.findall(r"loss ([0-9.]+)", proc.stdout)]
-    assert len(losses) >= 2 and losses[-1] < losses[0], proc.stdout
