@@ -167,10 +167,12 @@ def write_bundle(out_dir: str, manifest: dict, artifacts: dict[str, bytes],
                     os.rename(stage, final)
             if old:
                 _discard(old)
-        except OSError as e:
+        except OSError:
             _discard(stage)
-            raise BundleError(f"cannot write bundle {final}: {e.strerror or e}") from None
+            raise
         return final, True
+    except OSError as e:                  # a read-only or full out_dir, from mkdtemp on
+        raise BundleError(f"cannot write bundle {final}: {e.strerror or e}") from None
     finally:
         lock.__exit__(None, None, None)
 
