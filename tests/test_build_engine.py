@@ -360,7 +360,8 @@ def run_read_only(directory: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_a_read_only_output_directory_is_an_error_and_the_old_bundle_stays(specs, tmp_path):
-    """Before the fix: an OSError traceback from tempfile.mkdtemp."""
+    """Before the fix: an OSError traceback from tempfile.mkdtemp (compile) and mkstemp
+    (pack)."""
     out, cache = tmp_path / "out", str(tmp_path / "cache")
     old = fb_build.build(plan_of(specs), str(out), cache_dir=cache, progress=False)
     write_spec(specs, body="a * b")
@@ -368,6 +369,9 @@ def test_a_read_only_output_directory_is_an_error_and_the_old_bundle_stays(specs
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert f"fusebuild: cannot write bundle {out / 'eng-1.0'}: " in r.stderr, r.stderr
     assert "Read-only file system" in r.stderr or "Permission denied" in r.stderr, r.stderr
+    r = run_read_only(str(out), "pack", str(out / "eng-1.0"), "-o", str(out / "eng.tar.gz"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"fusebuild: cannot write archive {out / 'eng.tar.gz'}: " in r.stderr, r.stderr
     os.chmod(out, 0o755)
     assert verify(str(out / "eng-1.0")).bundle_id == old.manifest["id"]
     assert os.listdir(out) == ["eng-1.0"]
