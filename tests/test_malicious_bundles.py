@@ -270,8 +270,9 @@ MANIFEST_TEXTS = {
     "5,000-deep field": (_deep_field, "JSON nested deeper than 64 levels"),
     "format true": (_format(True), "bundle format True; this fusebuild reads format 1"),
     "format 1.0": (_format(1.0), "bundle format 1.0; this fusebuild reads format 1"),
-    "UTF-16": (lambda m: json.dumps(m).encode("utf-16"), "is not UTF-8 JSON"),
-    "UTF-8 with a BOM": (lambda m: b"\xef\xbb\xbf" + json.dumps(m).encode(), "is not UTF-8 JSON"),
+    "UTF-16": (lambda m: json.dumps(m).encode("utf-16"), "not JSON of a manifest: not UTF-8"),
+    "UTF-8 with a BOM": (lambda m: b"\xef\xbb\xbf" + json.dumps(m).encode(),
+                         "not JSON of a manifest: Unexpected UTF-8 BOM"),
 }
 
 

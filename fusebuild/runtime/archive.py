@@ -53,8 +53,7 @@ def _extract(path: str, gz: gzip.GzipFile) -> str:
     try:
         manifest = load_json(manifest_data)
     except ValueError as e:
-        raise BundleError(f"{path}: its {MANIFEST} is not UTF-8 JSON of a manifest: {e}"
-                          ) from None
+        raise BundleError(f"{path}: its {MANIFEST} is not JSON of a manifest: {e}") from None
     check_manifest(manifest, f"{path}:{MANIFEST}")
     dest = os.path.join(cache_home(), "bundles", manifest["id"])
     if _verified(dest, manifest["id"]):       # the archive is still read and checked in full

@@ -53,7 +53,10 @@ def load_json(text: str | bytes):
     """JSON `text` (bytes must be UTF-8) nested at most MAX_JSON_DEPTH deep, so that what reads,
     hashes or dumps it cannot exhaust the recursion limit; ValueError saying why otherwise."""
     if isinstance(text, bytes):
-        text = text.decode("utf-8")                # strict: UTF-16, UTF-32 or bad bytes refused
+        try:
+            text = text.decode("utf-8")            # strict: UTF-16, UTF-32 or bad bytes refused
+        except UnicodeDecodeError as e:
+            raise ValueError(f"not UTF-8 ({e.reason} at byte {e.start})") from None
     try:
         value = json.loads(text)
         deep = _depth(value) > MAX_JSON_DEPTH
@@ -189,7 +192,7 @@ def read_manifest(root: str) -> dict:
     try:
         manifest = load_json(data)
     except ValueError as e:
-        raise BundleError(f"{path} is not UTF-8 JSON of a manifest: {e}") from None
+        raise BundleError(f"{path} is not JSON of a manifest: {e}") from None
     check_manifest(manifest, path)
     return manifest
 
