@@ -24,7 +24,7 @@ FORMAT = 1           # bump when a loader could not read bundles written by this
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 28
 MAX_ARTIFACT_BYTES = 1 << 32
-MAX_JSON_DEPTH = 64  # nesting of a manifest or miss record (a manifest's is 5)
+MAX_JSON_DEPTH = 64  # nesting of a manifest or miss record (a manifest's is 5 or 6)
 _FIELDS = ("name", "version", "id", "toolchain", "groups", "artifacts", "kernels")
 
 

@@ -20,7 +20,6 @@ from ..errors import ToolchainError
 _TARGET = re.compile(r"^cuda:(sm|compute)_(\d{2,3})(a?)$")
 _INSTALL = "install the pip package nvidia-cuda-nvrtc (`pip install 'fusebuild[build]'`)"
 OPTIONS = ("--std=c++17", "--fmad=false")
-_SIZE = ctypes.c_size_t
 
 
 @lru_cache(maxsize=None)
@@ -38,14 +37,13 @@ def _nvrtc() -> ctypes.CDLL:
     return lib
 
 
-def _call(function: str, *args) -> int:
+def _call(function: str, *args) -> None:
     """Call NVRTC's `function`; ToolchainError with NVRTC's text for a result other than
     NVRTC_SUCCESS."""
     result = getattr(_nvrtc(), function)(*args)
     if result:
         raise ToolchainError(f"NVRTC {function} failed: "
                              f"{_nvrtc().nvrtcGetErrorString(result).decode()}")
-    return result
 
 
 def _version() -> tuple[int, int]:
@@ -94,7 +92,7 @@ def _arch_option(target: str) -> tuple[str, bool]:
 
 def _output(prog: ctypes.c_void_p, what: str) -> bytes:
     """All `nvrtcGet{what}Size` bytes of a program's ProgramLog, PTX or CUBIN."""
-    size = _SIZE()
+    size = ctypes.c_size_t()
     _call(f"nvrtcGet{what}Size", prog, ctypes.byref(size))
     buf = ctypes.create_string_buffer(size.value)
     _call(f"nvrtcGet{what}", prog, buf)
