@@ -167,10 +167,12 @@ def write_bundle(out_dir: str, manifest: dict, artifacts: dict[str, bytes],
                     os.rename(stage, final)
             if old:
                 _discard(old)
-        except OSError as e:
+        except OSError:
             _discard(stage)
-            raise BundleError(f"cannot write bundle {final}: {e.strerror or e}") from None
+            raise
         return final, True
+    except OSError as e:                  # a read-only or full out_dir, from mkdtemp on
+        raise BundleError(f"cannot write bundle {final}: {e.strerror or e}") from None
     finally:
         lock.__exit__(None, None, None)
 
@@ -253,8 +255,15 @@ def pack(root: str, out: str | None = None) -> str:
                 info.uid = info.gid = 0
                 info.uname = info.gname = ""
                 tar.addfile(info, io.BytesIO(data))
-    fd, tmp = tempfile.mkstemp(prefix=".pack-", dir=os.path.dirname(os.path.abspath(out)))
-    with os.fdopen(fd, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, out)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".pack-", dir=os.path.dirname(os.path.abspath(out)))
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, out)
+    except OSError as e:
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise BundleError(f"cannot write archive {out}: {e.strerror or e}") from None
     return out

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from . import __version__
 from .errors import BundleError
 from .runtime.archive import cache_home
-from .runtime.manifest import MAX_ARTIFACT_BYTES, read_regular
+from .runtime.manifest import MAX_ARTIFACT_BYTES, load_json, read_regular
 
 LAYOUT = "v2"   # bump when the entry format changes
 _MAGIC = b"FBC2"
@@ -77,7 +77,7 @@ class Cache:
             magic, digest, meta_len = _HEAD.unpack_from(data)
             if magic != _MAGIC or hashlib.sha256(data[_HEAD.size:]).digest() != digest:
                 return None
-            meta = json.loads(data[_HEAD.size:_HEAD.size + meta_len])
+            meta = load_json(data[_HEAD.size:_HEAD.size + meta_len])
             blob = data[_HEAD.size + meta_len:]
             artifacts, pos = {}, 0
             for rel, size in meta["files"]:

@@ -1,4 +1,5 @@
-"""Minimal ELF64 reading: machine, flags, exported and undefined symbols (for bundle checks)."""
+"""Minimal ELF64 reading: machine, flags, bounds, exported and undefined symbols (for bundle
+checks)."""
 from __future__ import annotations
 
 import struct
@@ -6,7 +7,7 @@ import struct
 EM_X86_64 = 62
 EM_AARCH64 = 183
 EM_CUDA = 190
-_SHT_SYMTAB, _SHT_DYNSYM = 2, 11
+_SHT_SYMTAB, _SHT_DYNSYM, _SHT_NOBITS = 2, 11, 8
 
 
 def header(data: bytes) -> tuple[int, int, int]:
@@ -16,6 +17,32 @@ def header(data: bytes) -> tuple[int, int, int]:
     (machine,) = struct.unpack_from("<H", data, 18)
     (flags,) = struct.unpack_from("<I", data, 48)
     return machine, data[8], flags
+
+
+def check_bounds(data: bytes) -> None:
+    """ValueError unless the program and section header tables, every segment's file image and
+    every section's data lie within the file (a truncated file fails here)."""
+    header(data)
+    phoff, shoff = struct.unpack_from("<QQ", data, 32)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 54)
+    tables = (("program header table", phoff, phentsize, phnum, 56),
+              ("section header table", shoff, shentsize, shnum, 64))
+    for what, offset, entsize, count, least in tables:
+        if count and entsize < least:
+            raise ValueError(f"its {what} has entries of {entsize} bytes, under {least}")
+        if offset + entsize * count > len(data):
+            raise ValueError(f"its {what} ends at byte {offset + entsize * count}, past the end "
+                             f"of the file ({len(data)} bytes): truncated or malformed")
+    for i in range(phnum):
+        offset, _, _, filesz = struct.unpack_from("<QQQQ", data, phoff + i * phentsize + 8)
+        if offset + filesz > len(data):
+            raise ValueError(f"segment {i} ends at byte {offset + filesz}, past the end of the "
+                             f"file ({len(data)} bytes): truncated or malformed")
+    for i in range(shnum):
+        _, sh_type, _, _, offset, size = struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize)
+        if sh_type != _SHT_NOBITS and offset + size > len(data):
+            raise ValueError(f"section {i} ends at byte {offset + size}, past the end of the "
+                             f"file ({len(data)} bytes): truncated or malformed")
 
 
 def cubin_sm(data: bytes) -> int:

@@ -7,7 +7,6 @@ The YAML is composed into nodes so every error can name file:line:column; bodies
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from .argspec import (Dim, broadcast_shapes, canonicalize, contiguous_strides, f
 from .errors import SpecError, UsageError
 from .syntax import Group, SourceMap, parse_group
 from .ir import instantiate
+from .runtime.manifest import load_json
 from . import autodiff
 
 TOP_KEYS = ("fusebuild", "bundle", "targets", "groups")
@@ -699,7 +699,7 @@ def add_misses(plan: Plan, log_path: str) -> MissFold:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = load_json(line)
             key, target = rec["key"], rec.get("target")
             group, descs = parse_key(key)
         except (ValueError, KeyError, TypeError, AttributeError) as e:

@@ -94,6 +94,7 @@ def _check_artifact(root: str, rel: str, kernels: list[dict], host: tuple[str, .
         missing = {s for s in symbols if f".entry {s}(".encode() not in data}
     else:
         try:
+            elf.check_bounds(data)
             machine = elf.header(data)[0]
             if tg.backend(target) == "cpu":
                 family = tg.family(tg.arch(target))

@@ -358,6 +358,41 @@ def test_no_lock_file_and_stale_copies_are_removed_at_the_next_write(specs, tmp_
     assert os.listdir(out) == ["eng-1.0"]
 
 
+def run_read_only(directory: str, *args: str) -> subprocess.CompletedProcess:
+    """`fusebuild ARGS` with `directory` read-only: a read-only bind mount in a private mount
+    namespace as root (who may write through any mode bits), mode 0555 otherwise."""
+    if os.geteuid():
+        os.chmod(directory, 0o555)
+        return run(*args)
+    script = 'mount --bind -o ro "$0" "$0" || exit 99; exec "$@"'
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script, directory, sys.executable, "-m",
+                        "fusebuild", *args], capture_output=True, text=True)
+    if r.returncode == 99:
+        why = f"cannot mount {directory} read-only: {r.stderr.strip()}"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must check read-only output directories: {why}")
+        pytest.skip(why)
+    return r
+
+
+def test_a_read_only_output_directory_is_an_error_and_the_old_bundle_stays(specs, tmp_path):
+    """Before the fix: an OSError traceback from tempfile.mkdtemp (compile) and mkstemp
+    (pack)."""
+    out, cache = tmp_path / "out", str(tmp_path / "cache")
+    old = fb_build.build(plan_of(specs), str(out), cache_dir=cache, progress=False)
+    write_spec(specs, body="a * b")
+    r = run_read_only(str(out), "compile", str(specs), "-o", str(out), "--cache-dir", cache)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"fusebuild: cannot write bundle {out / 'eng-1.0'}: " in r.stderr, r.stderr
+    assert "Read-only file system" in r.stderr or "Permission denied" in r.stderr, r.stderr
+    r = run_read_only(str(out), "pack", str(out / "eng-1.0"), "-o", str(out / "eng.tar.gz"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"fusebuild: cannot write archive {out / 'eng.tar.gz'}: " in r.stderr, r.stderr
+    os.chmod(out, 0o755)
+    assert verify(str(out / "eng-1.0")).bundle_id == old.manifest["id"]
+    assert os.listdir(out) == ["eng-1.0"]
+
+
 ERF_SPEC = """fusebuild: 1
 bundle: {name: erfs, version: "1"}
 groups:

@@ -4,16 +4,21 @@ each cubin checked as a CUDA ELF for the right SM exporting every symbol its man
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
 
-from fusebuild import build, dtypes as dt, ir, syntax, spec
+from fusebuild import build, dtypes as dt, ir, syntax, spec, verify
 from fusebuild.codegen.common import KernelSource
 from fusebuild.codegen.cuda import render_module
-from fusebuild.elf import cubin_sm, functions
-from fusebuild.errors import FusebuildError, ToolchainError
+from fusebuild.elf import check_bounds, cubin_sm, functions
+from fusebuild.errors import BundleError, FusebuildError, ToolchainError
+from fusebuild.runtime.manifest import bundle_id
 from fusebuild.toolchain import nvrtc
 from conftest import SPECS
 
@@ -58,8 +63,80 @@ def test_elf_sm_encoding_matches_every_supported_arch():
     assert {"sm_75", "sm_80", "sm_90"} <= set(archs)
     for arch in archs:
         data = nvrtc.compile_cuda(source, f"cuda:{arch}", "probe")
+        check_bounds(data)
         assert cubin_sm(data) == int(arch[3:]), arch
         assert functions(data) == {"k"}
+
+
+def _nvdisasm() -> str:
+    """nvdisasm of the nvidia-cuda-nvdisasm wheel; skipped without it (a failure under CI)."""
+    import nvidia
+    for folder in nvidia.__path__:
+        path = os.path.join(folder, "cu13", "bin", "nvdisasm")
+        if os.access(path, os.X_OK):
+            return path
+    why = "needs nvdisasm from the pip wheel nvidia-cuda-nvdisasm (the test extra)"
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must disassemble the cubins: {why}")
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def all_arch_bundle(tmp_path_factory):
+    """One group built for every architecture this NVRTC supports among the GPU generations."""
+    archs = [a for a in ("sm_80", "sm_89", "sm_90", "sm_100", "sm_120")
+             if a in nvrtc.supported_archs()]
+    plan = _one_group_plan("bias_dropout_residual", f"cuda:{archs[0]}")
+    plan = dataclasses.replace(plan, groups=(dataclasses.replace(
+        plan.groups[0], targets=tuple(f"cuda:{a}" for a in archs)),))
+    return build.build(plan, str(tmp_path_factory.mktemp("archs")), progress=False, jobs=1)
+
+
+def test_nvdisasm_reads_every_cubin_and_prints_its_kernels(all_arch_bundle):
+    """Cubins were once one byte short of their program header table: nvdisasm called them
+    invalid ELF files."""
+    nvdisasm = _nvdisasm()
+    by_file: dict[str, set[str]] = {}
+    for k in all_arch_bundle.manifest["kernels"]:
+        by_file.setdefault(k["file"], set()).add(k["symbol"])
+    assert len(by_file) >= 4, sorted(by_file)
+    for rel, symbols in sorted(by_file.items()):
+        proc = subprocess.run([nvdisasm, os.path.join(all_arch_bundle.path, rel)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, (rel, proc.stderr)
+        printed = {line.split()[1] for line in proc.stdout.splitlines()
+                   if line.strip().startswith(".global")}
+        assert symbols <= printed, (rel, sorted(symbols - printed))
+
+
+def test_a_cubin_cut_short_is_refused_by_verify_and_the_toolchain(all_arch_bundle, tmp_path,
+                                                                   monkeypatch):
+    root = str(tmp_path / "b")
+    shutil.copytree(all_arch_bundle.path, root)
+    rel = all_arch_bundle.manifest["kernels"][0]["file"]
+    with open(os.path.join(root, rel), "rb") as f:
+        short = f.read()[:-1]
+    with open(os.path.join(root, rel), "wb") as f:
+        f.write(short)
+    with open(os.path.join(root, "manifest.json")) as f:
+        m = json.load(f)
+    digest = hashlib.sha256(short).hexdigest()
+    m["artifacts"][rel] = {"sha256": digest, "size": len(short)}
+    for k in m["kernels"]:
+        if k["file"] == rel:
+            k["sha256"] = digest
+    m["id"] = bundle_id(m)
+    with open(os.path.join(root, "manifest.json"), "w") as f:
+        json.dump(m, f)
+    with pytest.raises(BundleError, match=f"{rel}: its program header table ends at byte "
+                                          f"{len(short) + 1}, past the end of the file"):
+        verify.verify(root)
+    real = nvrtc._output
+    monkeypatch.setattr(nvrtc, "_output", lambda prog, what: real(prog, what)[:-1]
+                        if what == "CUBIN" else real(prog, what))
+    with pytest.raises(ToolchainError, match=r"malformed cubin for group 'g' \(cuda:sm_90\): "
+                                             "its program header table ends"):
+        nvrtc.compile_cuda('extern "C" __global__ void k() {}', "cuda:sm_90", "g")
 
 
 def _one_group_plan(name: str, target: str) -> spec.Plan:
@@ -104,8 +181,7 @@ def test_compile_error_names_group_target_log_and_source_line():
 
 
 def test_missing_nvrtc_names_the_pip_package(monkeypatch, tmp_path):
-    monkeypatch.delattr("cupy_backends.cuda.libs.nvrtc")
-    monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs.nvrtc", None)
+    monkeypatch.setitem(sys.modules, "cuda.pathfinder", None)
     nvrtc._nvrtc.cache_clear()
     try:
         with pytest.raises(ToolchainError, match="nvidia-cuda-nvrtc"):

@@ -24,7 +24,7 @@ from fusebuild.bundle import merge_shards, pack
 from fusebuild.cache import Cache, Entry
 from fusebuild.cli import main as cli_main
 from fusebuild.errors import BundleError
-from fusebuild.runtime.manifest import bundle_id
+from fusebuild.runtime.manifest import bundle_id, canonical_json, read_manifest
 
 SPEC = """fusebuild: 1
 bundle: {name: tiny, version: "1"}
@@ -242,6 +242,58 @@ def test_the_genuine_bundle_passes_every_check(root, tmp_path):
         assert r.exit_code == 0, (args, r.output)
 
 
+# ---------------------------------------------------------------- issue 19: manifest text ------
+
+DEEP = 5000
+
+
+def _deep_field(m: dict) -> bytes:
+    """A field 5,000 arrays deep, the id computed as an attacker can (json.dumps of the nested
+    lists would itself exceed the recursion limit: the text is spliced)."""
+    body = {k: v for k, v in m.items() if k != "id"}
+    nested = "[" * DEEP + "]" * DEEP
+    canonical = canonical_json({**body, "deep": 0}).replace('"deep":0', f'"deep":{nested}')
+    digest = hashlib.sha256(canonical.encode()).hexdigest()
+    return json.dumps({**body, "deep": 0, "id": digest}).replace('"deep": 0',
+                                                                 f'"deep": {nested}').encode()
+
+
+def _format(value):
+    def edit(m: dict) -> bytes:
+        m["format"] = value
+        m["id"] = bundle_id(m)
+        return json.dumps(m).encode()
+    return edit
+
+
+MANIFEST_TEXTS = {
+    "5,000-deep field": (_deep_field, "JSON nested deeper than 64 levels"),
+    "format true": (_format(True), "bundle format True; this fusebuild reads format 1"),
+    "format 1.0": (_format(1.0), "bundle format 1.0; this fusebuild reads format 1"),
+    "UTF-16": (lambda m: json.dumps(m).encode("utf-16"), "not JSON of a manifest: not UTF-8"),
+    "UTF-8 with a BOM": (lambda m: b"\xef\xbb\xbf" + json.dumps(m).encode(),
+                         "not JSON of a manifest: Unexpected UTF-8 BOM"),
+}
+
+
+@pytest.mark.parametrize("case", MANIFEST_TEXTS, ids=str)
+def test_manifests_are_utf8_json_of_format_1_and_bounded_depth(root, tmp_path, case):
+    """Before the fix the deep field raised RecursionError (a traceback from every command) and
+    the others loaded."""
+    edit, message = MANIFEST_TEXTS[case]
+    members = _members(pack(root, str(tmp_path / "a.tar.gz")))
+    with open(os.path.join(root, "manifest.json")) as f:
+        text = edit(json.load(f))
+    with open(os.path.join(root, "manifest.json"), "wb") as f:
+        f.write(text)
+    archive = _write_archive(str(tmp_path / "edited.tar.gz"),
+                             [(n, text if n.endswith("manifest.json") else d) for n, d in members])
+    for path in (root, archive):
+        with pytest.raises(BundleError, match=message):
+            runtime.load(path)
+        assert_cli_refuses([["verify", path], ["list", path], ["inspect", path]], message)
+
+
 # ---------------------------------------------------------------- item 2: check then use -------
 
 def test_a_file_swapped_after_load_is_refused_not_run(root, evil):
@@ -443,6 +495,26 @@ def test_cache_checksum_covers_the_metadata(tmp_path):
     data = open(path, "rb").read()
     open(path, "wb").write(data.replace(b'"float32"', b'"float16"'))
     assert cache.get("k" * 64) is None
+
+
+def test_a_cache_hit_and_a_manifest_read_allocate_what_they_read(root, tmp_path):
+    """With 128 MiB of address space to spare: reads once allocated their limit up front (4 GiB
+    per cache hit, 256 MiB per manifest) and died with MemoryError."""
+    cache = Cache(str(tmp_path / "c"))
+    cache.put("k" * 64, Entry({SO: b"bytes"}, []))
+    code = f"""
+import resource
+from fusebuild.cache import Cache
+from fusebuild.runtime.manifest import read_manifest
+with open("/proc/self/status") as f:
+    size = next(int(line.split()[1]) << 10 for line in f if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (size + (128 << 20), resource.RLIM_INFINITY))
+assert Cache({str(tmp_path / "c")!r}).get("k" * 64).artifacts == {{{SO!r}: b"bytes"}}
+print(read_manifest({root!r})["id"])
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == read_manifest(root)["id"]
 
 
 def test_a_cache_entry_for_other_paths_is_a_miss(tmp_path):

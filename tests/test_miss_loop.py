@@ -182,16 +182,18 @@ def test_add_misses_skips_bad_records_and_counts_repeats_once(specs, tmp_path):
              "[1, 2]",
              '{"key": "scale(f16:c)", "target": "cuda:sm_90"}',
              '{"key": "inv(i32:c)", "target": "cpu:x86-64-v3"}']
-    log.write_text("\n".join(lines) + "\n\xff\n")
+    deep = "[" * 100_000 + "]" * 100_000            # once a RecursionError traceback
+    log.write_text("\n".join(lines) + f"\n\xff\n{deep}\n")
     plan = spec.load_plan([specs])
     fold = spec.add_misses(plan, str(log))
     variants = {g.group.name: [v.key for v in g.variants] for g in fold.plan.groups}
     assert variants["scale"] == ["scale(f32:c)", "scale(f64:c)", "scale(f16:c)"]
     assert variants["pick"] == ["pick(f32:c,b8:c)"] and variants["inv"] == ["inv(i32:c)"]
     assert (fold.added, fold.duplicates, fold.other_groups) == (2, 1, 1)
-    assert [b.split(": ", 1)[0] for b in fold.bad] == [f"{log}:{n}" for n in (3, 4, 5, 7, 8, 11)]
+    assert [b.split(": ", 1)[0] for b in fold.bad] == [f"{log}:{n}"
+                                                       for n in (3, 4, 5, 7, 8, 11, 12)]
     assert "input 'm' is fixed to bool" in fold.bad[1] and "bitwise_not()" in fold.bad[2]
-    assert "2 tensor inputs" in fold.bad[3]
+    assert "2 tensor inputs" in fold.bad[3] and "nested deeper than 64 levels" in fold.bad[6]
     assert fold.unbuilt == ("cuda:sm_90",)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import os
 import posixpath
 import shutil
@@ -19,7 +18,7 @@ import tempfile
 import zlib
 
 from ..errors import BundleError
-from .manifest import (MANIFEST, MAX_MANIFEST_BYTES, check_manifest, is_plain_path,
+from .manifest import (MANIFEST, MAX_MANIFEST_BYTES, check_manifest, is_plain_path, load_json,
                        read_manifest, verify_artifacts)
 
 _TRAILER_BYTES = 1 << 16   # zero padding allowed after the end-of-archive blocks
@@ -52,9 +51,9 @@ def _extract(path: str, gz: gzip.GzipFile) -> str:
                           "`fusebuild pack`)")
     manifest_data = tar.extractfile(m).read()
     try:
-        manifest = json.loads(manifest_data)
-    except ValueError:
-        raise BundleError(f"{path}: its {MANIFEST} is not JSON") from None
+        manifest = load_json(manifest_data)
+    except ValueError as e:
+        raise BundleError(f"{path}: its {MANIFEST} is not JSON of a manifest: {e}") from None
     check_manifest(manifest, f"{path}:{MANIFEST}")
     dest = os.path.join(cache_home(), "bundles", manifest["id"])
     if _verified(dest, manifest["id"]):       # the archive is still read and checked in full

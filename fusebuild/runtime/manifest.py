@@ -24,6 +24,7 @@ FORMAT = 1           # bump when a loader could not read bundles written by this
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 28
 MAX_ARTIFACT_BYTES = 1 << 32
+MAX_JSON_DEPTH = 64  # nesting of a manifest or miss record (a manifest's is 5 or 6)
 _FIELDS = ("name", "version", "id", "toolchain", "groups", "artifacts", "kernels")
 
 
@@ -46,6 +47,35 @@ def bundle_id(manifest: dict) -> str:
 
 def canonical_json(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def load_json(text: str | bytes):
+    """JSON `text` (bytes must be UTF-8) nested at most MAX_JSON_DEPTH deep, so that what reads,
+    hashes or dumps it cannot exhaust the recursion limit; ValueError saying why otherwise."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")            # strict: UTF-16, UTF-32 or bad bytes refused
+        except UnicodeDecodeError as e:
+            raise ValueError(f"not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        value = json.loads(text)
+        deep = _depth(value) > MAX_JSON_DEPTH
+    except RecursionError:
+        deep = True
+    if deep:
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _depth(value) -> int:
+    """How deep arrays and objects nest in a JSON value (0 for a scalar), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack += [(c, depth + 1) for c in (item.values() if isinstance(item, dict) else item)]
+    return deepest
 
 
 # ---------------------------------------------------------------- files ------------------------
@@ -102,7 +132,10 @@ def read_regular(root: str, rel: str, limit: int) -> bytes:
         if size > limit:
             raise BundleError(f"{os.path.join(root, rel)} is {size} bytes, over the limit of "
                               f"{limit}")
-        return f.read(limit + 1)
+        data = f.read(size + 1)        # the buffer is allocated up front: never `limit` bytes
+    if len(data) != size:
+        raise BundleError(f"{os.path.join(root, rel)} changed size while it was read")
+    return data
 
 
 def kernel_file(root: str, artifacts: dict[str, dict], rel: str) -> tuple[str, str, int | None]:
@@ -157,9 +190,9 @@ def read_manifest(root: str) -> dict:
         raise BundleError(f"{root} is not a fusebuild bundle: {MANIFEST} is missing")
     data = read_regular(root, MANIFEST, MAX_MANIFEST_BYTES)
     try:
-        manifest = json.loads(data)
+        manifest = load_json(data)
     except ValueError as e:
-        raise BundleError(f"{path} is unreadable or not JSON: {e}") from None
+        raise BundleError(f"{path} is not JSON of a manifest: {e}") from None
     check_manifest(manifest, path)
     return manifest
 
@@ -169,7 +202,7 @@ def check_manifest(manifest, where: str) -> None:
     artifact path is plain and every kernel entry fits its group, file and hash."""
     if not isinstance(manifest, dict) or "format" not in manifest:
         raise BundleError(f"{where} is not a fusebuild manifest (no 'format')")
-    if manifest["format"] != FORMAT:
+    if type(manifest["format"]) is not int or manifest["format"] != FORMAT:
         raise BundleError(f"{where}: bundle format {manifest['format']!r}; this fusebuild "
                           f"reads format {FORMAT}: rebuild the bundle or use a matching fusebuild")
     for field in _FIELDS:

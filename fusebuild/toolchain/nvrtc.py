@@ -1,45 +1,70 @@
 """NVRTC toolchain: CUDA C++ text -> cubin (`cuda:sm_XY[a]`) or PTX (`cuda:compute_XY`) bytes.
 
-NVRTC comes from the `nvidia-cuda-nvrtc` pip wheel through cupy's binding, which needs no GPU,
-driver or system CUDA. Options: NVRTC's defaults (IEEE division and square root, denormals) plus
-the architecture, C++17 and --fmad=false: a multiply and an add are rounded separately, as in the
-CPU backend and the reference (contracted, `s + v * a * b` turns the reference's NaN into -inf
-when the product overflows, and lerp drifts past 4 ULP). Knows nothing of the IR.
+NVRTC is the library of the `nvidia-cuda-nvrtc` pip wheel, found by cuda-pathfinder and called
+through its C API with ctypes; it needs no GPU, driver or system CUDA. Every cubin is taken whole
+(`nvrtcGetCUBINSize` bytes: an ELF file has no terminator) and checked to be a well-formed ELF.
+Options: NVRTC's defaults (IEEE division and square root, denormals) plus the architecture, C++17
+and --fmad=false: a multiply and an add are rounded separately, as in the CPU backend and the
+reference (contracted, `s + v * a * b` turns the reference's NaN into -inf when the product
+overflows, and lerp drifts past 4 ULP). Knows nothing of the IR.
 """
 from __future__ import annotations
 
+import ctypes
 import re
 from functools import lru_cache
 
+from .. import elf
 from ..errors import ToolchainError
 
 _TARGET = re.compile(r"^cuda:(sm|compute)_(\d{2,3})(a?)$")
-_INSTALL = ("install the pip packages nvidia-cuda-nvrtc and cupy-cuda13x "
-            "(`pip install 'fusebuild[cuda]'`, or 'fusebuild[build]' for CPU and CUDA)")
+_INSTALL = ("install the pip package nvidia-cuda-nvrtc (`pip install 'fusebuild[cuda]'`, or "
+            "'fusebuild[build]' for CPU and CUDA)")
 OPTIONS = ("--std=c++17", "--fmad=false")
 
 
 @lru_cache(maxsize=None)
-def _nvrtc():
-    """cupy's NVRTC binding, checked to load libnvrtc; ToolchainError naming the wheel if not."""
+def _nvrtc() -> ctypes.CDLL:
+    """libnvrtc of the pip wheel (located by cuda-pathfinder); ToolchainError naming the wheel
+    if it does not load."""
     try:
-        from cupy_backends.cuda.libs import nvrtc
-        nvrtc.getVersion()
-    except Exception as e:  # noqa: BLE001 - ImportError, or the library failing to load
+        from cuda.pathfinder import load_nvidia_dynamic_lib
+        lib = ctypes.CDLL(load_nvidia_dynamic_lib("nvrtc").abs_path)
+    except Exception as e:  # noqa: BLE001 - ImportError, or the library failing to be found/load
         raise ToolchainError(f"NVRTC is not available ({type(e).__name__}: {e}); the CUDA "
                              f"backend compiles with NVRTC from its pip wheel: "
                              f"{_INSTALL}") from None
-    return nvrtc
+    lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+    return lib
+
+
+def _call(function: str, *args) -> None:
+    """Call NVRTC's `function`; ToolchainError with NVRTC's text for a result other than
+    NVRTC_SUCCESS."""
+    result = getattr(_nvrtc(), function)(*args)
+    if result:
+        raise ToolchainError(f"NVRTC {function} failed: "
+                             f"{_nvrtc().nvrtcGetErrorString(result).decode()}")
+
+
+def _version() -> tuple[int, int]:
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    _call("nvrtcVersion", ctypes.byref(major), ctypes.byref(minor))
+    return major.value, minor.value
 
 
 def versions() -> dict[str, str]:
-    major, minor = _nvrtc().getVersion()
+    major, minor = _version()
     return {"nvrtc": f"{major}.{minor}"}
 
 
 def supported_archs() -> tuple[str, ...]:
     """The real architectures this NVRTC compiles for, e.g. ('sm_75', 'sm_80', ...)."""
-    return tuple(f"sm_{a}" for a in _nvrtc().getSupportedArchs())
+    n = ctypes.c_int()
+    _call("nvrtcGetNumSupportedArchs", ctypes.byref(n))
+    archs = (ctypes.c_int * n.value)()
+    _call("nvrtcGetSupportedArchs", archs)
+    return tuple(f"sm_{a}" for a in archs)
 
 
 def ptx_isa(ptx: bytes) -> str:
@@ -59,32 +84,51 @@ def _arch_option(target: str) -> tuple[str, bool]:
     kind, number, variant = m.groups()
     supported = supported_archs()
     if f"sm_{number}" not in supported:
-        major, minor = _nvrtc().getVersion()
+        major, minor = _version()
         raise ToolchainError(f"{target}: NVRTC {major}.{minor} cannot compile for sm_{number}; "
                              f"it supports {', '.join(supported)} (compute_XY and sm_XYa "
                              "variants of those)")
     return f"--gpu-architecture={kind}_{number}{variant}", kind == "compute"
 
 
+def _output(prog: ctypes.c_void_p, what: str) -> bytes:
+    """All `nvrtcGet{what}Size` bytes of a program's ProgramLog, PTX or CUBIN."""
+    size = ctypes.c_size_t()
+    _call(f"nvrtcGet{what}Size", prog, ctypes.byref(size))
+    buf = ctypes.create_string_buffer(size.value)
+    _call(f"nvrtcGet{what}", prog, buf)
+    return buf.raw
+
+
 def compile_cuda(source: str, target: str, name: str) -> bytes:
     """Compile `source` (module of group `name`) for `target`: cubin bytes, or PTX text bytes
-    for compute_XY. ToolchainError carries the NVRTC log and the offending source lines."""
+    for compute_XY. ToolchainError carries the NVRTC log and the offending source lines, or
+    what is wrong with a malformed cubin."""
     option, ptx = _arch_option(target)
-    nvrtc = _nvrtc()
-    prog = nvrtc.createProgram(source, f"{name}.cu", [], [])
+    prog = ctypes.c_void_p()
+    _call("nvrtcCreateProgram", ctypes.byref(prog), source.encode(), f"{name}.cu".encode(), 0,
+          None, None)
     try:
-        try:
-            nvrtc.compileProgram(prog, [option, *OPTIONS])
-        except nvrtc.NVRTCError:
-            log = nvrtc.getProgramLog(prog)
+        options = [o.encode() for o in (option, *OPTIONS)]
+        if _nvrtc().nvrtcCompileProgram(prog, len(options),
+                                        (ctypes.c_char_p * len(options))(*options)):
+            log = _output(prog, "ProgramLog").rstrip(b"\0").decode(errors="replace")
             if "Command-line error" in log:
                 raise ToolchainError(f"{target}: NVRTC rejects {option} "
                                      f"({log.strip().splitlines()[0]}); it supports "
-                                     f"{', '.join(supported_archs())}") from None
-            raise ToolchainError(_compile_error(name, target, log, source)) from None
-        return nvrtc.getPTX(prog).rstrip(b"\0") if ptx else nvrtc.getCUBIN(prog)
+                                     f"{', '.join(supported_archs())}")
+            raise ToolchainError(_compile_error(name, target, log, source))
+        if ptx:
+            return _output(prog, "PTX").rstrip(b"\0")
+        cubin = _output(prog, "CUBIN")
     finally:
-        nvrtc.destroyProgram(prog)
+        _nvrtc().nvrtcDestroyProgram(ctypes.byref(prog))
+    try:
+        elf.check_bounds(cubin)
+    except ValueError as e:
+        raise ToolchainError(f"NVRTC gave a malformed cubin for group '{name}' ({target}): "
+                             f"{e}") from None
+    return cubin
 
 
 def _compile_error(name: str, target: str, log: str, source: str) -> str:
