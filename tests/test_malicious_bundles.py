@@ -281,11 +281,13 @@ def test_libraries_loaded_one_after_another_are_each_their_own(tmp_path):
     would hand out the earlier library again under that name."""
     from fusebuild.runtime.cpu import load_verified
     for name in ("first", "second", "third"):
-        (tmp_path / f"{name}.c").write_text(f"int {name}(void) {{ return 1; }}\n")
+        (tmp_path / f"{name}.c").write_text(f"int {name}(void) {{ return 1; }}\n"
+                                             f'const char fusebuild_artifact[{len(name)}] = '
+                                             f'"{name}";\n')
         subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / f"{name}.so"),
                         str(tmp_path / f"{name}.c")], check=True)
         so = str(tmp_path / f"{name}.so")
-        lib = load_verified(str(tmp_path), f"{name}.so", sha(so)["sha256"])
+        lib = load_verified(str(tmp_path), f"{name}.so", sha(so)["sha256"], name.encode())
         assert lib[name]() == 1
 
 

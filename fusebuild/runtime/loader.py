@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import dtypes as dt
 from ..abi import Abi
+from ..artifact import describe
 from ..argspec import contiguous_strides, parse_key
 from ..errors import ArgumentError, BundleError, KernelNotFound
 from ..text import plural
@@ -37,6 +38,8 @@ class Bundle:
         self.root, self.manifest, self.on_miss = root, manifest, on_miss
         self.name, self.version, self.id = manifest["name"], manifest["version"], manifest["id"]
         self._index: dict[str, dict[str, KernelEntry]] = {}
+        self._files: dict[str, list[KernelEntry]] = {}       # the kernels of each artifact
+        self._descriptions: dict[str, bytes] = {}
         self._by_dtypes: dict[tuple, list[tuple[tuple[str, ...], str]]] = {}
         for e in kernel_entries(manifest):
             self._add(e, sort=False)
@@ -58,6 +61,7 @@ class Bundle:
                 setattr(self, name, caller)
 
     def _add(self, e: KernelEntry, sort: bool = True) -> None:
+        self._files.setdefault(e.file, []).append(e)
         if e.key not in self._index:
             group, descs = parse_key(e.key)
             cands = self._by_dtypes.setdefault((group, tuple(d for d, _ in descs)), [])
@@ -98,6 +102,17 @@ class Bundle:
         if group not in self._groups_ir:
             self._groups_ir[group] = group_ir(self.manifest["groups"][group])
         return self._groups_ir[group]
+
+    def description(self, rel: str) -> bytes:
+        """The description artifact `rel` must embed: `artifact.describe` of the manifest's
+        kernels in it, from their group's IR (checked against the group's JSON)."""
+        found = self._descriptions.get(rel)
+        if found is None:
+            kernels = self._files[rel]
+            found = describe(self.group_ir(kernels[0].group), [e.key for e in kernels],
+                             kernels[0].target)
+            self._descriptions[rel] = found
+        return found
 
     def torch_library(self, namespace: str):
         """Register every group as the torch custom op `torch.ops.<namespace>.<group>`, with a
@@ -301,12 +316,16 @@ class Bundle:
         with self._jit_lock:
             if key in self._resolved:
                 return self._resolved[key]
-            e = self.compile_missing(key, self._cpu_targets[0])
-            entry = KernelEntry(e["key"], e["group"], e["target"], e["file"], e["symbol"],
-                                e["sha256"], tuple(e["outputs"]))
-            self._add(entry)
+            entry = self.add_compiled(self.compile_missing(key, self._cpu_targets[0]))
             self._resolved[key] = entry
             return entry
+
+    def add_compiled(self, e: dict) -> KernelEntry:
+        """Index the entry of a kernel compiled on the fly (`compile_missing`)."""
+        entry = KernelEntry(e["key"], e["group"], e["target"], e["file"], e["symbol"],
+                            e["sha256"], tuple(e["outputs"]))
+        self._add(entry)
+        return entry
 
 
 _LOGGED: set[tuple] = set()      # (log, bundle id, key, target) appended by this process
@@ -533,7 +552,8 @@ class GroupCaller(Caller):
                 step = shape[axis] // cat[0] * contiguous_strides(shape)[axis] * d.itemsize
             out_ptrs += [(o, k * step) for k in range(abi.parts[o])]
         meta = dispatch.meta_words(call, abi, 0, 0)     # (an empty call never launches)
-        fn = n and self.bundle._libs.function(entry.file, entry.sha256, entry.symbol)
+        fn = n and self.bundle._libs.function(entry.file, entry.sha256, entry.symbol,
+                                              self.bundle.description(entry.file))
         plan = _Plan(entry, fn, n, in_ptrs, outs, tuple(out_ptrs),
                      ctypes.c_int64 * max(1, abi.n_ptrs),
                      (ctypes.c_int64 * max(1, abi.n_meta))(*meta.tolist()),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+from ..abi import ARTIFACT_SYMBOL
 from ..errors import ToolchainError
 
 _TARGET = re.compile(r"^cuda:(sm|compute)_(\d{2,3})(a?)$")
@@ -66,11 +67,22 @@ def _arch_option(target: str) -> tuple[str, bool]:
     return f"--gpu-architecture={kind}_{number}{variant}", kind == "compute"
 
 
-def compile_cuda(source: str, target: str, name: str) -> bytes:
+def _data_array(data: bytes) -> str:
+    """CUDA C++ defining the device array ARTIFACT_SYMBOL (extern "C": unmangled) holding
+    `data`."""
+    values = ",".join(str(b) for b in data)
+    return (f'\nextern "C" __device__ const unsigned char {ARTIFACT_SYMBOL}[{len(data)}] = '
+            f'{{{values}}};\n')
+
+
+def compile_cuda(source: str, target: str, name: str, embed: bytes = b"") -> bytes:
     """Compile `source` (module of group `name`) for `target`: cubin bytes, or PTX text bytes
-    for compute_XY. ToolchainError carries the NVRTC log and the offending source lines."""
+    for compute_XY; a non-empty `embed` is defined as the device array ARTIFACT_SYMBOL.
+    ToolchainError carries the NVRTC log and the offending source lines."""
     option, ptx = _arch_option(target)
     nvrtc = _nvrtc()
+    if embed:
+        source += _data_array(embed)
     prog = nvrtc.createProgram(source, f"{name}.cu", [], [])
     try:
         try:
