@@ -35,7 +35,7 @@ class Report:
     foreign: dict[str, int] = field(default_factory=dict)   # shared objects of other families
 
     def summary(self) -> str:
-        text = (f"ok: {self.root} (id {self.bundle_id[:12]}): {plural(self.artifacts, 'artifact')} "
+        text = (f"ok: {self.root} (id {self.bundle_id}): {plural(self.artifacts, 'artifact')} "
                 f"{_verb(self.artifacts, 'match')} their sha256, "
                 f"{plural(self.symbols, 'kernel symbol')} present, "
                 f"{plural(self.loaded, 'shared object')} loaded")
@@ -92,8 +92,6 @@ def _check_artifact(root: str, rel: str, kernels: list[dict], host: tuple[str, .
     this host can. Returns the loaded library, or None."""
     data = read_artifact(root, rel, kernels[0]["sha256"])
     target = kernels[0]["target"]
-    expected = describe(groups[kernels[0]["group"]], [k["key"] for k in kernels], target)
-    check_description(read_description(data, rel), rel, expected)
     symbols = {k["symbol"] for k in kernels}
     if rel.endswith(".ptx"):
         missing = {s for s in symbols if f".entry {s}(".encode() not in data}
@@ -113,6 +111,8 @@ def _check_artifact(root: str, rel: str, kernels: list[dict], host: tuple[str, .
         missing = symbols - elf.functions(data)
     if missing:
         raise BundleError(f"{rel} does not export {', '.join(sorted(missing))}")
+    expected = describe(groups[kernels[0]["group"]], [k["key"] for k in kernels], target)
+    check_description(read_description(data, rel), rel, expected)
     if tg.backend(target) == "cpu" and tg.arch(target) in host:
         lib = load_verified(root, rel, kernels[0]["sha256"], expected)
         try:

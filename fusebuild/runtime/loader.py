@@ -26,6 +26,7 @@ from .manifest import (KernelEntry, group_ir, kernel_entries, output_dtypes, rea
                        verify_artifacts)
 
 ON_MISS = ("error", "jit")
+ID_ENV = "FUSEBUILD_BUNDLE_ID"     # pins the id of the bundles runtime.load accepts
 _MAX_PLANS = 4096          # memoized call plans per group; cleared beyond this
 
 
@@ -611,20 +612,27 @@ def _on_cuda(info: dispatch.GroupInfo, args: tuple) -> bool:
                for (_, kind, _), a in zip(info.params, args))
 
 
-def load(path: str, on_miss: str = "error") -> Bundle:
+def load(path: str, on_miss: str = "error", expect_id: str | None = None) -> Bundle:
     """Open a bundle directory or packed .tar.gz: check its manifest (`check_manifest`) and every
     artifact's size and sha256, index its kernels. Archives are extracted once per bundle id
     into the cache directory. Shared objects and cubins are hashed again from the bytes that are
-    then loaded (at a kernel's first call), so a file changed after this check is refused.
+    then loaded (at a kernel's first call), so a file changed after this check is refused, and
+    their embedded descriptions are checked against the manifest (`artifact.describe`).
 
+    expect_id (else a non-empty FUSEBUILD_BUNDLE_ID) pins the bundle: any other id is refused.
     on_miss="jit" compiles kernels missing from the bundle on first use (needs the build
     extras); every miss is appended to the JSON-lines file FUSEBUILD_MISS_LOG names, if set.
     """
+    pinned, source = (expect_id, "expect_id") if expect_id else (os.environ.get(ID_ENV), ID_ENV)
+    root = path
     if os.path.isfile(path) and path.endswith((".tar.gz", ".tgz")):
         from .archive import extract
-        path = extract(path)
-    root = os.path.abspath(path)
+        root = extract(path)
+    root = os.path.abspath(root)
     manifest = read_manifest(root)
+    if pinned and manifest["id"] != pinned:
+        raise BundleError(f"{path} is bundle {manifest['id']}, but {source} pins bundle {pinned}: "
+                          "refused")
     verify_artifacts(root, manifest)
     return Bundle(root, manifest, on_miss)
 
