@@ -663,3 +663,25 @@ def test_a_pinned_id_admits_only_its_bundle(described, root, monkeypatch):
     assert runtime.load(archive).id == want
     monkeypatch.setenv("FUSEBUILD_BUNDLE_ID", "")
     assert runtime.load(root).id == other
+
+
+def test_a_file_holds_the_kernels_of_one_group(described):
+    def edit(m):                            # sq's v2 kernel said to live in halves.so
+        k = next(k for k in m["kernels"] if k["group"] == "sq" and "v2" in k["target"])
+        k.update(file="cpu/x86-64-v2/halves.so",
+                 sha256=m["artifacts"]["cpu/x86-64-v2/halves.so"]["sha256"])
+    rewrite(described, edit)
+    with pytest.raises(BundleError, match="its file cpu/x86-64-v2/halves.so holds kernels of "
+                                          "group halves"):
+        runtime.load(described)
+
+
+def test_a_cubin_compiled_on_the_fly_describes_itself(described, monkeypatch):
+    """on_miss="jit" on the CUDA path: NVRTC in a child process, then the same check."""
+    from fusebuild.runtime import cuda
+    loaded: list = []
+    monkeypatch.setattr(cuda, "_cupy", lambda: _fake_cupy("90", loaded))
+    kernels = cuda.CudaKernels(runtime.load(described, on_miss="jit"))
+    found = kernels.find("sq(f64:c)", 0, empty=False)
+    assert found.entry["target"] == "cuda:sm_90" and len(loaded) == 1
+    assert read_description(loaded[0], "jit") == kernels.bundle.description(found.entry["file"])
