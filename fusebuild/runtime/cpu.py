@@ -165,9 +165,10 @@ _LOADED_LOCK = threading.Lock()
 def load_verified(root: str, rel: str, sha256: str, expected: bytes,
                   size: int | None = None) -> ctypes.CDLL:
     """dlopen the shared object `root/rel` from the very bytes checked against `sha256` and the
-    description `expected` (`artifact.check_description`, for every caller: bytes loaded for one manifest
-    may be asked for by another): they are read once, hashed, copied into a sealed memfd and
-    loaded from it, so a file replaced after the check (or after `load()`) is refused, never run.
+    description `expected` (`artifact.check_description`; checked for every caller, as bytes
+    loaded for one manifest may be asked for by another): they are read once, hashed, copied
+    into a sealed memfd and loaded from it, so a file replaced after the check (or after
+    `load()`) is refused, never run.
 
     The memfd stays open for the life of the process: the dynamic loader knows the library by
     the name /proc/self/fd/N, and would hand it out again for a later file opened as fd N."""
