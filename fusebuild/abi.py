@@ -63,3 +63,8 @@ class Abi:
     @property
     def n_meta(self) -> int:
         return self.scalar(self.n_scalars)
+
+
+# Every artifact (.so, cubin, PTX) also defines the data object ARTIFACT_SYMBOL: the canonical
+# JSON of its description (fusebuild/artifact.py), checked against the manifest before any call.
+ARTIFACT_SYMBOL = "fusebuild_artifact"

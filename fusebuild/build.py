@@ -20,6 +20,7 @@ from multiprocessing.connection import wait
 
 from . import __version__
 from . import targets as tg
+from .artifact import describe
 from .bundle import make_manifest, plan_hash, write_bundle
 from .cache import Cache, Entry, default_dir, module_key
 from .codegen.common import KernelSource
@@ -122,12 +123,13 @@ def run_job(job: Job) -> JobResult:
     try:
         kernels = kernel_sources(job.group, job.variants)
         name = job.group.name
+        keys = [v.key for v in job.variants]
         if job.backend == "cpu":
             from .codegen.cpu import render_group
             from .toolchain.numba import compile_shared_objects
             source, entries = render_group(kernels)
-            isas = tuple(tg.arch(t) for t in job.targets)
-            objects = compile_shared_objects(source, entries, isas, f"{name}.so",
+            embeds = {tg.arch(t): describe(job.group, keys, t) for t in job.targets}
+            objects = compile_shared_objects(source, entries, embeds, f"{name}.so",
                                              f"<fusebuild group {name}>")
             for target in job.targets:
                 rel = f"cpu/{tg.arch(target)}/{name}.so"
@@ -137,7 +139,8 @@ def run_job(job: Job) -> JobResult:
             from .codegen.cuda import render_module, vector_width
             from .toolchain.nvrtc import compile_cuda, ptx_isa
             target, arch = job.targets[0], tg.arch(job.targets[0])
-            data = compile_cuda(render_module(kernels), target, name)
+            data = compile_cuda(render_module(kernels), target, name,
+                                describe(job.group, keys, target))
             ptx = arch.startswith("compute_")
             rel = f"cuda/{arch}/{name}.{'ptx' if ptx else 'cubin'}"
             result.artifacts[rel] = data

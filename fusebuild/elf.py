@@ -1,5 +1,5 @@
-"""Minimal ELF64 reading: machine, flags, bounds, exported and undefined symbols (for bundle
-checks)."""
+"""Minimal ELF64 reading: machine, flags, bounds, exported and undefined symbols, a data
+symbol's bytes (for bundle checks)."""
 from __future__ import annotations
 
 import struct
@@ -8,6 +8,7 @@ EM_X86_64 = 62
 EM_AARCH64 = 183
 EM_CUDA = 190
 _SHT_SYMTAB, _SHT_DYNSYM, _SHT_NOBITS = 2, 11, 8
+_STT_OBJECT = 1
 
 
 def header(data: bytes) -> tuple[int, int, int]:
@@ -54,30 +55,55 @@ def cubin_sm(data: bytes) -> int:
     return (flags >> 8) & 0xFF if abi >= 8 else flags & 0xFF
 
 
-def _symbols(data: bytes, types: tuple[int, ...]):
-    """(name, st_info, st_shndx) of every symbol in the symbol tables of `types`."""
+def _sections(data: bytes) -> list[tuple]:
+    """The section headers (sh_name, sh_type, sh_flags, sh_addr, sh_offset, sh_size, sh_link,
+    sh_info, sh_addralign, sh_entsize)."""
     header(data)
     (shoff,) = struct.unpack_from("<Q", data, 40)
     shentsize, shnum, _ = struct.unpack_from("<HHH", data, 58)
-    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize)
-                for i in range(shnum)]
+    return [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+
+
+def _symbols(data: bytes, types: tuple[int, ...]):
+    """(name, st_info, st_shndx, st_value, st_size) of every symbol in the symbol tables of
+    `types`."""
+    sections = _sections(data)
     for _, sh_type, _, _, offset, size, link, _, _, entsize in sections:
         if sh_type not in types or not entsize:
             continue
         strtab = sections[link][4]
         for pos in range(offset, offset + size, entsize):
-            st_name, st_info, _, st_shndx, _, _ = struct.unpack_from("<IBBHQQ", data, pos)
+            st_name, st_info, _, st_shndx, st_value, st_size = struct.unpack_from("<IBBHQQ",
+                                                                                   data, pos)
             start = strtab + st_name
-            yield data[start:data.index(b"\0", start)].decode(), st_info, st_shndx
+            yield data[start:data.index(b"\0", start)].decode(), st_info, st_shndx, st_value, \
+                st_size
+
+
+def object_bytes(data: bytes, name: str) -> bytes | None:
+    """The initial bytes of the defined data object `name` (any binding, either symbol table),
+    read from its section in the file; None if there is no such object. ValueError if the
+    symbol points outside the file."""
+    sections = _sections(data)
+    for sym, info, shndx, value, size in _symbols(data, (_SHT_SYMTAB, _SHT_DYNSYM)):
+        if sym != name or info & 0xF != _STT_OBJECT or not 0 < shndx < len(sections):
+            continue
+        _, sh_type, _, addr, offset, sh_size, *_ = sections[shndx]
+        start = value - addr
+        if sh_type == _SHT_NOBITS or not 0 <= start <= start + size <= sh_size or \
+                offset + start + size > len(data):
+            raise ValueError(f"symbol {name} lies outside the data of its section")
+        return data[offset + start:offset + start + size]
+    return None
 
 
 def functions(data: bytes) -> set[str]:
     """Names of defined global function symbols (static and dynamic symbol tables)."""
-    return {name for name, info, shndx in _symbols(data, (_SHT_SYMTAB, _SHT_DYNSYM))
+    return {name for name, info, shndx, _, _ in _symbols(data, (_SHT_SYMTAB, _SHT_DYNSYM))
             if info >> 4 == 1 and info & 0xF == 2 and shndx != 0}          # GLOBAL FUNC
 
 
 def undefined(data: bytes) -> dict[str, bool]:
     """Undefined dynamic symbols of a shared object, each with whether it is weak."""
-    return {name: info >> 4 == 2 for name, info, shndx in _symbols(data, (_SHT_DYNSYM,))
+    return {name: info >> 4 == 2 for name, info, shndx, _, _ in _symbols(data, (_SHT_DYNSYM,))
             if shndx == 0 and name}

@@ -11,6 +11,7 @@ import numpy as np
 from . import dtypes as dt
 from . import elf, ir, syntax, reference
 from . import targets as tg
+from .artifact import check_description, describe, read_description
 from .argspec import Canonical, contiguous_strides, parse_key, row_strides
 from .codegen.common import KernelSource
 from .errors import BundleError
@@ -34,7 +35,7 @@ class Report:
     foreign: dict[str, int] = field(default_factory=dict)   # shared objects of other families
 
     def summary(self) -> str:
-        text = (f"ok: {self.root} (id {self.bundle_id[:12]}): {plural(self.artifacts, 'artifact')} "
+        text = (f"ok: {self.root} (id {self.bundle_id}): {plural(self.artifacts, 'artifact')} "
                 f"{_verb(self.artifacts, 'match')} their sha256, "
                 f"{plural(self.symbols, 'kernel symbol')} present, "
                 f"{plural(self.loaded, 'shared object')} loaded")
@@ -85,8 +86,10 @@ def check_schema(manifest: dict) -> dict[str, syntax.Group]:
 _MACHINES = {"x86_64": elf.EM_X86_64, "aarch64": elf.EM_AARCH64}   # ELF e_machine per family
 
 
-def _check_artifact(root: str, rel: str, kernels: list[dict], host: tuple[str, ...]) -> bool:
-    """ELF checks for one artifact; loads it when this host can. Returns whether it loaded."""
+def _check_artifact(root: str, rel: str, kernels: list[dict], host: tuple[str, ...],
+                    groups: dict[str, syntax.Group]) -> ctypes.CDLL | None:
+    """ELF checks for one artifact and its description against the manifest's; loads it when
+    this host can. Returns the loaded library, or None."""
     data = read_artifact(root, rel, kernels[0]["sha256"])
     target = kernels[0]["target"]
     symbols = {k["symbol"] for k in kernels}
@@ -109,15 +112,17 @@ def _check_artifact(root: str, rel: str, kernels: list[dict], host: tuple[str, .
         missing = symbols - elf.functions(data)
     if missing:
         raise BundleError(f"{rel} does not export {', '.join(sorted(missing))}")
+    expected = describe(groups[kernels[0]["group"]], [k["key"] for k in kernels], target)
+    check_description(read_description(data, rel), rel, expected)
     if tg.backend(target) == "cpu" and tg.arch(target) in host:
-        lib = load_verified(root, rel, kernels[0]["sha256"])
+        lib = load_verified(root, rel, kernels[0]["sha256"], expected)
         try:
             for s in symbols:
                 lib[s]
         except AttributeError as e:
             raise BundleError(f"{rel} does not load: {e}") from None
-        return True
-    return False
+        return lib
+    return None
 
 
 ROW_LENGTHS = (37, 300, 0)   # row lengths N reduction kernels are checked at (0: empty rows)
@@ -141,19 +146,21 @@ def _int_range(d: dt.DType) -> tuple[int, int]:
     return max(lo, -1000), min(hi, 1000) + 1
 
 
-def check_numerics(root: str, group: syntax.Group, entry: dict, rng: np.random.Generator) -> None:
-    """Run one CPU kernel on random inputs of its key's layout and compare with the reference;
-    a reduction kernel once per row length of ROW_LENGTHS."""
+def check_numerics(lib: ctypes.CDLL, group: syntax.Group, entry: dict,
+                   rng: np.random.Generator) -> None:
+    """Run one CPU kernel (of `lib`, its loaded shared object) on random inputs of its key's
+    layout and compare with the reference; a reduction kernel once per row length of
+    ROW_LENGTHS."""
     _, descs = parse_key(entry["key"])
     dtypes = {i.name: d for i, (d, _) in zip(group.tensor_inputs, descs)}
     ks = KernelSource(ir.instantiate(group, dtypes), entry["key"])
     sizes = tuple(int(x) for x in rng.integers(2, 7, ks.rank))
     for n_row in ROW_LENGTHS if ks.kernel.reduce else (None,):
-        _check_call(root, group, entry, ks, dtypes,
+        _check_call(lib, group, entry, ks, dtypes,
                     sizes if n_row is None else sizes[:-1] + (n_row,), rng)
 
 
-def _check_call(root: str, group: syntax.Group, entry: dict, ks: KernelSource, dtypes: dict,
+def _check_call(lib: ctypes.CDLL, group: syntax.Group, entry: dict, ks: KernelSource, dtypes: dict,
                 sizes: tuple, rng: np.random.Generator) -> None:
     """One call over canonical `sizes`, split in two at a random index (inside a row of a
     reduction kernel: its row rule, abi.py, computes each row once)."""
@@ -174,7 +181,7 @@ def _check_call(root: str, group: syntax.Group, entry: dict, ks: KernelSource, d
     meta = dispatch.meta_words(call, abi, seed, offset)
     ptrs = np.array([v.__array_interface__["data"][0] for vs in views for v in vs] +
                     [o.ctypes.data for os_ in outs for o in os_], np.int64)
-    fn = load_verified(root, entry["file"], entry["sha256"])[entry["symbol"]]
+    fn = lib[entry["symbol"]]
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     n = dispatch.work_count(call, reduces)
     split = int(rng.integers(0, n + 1))
@@ -206,13 +213,17 @@ def verify(path: str, numerics: bool = False, seed: int = 0, allow_skip: bool = 
     for k in manifest["kernels"]:
         by_file.setdefault(k["file"], []).append(k)
     host = host_isas()
+    libs: dict[str, ctypes.CDLL] = {}
     for rel, kernels in sorted(by_file.items()):
-        report.loaded += _check_artifact(root, rel, kernels, host)
+        lib = _check_artifact(root, rel, kernels, host, groups)
+        if lib is not None:
+            libs[rel] = lib
         report.symbols += len(kernels)
         target = kernels[0]["target"]
         if tg.backend(target) == "cpu" and tg.family(tg.arch(target)) != tg.host_family():
             name = FAMILY_NAMES[tg.family(tg.arch(target))]
             report.foreign[name] = report.foreign.get(name, 0) + 1
+    report.loaded = len(libs)
     if numerics:
         rng = np.random.default_rng(seed)
         for k in manifest["kernels"]:
@@ -220,7 +231,7 @@ def verify(path: str, numerics: bool = False, seed: int = 0, allow_skip: bool = 
             if why:
                 report.skipped[why] = report.skipped.get(why, 0) + 1
             else:
-                check_numerics(root, groups[k["group"]], k, rng)
+                check_numerics(libs[k["file"]], groups[k["group"]], k, rng)
                 report.numerics += 1
         if not report.numerics and not allow_skip:
             raise BundleError(f"{root}: --numerics checked no kernel{report.skip_note()}; run it "

@@ -11,6 +11,7 @@ import sys
 
 import yaml
 
+from fusebuild import runtime
 from fusebuild.cli import main
 from conftest import ROOT
 
@@ -66,7 +67,7 @@ def test_example_workflow_runs(tmp_path):
     values = {"github.workspace": tmp_path, "env.SHARDS": flow["env"]["SHARDS"]}
     env = {**os.environ, **{k: _expand(str(v), values) for k, v in flow["env"].items()},
            "PATH": f"{shim.parent}{os.pathsep}{os.environ['PATH']}"}
-    ran = []
+    ran, printed = [], ""
     for name, job in flow["jobs"].items():
         for shard in job.get("strategy", {}).get("matrix", {}).get("shard", [None]):
             checked_out = installed = False
@@ -87,6 +88,10 @@ def test_example_workflow_runs(tmp_path):
                 if "--json" in script:
                     assert json.loads(r.stdout)["ok"] is True
                 ran.append(script.split()[1])
+                printed += r.stdout
                 assert ran[-1] != "compile" or SMALL_TARGETS in script
     assert ran.count("compile") == int(flow["env"]["SHARDS"]) and "merge" in ran
     assert os.path.isfile(tmp_path / "kernels.tar.gz")
+    bundle_id = runtime.load(str(tmp_path / "kernels.tar.gz")).id
+    assert f"(id {bundle_id})" in printed          # the full id to pin, printed by verify
+    assert runtime.load(str(tmp_path / "kernels.tar.gz"), expect_id=bundle_id).id == bundle_id

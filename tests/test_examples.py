@@ -56,7 +56,7 @@ def test_verify_numerics_checks_reduction_kernels(examples_bundle):
     and refuses a kernel whose group computes something else (eps 0.5 instead of 1e-6)."""
     from fusebuild import syntax, verify
     from fusebuild.errors import BundleError
-    from fusebuild.runtime.cpu import host_isas
+    from fusebuild.runtime.cpu import host_isas, load_verified
     root, manifest = examples_bundle.root, examples_bundle.manifest
     level = f"cpu:{host_isas()[-1]}"
     entries = [k for k in manifest["kernels"] if k["target"] == level
@@ -64,10 +64,13 @@ def test_verify_numerics_checks_reduction_kernels(examples_bundle):
     assert {k["group"] for k in entries} == {gp.group.name for gp in PLAN.groups
                                             if gp.group.reduces}
     rng = np.random.default_rng(3)
+    lib = lambda k: load_verified(root, k["file"], k["sha256"],  # noqa: E731
+                                  examples_bundle.description(k["file"]))
     for k in entries:
-        verify.check_numerics(root, syntax.group_from_json(manifest["groups"][k["group"]]), k, rng)
+        verify.check_numerics(lib(k), syntax.group_from_json(manifest["groups"][k["group"]]), k,
+                              rng)
     (entry,) = [k for k in entries if k["key"] == "rms_norm(f32:cc,f32:bc)"]
     wrong = syntax.group_from_json({**manifest["groups"]["rms_norm"],
                                 "body": "y = rms_norm(x, eps=0.5) * w"})
     with pytest.raises(BundleError, match=r"rms_norm\(f32:cc,f32:bc\) .* output y \(rows of N = "):
-        verify.check_numerics(root, wrong, entry, rng)
+        verify.check_numerics(lib(entry), wrong, entry, rng)

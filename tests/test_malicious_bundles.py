@@ -1,4 +1,4 @@
-"""Malicious bundles, archives, shards and cache entries (issue 10, items 1-6).
+"""Malicious bundles, archives, shards and cache entries (issue 10, items 1-6; issue 19, item 1).
 
 One tiny bundle is built per module; each attack edits a copy (recomputing the manifest id, as an
 attacker can) and must be refused with a BundleError saying why, by the runtime and by the CLI
@@ -14,17 +14,20 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import types
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from fusebuild import build, runtime, spec
+from fusebuild.artifact import read_description
 from fusebuild.bundle import merge_shards, pack
 from fusebuild.cache import Cache, Entry
 from fusebuild.cli import main as cli_main
 from fusebuild.errors import BundleError
 from fusebuild.runtime.manifest import bundle_id, canonical_json, read_manifest
+from fusebuild.verify import verify
 
 SPEC = """fusebuild: 1
 bundle: {name: tiny, version: "1"}
@@ -333,11 +336,13 @@ def test_libraries_loaded_one_after_another_are_each_their_own(tmp_path):
     would hand out the earlier library again under that name."""
     from fusebuild.runtime.cpu import load_verified
     for name in ("first", "second", "third"):
-        (tmp_path / f"{name}.c").write_text(f"int {name}(void) {{ return 1; }}\n")
+        (tmp_path / f"{name}.c").write_text(f"int {name}(void) {{ return 1; }}\n"
+                                             f'const char fusebuild_artifact[{len(name)}] = '
+                                             f'"{name}";\n')
         subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / f"{name}.so"),
                         str(tmp_path / f"{name}.c")], check=True)
         so = str(tmp_path / f"{name}.so")
-        lib = load_verified(str(tmp_path), f"{name}.so", sha(so)["sha256"])
+        lib = load_verified(str(tmp_path), f"{name}.so", sha(so)["sha256"], name.encode())
         assert lib[name]() == 1
 
 
@@ -534,3 +539,221 @@ def test_a_cache_entry_for_other_paths_is_a_miss(tmp_path):
     assert (again.compiled, again.cached) == (1, 0)
     assert again.manifest["id"] == first.manifest["id"]
     assert not (tmp_path / "payload.so").exists()
+
+
+# ---------------------------------------------------------------- issue 19, item 1: artifacts --
+# Each artifact carries the description of what it computes (fusebuild/artifact.py); a manifest
+# edited consistently (group IR, spec_hash, bundle id recomputed) no longer binds it to another
+# group, ABI or ISA level.
+
+DESCRIBED = """fusebuild: 1
+bundle: {name: described, version: "1"}
+targets: [cpu:x86-64-v2, cpu:x86-64-v4]
+groups:
+  - name: halves
+    inputs: {x: tensor}
+    outputs: [y]
+    body: |
+      a, b = chunk(x, 2, dim=-1)
+      y = cat([b, a], dim=-1)
+    matrix: {dtype: [float32], shapes: [{x: [B, 2*N]}]}
+  - name: soft
+    inputs: {x: tensor}
+    outputs: [y]
+    body: 'y = softmax(x)'
+    matrix: {dtype: [float32], shapes: [{x: [B, N]}]}
+  - name: sq
+    inputs: {x: tensor}
+    outputs: [y]
+    body: 'y = x * x'
+    matrix: {dtype: [float32], shapes: [{x: [N]}]}
+    targets: [cpu:x86-64-v2, cpu:x86-64-v4, cuda:sm_80, cuda:sm_90, cuda:compute_90]
+"""
+
+
+@pytest.fixture(scope="module")
+def described_build(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("described")
+    (d / "described.yaml").write_text(DESCRIBED)
+    plan = spec.load_plan([str(d / "described.yaml")])
+    return build.build(plan, str(d / "out"), cache_dir=None, progress=False).path
+
+
+@pytest.fixture
+def described(described_build, tmp_path, monkeypatch) -> str:
+    monkeypatch.setenv("FUSEBUILD_CACHE_DIR", str(tmp_path / "cache"))
+    dst = tmp_path / "b" / "described-1"
+    shutil.copytree(described_build, dst)
+    return str(dst)
+
+
+def _regroup(name: str, body: str):
+    """An edit giving group `name` another body, its JSON and spec_hash recomputed from it."""
+    def edit(m):
+        from fusebuild import syntax
+        group = syntax.group_from_json({**m["groups"][name], "body": body})
+        m["groups"][name] = {**group.to_json(), "spec_hash": group.spec_hash}
+    return edit
+
+
+def _v4_as_v2(root: str) -> None:
+    """sq's x86-64-v4 shared object moved under cpu/x86-64-v2/ (SIGILL on a v2 CPU)."""
+    v2, v4 = "cpu/x86-64-v2/sq.so", "cpu/x86-64-v4/sq.so"
+    os.replace(os.path.join(root, v4), os.path.join(root, v2))
+
+    def edit(m):
+        m["artifacts"][v2] = m["artifacts"].pop(v4)
+        m["kernels"] = [k for k in m["kernels"] if k["file"] != v4]
+        for k in m["kernels"]:
+            if k["file"] == v2:
+                k["sha256"] = m["artifacts"][v2]["sha256"]
+    rewrite(root, edit)
+
+
+EDITED = "the manifest's group was edited"
+ARTIFACT_ATTACKS = {     # attack -> (edit, group called, input shape, message)
+    "cat output to plain": (
+        lambda r: rewrite(r, _regroup("halves", "a, b = chunk(x, 2, dim=-1)\ny = b")),
+        "halves", (4, 16), f"cpu/x86-64-v2/halves.so was built for group IR"),
+    "softmax output to row": (lambda r: rewrite(r, _regroup("soft", "y = logsumexp(x)")),
+                              "soft", (64, 300), EDITED),
+    "x*x to x+x": (lambda r: rewrite(r, _regroup("sq", "y = x + x")), "sq", (8,), EDITED),
+    "v4 code under v2": (_v4_as_v2, "sq", (8,),
+                         "cpu/x86-64-v2/sq.so describes target cpu:x86-64-v4, the manifest says "
+                         "cpu:x86-64-v2"),
+}
+
+
+@pytest.mark.parametrize("attack", ARTIFACT_ATTACKS, ids=str)
+def test_an_artifact_is_bound_to_the_group_abi_and_level_it_was_built_for(described, attack):
+    """Before the fix the first two wrote past their outputs (SIGSEGV, heap corruption), the
+    third returned x*x for x+x and the fourth ran v4 code as v2: each runs in a child process,
+    with FUSEBUILD_CPU_ISA=x86-64-v2 so that the edited v2 file is the one called."""
+    edit, group, shape, message = ARTIFACT_ATTACKS[attack]
+    edit(described)
+    code = f"""
+import numpy as np
+from fusebuild import runtime
+from fusebuild.errors import BundleError
+k = runtime.load({described!r})
+try:
+    y = k.{group}(np.full({shape!r}, 3, np.float32))
+    print("RAN", y.ravel()[:4])
+except BundleError as e:
+    print("REFUSED", e)
+"""
+    env = {**os.environ, "FUSEBUILD_CPU_ISA": "x86-64-v2"}
+    for argv in ([sys.executable, "-c", code],
+                 [sys.executable, "-m", "fusebuild", "verify", described, "--numerics"],
+                 [sys.executable, "-m", "fusebuild", "verify", described]):
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+        out = r.stdout + r.stderr
+        assert message in out and "refused before any call" in out, (argv[1:], out)
+        assert "Traceback" not in out and r.returncode == (0 if "-c" in argv else 1), out
+
+
+def test_the_described_bundle_passes_every_check(described):
+    """The genuine bundle: every artifact's description (.so, cubin, PTX) is the manifest's."""
+    report = verify(described, numerics=True)
+    assert report.artifacts == 9 and report.symbols == 9
+    k = runtime.load(described)
+    np.testing.assert_array_equal(k.sq(np.arange(4, dtype=np.float32)), [0, 1, 4, 9])
+    for rel in k.manifest["artifacts"]:
+        data = open(os.path.join(described, rel), "rb").read()
+        assert read_description(data, rel) == k.description(rel)
+
+
+def _fake_cupy(capability: str, loaded: list):
+    """The device queries and module loading of `CudaKernels`, for an imaginary GPU; `loaded`
+    receives every image handed to the 'driver'."""
+    module = types.SimpleNamespace(load=loaded.append, get_function=lambda name: name)
+    runtime_ = types.SimpleNamespace(driverGetVersion=lambda: 13000,
+                                     getDeviceProperties=lambda i: {"name": b"Imaginary GPU"})
+    return types.SimpleNamespace(cuda=types.SimpleNamespace(
+        Device=lambda i: types.SimpleNamespace(compute_capability=capability),
+        runtime=runtime_, function=types.SimpleNamespace(Module=lambda: module),
+        driver=types.SimpleNamespace(CUDADriverError=RuntimeError)))
+
+
+def _sm90_as_sm80(root: str) -> None:
+    """sq's sm_90 cubin moved under cuda/sm_80/."""
+    old, new = "cuda/sm_90/sq.cubin", "cuda/sm_80/sq.cubin"
+    os.replace(os.path.join(root, old), os.path.join(root, new))
+
+    def edit(m):
+        m["artifacts"][new] = m["artifacts"].pop(old)
+        m["kernels"] = [k for k in m["kernels"] if k["file"] != old]
+        for k in m["kernels"]:
+            if k["file"] == new:
+                k["sha256"] = m["artifacts"][new]["sha256"]
+    rewrite(root, edit)
+
+
+@pytest.mark.parametrize("edit, capability, message, verify_message", [
+    (lambda r: rewrite(r, _regroup("sq", "y = x + x")), "90", EDITED, EDITED),
+    (_sm90_as_sm80, "80", "cuda/sm_80/sq.cubin describes target cuda:sm_90, the manifest says "
+     "cuda:sm_80", "it is for sm_90, not sm_80"),
+], ids=["edited group", "moved arch"])
+def test_a_cubin_is_bound_to_its_group_and_arch(described, monkeypatch, edit, capability,
+                                                message, verify_message):
+    """Checked before the cubin is handed to the driver (a fake cupy: no GPU needed)."""
+    from fusebuild.runtime import cuda
+    edit(described)
+    loaded: list = []
+    monkeypatch.setattr(cuda, "_cupy", lambda: _fake_cupy(capability, loaded))
+    kernels = cuda.CudaKernels(runtime.load(described))
+    with pytest.raises(BundleError, match=message):
+        kernels.find("sq(f32:c)", 0, empty=False)
+    assert loaded == []
+    assert_cli_refuses([["verify", described]], verify_message)
+
+
+def test_a_cubin_of_the_genuine_bundle_is_handed_to_the_driver(described, monkeypatch):
+    from fusebuild.runtime import cuda
+    loaded: list = []
+    monkeypatch.setattr(cuda, "_cupy", lambda: _fake_cupy("90", loaded))
+    kernels = cuda.CudaKernels(runtime.load(described))
+    assert kernels.find("sq(f32:c)", 0, empty=False).function == "fb_sq__f32_c"
+    assert loaded == [open(os.path.join(described, "cuda/sm_90/sq.cubin"), "rb").read()]
+
+
+def test_a_pinned_id_admits_only_its_bundle(described, root, monkeypatch):
+    """runtime.load(path, expect_id=...) and FUSEBUILD_BUNDLE_ID (the argument wins; empty is
+    no pin)."""
+    want = runtime.load(described).id
+    other = runtime.load(root).id
+    assert runtime.load(described, expect_id=want).id == want
+    with pytest.raises(BundleError, match=f"is bundle {other}, but expect_id pins bundle {want}"):
+        runtime.load(root, expect_id=want)
+    monkeypatch.setenv("FUSEBUILD_BUNDLE_ID", want)
+    assert runtime.load(described).id == want
+    with pytest.raises(BundleError, match=f"is bundle {other}, but FUSEBUILD_BUNDLE_ID pins "
+                                          f"bundle {want}"):
+        runtime.load(root)
+    assert runtime.load(root, expect_id=other).id == other
+    archive = pack(described, os.path.join(os.path.dirname(described), "d.tar.gz"))
+    assert runtime.load(archive).id == want
+    monkeypatch.setenv("FUSEBUILD_BUNDLE_ID", "")
+    assert runtime.load(root).id == other
+
+
+def test_a_file_holds_the_kernels_of_one_group(described):
+    def edit(m):                            # sq's v2 kernel said to live in halves.so
+        k = next(k for k in m["kernels"] if k["group"] == "sq" and "v2" in k["target"])
+        k.update(file="cpu/x86-64-v2/halves.so",
+                 sha256=m["artifacts"]["cpu/x86-64-v2/halves.so"]["sha256"])
+    rewrite(described, edit)
+    with pytest.raises(BundleError, match="its file cpu/x86-64-v2/halves.so holds kernels of "
+                                          "group halves"):
+        runtime.load(described)
+
+
+def test_a_cubin_compiled_on_the_fly_describes_itself(described, monkeypatch):
+    """on_miss="jit" on the CUDA path: NVRTC in a child process, then the same check."""
+    from fusebuild.runtime import cuda
+    loaded: list = []
+    monkeypatch.setattr(cuda, "_cupy", lambda: _fake_cupy("90", loaded))
+    kernels = cuda.CudaKernels(runtime.load(described, on_miss="jit"))
+    found = kernels.find("sq(f64:c)", 0, empty=False)
+    assert found.entry["target"] == "cuda:sm_90" and len(loaded) == 1
+    assert read_description(loaded[0], "jit") == kernels.bundle.description(found.entry["file"])

@@ -8,6 +8,7 @@ import platform
 import threading
 import warnings
 
+from ..artifact import check_description, read_description
 from ..errors import BundleError
 from .manifest import kernel_file, read_artifact
 
@@ -139,11 +140,13 @@ class Libraries:
         self.root, self.artifacts = root, artifacts
         self._libs: dict[str, ctypes.CDLL] = {}
 
-    def function(self, rel: str, sha256: str, symbol: str):
+    def function(self, rel: str, sha256: str, symbol: str, expected: bytes):
+        """Kernel `symbol` of shared object `rel`, which must describe itself as `expected`
+        (`artifact.describe` of its manifest kernels)."""
         lib = self._libs.get(rel)
         if lib is None:
             where, name, size = kernel_file(self.root, self.artifacts, rel)
-            lib = load_verified(where, name, sha256, size)
+            lib = load_verified(where, name, sha256, expected, size)
             self._libs[rel] = lib
         try:
             fn = getattr(lib, symbol)
@@ -155,31 +158,38 @@ class Libraries:
         return fn
 
 
-_LOADED: dict[str, ctypes.CDLL] = {}      # by sha256: the same bytes are loaded once
+_LOADED: dict[str, tuple[ctypes.CDLL, bytes]] = {}  # by sha256: the same bytes are loaded once
 _LOADED_LOCK = threading.Lock()
 
 
-def load_verified(root: str, rel: str, sha256: str, size: int | None = None) -> ctypes.CDLL:
-    """dlopen the shared object `root/rel` from the very bytes checked against `sha256`: they
-    are read once, hashed, copied into a sealed memfd and loaded from it, so a file replaced
-    after the check (or after `load()`) is refused, never run.
+def load_verified(root: str, rel: str, sha256: str, expected: bytes,
+                  size: int | None = None) -> ctypes.CDLL:
+    """dlopen the shared object `root/rel` from the very bytes checked against `sha256` and the
+    description `expected` (`artifact.check_description`; checked for every caller, as bytes
+    loaded for one manifest may be asked for by another): they are read once, hashed, copied
+    into a sealed memfd and loaded from it, so a file replaced after the check (or after
+    `load()`) is refused, never run.
 
     The memfd stays open for the life of the process: the dynamic loader knows the library by
     the name /proc/self/fd/N, and would hand it out again for a later file opened as fd N."""
     with _LOADED_LOCK:
-        lib = _LOADED.get(sha256)
-        if lib is None:
-            data = read_artifact(root, rel, sha256, size)
-            fd = os.memfd_create(f"fusebuild:{os.path.basename(rel)}",
-                                 os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-            try:
-                with open(fd, "wb", closefd=False) as f:
-                    f.write(data)
-                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW |
-                            fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
-                lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
-            except OSError as e:
-                os.close(fd)
-                raise BundleError(f"cannot load {rel}: {e}") from None
-            _LOADED[sha256] = lib
+        loaded = _LOADED.get(sha256)
+        if loaded is not None:
+            check_description(loaded[1], rel, expected)
+            return loaded[0]
+        data = read_artifact(root, rel, sha256, size)
+        found = read_description(data, rel)
+        check_description(found, rel, expected)
+        fd = os.memfd_create(f"fusebuild:{os.path.basename(rel)}",
+                             os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            with open(fd, "wb", closefd=False) as f:
+                f.write(data)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW |
+                        fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+            lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
+        except OSError as e:
+            os.close(fd)
+            raise BundleError(f"cannot load {rel}: {e}") from None
+        _LOADED[sha256] = lib, found
     return lib

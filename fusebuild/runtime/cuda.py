@@ -31,6 +31,7 @@ import numpy as np
 from .. import dtypes as dt
 from ..abi import Abi
 from ..argspec import Canonical, contiguous_strides, parse_key
+from ..artifact import check_description, read_description
 from ..text import plural
 from ..errors import ArgumentError, BundleError, KernelNotFound
 from . import dispatch
@@ -427,6 +428,7 @@ class CudaKernels:
             entry = self._entries.get(key, {}).get(target)
             if entry is None:
                 entry = self.bundle.compile_missing(key, target)
+                self.bundle.add_compiled(entry)
                 self._entries.setdefault(key, {})[target] = entry
         return self._kernel(cp, key, entry, device, key, empty)
 
@@ -452,6 +454,8 @@ class CudaKernels:
                 where, name, size = kernel_file(self.bundle.root,
                                                 self.bundle.manifest["artifacts"], entry["file"])
                 image = read_artifact(where, name, entry["sha256"], size)
+                check_description(read_description(image, entry["file"]), entry["file"],
+                                  self.bundle.description(entry["file"]))
                 module = cp.cuda.function.Module()
                 try:
                     module.load(image + b"\0" if entry["file"].endswith(".ptx") else image)

@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import dtypes as dt
 from ..abi import Abi
+from ..artifact import describe
 from ..argspec import contiguous_strides, parse_key
 from ..errors import ArgumentError, BundleError, KernelNotFound
 from ..text import plural
@@ -25,6 +26,7 @@ from .manifest import (KernelEntry, group_ir, kernel_entries, output_dtypes, rea
                        verify_artifacts)
 
 ON_MISS = ("error", "jit")
+ID_ENV = "FUSEBUILD_BUNDLE_ID"     # pins the id of the bundles runtime.load accepts
 _MAX_PLANS = 4096          # memoized call plans per group; cleared beyond this
 
 
@@ -37,6 +39,8 @@ class Bundle:
         self.root, self.manifest, self.on_miss = root, manifest, on_miss
         self.name, self.version, self.id = manifest["name"], manifest["version"], manifest["id"]
         self._index: dict[str, dict[str, KernelEntry]] = {}
+        self._files: dict[str, list[KernelEntry]] = {}       # the kernels of each artifact
+        self._descriptions: dict[str, bytes] = {}
         self._by_dtypes: dict[tuple, list[tuple[tuple[str, ...], str]]] = {}
         for e in kernel_entries(manifest):
             self._add(e, sort=False)
@@ -58,6 +62,7 @@ class Bundle:
                 setattr(self, name, caller)
 
     def _add(self, e: KernelEntry, sort: bool = True) -> None:
+        self._files.setdefault(e.file, []).append(e)
         if e.key not in self._index:
             group, descs = parse_key(e.key)
             cands = self._by_dtypes.setdefault((group, tuple(d for d, _ in descs)), [])
@@ -98,6 +103,17 @@ class Bundle:
         if group not in self._groups_ir:
             self._groups_ir[group] = group_ir(self.manifest["groups"][group])
         return self._groups_ir[group]
+
+    def description(self, rel: str) -> bytes:
+        """The description artifact `rel` must embed: `artifact.describe` of the manifest's
+        kernels in it, from their group's IR (checked against the group's JSON)."""
+        found = self._descriptions.get(rel)
+        if found is None:
+            kernels = self._files[rel]
+            found = describe(self.group_ir(kernels[0].group), [e.key for e in kernels],
+                             kernels[0].target)
+            self._descriptions[rel] = found
+        return found
 
     def torch_library(self, namespace: str):
         """Register every group as the torch custom op `torch.ops.<namespace>.<group>`, with a
@@ -301,12 +317,16 @@ class Bundle:
         with self._jit_lock:
             if key in self._resolved:
                 return self._resolved[key]
-            e = self.compile_missing(key, self._cpu_targets[0])
-            entry = KernelEntry(e["key"], e["group"], e["target"], e["file"], e["symbol"],
-                                e["sha256"], tuple(e["outputs"]))
-            self._add(entry)
+            entry = self.add_compiled(self.compile_missing(key, self._cpu_targets[0]))
             self._resolved[key] = entry
             return entry
+
+    def add_compiled(self, e: dict) -> KernelEntry:
+        """Index the entry of a kernel compiled on the fly (`compile_missing`)."""
+        entry = KernelEntry(e["key"], e["group"], e["target"], e["file"], e["symbol"],
+                            e["sha256"], tuple(e["outputs"]))
+        self._add(entry)
+        return entry
 
 
 _LOGGED: set[tuple] = set()      # (log, bundle id, key, target) appended by this process
@@ -533,7 +553,8 @@ class GroupCaller(Caller):
                 step = shape[axis] // cat[0] * contiguous_strides(shape)[axis] * d.itemsize
             out_ptrs += [(o, k * step) for k in range(abi.parts[o])]
         meta = dispatch.meta_words(call, abi, 0, 0)     # (an empty call never launches)
-        fn = n and self.bundle._libs.function(entry.file, entry.sha256, entry.symbol)
+        fn = n and self.bundle._libs.function(entry.file, entry.sha256, entry.symbol,
+                                              self.bundle.description(entry.file))
         plan = _Plan(entry, fn, n, in_ptrs, outs, tuple(out_ptrs),
                      ctypes.c_int64 * max(1, abi.n_ptrs),
                      (ctypes.c_int64 * max(1, abi.n_meta))(*meta.tolist()),
@@ -591,20 +612,27 @@ def _on_cuda(info: dispatch.GroupInfo, args: tuple) -> bool:
                for (_, kind, _), a in zip(info.params, args))
 
 
-def load(path: str, on_miss: str = "error") -> Bundle:
+def load(path: str, on_miss: str = "error", expect_id: str | None = None) -> Bundle:
     """Open a bundle directory or packed .tar.gz: check its manifest (`check_manifest`) and every
     artifact's size and sha256, index its kernels. Archives are extracted once per bundle id
     into the cache directory. Shared objects and cubins are hashed again from the bytes that are
-    then loaded (at a kernel's first call), so a file changed after this check is refused.
+    then loaded (at a kernel's first call), so a file changed after this check is refused, and
+    their embedded descriptions are checked against the manifest (`artifact.describe`).
 
+    expect_id (else a non-empty FUSEBUILD_BUNDLE_ID) pins the bundle: any other id is refused.
     on_miss="jit" compiles kernels missing from the bundle on first use (needs the build
     extras); every miss is appended to the JSON-lines file FUSEBUILD_MISS_LOG names, if set.
     """
+    pinned, source = (expect_id, "expect_id") if expect_id else (os.environ.get(ID_ENV), ID_ENV)
+    root = path
     if os.path.isfile(path) and path.endswith((".tar.gz", ".tgz")):
         from .archive import extract
-        path = extract(path)
-    root = os.path.abspath(path)
+        root = extract(path)
+    root = os.path.abspath(root)
     manifest = read_manifest(root)
+    if pinned and manifest["id"] != pinned:
+        raise BundleError(f"{path} is bundle {manifest['id']}, but {source} pins bundle {pinned}: "
+                          "refused")
     verify_artifacts(root, manifest)
     return Bundle(root, manifest, on_miss)
 

@@ -251,8 +251,11 @@ def _check_structure(m: dict) -> None:
             if not isinstance(o["name"], str) or not _dtype_or_none(o["dtype"]) or \
                     not _pair_or_none(o["cat"]) or not isinstance(o.get("row", False), bool):
                 raise ValueError(f"group {name!r} has a malformed output")
+    owners: dict[str, str] = {}           # file -> the group of its kernels
     for k in m["kernels"]:
         defect = _kernel_defect(k, artifacts, groups, tensors)
+        if not defect and owners.setdefault(k["file"], k["group"]) != k["group"]:
+            defect = f"its file {k['file']} holds kernels of group {owners[k['file']]}"
         if defect:
             raise BundleError(f"kernel {k['key']} [{k['target']}]: {defect}")
 

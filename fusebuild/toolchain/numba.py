@@ -23,6 +23,7 @@ from functools import lru_cache
 
 from ..errors import ToolchainError
 from .. import elf
+from ..abi import ARTIFACT_SYMBOL
 from ..runtime.cpu import FAMILY_OF
 from . import lld
 
@@ -237,9 +238,17 @@ def _link_cc(obj: bytes, soname: str) -> bytes:
             return f.read()
 
 
-def compile_shared_objects(source: str, entries: dict[str, str], isas: tuple[str, ...],
+def _data_global(data: bytes) -> str:
+    """LLVM IR defining ARTIFACT_SYMBOL as an exported constant holding `data`."""
+    text = "".join(f"\\{b:02X}" for b in data)
+    return f'@{ARTIFACT_SYMBOL} = constant [{len(data)} x i8] c"{text}", align 1\n'
+
+
+def compile_shared_objects(source: str, entries: dict[str, str], embeds: dict[str, bytes],
                            soname: str, filename: str = "<fusebuild>") -> dict[str, bytes]:
-    """numba source -> {isa: .so bytes}; the numba step runs once for all ISA levels, of every
-    architecture family."""
+    """numba source -> {isa: .so bytes} for the ISA levels of `embeds`, each .so exporting its
+    level's bytes there as the data object ARTIFACT_SYMBOL; the numba step runs once for all
+    ISA levels, of every architecture family."""
     llvm_ir = source_to_llvm(source, entries, filename)
-    return {isa: link_shared(llvm_to_object(llvm_ir, isa), soname, isa) for isa in isas}
+    return {isa: link_shared(llvm_to_object(llvm_ir + _data_global(data), isa),
+                             soname, isa) for isa, data in embeds.items()}

@@ -15,6 +15,7 @@ import re
 from functools import lru_cache
 
 from .. import elf
+from ..abi import ARTIFACT_SYMBOL
 from ..errors import ToolchainError
 
 _TARGET = re.compile(r"^cuda:(sm|compute)_(\d{2,3})(a?)$")
@@ -100,11 +101,22 @@ def _output(prog: ctypes.c_void_p, what: str) -> bytes:
     return buf.raw
 
 
-def compile_cuda(source: str, target: str, name: str) -> bytes:
+def _data_array(data: bytes) -> str:
+    """CUDA C++ defining the device array ARTIFACT_SYMBOL (extern "C": unmangled) holding
+    `data`."""
+    values = ",".join(str(b) for b in data)
+    return (f'\nextern "C" __device__ const unsigned char {ARTIFACT_SYMBOL}[{len(data)}] = '
+            f'{{{values}}};\n')
+
+
+def compile_cuda(source: str, target: str, name: str, embed: bytes = b"") -> bytes:
     """Compile `source` (module of group `name`) for `target`: cubin bytes, or PTX text bytes
-    for compute_XY. ToolchainError carries the NVRTC log and the offending source lines, or
-    what is wrong with a malformed cubin."""
+    for compute_XY; a non-empty `embed` is defined as the device array ARTIFACT_SYMBOL.
+    ToolchainError carries the NVRTC log and the offending source lines, or what is wrong with a
+    malformed cubin."""
     option, ptx = _arch_option(target)
+    if embed:
+        source += _data_array(embed)
     prog = ctypes.c_void_p()
     _call("nvrtcCreateProgram", ctypes.byref(prog), source.encode(), f"{name}.cu".encode(), 0,
           None, None)

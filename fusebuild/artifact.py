@@ -1,0 +1,108 @@
+"""Self-describing artifacts (DESIGN §14): what each .so, cubin or PTX module computes.
+
+The build embeds in every artifact, as the data object `abi.ARTIFACT_SYMBOL`, the canonical JSON
+`describe` makes of its group's IR, keys and target: the group's name and IR hash (spec_hash),
+the target level and, per kernel, its key, symbol and ABI shape (pointer and meta word counts,
+chunks, cat parts, output dtypes and row outputs). `load` and `verify` recompute it from the
+manifest (`describe` again, on the manifest's group IR) and compare it with the bytes of the
+artifact before any kernel of it runs, so an edited manifest cannot hand a kernel buffers or an
+ISA level it was not built for. The description is read statically (ELF symbol, PTX initializer),
+never by running the artifact. Used by the build and the runtime: imports no compiler.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+from typing import Iterable
+
+from . import elf
+from .abi import ARTIFACT_SYMBOL
+from .argspec import parse_key
+from .errors import BundleError, SpecError
+
+FORMAT = 1          # of the description
+_PTX = re.compile(rb"\.global\s+\.align\s+1\s+\.b8\s+" + ARTIFACT_SYMBOL.encode() +
+                  rb"\[(\d+)\]\s*=\s*\{([\d,\s]*)\};")
+
+
+def describe(group, keys: Iterable[str], target: str) -> bytes:
+    """The description of the artifact holding kernels `keys` of `group` (a `syntax.Group`) for
+    `target`; a pure function of them (no paths, times or host)."""
+    from . import ir
+    from .codegen.common import KernelSource
+    from .runtime.manifest import canonical_json
+    names = [i.name for i in group.tensor_inputs]
+    kernels = []
+    for key in sorted(keys):
+        try:
+            ks = KernelSource(ir.instantiate(group, dict(zip(names, (d for d, _ in
+                                                                     parse_key(key)[1])))), key)
+        except SpecError as e:
+            raise BundleError(f"kernel {key}: group {group.name} does not type-check for its "
+                              f"dtypes: {e}") from None
+        abi = ks.abi
+        kernels.append({"key": key, "symbol": ks.symbol, "pointers": abi.n_ptrs,
+                        "meta": abi.n_meta, "chunks": list(abi.chunks), "parts": list(abi.parts),
+                        "outputs": [{"dtype": o.dtype.name, "row": o.row}
+                                    for o in ks.kernel.outputs]})
+    body = {"format": FORMAT, "group": group.name, "ir": group.spec_hash, "target": target,
+            "kernels": kernels}
+    return canonical_json(body).encode()
+
+
+def read_description(data: bytes, rel: str) -> bytes:
+    """The description embedded in the bytes `data` of artifact `rel` (an ELF shared object or
+    cubin, or PTX text); BundleError if it has none."""
+    try:
+        if data[:4] == b"\x7fELF":
+            found = elf.object_bytes(data, ARTIFACT_SYMBOL)
+        else:
+            m = _PTX.search(data)
+            values = m.group(2).split(b",") if m else []
+            found = bytes(int(v) for v in values) if m and len(values) == int(m.group(1)) \
+                else None
+    except (ValueError, IndexError, UnicodeDecodeError, struct.error) as e:
+        raise BundleError(f"{rel}: its description ({ARTIFACT_SYMBOL}) cannot be read: "
+                          f"{e}") from None
+    if found is None:
+        raise BundleError(f"{rel} carries no description ({ARTIFACT_SYMBOL}): it was not built "
+                          "by this fusebuild; rebuild the bundle")
+    return found
+
+
+def check_description(found: bytes, rel: str, expected: bytes) -> None:
+    """Refuse artifact `rel`, which embeds the description `found`, unless that is `expected`,
+    the one the manifest implies; the BundleError says what differs."""
+    if found != expected:
+        raise BundleError(f"{rel} {_difference(found, expected)}: refused before any call")
+
+
+def _difference(found: bytes, expected: bytes) -> str:
+    """What differs between an artifact's description and the manifest's, in words."""
+    try:
+        got = json.loads(found)
+        want = json.loads(expected)
+        got_keys = [k["key"] for k in got["kernels"]]
+    except (ValueError, TypeError, KeyError):
+        return f"carries an unreadable description ({ARTIFACT_SYMBOL})"
+    if got.get("format") != want["format"]:
+        return (f"carries a description of format {got.get('format')!r}, this fusebuild writes "
+                f"{want['format']}: rebuild the bundle")
+    if got.get("target") != want["target"]:
+        return (f"describes target {got.get('target')}, the manifest says {want['target']}: the "
+                "artifact was moved or the manifest edited")
+    if got.get("group") != want["group"]:
+        return f"holds group {got.get('group')}, the manifest says {want['group']}"
+    if got.get("ir") != want["ir"]:
+        return (f"was built for group IR {str(got.get('ir'))[:12]} but the manifest's group "
+                f"{want['group']} has {want['ir'][:12]}: the manifest's group was edited")
+    want_keys = [k["key"] for k in want["kernels"]]
+    if got_keys != want_keys:
+        return (f"holds kernels {', '.join(got_keys)} where the manifest lists "
+                f"{', '.join(want_keys)}")
+    for g, w in zip(got["kernels"], want["kernels"]):
+        if g != w:
+            return (f"kernel {w['key']} has the ABI {json.dumps(g, sort_keys=True)} where the "
+                    f"manifest's group implies {json.dumps(w, sort_keys=True)}")
+    return "carries a description that differs from the manifest's"
