@@ -614,7 +614,7 @@ EDITED = "the manifest's group was edited"
 ARTIFACT_ATTACKS = {     # attack -> (edit, group called, input shape, message)
     "cat output to plain": (
         lambda r: rewrite(r, _regroup("halves", "a, b = chunk(x, 2, dim=-1)\ny = b")),
-        "halves", (4, 16), f"cpu/x86-64-v2/halves.so was built for group IR"),
+        "halves", (4, 16), "cpu/x86-64-v2/halves.so was built for group IR"),
     "softmax output to row": (lambda r: rewrite(r, _regroup("soft", "y = logsumexp(x)")),
                               "soft", (64, 300), EDITED),
     "x*x to x+x": (lambda r: rewrite(r, _regroup("sq", "y = x + x")), "sq", (8,), EDITED),
