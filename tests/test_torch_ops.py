@@ -1,5 +1,5 @@
 """Bundles as torch custom ops (DESIGN §9): schemas, fake kernels, opcheck, autograd through
-hand-written `<group>__grad` groups, torch.compile, import hygiene. Oracles: torch's own ops and
+the backward groups `grad:` derives, torch.compile, import hygiene. Oracles: torch's own ops and
 autograd of the same expression, torch.autograd.gradcheck on float64."""
 from __future__ import annotations
 
@@ -27,94 +27,48 @@ groups:
     doc: gelu(x + bias) * alpha, a broadcast bias and a scalar
     inputs: {x: tensor, bias: tensor, alpha: scalar(float32)}
     outputs: [y]
+    grad: [x, bias]
     body: |
       y = gelu(x + bias) * alpha
     matrix: {dtype: [float32, float64, bfloat16], shapes: [{x: [B, C], bias: [C]}]}
 
-  - name: bias_gelu_scale__grad
-    inputs: {x: tensor, bias: tensor, alpha: scalar(float32), grad_y: tensor}
-    outputs: [grad_x, grad_bias]
-    body: |
-      u = x + bias
-      d = grad_y * alpha * (0.5 * (1 + erf(u * 0.7071067811865476))
-                            + u * exp(-0.5 * u * u) * 0.3989422804014327)
-      grad_x = d
-      grad_bias = d
-    matrix:
-      dtype: [float32, float64, bfloat16]
-      shapes: [{x: [B, C], bias: [C], grad_y: [B, C]}]
-
   - name: two_out
     inputs: {a: tensor, b: tensor}
     outputs: [s, p]
+    grad: [a, b]
     body: |
       s = a + b
       p = a * tanh(b)
     matrix: {dtype: [float32, float64], shapes: [{a: [N], b: [N]}]}
 
-  - name: two_out__grad
-    inputs: {a: tensor, b: tensor, grad_s: tensor, grad_p: tensor}
-    outputs: [grad_a, grad_b]
-    body: |
-      t = tanh(b)
-      grad_a = grad_s + grad_p * t
-      grad_b = grad_s + grad_p * a * (1 - t * t)
-    matrix: {dtype: [float32, float64], shapes: [{a: [N], b: [N], grad_s: [N], grad_p: [N]}]}
-
   - name: rotate
     doc: rotary embedding of the two halves of x
     inputs: {x: tensor, cos: tensor, sin: tensor}
     outputs: [y]
+    grad: [x, cos]
     body: |
       x1, x2 = chunk(x, 2, dim=-1)
       y = cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     matrix: {dtype: [float32, float64], shapes: [{x: [T, 2*D], cos: [T, D], sin: [T, D]}]}
 
-  - name: rotate__grad
-    inputs: {x: tensor, cos: tensor, sin: tensor, grad_y: tensor}
-    outputs: [grad_x, grad_cos]
-    body: |
-      x1, x2 = chunk(x, 2, dim=-1)
-      g1, g2 = chunk(grad_y, 2, dim=-1)
-      grad_x = cat([g1 * cos + g2 * sin, g2 * cos - g1 * sin], dim=-1)
-      grad_cos = g1 * x1 + g2 * x2
-    matrix:
-      dtype: [float32, float64]
-      shapes: [{x: [T, 2*D], cos: [T, D], sin: [T, D], grad_y: [T, 2*D]}]
-
   - name: dropout_add
     doc: inverted dropout of x plus a residual
     inputs: {x: tensor, res: tensor, p: scalar(float32)}
     outputs: [y]
+    grad: [x, res]
     body: |
       y = where(rand_like(x) >= p, x / (1 - p), 0.0) + res
     matrix: {dtype: [float32, float64], shapes: [{x: [N], res: [N]}]}
-
-  - name: dropout_add__grad
-    inputs: {x: tensor, res: tensor, p: scalar(float32), grad_y: tensor}
-    outputs: [grad_x, grad_res]
-    body: |
-      grad_x = where(rand_like(x) >= p, grad_y / (1 - p), 0.0)
-      grad_res = grad_y
-    matrix: {dtype: [float32, float64], shapes: [{x: [N], res: [N], grad_y: [N]}]}
 
   - name: absmax_norm
     doc: x over its row's largest magnitude, and that magnitude (a row output)
     inputs: {x: tensor}
     outputs: [y, s]
+    grad: [x]
     body: |
       s = amax(abs(x), dim=-1)
       y = x / s
     matrix: {dtype: [float32, float64], shapes: [{x: [B, N]}]}
-
-  - name: absmax_norm__grad
-    inputs: {x: tensor, grad_y: tensor, grad_s: tensor}
-    outputs: [grad_x]
-    body: |
-      s = amax(abs(x), dim=-1)
-      top = where(abs(x) == s, sign(x), 0.0)
-      grad_x = grad_y / s + top * (grad_s - sum(grad_y * x, dim=-1) / (s * s))
-    matrix: {dtype: [float32, float64], shapes: [{x: [B, N], grad_y: [B, N], grad_s: [B, 1]}]}
 
   - name: count_pos
     doc: no backward; int and bool scalars, a bool output
