@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fusebuild import build, runtime, spec
-from fusebuild.errors import UsageError
+from fusebuild.errors import ArgumentError, GradientError, UsageError
 from fusebuild.runtime.cpu import host_isas
 from fusebuild.runtime.torch_ops import _detaching, schema
 from conftest import ROOT, SPECS, concrete, make_args
@@ -311,6 +311,81 @@ def test_double_backward_is_refused(ops):
         gx.sum().backward()
 
 
+def test_backward_of_a_group_without_grad_names_the_spec_line_to_add(ops):
+    x = randn(6, grad=True)
+    m, z = ops.count_pos(x, 3, True)
+    assert not m.requires_grad and z.requires_grad
+    with pytest.raises(GradientError, match=r"input 'x' of count_pos requires grad, but group "
+                                            r"'count_pos' has no `grad:`.*add `grad: \[x\]` to "
+                                            r"group 'count_pos'"):
+        z.sum().backward()
+    ops.count_pos(randn(6), 3, True)[1].sum()        # no input requires grad: nothing to refuse
+
+
+def test_gradient_of_an_input_grad_does_not_list_is_refused(ops):
+    x, cos = randn(3, 8, grad=True), randn(3, 4, grad=True, seed=1)
+    sin = randn(3, 4, grad=True, seed=2)
+    with pytest.raises(GradientError, match=r"input 'sin' of rotate requires grad, but its "
+                                            r"spec's `grad: \[x, cos\]` does not list 'sin': "
+                                            r"make it `grad: \[x, cos, sin\]`"):
+        ops.rotate(x, cos, sin).sum().backward()
+    ops.rotate(x, cos, sin.detach()).sum().backward()       # the listed inputs alone: fine
+    assert x.grad is not None and cos.grad is not None
+
+
+def test_direct_call_on_tensors_requiring_grad_is_refused_with_a_hint(ops):
+    b = ops._bundle
+    x, bias = randn(5, 6, grad=True), randn(6, seed=1)
+    for _ in range(2):       # a first call, then one the C fast path knows the layout of
+        b.bias_gelu_scale(x.detach(), bias, 0.5)
+        with pytest.raises(ArgumentError, match=r"input 'x' of bias_gelu_scale requires grad, "
+                                                r"but a direct bundle call is invisible to "
+                                                r"autograd.*torch_library"):
+            b.bias_gelu_scale(x, bias, 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(b.bias_gelu_scale(x, bias, 0.5),
+                                   F.gelu(x + bias) * 0.5, rtol=1e-5, atol=1e-6)
+
+
+def test_inputs_on_different_devices_are_refused(ops):
+    with pytest.raises(ArgumentError, match=r"bias_gelu_scale: tensor inputs are on different "
+                                            r"devices \(x on cpu, bias on meta\)"):
+        ops.bias_gelu_scale(randn(5, 6), torch.empty(6, device="meta"), 0.5)
+
+
+@pytest.mark.parametrize("name,args", [
+    ("rotate", (randn(3, 7), randn(3, 3), randn(3, 3))),                     # chunk of 7
+    ("bias_gelu_scale", (randn(5, 6), randn(5), 0.5)),                        # no broadcast
+    ("bias_gelu_scale", (randn(5, 6).to(torch.complex64), randn(6), 0.5)),   # dtype
+    ("count_pos", (randn(5), 2 ** 40, True)),                                 # int32 scalar
+], ids=["chunk", "broadcast", "dtype", "scalar"])
+def test_fake_kernels_refuse_what_the_real_ones_refuse(ops, name, args):
+    with pytest.raises(ArgumentError) as real:
+        getattr(ops, name)(*args)
+    with FakeTensorMode() as mode, pytest.raises(ArgumentError) as fake:
+        getattr(ops, name)(*(mode.from_tensor(a) if torch.is_tensor(a) else a for a in args))
+    assert str(fake.value) == str(real.value)
+
+
+def test_seeds_of_the_upper_half_reach_the_kernels_as_twos_complement(ops):
+    x, res = randn(64), randn(64, seed=1)
+    want = ops._bundle.dropout_add(x.numpy(), res.numpy(), 0.5, seed=2 ** 64 - 1,
+                                   offset=2 ** 63 + 3)
+    got = ops.dropout_add(x, res, 0.5, seed=-1, offset=2 ** 63 + 3 - 2 ** 64)
+    assert np.array_equal(got.numpy(), want)
+    assert not np.array_equal(ops.dropout_add(x, res, 0.5, seed=2 ** 63 - 1).numpy(), want)
+
+
+def test_scalars_by_name_on_the_torch_op_and_the_direct_call(ops):
+    b = ops._bundle
+    x, bias = randn(5, 6), randn(6, seed=1)
+    want = b.bias_gelu_scale(x, bias, 0.75)
+    for got in (ops.bias_gelu_scale(x, bias, alpha=0.75), b.bias_gelu_scale(x, bias, alpha=0.75),
+                b.bias_gelu_scale(alpha=0.75, bias=bias, x=x)):
+        assert torch.equal(got, want)
+    assert b.bias_gelu_scale.key(x, bias=bias, alpha=1.0) == "bias_gelu_scale(f32:cc,f32:bc)"
+
+
 def test_compile_fullgraph_matches_eager(ops):
     def f(x, bias, cos, sin, res):
         h = ops.bias_gelu_scale(x, bias, 0.5)
@@ -396,8 +471,10 @@ def test_examples_register_and_pass_opcheck(examples_bundle):
         args, kwargs = example_args(plan[name])
         has_grad = name + "__grad" in examples_bundle.groups
         if has_grad:
-            args = tuple(a.requires_grad_() if torch.is_tensor(a) and a.is_floating_point()
-                         else a for a in args)
+            bwd = examples_bundle[name + "__grad"].info      # the inputs grad: lists
+            listed = {o[len("grad_"):] for o, _ in bwd.outputs} | {i for i, _ in bwd.grad_alias}
+            args = tuple(a.requires_grad_() if n in listed else a
+                         for (n, _, _), a in zip(examples_bundle[name].info.params, args))
         torch.library.opcheck(getattr(ops, name), args, kwargs)
         if has_grad:
             torch.library.opcheck(getattr(ops, name + "__grad"), *grad_case(ops, name, args, kwargs))
