@@ -130,7 +130,7 @@ def _bad_calls():
         (*gelu, {"args": (x, b, b)}, ArgumentError, r"takes 2 arguments \(3 given\)"),
         (*gelu, {"beta": b}, TypeError, "unexpected keyword argument 'beta'"),
         (*gelu, {"bias": b}, TypeError, "multiple values for argument 'bias'"),
-        (*gelu, {"args": (x,), "b": b, "x": x}, TypeError, "multiple values for argument 'x'"),
+        (*gelu, {"args": (x,), "bias": b, "x": x}, TypeError, "multiple values for argument 'x'"),
         (*drop, {"args": (x, x, x), "q": 0.1}, TypeError, "unexpected keyword argument 'q'"),
         (*drop, {"args": (x, x, x)}, TypeError, r"takes 4 arguments \(3 given\)"),
         (*drop, {"args": (x, x), "p": 0.1}, TypeError, r"missing argument 'residual'"),
