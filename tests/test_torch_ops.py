@@ -70,6 +70,15 @@ groups:
       y = x / s
     matrix: {dtype: [float32, float64], shapes: [{x: [B, N]}]}
 
+  - name: select
+    doc: a float input that only selects (no differentiable path); only x in grad
+    inputs: {x: tensor, mask: tensor}
+    outputs: [y]
+    grad: [x]
+    body: |
+      y = where(mask > 0, x * 2, 0.0)
+    matrix: {dtype: [float32], shapes: [{x: [N], mask: [N]}]}
+
   - name: count_pos
     doc: no backward; int and bool scalars, a bool output
     inputs: {x: tensor, k: scalar(int32), flip: scalar(bool)}
@@ -139,9 +148,9 @@ def test_schemas_and_the_ops_object(ops, bundle_path):
         assert getattr(ops, name) is getattr(torch.ops.fbtest, name)
         assert str(getattr(ops, name).default._schema) == f"{NS}::{schema(b[name].info)}"
     assert set(dir(ops)) >= set(b.groups)
-    assert repr(ops).startswith(f"<fusebuild torch ops torch.ops.{NS}: 11 ops of bundle "
+    assert repr(ops).startswith(f"<fusebuild torch ops torch.ops.{NS}: 13 ops of bundle "
                                 "torchops-0.1.0 ")
-    assert "autograd for absmax_norm, bias_gelu_scale, dropout_add, rotate, two_out>" in repr(ops)
+    assert "autograd for absmax_norm, bias_gelu_scale, dropout_add, rotate, select, two_out>" in repr(ops)
     assert b.torch_library(NS) is ops
     assert runtime.load(bundle_path).torch_library(NS) is ops      # the same bundle id
     with pytest.raises(AttributeError, match="no op 'nope' of this bundle; ops: absmax_norm"):
@@ -331,6 +340,9 @@ def test_gradient_of_an_input_grad_does_not_list_is_refused(ops):
         ops.rotate(x, cos, sin).sum().backward()
     ops.rotate(x, cos, sin.detach()).sum().backward()       # the listed inputs alone: fine
     assert x.grad is not None and cos.grad is not None
+    x, mask = randn(6, grad=True), randn(6, grad=True, seed=1)
+    ops.select(x, mask).sum().backward()     # mask has no gradient path: None, as in torch
+    assert mask.grad is None and torch.equal(x.grad, torch.where(mask > 0, 2.0, 0.0))
 
 
 def test_direct_call_on_tensors_requiring_grad_is_refused_with_a_hint(ops):

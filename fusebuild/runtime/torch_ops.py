@@ -78,7 +78,7 @@ def torch_library(bundle, namespace: str) -> TorchOps:
         if name.endswith(GRAD) and name[:-len(GRAD)] in infos:
             _refuse_double_backward(lib, namespace, infos[name])
         else:
-            _register_autograd(lib, namespace, infos[name], infos.get(name + GRAD))
+            _register_autograd(lib, namespace, bundle, infos[name], infos.get(name + GRAD))
     space = getattr(torch.ops, namespace)
     ops = TorchOps(namespace, bundle, lib, {n: getattr(space, n) for n in infos}, backward)
     _LIBRARIES[namespace] = ops
@@ -192,14 +192,27 @@ def _output_dtypes(bundle, info: GroupInfo):
     return dtypes
 
 
-def _register_autograd(lib, namespace: str, info: GroupInfo, grad: GroupInfo | None) -> None:
+def _register_autograd(lib, namespace: str, bundle, info: GroupInfo,
+                       grad: GroupInfo | None) -> None:
     """Autograd of op `info.name` by its backward op `grad` (None: the group has none): only
     the inputs are saved (and seed, offset); gradients come back reduced to each input's shape
-    and dtype. A gradient asked for an input the backward does not give is a GradientError."""
+    and dtype. A gradient asked for an input the backward does not give is a GradientError,
+    unless no output depends on the input through differentiable ops (its gradient is None,
+    as in torch)."""
     names = [n for n, _, _ in info.params]
     tensor_pos = [i for i, (_, k, _) in enumerate(info.params) if k == "tensor"]
     where, grad_outs, backward_op = _gradient_sources(namespace, info, grad)
     listed = sorted(where)
+    zero: dict[str, bool] = {}      # unlisted input -> whether its gradient is zero
+
+    def zero_gradient(name: str) -> bool:
+        if name not in zero:
+            from .. import autodiff
+            try:
+                zero[name] = not autodiff.differentiable(bundle.group_ir(info.name), name)
+            except SpecError:       # an op without derivative: listing it says where
+                zero[name] = False
+        return zero[name]
 
     def setup_context(ctx, inputs, output, keyword_only_inputs=None):
         ctx.save_for_backward(*(inputs[i] for i in tensor_pos))
@@ -207,7 +220,8 @@ def _register_autograd(lib, namespace: str, info: GroupInfo, grad: GroupInfo | N
         ctx.random = keyword_only_inputs or {}
 
     def backward(ctx, *grads):
-        missing = [names[i] for i in tensor_pos if ctx.needs_input_grad[i] and i not in where]
+        missing = [names[i] for i in tensor_pos if ctx.needs_input_grad[i] and i not in where
+                   and not zero_gradient(names[i])]
         if missing:
             raise _no_gradient(info, missing, [names[i] for i in listed])
         result = [None] * len(names)
