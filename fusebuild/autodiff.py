@@ -162,6 +162,11 @@ class _Deriver:
         return outs
 
     # ---- reverse
+    def seeded(self, o, atoms: tuple[Expr, ...]) -> bool:
+        """Whether output `o` (lowered to `atoms`) takes a gradient: a float output that
+        depends on a listed input through differentiable ops."""
+        return (o.dtype is None or o.dtype.is_float) and any(self._is_active(a) for a in atoms)
+
     def backward(self, outs: dict[str, tuple[Expr, ...]]) -> tuple[list[str], list, dict]:
         """Seed the output gradients, run the rules in reverse; (grad inputs, output lines,
         aliases)."""
@@ -170,8 +175,7 @@ class _Deriver:
         seeds = []
         for o in self.g.outputs:
             atoms = outs[o.name]
-            if (o.dtype is not None and not o.dtype.is_float) or \
-                    not any(self._is_active(a) for a in atoms):
+            if not self.seeded(o, atoms):
                 continue
             seeds.append(grad_name(o.name))
             if o.cat:
@@ -239,6 +243,15 @@ class _Deriver:
             w = self.wrt[0]
             lines.append(_Let(grad_name(w), "", (_name(alias.pop(w)),)))
         return lines, alias
+
+
+def differentiable(group: Group, name: str) -> bool:
+    """Whether a float output of `group` depends on input `name` through differentiable ops
+    (else its gradient is zero, and `grad:` refuses to list it). SpecError as `derive`'s for an
+    op without derivative on the way."""
+    d = _Deriver(group, (name,))
+    outs = d.forward()
+    return any(d.seeded(o, outs[o.name]) for o in group.outputs)
 
 
 def derive(group: Group, wrt: tuple[str, ...], where: SourceMap) -> Group:

@@ -64,6 +64,11 @@ class ArgumentError(FusebuildError, TypeError):
     """A kernel was called with arguments that do not fit its group (count, shape, dtype, out=)."""
 
 
+class GradientError(FusebuildError, RuntimeError):
+    """torch autograd asked for the gradient of an input that the bundle has no backward for
+    (the group has no `grad:`, or its `grad:` does not list the input)."""
+
+
 class KernelNotFound(FusebuildError, LookupError):
     """The bundle holds no kernel for this ArgSpec key on any loadable target."""
 

@@ -421,6 +421,13 @@ def _group_plans(gy: _Y, cli_targets: tuple[str, ...] | None,
     if not _IDENT.match(name):
         raise g["name"].err(f"group name '{name}' is not an identifier",
                             "use letters, digits and _ (it becomes part of C symbols)")
+    if name.endswith(autodiff.SUFFIX):
+        forward = name[:-len(autodiff.SUFFIX)]
+        raise g["name"].err(f"group name '{name}' ends with '{autodiff.SUFFIX}', which is reserved "
+                            "for the backward groups fusebuild derives",
+                            f"list the inputs to differentiate under `grad:` in group "
+                            f"'{forward}' (e.g. `grad: [x]`) instead of writing its backward, or "
+                            "rename this group")
     longest = MAX_GROUP_NAME - (len(autodiff.SUFFIX) if "grad" in g else 0)
     if len(name) > longest:
         raise g["name"].err(f"group name is {len(name)} characters long; at most "

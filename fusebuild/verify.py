@@ -176,7 +176,7 @@ def _check_call(lib: ctypes.CDLL, group: syntax.Group, entry: dict, ks: KernelSo
     strides = [tuple(st // v[0].itemsize for st in v[0].strides) for v in views] + \
         [row_strides(sizes) if row else contiguous_strides(sizes) for row in rows]
     canon = Canonical(sizes, tuple(strides), tuple(lay for _, lay in descs))
-    call = dispatch.Call([], [], [], bits, sizes, [], canon, entry["key"])
+    call = dispatch.Call([], [], [], bits, sizes, [], [], canon, entry["key"])
     seed, offset = int(rng.integers(0, 2**63)), int(rng.integers(0, 2**32))
     meta = dispatch.meta_words(call, abi, seed, offset)
     ptrs = np.array([v.__array_interface__["data"][0] for vs in views for v in vs] +

@@ -91,6 +91,23 @@ def test_scalar_arguments_are_checked(examples_bundle):
         examples_bundle.leaky_clip_u8(img, "3")
 
 
+def test_scalars_and_inputs_by_name(examples_bundle):
+    x, r, w = f32(3, 8), f32(3, 8), f32(8)
+    want = examples_bundle.add_rms_norm(x, r, w, 1e-6)
+    for got in (examples_bundle.add_rms_norm(x, r, w, eps=1e-6),
+                examples_bundle.add_rms_norm(x, residual=r, eps=1e-6, w=w)):
+        for g, e in zip(got, want):
+            np.testing.assert_array_equal(g, e)
+    with pytest.raises(ArgumentError, match=r"add_rms_norm\(\) got an unexpected keyword "
+                                            r"argument 'epsilon'; it takes add_rms_norm\(x, "
+                                            r"residual, w, eps: float32\)"):
+        examples_bundle.add_rms_norm(x, r, w, epsilon=1e-6)
+    with pytest.raises(ArgumentError, match="multiple values for argument 'eps'"):
+        examples_bundle.add_rms_norm(x, r, w, 1e-6, eps=1e-6)
+    with pytest.raises(ArgumentError, match="missing argument 'eps'"):
+        examples_bundle.add_rms_norm(x, r, w=w)
+
+
 def test_random_group_needs_seed(examples_bundle):
     with pytest.raises(ArgumentError, match="pass seed="):
         examples_bundle.bias_dropout_residual(f32(4), f32(4), f32(4), 0.1)

@@ -50,6 +50,8 @@ def test_repeated_calls_are_served_in_c(examples_bundle, python_path_fails):
     outs = (np.empty_like(hy), np.empty_like(cy))
     assert k.lstm_cell(gates, cx, out=list(outs)) == outs      # a tuple of the same arrays
     k.bias_dropout_residual(x, b, x, 0.25, seed=2**64 - 1, offset=2**63)
+    np.testing.assert_array_equal(k.bias_dropout_residual(x, b, x, p=0.25, seed=7, offset=3),
+                                  k.bias_dropout_residual(x, b, x, 0.25, seed=7, offset=3))
     with pytest.raises(AssertionError, match="Python path"):   # a new shape: not known yet
         k.bias_gelu(f32(5, 8), b)
 
@@ -126,7 +128,12 @@ def _bad_calls():
         (*gelu, {"out": [x, x]}, ArgumentError, "has 1 output "),
         (*gelu, {"out": 1.0}, ArgumentError, "must be a numpy array"),
         (*gelu, {"args": (x, b, b)}, ArgumentError, r"takes 2 arguments \(3 given\)"),
-        (*gelu, {"bias": b}, TypeError, "unexpected keyword argument 'bias'"),
+        (*gelu, {"beta": b}, TypeError, "unexpected keyword argument 'beta'"),
+        (*gelu, {"bias": b}, TypeError, "multiple values for argument 'bias'"),
+        (*gelu, {"args": (x,), "bias": b, "x": x}, TypeError, "multiple values for argument 'x'"),
+        (*drop, {"args": (x, x, x), "q": 0.1}, TypeError, "unexpected keyword argument 'q'"),
+        (*drop, {"args": (x, x, x)}, TypeError, r"takes 4 arguments \(3 given\)"),
+        (*drop, {"args": (x, x), "p": 0.1}, TypeError, r"missing argument 'residual'"),
         ("silu_add", (buf[:32], buf[:32]), {}, {"out": buf[8:40]}, ArgumentError,
          "overlaps input 'x'"),
         ("lstm_cell", (f32(3, 64), f32(3, 16)), {}, {"out": (np.empty((3, 16), np.float32),) * 2},
@@ -263,10 +270,14 @@ def test_torch_cpu_tensors_are_served_in_c(examples_bundle, python_path_fails):
     xb, bb = x.to(torch.bfloat16), b.to(torch.bfloat16)
     gates, cx = torch.randn(3, 64), torch.randn(3, 16)
     y = torch.empty(4, 8)
+    xg = x.clone().requires_grad_()
+
+    def no_grad():          # tensors that require grad: only with grad mode off (torch ops)
+        with torch.no_grad():
+            return k.bias_gelu(xg, b)
     calls = [lambda: k.bias_gelu(x, b), lambda: k.bias_gelu(xw, b), lambda: k.bias_gelu(xb, bb),
              lambda: k.lstm_cell(gates, cx), lambda: k.bias_gelu(x, b, out=y),
-             lambda: k.bias_dropout_residual(x, b, x, 0.5, seed=3),
-             lambda: k.bias_gelu(x.clone().requires_grad_(), b)]
+             lambda: k.bias_dropout_residual(x, b, x, 0.5, seed=3), no_grad]
     first = [c() for c in calls]
     python_path_fails()
     for call, want in zip(calls, first):
@@ -297,4 +308,6 @@ def test_torch_errors_and_odd_tensors_after_warm_up(examples_bundle):
     z = torch.randn(4, 8, dtype=torch.complex64)
     with pytest.raises(ArgumentError, match="negative-bit view"):
         k.bias_gelu(z.conj().imag, b)
+    with pytest.raises(ArgumentError, match="'x' of bias_gelu requires grad.*torch_library"):
+        k.bias_gelu(x.clone().requires_grad_(), b)           # the plan of x is known
     np.testing.assert_array_equal(k.bias_gelu(x, b.numpy()).numpy(), k.bias_gelu(x, b).numpy())

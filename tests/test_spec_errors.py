@@ -160,6 +160,9 @@ CASES = [
      r"layer_norm\(\) always normalizes the last dim"),
     ("var-unbiased", body("y = var(x, unbiased=True)", matrix=ROWS), "True",
      r"unexpected keyword 'unbiased'\n.*correction=1"),
+    ("hand-written-backward", body("y = x * b").replace("name: g", "name: g__grad"), "g__grad",
+     r"'g__grad' ends with '__grad', which is reserved for the backward groups fusebuild "
+     r"derives\n.*`grad:` in group 'g'"),
 ]
 
 

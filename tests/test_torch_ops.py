@@ -1,5 +1,5 @@
 """Bundles as torch custom ops (DESIGN §9): schemas, fake kernels, opcheck, autograd through
-hand-written `<group>__grad` groups, torch.compile, import hygiene. Oracles: torch's own ops and
+the backward groups `grad:` derives, torch.compile, import hygiene. Oracles: torch's own ops and
 autograd of the same expression, torch.autograd.gradcheck on float64."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fusebuild import build, runtime, spec
-from fusebuild.errors import UsageError
+from fusebuild.errors import ArgumentError, GradientError, UsageError
 from fusebuild.runtime.cpu import host_isas
 from fusebuild.runtime.torch_ops import _detaching, schema
 from conftest import ROOT, SPECS, concrete, make_args
@@ -27,94 +27,57 @@ groups:
     doc: gelu(x + bias) * alpha, a broadcast bias and a scalar
     inputs: {x: tensor, bias: tensor, alpha: scalar(float32)}
     outputs: [y]
+    grad: [x, bias]
     body: |
       y = gelu(x + bias) * alpha
     matrix: {dtype: [float32, float64, bfloat16], shapes: [{x: [B, C], bias: [C]}]}
 
-  - name: bias_gelu_scale__grad
-    inputs: {x: tensor, bias: tensor, alpha: scalar(float32), grad_y: tensor}
-    outputs: [grad_x, grad_bias]
-    body: |
-      u = x + bias
-      d = grad_y * alpha * (0.5 * (1 + erf(u * 0.7071067811865476))
-                            + u * exp(-0.5 * u * u) * 0.3989422804014327)
-      grad_x = d
-      grad_bias = d
-    matrix:
-      dtype: [float32, float64, bfloat16]
-      shapes: [{x: [B, C], bias: [C], grad_y: [B, C]}]
-
   - name: two_out
     inputs: {a: tensor, b: tensor}
     outputs: [s, p]
+    grad: [a, b]
     body: |
       s = a + b
       p = a * tanh(b)
     matrix: {dtype: [float32, float64], shapes: [{a: [N], b: [N]}]}
 
-  - name: two_out__grad
-    inputs: {a: tensor, b: tensor, grad_s: tensor, grad_p: tensor}
-    outputs: [grad_a, grad_b]
-    body: |
-      t = tanh(b)
-      grad_a = grad_s + grad_p * t
-      grad_b = grad_s + grad_p * a * (1 - t * t)
-    matrix: {dtype: [float32, float64], shapes: [{a: [N], b: [N], grad_s: [N], grad_p: [N]}]}
-
   - name: rotate
     doc: rotary embedding of the two halves of x
     inputs: {x: tensor, cos: tensor, sin: tensor}
     outputs: [y]
+    grad: [x, cos]
     body: |
       x1, x2 = chunk(x, 2, dim=-1)
       y = cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     matrix: {dtype: [float32, float64], shapes: [{x: [T, 2*D], cos: [T, D], sin: [T, D]}]}
 
-  - name: rotate__grad
-    inputs: {x: tensor, cos: tensor, sin: tensor, grad_y: tensor}
-    outputs: [grad_x, grad_cos]
-    body: |
-      x1, x2 = chunk(x, 2, dim=-1)
-      g1, g2 = chunk(grad_y, 2, dim=-1)
-      grad_x = cat([g1 * cos + g2 * sin, g2 * cos - g1 * sin], dim=-1)
-      grad_cos = g1 * x1 + g2 * x2
-    matrix:
-      dtype: [float32, float64]
-      shapes: [{x: [T, 2*D], cos: [T, D], sin: [T, D], grad_y: [T, 2*D]}]
-
   - name: dropout_add
     doc: inverted dropout of x plus a residual
     inputs: {x: tensor, res: tensor, p: scalar(float32)}
     outputs: [y]
+    grad: [x, res]
     body: |
       y = where(rand_like(x) >= p, x / (1 - p), 0.0) + res
     matrix: {dtype: [float32, float64], shapes: [{x: [N], res: [N]}]}
-
-  - name: dropout_add__grad
-    inputs: {x: tensor, res: tensor, p: scalar(float32), grad_y: tensor}
-    outputs: [grad_x, grad_res]
-    body: |
-      grad_x = where(rand_like(x) >= p, grad_y / (1 - p), 0.0)
-      grad_res = grad_y
-    matrix: {dtype: [float32, float64], shapes: [{x: [N], res: [N], grad_y: [N]}]}
 
   - name: absmax_norm
     doc: x over its row's largest magnitude, and that magnitude (a row output)
     inputs: {x: tensor}
     outputs: [y, s]
+    grad: [x]
     body: |
       s = amax(abs(x), dim=-1)
       y = x / s
     matrix: {dtype: [float32, float64], shapes: [{x: [B, N]}]}
 
-  - name: absmax_norm__grad
-    inputs: {x: tensor, grad_y: tensor, grad_s: tensor}
-    outputs: [grad_x]
+  - name: select
+    doc: a float input that only selects (no differentiable path); only x in grad
+    inputs: {x: tensor, mask: tensor}
+    outputs: [y]
+    grad: [x]
     body: |
-      s = amax(abs(x), dim=-1)
-      top = where(abs(x) == s, sign(x), 0.0)
-      grad_x = grad_y / s + top * (grad_s - sum(grad_y * x, dim=-1) / (s * s))
-    matrix: {dtype: [float32, float64], shapes: [{x: [B, N], grad_y: [B, N], grad_s: [B, 1]}]}
+      y = where(mask > 0, x * 2, 0.0)
+    matrix: {dtype: [float32], shapes: [{x: [N], mask: [N]}]}
 
   - name: count_pos
     doc: no backward; int and bool scalars, a bool output
@@ -185,9 +148,9 @@ def test_schemas_and_the_ops_object(ops, bundle_path):
         assert getattr(ops, name) is getattr(torch.ops.fbtest, name)
         assert str(getattr(ops, name).default._schema) == f"{NS}::{schema(b[name].info)}"
     assert set(dir(ops)) >= set(b.groups)
-    assert repr(ops).startswith(f"<fusebuild torch ops torch.ops.{NS}: 11 ops of bundle "
+    assert repr(ops).startswith(f"<fusebuild torch ops torch.ops.{NS}: 13 ops of bundle "
                                 "torchops-0.1.0 ")
-    assert "autograd for absmax_norm, bias_gelu_scale, dropout_add, rotate, two_out>" in repr(ops)
+    assert "autograd for absmax_norm, bias_gelu_scale, dropout_add, rotate, select, two_out>" in repr(ops)
     assert b.torch_library(NS) is ops
     assert runtime.load(bundle_path).torch_library(NS) is ops      # the same bundle id
     with pytest.raises(AttributeError, match="no op 'nope' of this bundle; ops: absmax_norm"):
@@ -357,6 +320,84 @@ def test_double_backward_is_refused(ops):
         gx.sum().backward()
 
 
+def test_backward_of_a_group_without_grad_names_the_spec_line_to_add(ops):
+    x = randn(6, grad=True)
+    m, z = ops.count_pos(x, 3, True)
+    assert not m.requires_grad and z.requires_grad
+    with pytest.raises(GradientError, match=r"input 'x' of count_pos requires grad, but group "
+                                            r"'count_pos' has no `grad:`.*add `grad: \[x\]` to "
+                                            r"group 'count_pos'"):
+        z.sum().backward()
+    ops.count_pos(randn(6), 3, True)[1].sum()        # no input requires grad: nothing to refuse
+
+
+def test_gradient_of_an_input_grad_does_not_list_is_refused(ops):
+    x, cos = randn(3, 8, grad=True), randn(3, 4, grad=True, seed=1)
+    sin = randn(3, 4, grad=True, seed=2)
+    with pytest.raises(GradientError, match=r"input 'sin' of rotate requires grad, but its "
+                                            r"spec's `grad: \[x, cos\]` does not list 'sin': "
+                                            r"make it `grad: \[x, cos, sin\]`"):
+        ops.rotate(x, cos, sin).sum().backward()
+    ops.rotate(x, cos, sin.detach()).sum().backward()       # the listed inputs alone: fine
+    assert x.grad is not None and cos.grad is not None
+    x, mask = randn(6, grad=True), randn(6, grad=True, seed=1)
+    ops.select(x, mask).sum().backward()     # mask has no gradient path: None, as in torch
+    assert mask.grad is None and torch.equal(x.grad, torch.where(mask > 0, 2.0, 0.0))
+
+
+def test_direct_call_on_tensors_requiring_grad_is_refused_with_a_hint(ops):
+    b = ops._bundle
+    x, bias = randn(5, 6, grad=True), randn(6, seed=1)
+    for _ in range(2):       # a first call, then one the C fast path knows the layout of
+        b.bias_gelu_scale(x.detach(), bias, 0.5)
+        with pytest.raises(ArgumentError, match=r"input 'x' of bias_gelu_scale requires grad, "
+                                                r"but a direct bundle call is invisible to "
+                                                r"autograd.*torch_library"):
+            b.bias_gelu_scale(x, bias, 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(b.bias_gelu_scale(x, bias, 0.5),
+                                   F.gelu(x + bias) * 0.5, rtol=1e-5, atol=1e-6)
+
+
+def test_inputs_on_different_devices_are_refused(ops):
+    with pytest.raises(ArgumentError, match=r"bias_gelu_scale: tensor inputs are on different "
+                                            r"devices \(x on cpu, bias on meta\)"):
+        ops.bias_gelu_scale(randn(5, 6), torch.empty(6, device="meta"), 0.5)
+
+
+@pytest.mark.parametrize("name,args", [
+    ("rotate", (randn(3, 7), randn(3, 3), randn(3, 3))),                     # chunk of 7
+    ("bias_gelu_scale", (randn(5, 6), randn(5), 0.5)),                        # no broadcast
+    ("bias_gelu_scale", (randn(5, 6).to(torch.complex64), randn(6), 0.5)),   # dtype
+    ("count_pos", (randn(5), 2 ** 40, True)),                                 # int32 scalar
+], ids=["chunk", "broadcast", "dtype", "scalar"])
+def test_fake_kernels_refuse_what_the_real_ones_refuse(ops, name, args):
+    with pytest.raises(ArgumentError) as real:
+        getattr(ops, name)(*args)
+    with FakeTensorMode() as mode, pytest.raises(ArgumentError) as fake:
+        getattr(ops, name)(*(mode.from_tensor(a) if torch.is_tensor(a) else a for a in args))
+    assert str(fake.value) == str(real.value)
+
+
+def test_seeds_of_the_upper_half_reach_the_kernels_as_twos_complement(ops):
+    x, res = randn(64), randn(64, seed=1)
+    want = ops._bundle.dropout_add(x.numpy(), res.numpy(), 0.5, seed=2 ** 64 - 1,
+                                   offset=2 ** 63 + 3)
+    got = ops.dropout_add(x, res, 0.5, seed=-1, offset=2 ** 63 + 3 - 2 ** 64)
+    assert np.array_equal(got.numpy(), want)
+    assert not np.array_equal(ops.dropout_add(x, res, 0.5, seed=2 ** 63 - 1).numpy(), want)
+
+
+def test_scalars_by_name_on_the_torch_op_and_the_direct_call(ops):
+    b = ops._bundle
+    x, bias = randn(5, 6), randn(6, seed=1)
+    want = b.bias_gelu_scale(x, bias, 0.75)
+    for got in (ops.bias_gelu_scale(x, bias, alpha=0.75), b.bias_gelu_scale(x, bias, alpha=0.75),
+                b.bias_gelu_scale(alpha=0.75, bias=bias, x=x)):
+        assert torch.equal(got, want)
+    assert b.bias_gelu_scale.key(x, bias=bias, alpha=1.0) == "bias_gelu_scale(f32:cc,f32:bc)"
+
+
 def test_compile_fullgraph_matches_eager(ops):
     def f(x, bias, cos, sin, res):
         h = ops.bias_gelu_scale(x, bias, 0.5)
@@ -442,8 +483,10 @@ def test_examples_register_and_pass_opcheck(examples_bundle):
         args, kwargs = example_args(plan[name])
         has_grad = name + "__grad" in examples_bundle.groups
         if has_grad:
-            args = tuple(a.requires_grad_() if torch.is_tensor(a) and a.is_floating_point()
-                         else a for a in args)
+            bwd = examples_bundle[name + "__grad"].info      # the inputs grad: lists
+            listed = {o[len("grad_"):] for o, _ in bwd.outputs} | {i for i, _ in bwd.grad_alias}
+            args = tuple(a.requires_grad_() if n in listed else a
+                         for (n, _, _), a in zip(examples_bundle[name].info.params, args))
         torch.library.opcheck(getattr(ops, name), args, kwargs)
         if has_grad:
             torch.library.opcheck(getattr(ops, name + "__grad"), *grad_case(ops, name, args, kwargs))

@@ -7,7 +7,9 @@
    kernel's pointer and meta words on the stack and calls the kernel's C symbol directly.
    torch CPU tensors are served the same way once `use_torch` has named their type: their
    sizes, strides, dtype and data pointer are read through their (C-implemented) attributes and
-   outputs are made by torch.empty.
+   outputs are made by torch.empty; a tensor that requires grad is served only while grad mode
+   is off (below autograd, in the torch ops' kernels), else the Python path refuses the call.
+   Calls passing inputs by name go to the Python method `_call_named`.
    Anything it does not recognize (first calls, other foreign arrays, numpy scalars, calls large
    enough to split over threads, anything that must raise an error) goes to the Python method
    `_call`, which handles every case and raises the proper errors. So this file never decides
@@ -73,11 +75,12 @@ typedef struct {
     Py_ssize_t cap, count;
 } Caller;
 
-static PyObject *str_out, *str_seed, *str_offset, *str_call, *zero;
+static PyObject *str_out, *str_seed, *str_offset, *str_call, *str_call_named, *zero;
 static PyObject *str_is_cpu, *str_is_neg, *str_shape, *str_stride, *str_dtype, *str_data_ptr;
+static PyObject *str_requires_grad;
 static PyObject *kw_dtype;                  /* ("dtype",) */
 static PyTypeObject *torch_tensor;          /* torch.Tensor, once use_torch() named it */
-static PyObject *torch_empty;
+static PyObject *torch_empty, *torch_grad_enabled;
 
 /* ---- arrays ---- */
 
@@ -102,16 +105,29 @@ static int int_tuple(PyObject *t, npy_intp *dst, Py_ssize_t n)
     return 1;
 }
 
-/* 1: `t` is a plain torch CPU tensor (no negative-bit view) and v describes it; 0: it is not,
-   or something could not be read (the error is cleared: the Python path will say what). */
+/* Whether torch's grad mode is off (a call on tensors that require grad records nothing). */
+static int grad_mode_off(void)
+{
+    PyObject *on = PyObject_CallNoArgs(torch_grad_enabled);
+    int off = on == Py_False;
+    Py_XDECREF(on);
+    return off;
+}
+
+/* 1: `t` is a plain torch CPU tensor (no negative-bit view; requiring grad only with grad
+   mode off) and v describes it; 0: it is not, or something could not be read (the error is
+   cleared: the Python path will say what). */
 static int torch_view(PyObject *t, View *v)
 {
-    PyObject *cpu, *neg = NULL, *shape = NULL, *strides = NULL, *dtype = NULL, *ptr = NULL;
+    PyObject *cpu, *grad = NULL, *neg = NULL, *shape = NULL, *strides = NULL, *dtype = NULL;
+    PyObject *ptr = NULL;
     int ok = 0;
     if (!torch_tensor || Py_TYPE(t) != torch_tensor)
         return 0;
     cpu = PyObject_GetAttr(t, str_is_cpu);
-    if (cpu == Py_True && (neg = PyObject_CallMethodNoArgs(t, str_is_neg)) == Py_False
+    if (cpu == Py_True && (grad = PyObject_GetAttr(t, str_requires_grad))
+        && (grad == Py_False || grad_mode_off())
+        && (neg = PyObject_CallMethodNoArgs(t, str_is_neg)) == Py_False
         && (shape = PyObject_GetAttr(t, str_shape)) && PyTuple_Check(shape)
         && PyTuple_GET_SIZE(shape) <= TORCH_MAXDIMS
         && (strides = PyObject_CallMethodNoArgs(t, str_stride))
@@ -126,6 +142,7 @@ static int torch_view(PyObject *t, View *v)
              && !PyErr_Occurred();
     }
     Py_XDECREF(cpu);
+    Py_XDECREF(grad);
     Py_XDECREF(neg);
     Py_XDECREF(shape);
     Py_XDECREF(strides);
@@ -459,6 +476,27 @@ static int serve(Caller *self, Plan *p, const View *views, PyObject *out, int64_
     return 1;
 }
 
+/* A call passing inputs by name: self._call_named(args, {name: value}) binds them. */
+static PyObject *call_named(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
+                            PyObject *kwnames)
+{
+    PyObject *tuple = PyTuple_New(nargs), *kwargs = PyDict_New(), *result = NULL;
+    if (tuple && kwargs) {
+        for (Py_ssize_t i = 0; i < nargs; i++) {
+            Py_INCREF(args[i]);
+            PyTuple_SET_ITEM(tuple, i, args[i]);
+        }
+        Py_ssize_t i = 0, nk = PyTuple_GET_SIZE(kwnames);
+        while (i < nk && !PyDict_SetItem(kwargs, PyTuple_GET_ITEM(kwnames, i), args[nargs + i]))
+            i++;
+        if (i == nk)
+            result = PyObject_CallMethodObjArgs(op, str_call_named, tuple, kwargs, NULL);
+    }
+    Py_XDECREF(tuple);
+    Py_XDECREF(kwargs);
+    return result;
+}
+
 static PyObject *Caller_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
                                    PyObject *kwnames)
 {
@@ -475,8 +513,7 @@ static PyObject *Caller_vectorcall(PyObject *op, PyObject *const *args, size_t n
         else if (name == str_offset || !PyUnicode_Compare(name, str_offset))
             offset = value;
         else
-            return PyErr_Format(PyExc_TypeError, "%U() got an unexpected keyword argument '%U'",
-                                self->name, name);
+            return call_named(op, args, nargs, kwnames);
     }
     int served = fast_call(self, args, nargs, out, seed, offset, &result);
     if (served > 0)
@@ -739,22 +776,26 @@ static PyTypeObject CallerType = {
     .tp_getset = Caller_getset,
 };
 
-/* use_torch(Tensor, empty): serve torch CPU tensors too (torch.Tensor, torch.empty). */
+/* use_torch(Tensor, empty, is_grad_enabled): serve torch CPU tensors too (torch.Tensor,
+   torch.empty, torch.is_grad_enabled). */
 static PyObject *use_torch(PyObject *module, PyObject *args)
 {
-    PyObject *tensor, *empty;
-    if (!PyArg_ParseTuple(args, "O!O", &PyType_Type, &tensor, &empty))
+    PyObject *tensor, *empty, *grad_enabled;
+    if (!PyArg_ParseTuple(args, "O!OO", &PyType_Type, &tensor, &empty, &grad_enabled))
         return NULL;
     Py_INCREF(tensor);
     Py_INCREF(empty);
+    Py_INCREF(grad_enabled);
     Py_XSETREF(torch_tensor, (PyTypeObject *)tensor);
     Py_XSETREF(torch_empty, empty);
+    Py_XSETREF(torch_grad_enabled, grad_enabled);
     Py_RETURN_NONE;
 }
 
 static PyMethodDef module_methods[] = {
     {"use_torch", use_torch, METH_VARARGS,
-     "Serve torch CPU tensors too: use_torch(torch.Tensor, torch.empty)."},
+     "Serve torch CPU tensors too: use_torch(torch.Tensor, torch.empty, "
+     "torch.is_grad_enabled)."},
     {NULL},
 };
 
@@ -771,6 +812,8 @@ PyMODINIT_FUNC PyInit__dispatch(void)
     str_seed = PyUnicode_InternFromString("seed");
     str_offset = PyUnicode_InternFromString("offset");
     str_call = PyUnicode_InternFromString("_call");
+    str_call_named = PyUnicode_InternFromString("_call_named");
+    str_requires_grad = PyUnicode_InternFromString("requires_grad");
     zero = PyLong_FromLong(0);
     str_is_cpu = PyUnicode_InternFromString("is_cpu");
     str_is_neg = PyUnicode_InternFromString("is_neg");
@@ -779,8 +822,9 @@ PyMODINIT_FUNC PyInit__dispatch(void)
     str_dtype = PyUnicode_InternFromString("dtype");
     str_data_ptr = PyUnicode_InternFromString("data_ptr");
     kw_dtype = str_dtype ? PyTuple_Pack(1, str_dtype) : NULL;
-    if (!str_out || !str_seed || !str_offset || !str_call || !zero || !str_is_cpu || !str_is_neg
-        || !str_shape || !str_stride || !str_data_ptr || !kw_dtype)
+    if (!str_out || !str_seed || !str_offset || !str_call || !str_call_named || !zero
+        || !str_is_cpu || !str_is_neg || !str_shape || !str_stride || !str_data_ptr
+        || !str_requires_grad || !kw_dtype)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m)

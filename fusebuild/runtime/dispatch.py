@@ -62,8 +62,9 @@ class Call:
     scalars: list
     shape: tuple                   # iteration shape
     out_shapes: list[tuple]
-    canon: Canonical
-    key: str
+    out_strides: list[tuple]       # per output: its element strides (row outputs: row_strides)
+    canon: Canonical | None = None     # set by `prepare`
+    key: str = ""
 
 
 def _normalize_dim(dim: int, rank: int) -> int:
@@ -72,6 +73,17 @@ def _normalize_dim(dim: int, rank: int) -> int:
 
 def prepare(info: GroupInfo, args: tuple, describe) -> Call:
     """Check arguments and compute the key; `describe(array)` -> (shape, byte strides, dtype)."""
+    call = check(info, args, describe)
+    call.canon = canonicalize(call.shape, [(v[0], v[1]) for v in call.views], call.out_strides,
+                              keep_last=info.reduces)
+    call.key = format_key(info.name, list(zip(call.dtypes, call.canon.layouts)))
+    return call
+
+
+def check(info: GroupInfo, args: tuple, describe) -> Call:
+    """`prepare` but for the canonical form and key: every check of the arguments (scalars,
+    dtypes, chunks, broadcasting, ranks) and the output shapes. Shapes may be torch SymInts
+    (the fake kernels of torch_ops run it: the same errors as a real call)."""
     arrays, dtypes_, views, scalars = [], [], [], []
     chunk_iter = iter(info.chunks)
     for (name, kind, sdtype), a in zip(info.params, args):
@@ -128,9 +140,7 @@ def prepare(info: GroupInfo, args: tuple, describe) -> Call:
             full = shape[:axis] + (shape[axis] * n,) + shape[axis + 1:]
         out_shapes.append(full)
         extra.append(contiguous_strides(full))
-    canon = canonicalize(shape, [(v[0], v[1]) for v in views], extra, keep_last=info.reduces)
-    key = format_key(info.name, list(zip(dtypes_, canon.layouts)))
-    return Call(arrays, dtypes_, views, scalars, shape, out_shapes, canon, key)
+    return Call(arrays, dtypes_, views, scalars, shape, out_shapes, extra)
 
 
 _F32, _F64 = struct.Struct("<f"), struct.Struct("<d")

@@ -51,6 +51,23 @@ def framework_of(args) -> object | None:
     return None
 
 
+def refuse_untracked_grad(torch, group: str, names: list[str], tensors: list) -> None:
+    """ArgumentError for a direct call on torch tensors that require grad while grad mode is
+    on: autograd would not see it, so its result would silently get no gradient. (Below
+    autograd, in the torch ops' own kernels, grad mode is off.)"""
+    if not torch.is_grad_enabled():
+        return
+    wanting = [n for n, t in zip(names, tensors) if isinstance(t, torch.Tensor) and t.requires_grad]
+    if wanting:
+        which = ", ".join(f"'{n}'" for n in wanting)
+        raise ArgumentError(
+            f"input{'s' if len(wanting) > 1 else ''} {which} of {group} require"
+            f"{'' if len(wanting) > 1 else 's'} grad, but a direct bundle call is invisible to "
+            "autograd (its result would get no gradient): call the torch op instead, "
+            f"`ops = bundle.torch_library(\"<namespace>\")` then `ops.{group}(...)`, which "
+            "records it for backward; or pass detached tensors, or call under torch.no_grad()")
+
+
 def to_framework(framework, a: np.ndarray):
     """A numpy output as a tensor of `framework`, sharing memory."""
     try:

@@ -429,6 +429,35 @@ class GroupCaller(Caller):
     def __repr__(self) -> str:
         return f"<fusebuild group {self.info.signature}>"
 
+    def _call_named(self, args: tuple, kwargs: dict):
+        """A call passing inputs by name (`eps=1e-6`); _dispatch.c sends every call with a
+        keyword other than out=, seed= and offset= here."""
+        extra = {k: kwargs.pop(k) for k in ("out", "seed", "offset") if k in kwargs}
+        return self(*self._bind(args, kwargs), **extra)
+
+    def _bind(self, args: tuple, kwargs: dict) -> tuple:
+        """The positional arguments of a call passing some by name, bound as Python binds a
+        function's parameters (ArgumentError, a TypeError, for unknown, repeated or missing)."""
+        names = [n for n, _, _ in self.info.params]
+        if len(args) > len(names):
+            self._check_count(args)
+        bound = dict(zip(names, args))
+        for name, value in kwargs.items():
+            if name not in names:
+                raise ArgumentError(f"{self.info.name}() got an unexpected keyword argument "
+                                    f"'{name}'; it takes {self.info.signature}")
+            if name in bound:
+                raise ArgumentError(f"{self.info.name}() got multiple values for argument "
+                                    f"'{name}'")
+            bound[name] = value
+        missing = [n for n in names if n not in bound]
+        if missing:
+            raise ArgumentError(f"{self.info.name}() missing argument"
+                                f"{'s' if len(missing) > 1 else ''} "
+                                f"{', '.join(repr(n) for n in missing)}; it takes "
+                                f"{self.info.signature}")
+        return tuple(bound[n] for n in names)
+
     def _check_count(self, args: tuple) -> None:
         if len(args) != len(self.info.params):
             raise ArgumentError(f"{self.info.signature} takes "
@@ -440,8 +469,9 @@ class GroupCaller(Caller):
         return tuple(interop.as_numpy(a, names[i][0]) if i in self._tensor_pos else a
                      for i, a in enumerate(args))
 
-    def key(self, *args) -> str:
-        """The ArgSpec key these arguments select."""
+    def key(self, *args, **kwargs) -> str:
+        """The ArgSpec key these arguments select (inputs by position or name)."""
+        args = self._bind(args, kwargs) if kwargs else args
         self._check_count(args)
         if _on_cuda(self.info, args):
             return cuda.key(self.info, args)
@@ -489,10 +519,15 @@ class GroupCaller(Caller):
 
     def _call_foreign(self, args: tuple, out, seed, offset):
         """CUDA arrays go to the CUDA kernels; other host arrays are viewed as numpy and the
-        outputs returned in their framework (torch in, torch out)."""
+        outputs returned in their framework (torch in, torch out). torch tensors that require
+        grad are refused while autograd records (interop.refuse_untracked_grad)."""
+        tensors = [args[i] for i in self._tensor_pos]
+        framework = interop.framework_of(tensors)
+        if framework is not None:
+            interop.refuse_untracked_grad(framework, self.info.name, self.info.tensor_names,
+                                          tensors)
         if _on_cuda(self.info, args):
             return cuda.call(self, args, out, seed, offset)
-        framework = interop.framework_of([args[i] for i in self._tensor_pos])
         if isinstance(out, (tuple, list)):
             out = [interop.as_numpy(o, "out") for o in out]
         elif out is not None:
@@ -520,7 +555,7 @@ class GroupCaller(Caller):
         plan = self._plans.get(_plan_key([host[i] for i in self._tensor_pos]))
         if plan is None or plan.fast_args is None:
             return
-        _dispatch.use_torch(torch.Tensor, torch.empty)
+        _dispatch.use_torch(torch.Tensor, torch.empty, torch.is_grad_enabled)
         outs = tuple((shape, getattr(torch, np.dtype(d).name), nbytes)
                      for shape, d, nbytes in plan.outs)
         self._remember(tuple(args[i] for i in self._tensor_pos), *plan.fast(self._scalars, outs))

@@ -2,22 +2,28 @@
 
 Every group `g` becomes `torch.ops.<namespace>.g`, served by the bundle's kernels on CPU and
 CUDA tensors, with a fake (meta) implementation that derives output shapes and dtypes from the
-group's IR. A group whose backward group `g__grad` is in the bundle gets an autograd formula
-that saves only the inputs and calls `torch.ops.<namespace>.g__grad`; the backward ops refuse a
-second derivative. Imported (and torch with it) only by `Bundle.torch_library`.
+group's IR and runs the runtime's own argument checks. A group whose backward group `g__grad`
+is in the bundle gets an autograd formula that saves only the inputs and calls
+`torch.ops.<namespace>.g__grad`; the backward ops refuse a second derivative, and a gradient the
+bundle has no backward for (a group without `grad:`, an input it does not list) is refused at
+backward, naming the spec line to add. Imported (and torch with it) only by
+`Bundle.torch_library`.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import dtypes as dt
-from ..errors import ArgumentError, KernelNotFound, SpecError, UsageError
+from ..errors import ArgumentError, GradientError, KernelNotFound, SpecError, UsageError
 from ..text import plural
+from . import dispatch
 from .dispatch import GroupInfo
 
 GRAD = "__grad"       # the backward group of `g` is `g__grad` (the autodiff contract)
 _SCHEMA_TYPES = {"f": "float", "i": "int", "u": "int", "b": "bool"}
 _LIBRARIES: dict[str, "TorchOps"] = {}      # namespace -> the ops registered there
+_SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
+_WORD = 1 << 64
 
 
 class TorchOps:
@@ -63,15 +69,16 @@ def torch_library(bundle, namespace: str) -> TorchOps:
     for name, info in infos.items():
         lib.define(schema(info))
         caller = bundle[name]     # the C fast path itself, seed= and offset= included
-        lib.impl(name, caller, "CPU")
-        lib.impl(name, _detaching(caller), "CUDA")
+        lib.impl(name, _seed_words(caller) if info.has_random else caller, "CPU")
+        cuda = _detaching(caller)
+        lib.impl(name, _seed_words(cuda) if info.has_random else cuda, "CUDA")
         torch.library.register_fake(f"{namespace}::{name}", _fake(bundle, info), lib=lib)
     backward = tuple(n for n in infos if n + GRAD in infos)
-    for name in backward:
-        _register_autograd(lib, namespace, infos[name], infos[name + GRAD])
     for name in infos:
         if name.endswith(GRAD) and name[:-len(GRAD)] in infos:
             _refuse_double_backward(lib, namespace, infos[name])
+        else:
+            _register_autograd(lib, namespace, bundle, infos[name], infos.get(name + GRAD))
     space = getattr(torch.ops, namespace)
     ops = TorchOps(namespace, bundle, lib, {n: getattr(space, n) for n in infos}, backward)
     _LIBRARIES[namespace] = ops
@@ -100,7 +107,8 @@ def _check_namespace(namespace: str, groups: tuple[str, ...]) -> None:
 
 def schema(info: GroupInfo) -> str:
     """The torch schema of a group: `g(Tensor x, float p, *, SymInt seed, SymInt offset=0) ->
-    Tensor` (SymInt: torch.compile passes a changing seed without recompiling)."""
+    Tensor` (SymInt: torch.compile passes a changing seed without recompiling; an int64, so a
+    seed or offset >= 2**63 is passed as its two's complement, see `_seed_words`)."""
     args = [f"Tensor {n}" if k == "tensor" else f"{_SCHEMA_TYPES[dt.lookup(d).kind]} {n}"
             for n, k, d in info.params]
     if info.has_random:
@@ -118,79 +126,93 @@ def _detaching(impl):
     return run
 
 
+def _seed_words(impl):
+    """`impl` taking a torch op's int64 seed and offset: a negative value is the two's
+    complement of a uint64 word >= 2**63 (the schema holds no larger int), so every seed of
+    [0, 2**64) reaches the kernels."""
+    def run(*args, seed, offset=0):
+        return impl(*args, seed=seed % _WORD, offset=offset % _WORD)
+    return run
+
+
 def _fake(bundle, info: GroupInfo):
-    """The fake (meta) kernel of an op: shapes by broadcasting the (chunked) inputs, cat and row
-    outputs as the runtime allocates them, dtypes from the typed IR; SymInt shapes welcome."""
-    tensor_pos = [i for i, (_, k, _) in enumerate(info.params) if k == "tensor"]
-    rows = info.row_outputs or (False,) * len(info.outputs)
+    """The fake (meta) kernel of an op: the runtime's own argument checks (`dispatch.check`:
+    the errors of a real call) give the output shapes, the typed IR the dtypes; SymInt shapes
+    welcome."""
     dtypes = _output_dtypes(bundle, info)
 
     def fake(*args, **_random):
-        tensors = [args[i] for i in tensor_pos]
-        shapes = []
-        for t, chunk in zip(tensors, info.chunks):
-            shape = list(t.shape)
-            if chunk:
-                shape[chunk[1]] = shape[chunk[1]] // chunk[0]
-            shapes.append(shape)
-        full = list(torch.broadcast_shapes(*shapes))
-        outs = []
-        for (_, cat), row, d in zip(info.outputs, rows,
-                                    dtypes(tuple(t.dtype for t in tensors))):
-            shape = list(full)
-            if row:
-                shape[-1:] = [1]
-            elif cat:
-                shape[cat[1]] = shape[cat[1]] * cat[0]
-            outs.append(torch.empty(shape, dtype=d, device=tensors[0].device))
+        device = _device(info, args)
+        call = dispatch.check(info, tuple(0 if isinstance(a, _SYMBOLIC) else a for a in args),
+                              _describe)
+        outs = [torch.empty(shape, dtype=d, device=device)
+                for shape, d in zip(call.out_shapes, dtypes(tuple(call.dtypes)))]
         return outs[0] if len(outs) == 1 else tuple(outs)
     return fake
 
 
+def _device(info: GroupInfo, args: tuple) -> torch.device:
+    """The device of an op's tensor inputs; ArgumentError when they are on several, as torch's
+    own ops refuse (the dispatcher would run the fake kernel on a mix of CPU and meta)."""
+    devices = {n: a.device for (n, k, _), a in zip(info.params, args) if k == "tensor"}
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ArgumentError(f"{info.name}: tensor inputs are on different devices ({where}); "
+                            "pass them all on one device")
+    return next(iter(devices.values()))
+
+
+def _describe(t: torch.Tensor) -> tuple:
+    """(shape, byte strides, dtype) of a tensor for `dispatch.check`: the numpy dtype of a
+    torch dtype fusebuild has, else the torch dtype's name (which check reports unsupported)."""
+    name = str(t.dtype).removeprefix("torch.")
+    d = dt.BY_NAME.get(name)
+    size = t.element_size()
+    return tuple(t.shape), tuple(s * size for s in t.stride()), d.numpy if d else name
+
+
 def _output_dtypes(bundle, info: GroupInfo):
-    """torch input dtypes -> torch output dtypes by the group's typed IR, memoized."""
+    """Input dtypes -> torch output dtypes by the group's typed IR, memoized."""
     from .. import ir
     group = bundle.group_ir(info.name)
     memo: dict[tuple, tuple] = {}
 
-    def dtypes(torch_dtypes: tuple) -> tuple:
-        found = memo.get(torch_dtypes)
+    def dtypes(inputs: tuple[dt.DType, ...]) -> tuple:
+        found = memo.get(inputs)
         if found is None:
-            names = [str(d).removeprefix("torch.") for d in torch_dtypes]
-            bad = [n for n in names if n not in dt.BY_NAME]
-            if bad:
-                raise ArgumentError(f"{info.name} has no kernels for torch dtype "
-                                    f"{', '.join(bad)}; supported: "
-                                    f"{', '.join(d.name for d in dt.ALL)}")
             try:
-                kernel = ir.instantiate(group, {i.name: dt.lookup(n)
-                                                for i, n in zip(group.tensor_inputs, names)})
+                kernel = ir.instantiate(group, dict(zip((i.name for i in group.tensor_inputs),
+                                                        inputs)))
             except SpecError as e:
-                raise KernelNotFound(f"{info.name} does not type-check for dtypes "
-                                     f"{', '.join(names)}, so no kernel serves them: {e}") from None
-            found = memo[torch_dtypes] = tuple(getattr(torch, o.dtype.name)
-                                               for o in kernel.outputs)
+                names = ", ".join(d.name for d in inputs)
+                raise KernelNotFound(f"{info.name} does not type-check for dtypes {names}, so "
+                                     f"no kernel serves them: {e}") from None
+            found = memo[inputs] = tuple(getattr(torch, o.dtype.name) for o in kernel.outputs)
         return found
     return dtypes
 
 
-def _register_autograd(lib, namespace: str, info: GroupInfo, grad: GroupInfo) -> None:
-    """Autograd of op `info.name` by its backward op: only the inputs are saved (and seed,
-    offset); gradients come back reduced to each input's shape and dtype."""
-    backward_op = getattr(getattr(torch.ops, namespace), grad.name)
-    n_in = len(info.params)
-    out_names = [n for n, _ in info.outputs]
-    grad_outs = [out_names.index(n[len("grad_"):]) for n, _, _ in grad.params[n_in:]]
+def _register_autograd(lib, namespace: str, bundle, info: GroupInfo,
+                       grad: GroupInfo | None) -> None:
+    """Autograd of op `info.name` by its backward op `grad` (None: the group has none): only
+    the inputs are saved (and seed, offset); gradients come back reduced to each input's shape
+    and dtype. A gradient asked for an input the backward does not give is a GradientError,
+    unless no output depends on the input through differentiable ops (its gradient is None,
+    as in torch)."""
     names = [n for n, _, _ in info.params]
-    returned = [o for o, _ in grad.outputs]
-    # each listed input: ('out', index into the backward op's outputs) or ('in', index into
-    # the incoming gradients) when its gradient is one of those (grad_alias)
-    where = {names.index(o[len("grad_"):]): ("out", k) for k, o in enumerate(returned)}
-    for inp, src in grad.grad_alias:
-        where[names.index(inp)] = ("out", returned.index(src)) if src in returned else \
-            ("in", out_names.index(src[len("grad_"):]))
-    listed = sorted(where)
     tensor_pos = [i for i, (_, k, _) in enumerate(info.params) if k == "tensor"]
+    where, grad_outs, backward_op = _gradient_sources(namespace, info, grad)
+    listed = sorted(where)
+    zero: dict[str, bool] = {}      # unlisted input -> whether its gradient is zero
+
+    def zero_gradient(name: str) -> bool:
+        if name not in zero:
+            from .. import autodiff
+            try:
+                zero[name] = not autodiff.differentiable(bundle.group_ir(info.name), name)
+            except SpecError:       # an op without derivative: listing it says where
+                zero[name] = False
+        return zero[name]
 
     def setup_context(ctx, inputs, output, keyword_only_inputs=None):
         ctx.save_for_backward(*(inputs[i] for i in tensor_pos))
@@ -198,7 +220,11 @@ def _register_autograd(lib, namespace: str, info: GroupInfo, grad: GroupInfo) ->
         ctx.random = keyword_only_inputs or {}
 
     def backward(ctx, *grads):
-        result = [None] * n_in
+        missing = [names[i] for i in tensor_pos if ctx.needs_input_grad[i] and i not in where
+                   and not zero_gradient(names[i])]
+        if missing:
+            raise _no_gradient(info, missing, [names[i] for i in listed])
+        result = [None] * len(names)
         if not any(ctx.needs_input_grad[i] for i in listed):
             return tuple(result)
         inputs = list(ctx.inputs)
@@ -215,6 +241,42 @@ def _register_autograd(lib, namespace: str, info: GroupInfo, grad: GroupInfo) ->
 
     torch.library.register_autograd(f"{namespace}::{info.name}", backward,
                                     setup_context=setup_context, lib=lib)
+
+
+def _gradient_sources(namespace: str, info: GroupInfo, grad: GroupInfo | None):
+    """(where, grad_outs, backward op) of a forward op: where[i] is ('out', index into the
+    backward op's outputs) or ('in', index into the incoming gradients, when its gradient is
+    one of those: grad_alias) for each input `grad:` lists; grad_outs the forward outputs whose
+    gradients the backward op takes, in its order. ({}, [], None) without a backward group."""
+    if grad is None:
+        return {}, [], None
+    n_in = len(info.params)
+    out_names = [n for n, _ in info.outputs]
+    names = [n for n, _, _ in info.params]
+    returned = [o for o, _ in grad.outputs]
+    where = {names.index(o[len("grad_"):]): ("out", k) for k, o in enumerate(returned)}
+    for inp, src in grad.grad_alias:
+        where[names.index(inp)] = ("out", returned.index(src)) if src in returned else \
+            ("in", out_names.index(src[len("grad_"):]))
+    grad_outs = [out_names.index(n[len("grad_"):]) for n, _, _ in grad.params[n_in:]]
+    return where, grad_outs, getattr(getattr(torch.ops, namespace), grad.name)
+
+
+def _no_gradient(info: GroupInfo, missing: list[str], listed: list[str]) -> GradientError:
+    """The error for gradients of `missing` inputs that group `info` has no backward for."""
+    which = ", ".join(f"'{n}'" for n in missing)
+    wants = f"input{'s' if len(missing) > 1 else ''} {which} of {info.name} " \
+            f"require{'' if len(missing) > 1 else 's'} grad"
+    line = f"grad: [{', '.join(listed + missing)}]"
+    if listed:
+        why = f"its spec's `grad: [{', '.join(listed)}]` does not list {which}"
+        fix = f"make it `{line}` in group '{info.name}'"
+    else:
+        why = f"group '{info.name}' has no `grad:`, so the bundle holds no backward for it"
+        fix = f"add `{line}` to group '{info.name}' of the spec"
+    detach = ", ".join(f"{n}.detach()" for n in missing)
+    return GradientError(f"{wants}, but {why}: {fix} and rebuild the bundle (or pass {detach} "
+                         "if no gradient is wanted)")
 
 
 def _refuse_double_backward(lib, namespace: str, grad: GroupInfo) -> None:
