@@ -107,11 +107,11 @@ def compile(specs, out_dir, targets, jobs, keep_going, shard, cache_dir, no_cach
             emit_source, miss_logs, name, bundle_version, max_kernels, quiet, as_json):
     """Compile every kernel of SPECS into a bundle."""
     from .build import build, parse_shard
-    from .spec import add_misses
+    from .spec import DEFAULT_MAX_KERNELS, add_misses
     shard_range = parse_shard(shard) if shard else None
     plan = _plan(specs, targets, name, bundle_version, max_kernels)
     for log in miss_logs:
-        fold = add_misses(plan, log)
+        fold = add_misses(plan, log, max_kernels or DEFAULT_MAX_KERNELS)
         plan = fold.plan
         if not quiet:
             _report_misses(log, fold)

@@ -16,9 +16,10 @@ import yaml
 
 from . import dtypes as dt
 from . import targets as tg
-from .argspec import (Dim, broadcast_shapes, canonicalize, contiguous_strides, format_key,
-                      parse_key, row_strides)
+from .argspec import (MAX_RANK, Dim, broadcast_shapes, canonicalize, contiguous_strides,
+                      format_key, parse_key, row_strides)
 from .errors import SpecError, UsageError
+from .runtime.manifest import read_regular_file
 from .syntax import Group, SourceMap, parse_group
 from .ir import instantiate
 from . import autodiff
@@ -27,6 +28,7 @@ TOP_KEYS = ("fusebuild", "bundle", "targets", "groups")
 GROUP_KEYS = ("name", "doc", "inputs", "outputs", "body", "matrix", "targets", "grad")
 MATRIX_KEYS = ("dtype", "shapes", "strided")
 DEFAULT_MAX_KERNELS = 20000
+MAX_MISS_LOG_BYTES = 1 << 28
 MAX_GROUP_NAME = 255 - len(".cubin")   # file names hold 255 bytes; <group>.cubin is the longest
 MAX_BUNDLE_NAME = 200   # <name>-<version>, leaving room for temporary, shard and archive suffixes
 _BUNDLE_FIELD = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -51,6 +53,7 @@ class GroupPlan:
     file: str
     line: int
     shapes: tuple[dict, ...] = ()     # the symbolic shape patterns of the matrix
+    forward: str = ""                 # a backward group derived by `grad:`: its forward group
 
 
 @dataclass(frozen=True)
@@ -439,7 +442,7 @@ def _group_plans(gy: _Y, cli_targets: tuple[str, ...] | None,
     if "grad" in g:
         bwd, bmatrix = _backward(group, matrix, g["grad"])
         plans.append(GroupPlan(bwd, bmatrix.variants(bwd), targets, gy.file, gy.line,
-                               bmatrix.shapes))
+                               bmatrix.shapes, group.name))
     return plans
 
 
@@ -518,6 +521,8 @@ def _dtype_maps(group: Group, y: _Y | None, where: _Y) -> list[tuple[dict[str, d
         else:
             d = _dtype(str(item.scalar()), item)
             maps.append(({**fixed, **{n: d for n in free}}, item))
+    if not maps:
+        raise y.key_node.err("matrix.dtype lists no dtype", "e.g. dtype: [float32]")
     return maps
 
 
@@ -556,6 +561,9 @@ class _Matrix:
             raise where.err("matrix.shapes is required", "e.g. shapes: [{x: [N]}]")
         strided = bool(m["strided"].scalar()) if "strided" in m else False
         shape_nodes = tuple(m["shapes"].seq("matrix.shapes"))
+        if not shape_nodes:
+            raise m["shapes"].key_node.err("matrix.shapes lists no shape pattern",
+                                           "e.g. shapes: [{x: [N]}]")
         shapes = tuple(_shape_pattern(group, s) for s in shape_nodes)
         return _Matrix(dtype_maps, shapes, shape_nodes, strided)
 
@@ -583,7 +591,11 @@ def _shape_pattern(group: Group, sy: _Y) -> dict[str, tuple]:
         if k not in tensor_names:
             raise v.key_node.err(f"'{k}' is not a tensor input of group '{group.name}'",
                                  "shape patterns name tensor inputs only")
-        shapes[k] = tuple(_parse_dim(d) for d in v.seq(f"the shape of '{k}'"))
+        dims = v.seq(f"the shape of '{k}'")
+        if len(dims) > MAX_RANK:
+            raise v.err(f"the shape of '{k}' has {len(dims)} dims; arrays have at most "
+                        f"{MAX_RANK}", f"give at most {MAX_RANK} dims")
+        shapes[k] = tuple(_parse_dim(d) for d in dims)
     missing = [n for n in tensor_names if n not in shapes]
     if missing:
         raise sy.err(f"shape pattern gives no shape for {', '.join(missing)}",
@@ -678,24 +690,27 @@ class MissFold:
     unbuilt: tuple[str, ...]         # targets misses were logged for that the plan does not build
 
 
-def add_misses(plan: Plan, log_path: str) -> MissFold:
-    """Fold the keys of a runtime miss log (JSON lines with "key" and "target") into the plan.
+def add_misses(plan: Plan, log_path: str, max_kernels: int = DEFAULT_MAX_KERNELS) -> MissFold:
+    """Fold the keys of a runtime miss log (JSON lines with "key" and "target") into the plan;
+    a forward key of a group with `grad:` brings the key its backward call selects.
 
-    Invalid records (bad JSON or key, wrong arity, a dtype the spec fixes, a type error) are
-    skipped and reported, identical keys counted once; an unreadable log is a SpecError.
+    Invalid records (bad JSON or key, wrong arity or rank, a dtype the spec fixes, a type error)
+    are skipped and reported, identical keys counted once; an unreadable log (a FIFO or device
+    included) is a SpecError, and a fold past `max_kernels` kernels a UsageError.
     """
     try:
-        with open(log_path, encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
+        text = read_regular_file(log_path, MAX_MISS_LOG_BYTES).decode("utf-8", "replace")
     except OSError as e:
         raise SpecError(f"cannot read miss log: {e.strerror}", log_path, 0, 0,
                         "pass the file FUSEBUILD_MISS_LOG pointed to") from None
     groups = {gp.group.name: gp for gp in plan.groups}
+    backward = {gp.forward: gp for gp in plan.groups if gp.forward}
     added: dict[str, dict[str, Variant]] = {}
     seen: set[str] = set()
     duplicates = other = 0
+    total = plan.n_kernels
     bad, bad_keys, unbuilt = [], set(), {}
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -719,14 +734,77 @@ def add_misses(plan: Plan, log_path: str) -> MissFold:
                 bad.append(f"{log_path}:{n}: {key}: {why}")
                 bad_keys.add(key)
                 continue
-            if all(v.key != key for v in gp.variants):
-                added.setdefault(group, {})[key] = Variant(key, tuple(d for d, _ in descs))
+            new = [(gp, Variant(key, tuple(d for d, _ in descs)))]
+            if group in backward:
+                bkey = _backward_key(gp, backward[group], key)
+                bdescs = parse_key(bkey)[1] if bkey else ()
+                if bkey and not _miss_problem(backward[group].group, bdescs):
+                    new.append((backward[group], Variant(bkey, tuple(d for d, _ in bdescs))))
+            for g, v in new:
+                if all(x.key != v.key for x in g.variants) and \
+                        v.key not in added.get(g.group.name, {}):
+                    added.setdefault(g.group.name, {})[v.key] = v
+                    total += len(g.targets)
+            if total > max_kernels:
+                raise UsageError(f"--add-misses {log_path}: with the keys logged up to line "
+                                 f"{n} the build would have {total} kernels, over the limit of "
+                                 f"{max_kernels}; raise --max-kernels or trim the log")
         if key not in bad_keys and isinstance(target, str) and target not in gp.targets:
             unbuilt[target] = None
     new_groups = tuple(dataclasses.replace(gp, variants=gp.variants + tuple(
         added.get(gp.group.name, {}).values())) for gp in plan.groups)
     return MissFold(dataclasses.replace(plan, groups=new_groups), sum(map(len, added.values())),
                     duplicates, other, tuple(bad), tuple(sorted(unbuilt)))
+
+
+def _backward_key(fwd: GroupPlan, bwd: GroupPlan, key: str) -> str | None:
+    """The key of `bwd`, the backward group of `fwd`, that the backward of a call of `key`
+    selects (autograd passes the saved inputs and C-contiguous output gradients); None where
+    the layouts of `key` do not tell it (a group with cat outputs, at a layout no shape
+    pattern of its matrix has)."""
+    group, grad = fwd.group, bwd.group
+    dtypes = [d for d, _ in parse_key(key)[1]]
+    layouts = tuple(lay for _, lay in parse_key(key)[1])
+    outs = {o.name: o.dtype for o in
+            instantiate(group, {i.name: d for i, d in zip(group.tensor_inputs, dtypes)}).outputs}
+    seeds = [i.name[len("grad_"):] for i in grad.tensor_inputs[len(group.tensor_inputs):]]
+    found = _pattern_backward(fwd, bwd, layouts) or _canonical_backward(group, grad, layouts)
+    if found is None:
+        return None
+    return format_key(grad.name, list(zip(dtypes + [outs[o] for o in seeds], found)))
+
+
+def _pattern_backward(fwd: GroupPlan, bwd: GroupPlan, layouts: tuple) -> tuple | None:
+    """The backward layouts of the matrix's first shape pattern whose forward layouts are
+    `layouts` (the build pairs them so), or None."""
+    for fshape, bshape in zip(fwd.shapes, bwd.shapes):
+        if _layouts(fwd.group, fshape, None) == layouts:
+            return _layouts(bwd.group, bshape, None)
+    return None
+
+
+def _canonical_backward(group: Group, grad: Group, layouts: tuple) -> tuple | None:
+    """The backward layouts of a forward call whose canonical layouts are `layouts`, from a
+    call in that canonical form (sizes 2, strides by letter: c dense, b 0, s odd, so no
+    two dims merge anew); None for groups with cat outputs, whose strides the key omits."""
+    if any(o.cat for o in group.outputs + grad.outputs):
+        return None
+    sizes = (2,) * (len(layouts[0]) if layouts else 0)
+    dense = contiguous_strides(sizes)
+
+    def strides(o) -> tuple:
+        return row_strides(sizes) if o.row else dense
+
+    inputs = [(sizes, tuple(0 if c == "b" else d if c == "c" else 2 * d + 1
+                            for c, d in zip(lay, dense))) for lay in layouts]
+    outs = [strides(o) for o in group.outputs]
+    if canonicalize(sizes, inputs, outs, keep_last=group.reduces).layouts != layouts:
+        return None
+    by_name = {o.name: o for o in group.outputs}
+    seeds = [(sizes, strides(by_name[i.name[len("grad_"):]]))
+             for i in grad.tensor_inputs[len(group.tensor_inputs):]]
+    return canonicalize(sizes, inputs + seeds, [strides(o) for o in grad.outputs],
+                        keep_last=grad.reduces).layouts
 
 
 def _miss_problem(group: Group, descs: tuple) -> str:
@@ -739,6 +817,8 @@ def _miss_problem(group: Group, descs: tuple) -> str:
              for i, (d, _) in zip(inputs, descs) if i.dtype is not None and i.dtype != d]
     if fixed:
         return "; ".join(fixed)
+    if descs and len(descs[0][1]) > MAX_RANK:
+        return f"has rank {len(descs[0][1])}; arrays have at most {MAX_RANK} dims"
     if group.reduces and any(not lay for _, lay in descs):
         return f"has rank 0, but group '{group.name}' reduces over the last dim: its keys " \
             "have rank >= 1"

@@ -18,6 +18,8 @@ from ..argspec import (Canonical, broadcast_shapes, canonicalize, contiguous_str
                        row_strides)
 from ..errors import ArgumentError
 
+GRAD = "__grad"       # the backward group of `g` is `g__grad` (the autodiff contract)
+
 
 @dataclass(frozen=True)
 class GroupInfo:
@@ -267,12 +269,16 @@ def check_seed(group: str, seed, offset) -> None:
 
 def check_no_seed(group: str, seed, offset) -> None:
     """Groups without random numbers take neither seed= nor offset=."""
-    if seed is not None or not (isinstance(offset, (int, np.integer)) and offset == 0):
+    if seed is not None or isinstance(offset, bool) or \
+            not (isinstance(offset, (int, np.integer)) and offset == 0):
         raise ArgumentError(f"{group} draws no random numbers: it takes no seed= or offset=")
 
 
 def check_seed_word(value, what: str) -> None:
-    if not isinstance(value, (int, np.integer)) or not 0 <= value < 1 << 64:
+    """seed= and offset= are integers in [0, 2**64); bools are refused, as numpy and torch
+    refuse them as seeds."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+            or not 0 <= value < 1 << 64:
         raise ArgumentError(f"{what} must be an integer in [0, 2**64), got {value!r}")
 
 

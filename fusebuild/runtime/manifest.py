@@ -105,6 +105,35 @@ def read_regular(root: str, rel: str, limit: int) -> bytes:
         return f.read(limit + 1)
 
 
+class NotRegularFile(OSError):
+    """A path that `open_regular_file` refuses: a FIFO, a device, a folder."""
+
+
+def open_regular_file(path: str, flags: int = os.O_RDONLY) -> int:
+    """An fd of `path` (not a bundle file: symbolic links are followed) opened with `flags`
+    and O_NONBLOCK, so that a FIFO never blocks; NotRegularFile unless it is a regular file."""
+    refused = NotRegularFile(errno.EINVAL, "not a regular file (a FIFO, device or folder)")
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno in (errno.ENXIO, errno.EISDIR):    # a FIFO without reader, a folder
+            raise refused from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise refused
+    return fd
+
+
+def read_regular_file(path: str, limit: int) -> bytes:
+    """The bytes of regular file `path` (`open_regular_file`); OSError beyond `limit` bytes."""
+    with os.fdopen(open_regular_file(path), "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than the limit of {limit} bytes")
+    return data
+
+
 def kernel_file(root: str, artifacts: dict[str, dict], rel: str) -> tuple[str, str, int | None]:
     """(root, relative path, recorded size) of a kernel's file: a bundle artifact, or a kernel
     compiled on the fly, whose absolute path in the cache has no recorded size."""

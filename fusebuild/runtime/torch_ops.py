@@ -13,9 +13,8 @@ import torch
 from .. import dtypes as dt
 from ..errors import ArgumentError, KernelNotFound, SpecError, UsageError
 from ..text import plural
-from .dispatch import GroupInfo
+from .dispatch import GRAD, GroupInfo
 
-GRAD = "__grad"       # the backward group of `g` is `g__grad` (the autodiff contract)
 _SCHEMA_TYPES = {"f": "float", "i": "int", "u": "int", "b": "bool"}
 _LIBRARIES: dict[str, "TorchOps"] = {}      # namespace -> the ops registered there
 
