@@ -136,7 +136,9 @@ def _report_misses(log: str, fold) -> None:
     def count(n: int, what: str) -> str:
         return f"{n} {what}" if n == 1 else f"{n} {what}s"
 
-    notes = [f"{count(fold.duplicates, 'duplicate record')}"] if fold.duplicates else []
+    notes = [f"{count(fold.backward, 'backward key')} with them"] if fold.backward else []
+    if fold.duplicates:
+        notes.append(count(fold.duplicates, "duplicate record"))
     if fold.other_groups:
         notes.append(f"{count(fold.other_groups, 'record')} of groups not in these specs skipped")
     if fold.bad:

@@ -683,11 +683,12 @@ def _check_reduced_dims(group: Group, rank: int, sy: _Y) -> None:
 class MissFold:
     """What `add_misses` made of a miss log."""
     plan: Plan
-    added: int                       # keys new to the plan
+    added: int                       # logged keys new to the plan
     duplicates: int                  # records of a key seen before in the log
     other_groups: int                # records of groups not in these specs
     bad: tuple[str, ...]             # 'LOG:LINE: why' per record skipped as invalid
     unbuilt: tuple[str, ...]         # targets misses were logged for that the plan does not build
+    backward: int = 0                # backward keys new to the plan, of added forward keys
 
 
 def add_misses(plan: Plan, log_path: str, max_kernels: int = DEFAULT_MAX_KERNELS) -> MissFold:
@@ -707,7 +708,7 @@ def add_misses(plan: Plan, log_path: str, max_kernels: int = DEFAULT_MAX_KERNELS
     backward = {gp.forward: gp for gp in plan.groups if gp.forward}
     added: dict[str, dict[str, Variant]] = {}
     seen: set[str] = set()
-    duplicates = other = 0
+    duplicates = other = derived = 0
     total = plan.n_kernels
     bad, bad_keys, unbuilt = [], set(), {}
     for n, line in enumerate(text.splitlines(), 1):
@@ -734,17 +735,12 @@ def add_misses(plan: Plan, log_path: str, max_kernels: int = DEFAULT_MAX_KERNELS
                 bad.append(f"{log_path}:{n}: {key}: {why}")
                 bad_keys.add(key)
                 continue
-            new = [(gp, Variant(key, tuple(d for d, _ in descs)))]
-            if group in backward:
-                bkey = _backward_key(gp, backward[group], key)
-                bdescs = parse_key(bkey)[1] if bkey else ()
-                if bkey and not _miss_problem(backward[group].group, bdescs):
-                    new.append((backward[group], Variant(bkey, tuple(d for d, _ in bdescs))))
-            for g, v in new:
+            for g, v in _with_backward(gp, backward.get(group), key):
                 if all(x.key != v.key for x in g.variants) and \
                         v.key not in added.get(g.group.name, {}):
                     added.setdefault(g.group.name, {})[v.key] = v
                     total += len(g.targets)
+                    derived += g is not gp
             if total > max_kernels:
                 raise UsageError(f"--add-misses {log_path}: with the keys logged up to line "
                                  f"{n} the build would have {total} kernels, over the limit of "
@@ -753,8 +749,20 @@ def add_misses(plan: Plan, log_path: str, max_kernels: int = DEFAULT_MAX_KERNELS
             unbuilt[target] = None
     new_groups = tuple(dataclasses.replace(gp, variants=gp.variants + tuple(
         added.get(gp.group.name, {}).values())) for gp in plan.groups)
-    return MissFold(dataclasses.replace(plan, groups=new_groups), sum(map(len, added.values())),
-                    duplicates, other, tuple(bad), tuple(sorted(unbuilt)))
+    return MissFold(dataclasses.replace(plan, groups=new_groups),
+                    sum(map(len, added.values())) - derived, duplicates, other, tuple(bad),
+                    tuple(sorted(unbuilt)), derived)
+
+
+def _with_backward(gp: GroupPlan, bwd: GroupPlan | None, key: str
+                   ) -> list[tuple[GroupPlan, Variant]]:
+    """The variant of a logged `key` of `gp`, and of its backward group `bwd` (if any) the
+    variant its backward calls select."""
+    found = [(gp, Variant(key, tuple(d for d, _ in parse_key(key)[1])))]
+    bkey = _backward_key(gp, bwd, key) if bwd else None
+    if bkey and not _miss_problem(bwd.group, parse_key(bkey)[1]):
+        found.append((bwd, Variant(bkey, tuple(d for d, _ in parse_key(bkey)[1]))))
+    return found
 
 
 def _backward_key(fwd: GroupPlan, bwd: GroupPlan, key: str) -> str | None:

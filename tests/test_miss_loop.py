@@ -15,7 +15,7 @@ import pytest
 
 from fusebuild import build, elf, runtime, spec
 from fusebuild.argspec import symbol_name
-from fusebuild.errors import BundleError, KernelNotFound, UsageError
+from fusebuild.errors import BundleError, KernelNotFound, SpecError, UsageError
 from fusebuild.runtime import cpu, cuda, dispatch
 from cuda_emulation.fake_cupy import FakeArray, fake_cupy
 from cuda_emulation.harness import (EmulatedGroup, compile_source, have_compiler, kernel_sources,
@@ -247,17 +247,17 @@ def test_a_cuda_miss_is_logged_and_compiled_for_the_device(cuda_bundle, tmp_path
 
 # ---------------------------------------------------------------- miss logs that are no files --
 
-def _fusebuild(*args, timeout: float = 60):
-    """The CLI in a child bounded in time and memory: a regression fails, never hangs or
-    fills the machine."""
+def _fusebuild(*args, timeout: float = 60, memory: int | None = 4 << 30):
+    """The CLI in a child bounded in time and address space: a regression fails, never hangs
+    or fills the machine."""
     import resource
     import subprocess
     import sys
 
     def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     return subprocess.run([sys.executable, "-m", "fusebuild", *args], capture_output=True,
-                          text=True, timeout=timeout, preexec_fn=limit)
+                          text=True, timeout=timeout, preexec_fn=limit if memory else None)
 
 
 def test_add_misses_refuses_a_fifo_and_a_device(specs, tmp_path):
@@ -267,6 +267,13 @@ def test_add_misses_refuses_a_fifo_and_a_device(specs, tmp_path):
         r = _fusebuild("compile", specs, "-o", str(tmp_path / "out"), "--add-misses", log)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert f"{log}:0:0: error: cannot read miss log: not a regular file" in r.stderr
+
+def test_add_misses_reads_a_log_up_to_a_limit(specs, tmp_path, monkeypatch):
+    log = tmp_path / "misses.jsonl"
+    log.write_text('{"key": "scale(f64:c)"}\n' * 10)
+    monkeypatch.setattr(spec, "MAX_MISS_LOG_BYTES", 100)
+    with pytest.raises(SpecError, match="cannot read miss log: 240 bytes, over the limit of 100"):
+        spec.add_misses(spec.load_plan([specs]), str(log))
 
 
 def test_a_miss_log_at_a_fifo_warns_once_and_never_blocks(bundle_path, v2_host, tmp_path,
@@ -371,12 +378,15 @@ def test_a_logged_forward_miss_of_a_grad_group_rebuilds_its_backward_too(grad_sp
     with pytest.raises(KernelNotFound, match=r"no kernel g\(f64:c,f64:c\)"):
         runtime.load(path).torch_library("miss_fwd").g(x, b)
     fold = spec.add_misses(spec.load_plan([str(grad_spec)]), str(log))
-    assert fold.added == 2 and not fold.bad
+    assert (fold.added, fold.backward) == (1, 1) and not fold.bad
     assert [v.key for gp in fold.plan.groups for v in gp.variants][-1] == \
         "g__grad(f64:c,f64:c,f64:c)"
     monkeypatch.delenv("FUSEBUILD_MISS_LOG")
-    ops = runtime.load(build.build(fold.plan, str(out), progress=False).path
-                       ).torch_library("miss_bwd")
+    r = _fusebuild("compile", str(grad_spec), "-o", str(out), "--add-misses", str(log),
+                   timeout=300, memory=None)
+    assert r.returncode == 0 and f"{log}: 1 missing key added, 1 backward key with them\n" \
+        in r.stderr, r.stderr
+    ops = runtime.load(path).torch_library("miss_bwd")
     y = ops.g(x, b)
     y.backward(torch.cos(y.detach()))
     xr, br = (t.detach().clone().requires_grad_() for t in (x, b))

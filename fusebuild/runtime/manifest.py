@@ -127,11 +127,12 @@ def open_regular_file(path: str, flags: int = os.O_RDONLY) -> int:
 
 def read_regular_file(path: str, limit: int) -> bytes:
     """The bytes of regular file `path` (`open_regular_file`); OSError beyond `limit` bytes."""
-    with os.fdopen(open_regular_file(path), "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise OSError(errno.EFBIG, f"larger than the limit of {limit} bytes")
-    return data
+    fd = open_regular_file(path)
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise OSError(errno.EFBIG, f"{size} bytes, over the limit of {limit}")
+        return f.read(size)
 
 
 def kernel_file(root: str, artifacts: dict[str, dict], rel: str) -> tuple[str, str, int | None]:
