@@ -706,6 +706,7 @@ def add_misses(plan: Plan, log_path: str, max_kernels: int = DEFAULT_MAX_KERNELS
                         "pass the file FUSEBUILD_MISS_LOG pointed to") from None
     groups = {gp.group.name: gp for gp in plan.groups}
     backward = {gp.forward: gp for gp in plan.groups if gp.forward}
+    planned = {gp.group.name: {v.key for v in gp.variants} for gp in plan.groups}
     added: dict[str, dict[str, Variant]] = {}
     seen: set[str] = set()
     duplicates = other = derived = 0
@@ -736,8 +737,8 @@ def add_misses(plan: Plan, log_path: str, max_kernels: int = DEFAULT_MAX_KERNELS
                 bad_keys.add(key)
                 continue
             for g, v in _with_backward(gp, backward.get(group), key):
-                if all(x.key != v.key for x in g.variants) and \
-                        v.key not in added.get(g.group.name, {}):
+                if v.key not in planned[g.group.name]:
+                    planned[g.group.name].add(v.key)
                     added.setdefault(g.group.name, {})[v.key] = v
                     total += len(g.targets)
                     derived += g is not gp
@@ -785,7 +786,7 @@ def _backward_key(fwd: GroupPlan, bwd: GroupPlan, key: str) -> str | None:
 def _pattern_backward(fwd: GroupPlan, bwd: GroupPlan, layouts: tuple) -> tuple | None:
     """The backward layouts of the matrix's first shape pattern whose forward layouts are
     `layouts` (the build pairs them so), or None."""
-    for fshape, bshape in zip(fwd.shapes, bwd.shapes):
+    for fshape, bshape in zip(fwd.shapes, bwd.shapes):     # checked: no error to locate
         if _layouts(fwd.group, fshape, None) == layouts:
             return _layouts(bwd.group, bshape, None)
     return None
