@@ -260,7 +260,7 @@ class Bundle:
                     f.write(json.dumps(record) + "\n")
             except NotRegularFile as e:
                 warnings.warn(f"FUSEBUILD_MISS_LOG={path} is {e.strerror}: misses are not "
-                              "logged there", RuntimeWarning, stacklevel=4)
+                              "logged there", RuntimeWarning)
                 _REFUSED.add(seen[0])
             except OSError as e:
                 raise BundleError(f"cannot append to FUSEBUILD_MISS_LOG={path}: "
