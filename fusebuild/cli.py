@@ -147,6 +147,10 @@ def _report_misses(log: str, fold) -> None:
                + "".join(f", {n}" for n in notes), err=True)
     for line in fold.bad:
         click.echo(f"  skipped {line}", err=True)
+    if fold.underived:
+        click.echo(f"  no backward key for {', '.join(fold.underived)}: the layout is none of "
+                   "the matrix's and the group has cat outputs; add a shape pattern of the "
+                   "call", err=True)
     if fold.unbuilt:
         click.echo(f"  misses were logged for targets these specs do not build: "
                    f"{', '.join(fold.unbuilt)} (add them with --target)", err=True)

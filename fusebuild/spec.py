@@ -689,6 +689,7 @@ class MissFold:
     bad: tuple[str, ...]             # 'LOG:LINE: why' per record skipped as invalid
     unbuilt: tuple[str, ...]         # targets misses were logged for that the plan does not build
     backward: int = 0                # backward keys new to the plan, of added forward keys
+    underived: tuple[str, ...] = ()  # added forward keys whose backward key the log cannot tell
 
 
 def add_misses(plan: Plan, log_path: str, max_kernels: int = DEFAULT_MAX_KERNELS) -> MissFold:
@@ -711,7 +712,7 @@ def add_misses(plan: Plan, log_path: str, max_kernels: int = DEFAULT_MAX_KERNELS
     seen: set[str] = set()
     duplicates = other = derived = 0
     total = plan.n_kernels
-    bad, bad_keys, unbuilt = [], set(), {}
+    bad, bad_keys, unbuilt, underived = [], set(), {}, []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -736,7 +737,10 @@ def add_misses(plan: Plan, log_path: str, max_kernels: int = DEFAULT_MAX_KERNELS
                 bad.append(f"{log_path}:{n}: {key}: {why}")
                 bad_keys.add(key)
                 continue
-            for g, v in _with_backward(gp, backward.get(group), key):
+            found = _with_backward(gp, backward.get(group), key)
+            if group in backward and len(found) == 1 and key not in planned[group]:
+                underived.append(key)
+            for g, v in found:
                 if v.key not in planned[g.group.name]:
                     planned[g.group.name].add(v.key)
                     added.setdefault(g.group.name, {})[v.key] = v
@@ -752,7 +756,7 @@ def add_misses(plan: Plan, log_path: str, max_kernels: int = DEFAULT_MAX_KERNELS
         added.get(gp.group.name, {}).values())) for gp in plan.groups)
     return MissFold(dataclasses.replace(plan, groups=new_groups),
                     sum(map(len, added.values())) - derived, duplicates, other, tuple(bad),
-                    tuple(sorted(unbuilt)), derived)
+                    tuple(sorted(unbuilt)), derived, tuple(underived))
 
 
 def _with_backward(gp: GroupPlan, bwd: GroupPlan | None, key: str

@@ -354,6 +354,26 @@ def test_the_backward_key_of_every_example_forward_key_is_the_one_the_build_pair
     assert checked > 40
 
 
+def test_a_new_layout_of_a_group_with_cat_outputs_is_reported_without_backward_key(tmp_path,
+                                                                                   capsys):
+    from conftest import SPECS
+    from fusebuild.cli import _report_misses
+    log = tmp_path / "misses.jsonl"
+    keys = ["bias_gelu(f32:sc,f32:bc)", "rotary_embedding(f32:sss,f32:bcc,f32:bcc)",
+            "rotary_embedding(f64:ssc,f64:bcc,f64:bcc)"]
+    log.write_text("".join(json.dumps({"key": k}) + "\n" for k in keys))
+    fold = spec.add_misses(spec.load_plan([SPECS]), str(log))
+    assert (fold.added, fold.backward) == (3, 2) and fold.underived == (keys[1],)
+    variants = {v.key for gp in fold.plan.groups for v in gp.variants}
+    assert {"bias_gelu__grad(f32:sc,f32:bc,f32:cc)",
+            "rotary_embedding__grad(f64:ssc,f64:bcc,f64:bcc,f64:ssc)"} <= variants
+    _report_misses(str(log), fold)
+    assert capsys.readouterr().err == (
+        f"{log}: 3 missing keys added, 2 backward keys with them\n  no backward key for "
+        f"{keys[1]}: the layout is none of the matrix's and the group has cat outputs; add a "
+        "shape pattern of the call\n")
+
+
 @pytest.fixture
 def grad_spec(tmp_path):
     """A group with grad: for float32 rank-1 calls, at the best CPU level of this host."""
