@@ -68,3 +68,4 @@ class Abi:
 # Every artifact (.so, cubin, PTX) also defines the data object ARTIFACT_SYMBOL: the canonical
 # JSON of its description (fusebuild/artifact.py), checked against the manifest before any call.
 ARTIFACT_SYMBOL = "fusebuild_artifact"
+GRAD_SUFFIX = "__grad"    # the backward group of `g` (derived from `grad:`) is `g__grad`

@@ -132,6 +132,7 @@ def canonicalize(shape: Sequence[Size], inputs: Sequence[tuple[Sequence[Size], S
 
 # ---------------------------------------------------------------- keys -------------------------
 
+MAX_RANK = 64       # numpy's (so every call's) most dims: no key has more letters per input
 _KEY_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\((.*)\)$")
 _LAYOUT_RE = re.compile(r"^[cbs]*$")
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .abi import GRAD_SUFFIX
 from .errors import SpecError
 from .ops import (CASTS, DERIVATIVES, EXPANSIONS, OPS, PRIMITIVE_REDUCTION,
                   REDUCTIONS, ZERO_GRAD)
 from .syntax import FULL, ROW, UNIFORM, Expr, Group, SourceMap, parse_group
 
-SUFFIX = "__grad"
+
 _ROW_OP = {v: k for k, v in PRIMITIVE_REDUCTION.items()}   # rsum -> sum, ...
 
 
@@ -277,7 +278,7 @@ def derive(group: Group, wrt: tuple[str, ...], where: SourceMap) -> Group:
     body = "\n".join(_text(ln) for ln in lines)
     doc = f"backward of {group.name}: gradients of {', '.join(wrt)}"
     outputs = [(grad_name(w), None) for w in wrt if w not in alias]
-    bwd = parse_group(group.name + SUFFIX, inputs, outputs, body,
+    bwd = parse_group(group.name + GRAD_SUFFIX, inputs, outputs, body,
                       SourceMap(where.file, where.first_line, (where.locate(1, 0)[2],) *
                                 (body.count("\n") + 1)), doc)
     return replace(bwd, grad_alias=tuple(alias.items()))

@@ -107,11 +107,11 @@ def compile(specs, out_dir, targets, jobs, keep_going, shard, cache_dir, no_cach
             emit_source, miss_logs, name, bundle_version, max_kernels, quiet, as_json):
     """Compile every kernel of SPECS into a bundle."""
     from .build import build, parse_shard
-    from .spec import add_misses
+    from .spec import DEFAULT_MAX_KERNELS, add_misses
     shard_range = parse_shard(shard) if shard else None
     plan = _plan(specs, targets, name, bundle_version, max_kernels)
     for log in miss_logs:
-        fold = add_misses(plan, log)
+        fold = add_misses(plan, log, max_kernels or DEFAULT_MAX_KERNELS)
         plan = fold.plan
         if not quiet:
             _report_misses(log, fold)
@@ -138,7 +138,9 @@ def _report_misses(log: str, fold) -> None:
     def count(n: int, what: str) -> str:
         return f"{n} {what}" if n == 1 else f"{n} {what}s"
 
-    notes = [f"{count(fold.duplicates, 'duplicate record')}"] if fold.duplicates else []
+    notes = [f"{count(fold.backward, 'backward key')} with them"] if fold.backward else []
+    if fold.duplicates:
+        notes.append(count(fold.duplicates, "duplicate record"))
     if fold.other_groups:
         notes.append(f"{count(fold.other_groups, 'record')} of groups not in these specs skipped")
     if fold.bad:
@@ -147,6 +149,10 @@ def _report_misses(log: str, fold) -> None:
                + "".join(f", {n}" for n in notes), err=True)
     for line in fold.bad:
         click.echo(f"  skipped {line}", err=True)
+    if fold.underived:
+        click.echo(f"  no backward key for {', '.join(fold.underived)}: the layout is none of "
+                   "the matrix's and the group has cat outputs; add a shape pattern of the "
+                   "call", err=True)
     if fold.unbuilt:
         click.echo(f"  misses were logged for targets these specs do not build: "
                    f"{', '.join(fold.unbuilt)} (add them with --target)", err=True)

@@ -6,6 +6,7 @@ from . import targets as tg
 from .argspec import parse_key
 from .codegen.common import KernelSource
 from .errors import BundleError
+from .runtime.dispatch import nearest_keys
 
 
 def kernel_rows(manifest: dict) -> list[tuple[str, str, str, int]]:
@@ -27,7 +28,15 @@ def kernel_source(manifest: dict, key: str, target: str | None = None) -> str:
     entries = [k for k in manifest["kernels"] if k["key"] == key and
                (target is None or k["target"] == target)]
     if not entries:
-        raise BundleError(f"the bundle has no kernel {key}" + (f" for {target}" if target else ""))
+        have = sorted({k["key"] for k in manifest["kernels"] if target is None or
+                       k["target"] == target})
+        try:
+            near = nearest_keys(key, have)
+        except ValueError as e:
+            raise BundleError(f"{e}; keys are written as listed by `fusebuild inspect BUNDLE`"
+                              ) from None
+        raise BundleError(f"the bundle has no kernel {key}" + (f" for {target}" if target else "")
+                          + f"; nearest keys present: {', '.join(near) or 'none'}")
     group = syntax.group_from_json(manifest["groups"][entries[0]["group"]])
     names = [i.name for i in group.tensor_inputs]
     dtypes = {n: d for n, (d, _) in zip(names, parse_key(key)[1])}

@@ -15,18 +15,21 @@ import yaml
 
 from . import dtypes as dt
 from . import targets as tg
-from .argspec import (Dim, broadcast_shapes, canonicalize, contiguous_strides, format_key,
-                      parse_key, row_strides)
+from .argspec import (MAX_RANK, Dim, broadcast_shapes, canonicalize, contiguous_strides,
+                      format_key, parse_key, row_strides)
 from .errors import SpecError, UsageError
+from .runtime.manifest import read_regular_file
 from .syntax import Group, SourceMap, parse_group
 from .ir import instantiate
 from .runtime.manifest import load_json
 from . import autodiff
+from .abi import GRAD_SUFFIX
 
 TOP_KEYS = ("fusebuild", "bundle", "targets", "groups")
 GROUP_KEYS = ("name", "doc", "inputs", "outputs", "body", "matrix", "targets", "grad")
 MATRIX_KEYS = ("dtype", "shapes", "strided")
 DEFAULT_MAX_KERNELS = 20000
+MAX_MISS_LOG_BYTES = 1 << 28
 MAX_GROUP_NAME = 255 - len(".cubin")   # file names hold 255 bytes; <group>.cubin is the longest
 MAX_BUNDLE_NAME = 200   # <name>-<version>, leaving room for temporary, shard and archive suffixes
 _BUNDLE_FIELD = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -51,6 +54,7 @@ class GroupPlan:
     file: str
     line: int
     shapes: tuple[dict, ...] = ()     # the symbolic shape patterns of the matrix
+    forward: str = ""                 # a backward group derived by `grad:`: its forward group
 
 
 @dataclass(frozen=True)
@@ -421,14 +425,14 @@ def _group_plans(gy: _Y, cli_targets: tuple[str, ...] | None,
     if not _IDENT.match(name):
         raise g["name"].err(f"group name '{name}' is not an identifier",
                             "use letters, digits and _ (it becomes part of C symbols)")
-    if name.endswith(autodiff.SUFFIX):
-        forward = name[:-len(autodiff.SUFFIX)]
-        raise g["name"].err(f"group name '{name}' ends with '{autodiff.SUFFIX}', which is reserved "
+    if name.endswith(GRAD_SUFFIX):
+        forward = name[:-len(GRAD_SUFFIX)]
+        raise g["name"].err(f"group name '{name}' ends with '{GRAD_SUFFIX}', which is reserved "
                             "for the backward groups fusebuild derives",
                             f"list the inputs to differentiate under `grad:` in group "
                             f"'{forward}' (e.g. `grad: [x]`) instead of writing its backward, or "
                             "rename this group")
-    longest = MAX_GROUP_NAME - (len(autodiff.SUFFIX) if "grad" in g else 0)
+    longest = MAX_GROUP_NAME - (len(GRAD_SUFFIX) if "grad" in g else 0)
     if len(name) > longest:
         raise g["name"].err(f"group name is {len(name)} characters long; at most "
                             f"{longest} fit a file name", "shorten it (its artifacts "
@@ -446,7 +450,7 @@ def _group_plans(gy: _Y, cli_targets: tuple[str, ...] | None,
     if "grad" in g:
         bwd, bmatrix = _backward(group, matrix, g["grad"])
         plans.append(GroupPlan(bwd, bmatrix.variants(bwd), targets, gy.file, gy.line,
-                               bmatrix.shapes))
+                               bmatrix.shapes, group.name))
     return plans
 
 
@@ -525,6 +529,8 @@ def _dtype_maps(group: Group, y: _Y | None, where: _Y) -> list[tuple[dict[str, d
         else:
             d = _dtype(str(item.scalar()), item)
             maps.append(({**fixed, **{n: d for n in free}}, item))
+    if not maps:
+        raise y.key_node.err("matrix.dtype lists no dtype", "e.g. dtype: [float32]")
     return maps
 
 
@@ -563,6 +569,9 @@ class _Matrix:
             raise where.err("matrix.shapes is required", "e.g. shapes: [{x: [N]}]")
         strided = bool(m["strided"].scalar()) if "strided" in m else False
         shape_nodes = tuple(m["shapes"].seq("matrix.shapes"))
+        if not shape_nodes:
+            raise m["shapes"].key_node.err("matrix.shapes lists no shape pattern",
+                                           "e.g. shapes: [{x: [N]}]")
         shapes = tuple(_shape_pattern(group, s) for s in shape_nodes)
         return _Matrix(dtype_maps, shapes, shape_nodes, strided)
 
@@ -590,7 +599,11 @@ def _shape_pattern(group: Group, sy: _Y) -> dict[str, tuple]:
         if k not in tensor_names:
             raise v.key_node.err(f"'{k}' is not a tensor input of group '{group.name}'",
                                  "shape patterns name tensor inputs only")
-        shapes[k] = tuple(_parse_dim(d) for d in v.seq(f"the shape of '{k}'"))
+        dims = v.seq(f"the shape of '{k}'")
+        if len(dims) > MAX_RANK:
+            raise v.err(f"the shape of '{k}' has {len(dims)} dims; arrays have at most "
+                        f"{MAX_RANK}", f"give at most {MAX_RANK} dims")
+        shapes[k] = tuple(_parse_dim(d) for d in dims)
     missing = [n for n in tensor_names if n not in shapes]
     if missing:
         raise sy.err(f"shape pattern gives no shape for {', '.join(missing)}",
@@ -678,31 +691,37 @@ def _check_reduced_dims(group: Group, rank: int, sy: _Y) -> None:
 class MissFold:
     """What `add_misses` made of a miss log."""
     plan: Plan
-    added: int                       # keys new to the plan
+    added: int                       # logged keys new to the plan
     duplicates: int                  # records of a key seen before in the log
     other_groups: int                # records of groups not in these specs
     bad: tuple[str, ...]             # 'LOG:LINE: why' per record skipped as invalid
     unbuilt: tuple[str, ...]         # targets misses were logged for that the plan does not build
+    backward: int = 0                # backward keys new to the plan, of added forward keys
+    underived: tuple[str, ...] = ()  # added forward keys whose backward key the log cannot tell
 
 
-def add_misses(plan: Plan, log_path: str) -> MissFold:
-    """Fold the keys of a runtime miss log (JSON lines with "key" and "target") into the plan.
+def add_misses(plan: Plan, log_path: str, max_kernels: int = DEFAULT_MAX_KERNELS) -> MissFold:
+    """Fold the keys of a runtime miss log (JSON lines with "key" and "target") into the plan;
+    a forward key of a group with `grad:` brings the key its backward call selects.
 
-    Invalid records (bad JSON or key, wrong arity, a dtype the spec fixes, a type error) are
-    skipped and reported, identical keys counted once; an unreadable log is a SpecError.
+    Invalid records (bad JSON or key, wrong arity or rank, a dtype the spec fixes, a type error)
+    are skipped and reported, identical keys counted once; an unreadable log (a FIFO or device
+    included) is a SpecError, and a fold past `max_kernels` kernels a UsageError.
     """
     try:
-        with open(log_path, encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
+        text = read_regular_file(log_path, MAX_MISS_LOG_BYTES).decode("utf-8", "replace")
     except OSError as e:
         raise SpecError(f"cannot read miss log: {e.strerror}", log_path, 0, 0,
                         "pass the file FUSEBUILD_MISS_LOG pointed to") from None
     groups = {gp.group.name: gp for gp in plan.groups}
+    backward = {gp.forward: gp for gp in plan.groups if gp.forward}
+    planned = {gp.group.name: {v.key for v in gp.variants} for gp in plan.groups}
     added: dict[str, dict[str, Variant]] = {}
     seen: set[str] = set()
-    duplicates = other = 0
-    bad, bad_keys, unbuilt = [], set(), {}
-    for n, line in enumerate(lines, 1):
+    duplicates = other = derived = 0
+    total = plan.n_kernels
+    bad, bad_keys, unbuilt, underived = [], set(), {}, []
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -726,14 +745,87 @@ def add_misses(plan: Plan, log_path: str) -> MissFold:
                 bad.append(f"{log_path}:{n}: {key}: {why}")
                 bad_keys.add(key)
                 continue
-            if all(v.key != key for v in gp.variants):
-                added.setdefault(group, {})[key] = Variant(key, tuple(d for d, _ in descs))
+            found = _with_backward(gp, backward.get(group), key)
+            if group in backward and len(found) == 1 and key not in planned[group]:
+                underived.append(key)
+            for g, v in found:
+                if v.key not in planned[g.group.name]:
+                    planned[g.group.name].add(v.key)
+                    added.setdefault(g.group.name, {})[v.key] = v
+                    total += len(g.targets)
+                    derived += g is not gp
+            if total > max_kernels:
+                raise UsageError(f"--add-misses {log_path}: with the keys logged up to line "
+                                 f"{n} the build would have {total} kernels, over the limit of "
+                                 f"{max_kernels}; raise --max-kernels or trim the log")
         if key not in bad_keys and isinstance(target, str) and target not in gp.targets:
             unbuilt[target] = None
     new_groups = tuple(dataclasses.replace(gp, variants=gp.variants + tuple(
         added.get(gp.group.name, {}).values())) for gp in plan.groups)
-    return MissFold(dataclasses.replace(plan, groups=new_groups), sum(map(len, added.values())),
-                    duplicates, other, tuple(bad), tuple(sorted(unbuilt)))
+    return MissFold(dataclasses.replace(plan, groups=new_groups),
+                    sum(map(len, added.values())) - derived, duplicates, other, tuple(bad),
+                    tuple(sorted(unbuilt)), derived, tuple(underived))
+
+
+def _with_backward(gp: GroupPlan, bwd: GroupPlan | None, key: str
+                   ) -> list[tuple[GroupPlan, Variant]]:
+    """The variant of a logged `key` of `gp`, and of its backward group `bwd` (if any) the
+    variant its backward calls select."""
+    found = [(gp, Variant(key, tuple(d for d, _ in parse_key(key)[1])))]
+    bkey = _backward_key(gp, bwd, key) if bwd else None
+    if bkey and not _miss_problem(bwd.group, parse_key(bkey)[1]):
+        found.append((bwd, Variant(bkey, tuple(d for d, _ in parse_key(bkey)[1]))))
+    return found
+
+
+def _backward_key(fwd: GroupPlan, bwd: GroupPlan, key: str) -> str | None:
+    """The key of `bwd`, the backward group of `fwd`, that the backward of a call of `key`
+    selects (autograd passes the saved inputs and C-contiguous output gradients); None where
+    the layouts of `key` do not tell it (a group with cat outputs, at a layout no shape
+    pattern of its matrix has)."""
+    group, grad = fwd.group, bwd.group
+    dtypes = [d for d, _ in parse_key(key)[1]]
+    layouts = tuple(lay for _, lay in parse_key(key)[1])
+    outs = {o.name: o.dtype for o in
+            instantiate(group, {i.name: d for i, d in zip(group.tensor_inputs, dtypes)}).outputs}
+    seeds = [i.name[len("grad_"):] for i in grad.tensor_inputs[len(group.tensor_inputs):]]
+    found = _pattern_backward(fwd, bwd, layouts) or _canonical_backward(group, grad, layouts)
+    if found is None:
+        return None
+    return format_key(grad.name, list(zip(dtypes + [outs[o] for o in seeds], found)))
+
+
+def _pattern_backward(fwd: GroupPlan, bwd: GroupPlan, layouts: tuple) -> tuple | None:
+    """The backward layouts of the matrix's first shape pattern whose forward layouts are
+    `layouts` (the build pairs them so), or None."""
+    for fshape, bshape in zip(fwd.shapes, bwd.shapes):     # checked: no error to locate
+        if _layouts(fwd.group, fshape, None) == layouts:
+            return _layouts(bwd.group, bshape, None)
+    return None
+
+
+def _canonical_backward(group: Group, grad: Group, layouts: tuple) -> tuple | None:
+    """The backward layouts of a forward call whose canonical layouts are `layouts`, from a
+    call in that canonical form (sizes 2, strides by letter: c dense, b 0, s odd, so no
+    two dims merge anew); None for groups with cat outputs, whose strides the key omits."""
+    if any(o.cat for o in group.outputs + grad.outputs):
+        return None
+    sizes = (2,) * (len(layouts[0]) if layouts else 0)
+    dense = contiguous_strides(sizes)
+
+    def strides(o) -> tuple:
+        return row_strides(sizes) if o.row else dense
+
+    inputs = [(sizes, tuple(0 if c == "b" else d if c == "c" else 2 * d + 1
+                            for c, d in zip(lay, dense))) for lay in layouts]
+    outs = [strides(o) for o in group.outputs]
+    if canonicalize(sizes, inputs, outs, keep_last=group.reduces).layouts != layouts:
+        return None
+    by_name = {o.name: o for o in group.outputs}
+    seeds = [(sizes, strides(by_name[i.name[len("grad_"):]]))
+             for i in grad.tensor_inputs[len(group.tensor_inputs):]]
+    return canonicalize(sizes, inputs + seeds, [strides(o) for o in grad.outputs],
+                        keep_last=grad.reduces).layouts
 
 
 def _miss_problem(group: Group, descs: tuple) -> str:
@@ -746,6 +838,8 @@ def _miss_problem(group: Group, descs: tuple) -> str:
              for i, (d, _) in zip(inputs, descs) if i.dtype is not None and i.dtype != d]
     if fixed:
         return "; ".join(fixed)
+    if descs and len(descs[0][1]) > MAX_RANK:
+        return f"has rank {len(descs[0][1])}; arrays have at most {MAX_RANK} dims"
     if group.reduces and any(not lay for _, lay in descs):
         return f"has rank 0, but group '{group.name}' reduces over the last dim: its keys " \
             "have rank >= 1"

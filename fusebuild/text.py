@@ -11,8 +11,9 @@ def plural(n: int, noun: str, many: str = "") -> str:
 def backward_groups(names) -> int:
     """How many of the group `names` are backward groups (`<g>__grad` beside `g`, derived from
     `grad:`)."""
+    from .abi import GRAD_SUFFIX
     names = set(names)
-    return sum(1 for n in names if n.endswith("__grad") and n[:-len("__grad")] in names)
+    return sum(1 for n in names if n.endswith(GRAD_SUFFIX) and n[:-len(GRAD_SUFFIX)] in names)
 
 
 def groups_phrase(names) -> str:

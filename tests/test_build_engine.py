@@ -248,6 +248,11 @@ def test_verify_inspect_and_flipped_bytes(specs, tmp_path):
     assert r.returncode == 0 and "axpy(bf16:cc,bf16:bc)  cpu:x86-64-v2" in r.stdout
     r = run("inspect", built.path, "gate(f16:sc)")
     assert r.returncode == 0 and "def k0(P, M, start, stop):" in r.stdout and "ld_u16" in r.stdout
+    r = run("inspect", built.path, "gate(f16:ss)")
+    assert r.returncode == 1 and r.stderr == "fusebuild: the bundle has no kernel gate(f16:ss); " \
+        "nearest keys present: gate(f16:sc), gate(f32:sc)\n", r.stderr
+    r = run("inspect", built.path, "gate(f16:sc")
+    assert r.returncode == 1 and "malformed key 'gate(f16:sc'" in r.stderr, r.stderr
     so = os.path.join(built.path, "cpu", "x86-64-v2", "gate.so")
     data = bytearray(open(so, "rb").read())
     data[len(data) // 3] ^= 0x10

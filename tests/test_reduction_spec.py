@@ -367,7 +367,7 @@ def test_nearest_keys_and_miss_logs_of_reduction_groups(tmp_path):
         "log_softmax(i32:cc)",              # does not type-check: softmax needs floats
     ]) + "\n")
     fold = spec.add_misses(spec.load_plan([NORMS]), str(log))
-    assert fold.added == 2, fold
+    assert (fold.added, fold.backward) == (2, 2), fold
     assert [b.split(": ", 2)[1] for b in fold.bad] == ["rms_norm(f32:,f32:)",
                                                        "log_softmax(i32:cc)"]
     assert "rank >= 1" in fold.bad[0] and "needs a float operand" in fold.bad[1]

@@ -115,6 +115,30 @@ def test_random_group_needs_seed(examples_bundle):
         examples_bundle.bias_dropout_residual(f32(4), f32(4), f32(4), 0.1, seed=-1)
 
 
+def test_bool_seeds_and_offsets_are_refused_as_numpy_and_torch_refuse_them(examples_bundle):
+    x = f32(4)
+    for random in ({"seed": True}, {"seed": False}, {"seed": 1, "offset": True}):
+        for _ in range(2):       # the first call plans, the second may take the C fast path
+            with pytest.raises(ArgumentError, match=r"must be an integer in \[0, 2\*\*64\), "
+                                                    r"got (True|False)"):
+                examples_bundle.bias_dropout_residual(x, x, x, 0.1, **random)
+        examples_bundle.bias_dropout_residual(x, x, x, 0.1, seed=1)
+    with pytest.raises(ArgumentError, match="draws no random numbers"):
+        examples_bundle.bias_gelu(x, x, offset=False)
+
+
+def test_dropout_probabilities_outside_0_1_do_what_the_readme_says(examples_bundle):
+    """The README (Specs, rand_like) documents p outside [0, 1) of the example dropout, which
+    no spec can validate: p >= 1 and NaN drop everything, p < 0 keeps all scaled by 1/(1-p)."""
+    x, bias, res = f32(64), f32(64), f32(64)
+    for p in (1.0, 2.0, float("nan")):
+        np.testing.assert_array_equal(
+            examples_bundle.bias_dropout_residual(x, bias, res, p, seed=3), res)
+    want = res.astype(np.float64) + (x.astype(np.float64) + bias) / 2
+    np.testing.assert_allclose(examples_bundle.bias_dropout_residual(x, bias, res, -1.0, seed=3),
+                               want, rtol=1e-6, atol=1e-6)
+
+
 def test_seed_is_refused_by_groups_without_random_numbers(examples_bundle):
     with pytest.raises(ArgumentError, match="bias_gelu draws no random numbers"):
         examples_bundle.bias_gelu(f32(4), f32(4), seed=1)

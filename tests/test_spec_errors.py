@@ -69,6 +69,12 @@ CASES = [
      r"unknown input type 'vector'"),
     ("unknown-target", "targets: [cuda:sm_9x]\n" + BASE, "cuda:sm_9x", r"unknown target 'cuda:sm_9x'"),
     ("no-broadcast", BASE.replace("b: [N]}", "b: [M]}"), "{x: [N]", r"shapes do not broadcast"),
+    ("no-shape-pattern", BASE.replace("shapes: [{x: [N], b: [N]}]", "shapes: []"), "shapes",
+     r"matrix.shapes lists no shape pattern"),
+    ("no-dtype", BASE.replace("dtype: [float32]", "dtype: []"), "dtype",
+     r"matrix.dtype lists no dtype"),
+    ("rank-over-64", BASE.replace("x: [N]", "x: [" + ", ".join(["1"] * 65) + "]"), "[1, 1",
+     r"the shape of 'x' has 65 dims; arrays have at most 64"),
     ("duplicate-group", BASE + BASE.split("groups:\n")[1], (10, 11), r"duplicate group 'g' \(first defined at .*:3\)"),
     ("import-payload", body("y = __import__('os').system('true')"), "__import__",
      r"attribute access is not allowed|only ops of the table"),
@@ -207,6 +213,17 @@ def test_cli_reports_spec_errors_with_exit_code_2_and_no_traceback(tmp_path):
         assert "Traceback" not in proc.stderr
         assert f"{path}:7:11: error: unknown op 'gelux'" in proc.stderr
         assert "hint: did you mean gelu" in proc.stderr
+
+
+def test_cli_check_refuses_an_empty_shapes_list_at_its_key(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text(BASE.replace("shapes: [{x: [N], b: [N]}]", "shapes: []"))
+    line, col = position(path.read_text(), "shapes")
+    proc = subprocess.run([sys.executable, "-m", "fusebuild", "check", str(path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"fusebuild: {path}:{line}:{col}: error: matrix.shapes lists "
+                                  "no shape pattern"), proc.stderr
 
 
 def test_cli_check_locates_a_reduction_error_in_the_yaml_file(tmp_path):

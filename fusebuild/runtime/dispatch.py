@@ -277,12 +277,16 @@ def check_seed(group: str, seed, offset) -> None:
 
 def check_no_seed(group: str, seed, offset) -> None:
     """Groups without random numbers take neither seed= nor offset=."""
-    if seed is not None or not (isinstance(offset, (int, np.integer)) and offset == 0):
+    if seed is not None or isinstance(offset, bool) or \
+            not (isinstance(offset, (int, np.integer)) and offset == 0):
         raise ArgumentError(f"{group} draws no random numbers: it takes no seed= or offset=")
 
 
 def check_seed_word(value, what: str) -> None:
-    if not isinstance(value, (int, np.integer)) or not 0 <= value < 1 << 64:
+    """seed= and offset= are integers in [0, 2**64); bools are refused, as numpy and torch
+    refuse them as seeds."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+            or not 0 <= value < 1 << 64:
         raise ArgumentError(f"{what} must be an integer in [0, 2**64), got {value!r}")
 
 

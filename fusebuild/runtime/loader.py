@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,13 +18,13 @@ from ..artifact import describe
 from ..argspec import contiguous_strides, parse_key
 from ..errors import ArgumentError, BundleError, KernelNotFound
 from ..text import plural
-from . import cuda, dispatch, interop, threads
+from . import cuda, dispatch, hints, interop, threads
 from . import _dispatch
 from ._dispatch import Caller
 from .archive import cache_home
 from .cpu import FAMILY_NAMES, Libraries, host_family, host_isas, no_level_reason
-from .manifest import (KernelEntry, group_ir, kernel_entries, output_dtypes, read_manifest,
-                       verify_artifacts)
+from .manifest import (KernelEntry, group_ir, kernel_entries, NotRegularFile,
+                       open_regular_file, output_dtypes, read_manifest, verify_artifacts)
 
 ON_MISS = ("error", "jit")
 ID_ENV = "FUSEBUILD_BUNDLE_ID"     # pins the id of the bundles runtime.load accepts
@@ -238,17 +239,8 @@ class Bundle:
             f"{', '.join(near) or 'none'}\n  {fix}", key, near)
 
     def _suggest(self, key: str) -> str:
-        group, descs = parse_key(key)
-        caller = self._callers.get(group)
-        params = [(n, d) for n, k, d in caller.info.params if k == "tensor"] if caller else []
-        strided = any("s" in lay for _, lay in descs)
-        dmap = ", ".join(f"{n}: {d.name}" for (n, fixed), (d, _) in zip(params, descs)
-                         if not fixed)
-        return (f"in group '{group}' of your spec, add `{{{dmap}}}` under matrix.dtype and a "
-                f"shape pattern of this call under matrix.shapes"
-                + (" with `strided: true`" if strided else "")
-                + ", then rebuild (or log misses with FUSEBUILD_MISS_LOG and rebuild with "
-                  "`fusebuild compile --add-misses LOG`)")
+        return hints.matrix_change({n: c.info for n, c in self._callers.items()},
+                                   self._by_dtypes, key)
 
     def _convert_hint(self, key: str, converted: tuple[tuple[str, str, str], ...]) -> str:
         """What to pass instead of Python lists or numbers: arrays of the bundle's dtypes."""
@@ -276,11 +268,16 @@ class Bundle:
                   "on_miss": self.on_miss}
         seen = (os.path.abspath(path), self.id, key, target)
         with _LOGGED_LOCK:
-            if seen in _LOGGED:
+            if seen in _LOGGED or seen[0] in _REFUSED:
                 return
             try:
-                with open(path, "a", encoding="utf-8") as f:   # one short append: atomic
+                fd = open_regular_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+                with os.fdopen(fd, "a", encoding="utf-8") as f:    # one short append: atomic
                     f.write(json.dumps(record) + "\n")
+            except NotRegularFile as e:
+                warnings.warn(f"FUSEBUILD_MISS_LOG={path} is {e.strerror}: misses are not "
+                              "logged there", RuntimeWarning)
+                _REFUSED.add(seen[0])
             except OSError as e:
                 raise BundleError(f"cannot append to FUSEBUILD_MISS_LOG={path}: "
                                   f"{e.strerror}") from None
@@ -330,6 +327,7 @@ class Bundle:
 
 
 _LOGGED: set[tuple] = set()      # (log, bundle id, key, target) appended by this process
+_REFUSED: set[str] = set()       # logs that are not regular files (warned about once)
 _LOGGED_LOCK = threading.Lock()
 
 

@@ -126,16 +126,50 @@ def open_regular(root: str, rel: str) -> int:
 
 def read_regular(root: str, rel: str, limit: int) -> bytes:
     """The bytes of regular file `root/rel` (see `open_regular`), at most `limit` of them."""
-    fd = open_regular(root, rel)
+    try:
+        return _read_all(open_regular(root, rel), limit)
+    except OSError as e:
+        raise BundleError(f"{os.path.join(root, rel)} is {e.strerror}") from None
+
+
+def _read_all(fd: int, limit: int) -> bytes:
+    """Every byte of the open regular file `fd`, read by its fstat size (a buffer of `limit`
+    bytes is allocated up front by CPython: never ask for one); OSError past `limit` or when the
+    size changed meanwhile. Closes `fd`."""
     with os.fdopen(fd, "rb") as f:
         size = os.fstat(fd).st_size
         if size > limit:
-            raise BundleError(f"{os.path.join(root, rel)} is {size} bytes, over the limit of "
-                              f"{limit}")
-        data = f.read(size + 1)        # the buffer is allocated up front: never `limit` bytes
+            raise OSError(errno.EFBIG, f"{size} bytes, over the limit of {limit}")
+        data = f.read(size + 1)
     if len(data) != size:
-        raise BundleError(f"{os.path.join(root, rel)} changed size while it was read")
+        raise OSError(errno.EIO, f"{size} bytes by its size, {len(data)} read: it changed "
+                                 "while it was read")
     return data
+
+
+class NotRegularFile(OSError):
+    """A path that `open_regular_file` refuses: a FIFO, a device, a folder."""
+
+
+def open_regular_file(path: str, flags: int = os.O_RDONLY) -> int:
+    """An fd of `path` (not a bundle file: symbolic links are followed) opened with `flags`
+    and O_NONBLOCK, so that a FIFO never blocks; NotRegularFile unless it is a regular file."""
+    refused = NotRegularFile(errno.EINVAL, "not a regular file (a FIFO, device or folder)")
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno in (errno.ENXIO, errno.EISDIR):    # a FIFO without reader, a folder
+            raise refused from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise refused
+    return fd
+
+
+def read_regular_file(path: str, limit: int) -> bytes:
+    """The bytes of regular file `path` (`open_regular_file`); OSError beyond `limit` bytes."""
+    return _read_all(open_regular_file(path), limit)
 
 
 def kernel_file(root: str, artifacts: dict[str, dict], rel: str) -> tuple[str, str, int | None]:

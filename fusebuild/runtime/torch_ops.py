@@ -17,9 +17,9 @@ from .. import dtypes as dt
 from ..errors import ArgumentError, GradientError, KernelNotFound, SpecError, UsageError
 from ..text import plural
 from . import dispatch
+from ..abi import GRAD_SUFFIX
 from .dispatch import GroupInfo
 
-GRAD = "__grad"       # the backward group of `g` is `g__grad` (the autodiff contract)
 _SCHEMA_TYPES = {"f": "float", "i": "int", "u": "int", "b": "bool"}
 _LIBRARIES: dict[str, "TorchOps"] = {}      # namespace -> the ops registered there
 _SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
@@ -73,12 +73,12 @@ def torch_library(bundle, namespace: str) -> TorchOps:
         cuda = _detaching(caller)
         lib.impl(name, _seed_words(cuda) if info.has_random else cuda, "CUDA")
         torch.library.register_fake(f"{namespace}::{name}", _fake(bundle, info), lib=lib)
-    backward = tuple(n for n in infos if n + GRAD in infos)
+    backward = tuple(n for n in infos if n + GRAD_SUFFIX in infos)
     for name in infos:
-        if name.endswith(GRAD) and name[:-len(GRAD)] in infos:
+        if name.endswith(GRAD_SUFFIX) and name[:-len(GRAD_SUFFIX)] in infos:
             _refuse_double_backward(lib, namespace, infos[name])
         else:
-            _register_autograd(lib, namespace, bundle, infos[name], infos.get(name + GRAD))
+            _register_autograd(lib, namespace, bundle, infos[name], infos.get(name + GRAD_SUFFIX))
     space = getattr(torch.ops, namespace)
     ops = TorchOps(namespace, bundle, lib, {n: getattr(space, n) for n in infos}, backward)
     _LIBRARIES[namespace] = ops
