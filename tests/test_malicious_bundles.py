@@ -51,12 +51,17 @@ void SYMBOL(void) {}
 """
 
 
+def _build_uncached(tmp_path_factory, name: str, text: str) -> str:
+    """Spec `text` built into a fresh folder, without the compile cache."""
+    d = tmp_path_factory.mktemp(name)
+    (d / f"{name}.yaml").write_text(text)
+    plan = spec.load_plan([str(d / f"{name}.yaml")])
+    return build.build(plan, str(d / "out"), cache_dir=None, progress=False).path
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> str:
-    d = tmp_path_factory.mktemp("malicious")
-    (d / "tiny.yaml").write_text(SPEC)
-    plan = spec.load_plan([str(d / "tiny.yaml")])
-    return build.build(plan, str(d / "out"), cache_dir=None, progress=False).path
+    return _build_uncached(tmp_path_factory, "malicious", SPEC)
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +76,17 @@ def evil(tmp_path_factory) -> tuple[str, str]:
     return str(d / "evil.so"), marker
 
 
+def _private_copy(bundle: str, tmp_path, monkeypatch) -> str:
+    """A private copy of `bundle`, and a private archive cache."""
+    monkeypatch.setenv("FUSEBUILD_CACHE_DIR", str(tmp_path / "cache"))
+    dst = tmp_path / "b" / os.path.basename(bundle)
+    shutil.copytree(bundle, dst)
+    return str(dst)
+
+
 @pytest.fixture
 def root(built, tmp_path, monkeypatch) -> str:
-    """A private copy of the bundle, and a private archive cache."""
-    monkeypatch.setenv("FUSEBUILD_CACHE_DIR", str(tmp_path / "cache"))
-    dst = tmp_path / "b" / "tiny-1"
-    shutil.copytree(built, dst)
-    return str(dst)
+    return _private_copy(built, tmp_path, monkeypatch)
 
 
 def rewrite(root: str, edit) -> None:
@@ -573,18 +582,12 @@ groups:
 
 @pytest.fixture(scope="module")
 def described_build(tmp_path_factory) -> str:
-    d = tmp_path_factory.mktemp("described")
-    (d / "described.yaml").write_text(DESCRIBED)
-    plan = spec.load_plan([str(d / "described.yaml")])
-    return build.build(plan, str(d / "out"), cache_dir=None, progress=False).path
+    return _build_uncached(tmp_path_factory, "described", DESCRIBED)
 
 
 @pytest.fixture
 def described(described_build, tmp_path, monkeypatch) -> str:
-    monkeypatch.setenv("FUSEBUILD_CACHE_DIR", str(tmp_path / "cache"))
-    dst = tmp_path / "b" / "described-1"
-    shutil.copytree(described_build, dst)
-    return str(dst)
+    return _private_copy(described_build, tmp_path, monkeypatch)
 
 
 def _regroup(name: str, body: str):
@@ -596,18 +599,23 @@ def _regroup(name: str, body: str):
     return edit
 
 
-def _v4_as_v2(root: str) -> None:
-    """sq's x86-64-v4 shared object moved under cpu/x86-64-v2/ (SIGILL on a v2 CPU)."""
-    v2, v4 = "cpu/x86-64-v2/sq.so", "cpu/x86-64-v4/sq.so"
-    os.replace(os.path.join(root, v4), os.path.join(root, v2))
+def _moved(old: str, new: str):
+    """An attack moving artifact `old` to `new` (replacing it), hashes recomputed."""
+    def attack(root: str) -> None:
+        os.replace(os.path.join(root, old), os.path.join(root, new))
 
-    def edit(m):
-        m["artifacts"][v2] = m["artifacts"].pop(v4)
-        m["kernels"] = [k for k in m["kernels"] if k["file"] != v4]
-        for k in m["kernels"]:
-            if k["file"] == v2:
-                k["sha256"] = m["artifacts"][v2]["sha256"]
-    rewrite(root, edit)
+        def edit(m):
+            m["artifacts"][new] = m["artifacts"].pop(old)
+            m["kernels"] = [k for k in m["kernels"] if k["file"] != old]
+            for k in m["kernels"]:
+                if k["file"] == new:
+                    k["sha256"] = m["artifacts"][new]["sha256"]
+        rewrite(root, edit)
+    return attack
+
+
+_v4_as_v2 = _moved("cpu/x86-64-v4/sq.so", "cpu/x86-64-v2/sq.so")   # SIGILL on a v2 CPU
+_sm90_as_sm80 = _moved("cuda/sm_90/sq.cubin", "cuda/sm_80/sq.cubin")
 
 
 EDITED = "the manifest's group was edited"
@@ -673,20 +681,6 @@ def _fake_cupy(capability: str, loaded: list):
         Device=lambda i: types.SimpleNamespace(compute_capability=capability),
         runtime=runtime_, function=types.SimpleNamespace(Module=lambda: module),
         driver=types.SimpleNamespace(CUDADriverError=RuntimeError)))
-
-
-def _sm90_as_sm80(root: str) -> None:
-    """sq's sm_90 cubin moved under cuda/sm_80/."""
-    old, new = "cuda/sm_90/sq.cubin", "cuda/sm_80/sq.cubin"
-    os.replace(os.path.join(root, old), os.path.join(root, new))
-
-    def edit(m):
-        m["artifacts"][new] = m["artifacts"].pop(old)
-        m["kernels"] = [k for k in m["kernels"] if k["file"] != old]
-        for k in m["kernels"]:
-            if k["file"] == new:
-                k["sha256"] = m["artifacts"][new]["sha256"]
-    rewrite(root, edit)
 
 
 @pytest.mark.parametrize("edit, capability, message, verify_message", [
