@@ -98,6 +98,9 @@ def kernel_rows(groups: list[str] | None, elements: int, tmp: str, emit) -> list
     from conftest import SPECS
     from cuda_emulation.traffic import cases, compile_traffic, measure
     plan = spec.load_plan([SPECS])
+    unknown = set(groups or ()) - {gp.group.name for gp in plan.groups}
+    if unknown:
+        raise SystemExit(f"gpu_model.py: no example group {', '.join(sorted(unknown))}")
     gps = [gp for gp in plan.groups if groups is None or gp.group.name in groups]
     parts = [gps[i::2] for i in range(2)]
     start = time.perf_counter()

@@ -7,7 +7,6 @@ for elementwise kernels and at most the group's REDUCTION_MAX for reductions.
 benchmarks/gpu_model.py reports the same at 2^20 elements."""
 from __future__ import annotations
 
-import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,11 +14,11 @@ import numpy as np
 import pytest
 
 from fusebuild import spec
-from conftest import SPECS
-from cuda_emulation.harness import EmulatedGroup, compile_source, have_compiler, kernel_sources
-from cuda_emulation.harness import launchers
-from cuda_emulation.traffic import cases, compile_traffic, measure
 from fusebuild.codegen.cuda import render_module
+from conftest import SPECS
+from cuda_emulation.harness import (EmulatedGroup, compile_source, have_compiler, kernel_sources,
+                                    launchers)
+from cuda_emulation.traffic import cases, compile_traffic, measure
 
 pytestmark = pytest.mark.skipif(not have_compiler(), reason="needs g++ for the host emulation")
 PLAN = spec.load_plan([SPECS])

@@ -20,8 +20,9 @@
 // instrumentation calls __tsan_readN / __tsan_writeN before every memory access of the compiled
 // code; harness.compile_source(traffic=True) links no sanitizer runtime, the hooks are here):
 // the bytes each access moves are added to the registered range (an array of the launch) that
-// holds its address, loads also marking the bytes they touched. Stacks, parameters and shared
-// memory lie outside every range, so only global memory is counted, however the code reaches it.
+// holds its address (the first such range), loads also marking the bytes they touched. Stacks,
+// parameters and shared memory lie outside every range, so only global memory is counted,
+// however the code reaches it.
 #pragma once
 #include <math.h>
 #include <stdio.h>

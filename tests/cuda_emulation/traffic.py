@@ -13,12 +13,12 @@ from fusebuild import dtypes as dt
 from fusebuild.argspec import Dim
 from fusebuild.codegen.cuda import render_module
 from conftest import concrete, make_args
-from cuda_emulation.harness import EmulatedGroup, Traffic, compile_source, launchers
-from cuda_emulation.harness import kernel_sources
+from cuda_emulation.harness import (EmulatedGroup, Traffic, compile_source, kernel_sources,
+                                    launchers)
 
-INNER = 1024               # the inner symbols of an elementwise case
-OUTER = 4                  # the outer symbols but the first, which makes up the size
-ROW_LENGTHS = (1024, 4096, 16384)
+INNER = 1024               # inner symbols of an elementwise case
+OUTER = 4                  # outer symbols of an elementwise case but the one setting its size
+ROW_LENGTHS = (1024, 4096, 16384)      # N of the reduction cases
 MIN_ROWS = 4
 HALF = (dt.bfloat16, dt.float16)
 
@@ -35,9 +35,9 @@ def traffic_dtypes(gp) -> list[tuple]:
 def case_shapes(pattern: dict, elements: int, row_length: int = 0
                 ) -> dict[str, tuple[int, ...]]:
     """Shapes of `pattern` (input name -> symbolic shape) with about `elements` elements in its
-    largest input: inner symbols INNER (the row length N of a reduction), outer ones OUTER (2
-    for a reduction) but the first, which makes up the size (for a reduction at least
-    MIN_ROWS rows)."""
+    largest input (a reduction: at least MIN_ROWS rows of `row_length`): inner symbols INNER
+    (the row length), outer ones OUTER (2 for a reduction) but the first, which is solved for
+    the size (the inner one where there is no outer symbol)."""
     syms = list(dict.fromkeys(s for shape in pattern.values() for d in shape
                               for s in Dim.of(d).syms))
     inner = {s for shape in pattern.values() if shape for s in Dim.of(shape[-1]).syms}
@@ -66,6 +66,7 @@ def compile_traffic(gps: list, out_dir: str, name: str) -> dict[str, EmulatedGro
 
 @dataclass
 class Measured:
+    """One counted launch."""
     group: str
     key: str                      # the kernel that ran
     dtypes: str                   # "f32/bf16..."
@@ -75,6 +76,7 @@ class Measured:
     seconds: float                # emulation time
 
     def row(self) -> dict:
+        """The launch as a JSON object (bytes summed over the operands)."""
         t = self.traffic
         return {"group": self.group, "kernel": self.key, "dtypes": self.dtypes,
                 "shapes": {k: list(v) for k, v in self.shapes.items()},
