@@ -194,3 +194,26 @@ def test_torch_bench_plan_and_targets():
     assert (compiled["met"], compiled["missed"]) == (False, ["lstm_cell bf16: 0.9"])
     assert call["met"] and not tb.targets([fast], {"ratio": 2.5})[2]["met"]
     assert tb.targets([fast], None)[0]["met"] and tb.targets([], None)[2]["met"] is None
+
+
+def test_gpu_model_quick_smoke(tmp_path):
+    """The roofline model's --quick run (four groups at 2^12 elements, counted in the host
+    emulation): the calibration and the model's check against the H200 figures, a line per
+    kernel with its traffic and H100/H200 predictions, and the summary (figures not checked
+    beyond their sign and the counted bytes' consistency)."""
+    from cuda_emulation.harness import have_compiler
+    if not have_compiler():
+        pytest.skip("needs g++ for the host emulation")
+    rows = _quick_rows(tmp_path, "gpu_model.py", timeout=300)
+    assert {r["device"] for r in rows if r["what"] == "calibration"} == {"H100", "H200"}
+    assert len([r for r in rows if r["what"] == "model_check"]) == 8
+    kernels = [r for r in rows if r["what"] == "kernel"]
+    assert {r["group"] for r in kernels} == {"silu_add", "bias_gelu", "softmax", "layer_norm"}
+    assert {r["N"] for r in kernels if r["kind"] == "reduction"} == {1024, 4096, 16384}
+    for r in kernels:
+        assert r["ratio"] == round(r["bytes_measured"] / r["bytes_ideal"], 4), r
+        assert all(r[f"{d}_us{s}"] >= r[f"{d}_ideal_us{s}"] > 0 for d in ("H100", "H200")
+                   for s in ("", "_2p26")), r
+    summary = next(r for r in rows if r["what"] == "summary")
+    assert summary["kernels"] == len(kernels)
+    assert set(summary["reduction_max_ratio"]) == {"softmax", "layer_norm"}

@@ -15,6 +15,14 @@
 // FB_SHARED(T, name, n) (what generated kernels use) is filled with 0xff bytes (NaN, -1) at the
 // start of every block, so reads of never-written shared memory show up; plain `__shared__`
 // variables are not poisoned.
+//
+// Global-memory traffic (compiled with -DFB_EMU_TRAFFIC and g++ -fsanitize=thread, whose
+// instrumentation calls __tsan_readN / __tsan_writeN before every memory access of the compiled
+// code; harness.compile_source(traffic=True) links no sanitizer runtime, the hooks are here):
+// the bytes each access moves are added to the registered range (an array of the launch) that
+// holds its address (the first such range), loads also marking the bytes they touched. Stacks,
+// parameters and shared memory lie outside every range, so only global memory is counted,
+// however the code reaches it.
 #pragma once
 #include <math.h>
 #include <stdio.h>
@@ -365,3 +373,76 @@ template <typename P>
 unsigned long long fb_param_bytes(void (*)(P)) { return sizeof(P); }
 
 extern "C" __attribute__((weak)) const char* fb_emu_error(void) { return fb_emu::S.error; }
+
+#ifdef FB_EMU_TRAFFIC
+namespace fb_emu {
+const unsigned MAX_RANGES = 64;
+// The registered ranges [lo, hi) with their byte counts and a byte map of loaded bytes.
+struct Traffic {
+  unsigned n;
+  unsigned long long lo[MAX_RANGES], hi[MAX_RANGES], loaded[MAX_RANGES], stored[MAX_RANGES];
+  unsigned char* touched[MAX_RANGES];
+};
+static thread_local Traffic traffic;
+
+__attribute__((no_sanitize_thread)) inline void count(const void* p, unsigned long bytes,
+                                                      bool store) {
+  const unsigned long long a = (unsigned long long)p;
+  Traffic& t = traffic;
+  for (unsigned i = 0; i < t.n; ++i) {
+    if (a < t.lo[i] || a >= t.hi[i]) continue;
+    if (store) {
+      t.stored[i] += bytes;
+    } else {
+      t.loaded[i] += bytes;
+      const unsigned long long left = t.hi[i] - a;
+      memset(t.touched[i] + (a - t.lo[i]), 1, bytes < left ? bytes : left);
+    }
+    return;
+  }
+}
+}  // namespace fb_emu
+
+// Count from now on into `n` ranges, given as {lo, hi, byte map address} triples (a byte map
+// holds hi - lo zeroed bytes); counts start at 0. n = 0 stops counting.
+extern "C" __attribute__((no_sanitize_thread)) void fb_emu_traffic_start(
+    unsigned n, const unsigned long long* ranges) {
+  fb_emu::Traffic& t = fb_emu::traffic;
+  t.n = n < fb_emu::MAX_RANGES ? n : fb_emu::MAX_RANGES;
+  for (unsigned i = 0; i < t.n; ++i) {
+    t.lo[i] = ranges[3 * i];
+    t.hi[i] = ranges[3 * i + 1];
+    t.touched[i] = (unsigned char*)ranges[3 * i + 2];
+    t.loaded[i] = t.stored[i] = 0;
+  }
+}
+// Bytes loaded and stored per range: out[2 i], out[2 i + 1].
+extern "C" __attribute__((no_sanitize_thread)) void fb_emu_traffic_counts(
+    unsigned long long* out) {
+  const fb_emu::Traffic& t = fb_emu::traffic;
+  for (unsigned i = 0; i < t.n; ++i) {
+    out[2 * i] = t.loaded[i];
+    out[2 * i + 1] = t.stored[i];
+  }
+}
+
+#define FB_TSAN_ACCESS(size) \
+  extern "C" __attribute__((no_sanitize_thread)) void __tsan_read##size(void* p) { \
+    fb_emu::count(p, size, false); } \
+  extern "C" __attribute__((no_sanitize_thread)) void __tsan_unaligned_read##size(void* p) { \
+    fb_emu::count(p, size, false); } \
+  extern "C" __attribute__((no_sanitize_thread)) void __tsan_write##size(void* p) { \
+    fb_emu::count(p, size, true); } \
+  extern "C" __attribute__((no_sanitize_thread)) void __tsan_unaligned_write##size(void* p) { \
+    fb_emu::count(p, size, true); }
+FB_TSAN_ACCESS(1) FB_TSAN_ACCESS(2) FB_TSAN_ACCESS(4) FB_TSAN_ACCESS(8) FB_TSAN_ACCESS(16)
+extern "C" __attribute__((no_sanitize_thread)) void __tsan_read_range(void* p, unsigned long n) {
+  fb_emu::count(p, n, false);
+}
+extern "C" __attribute__((no_sanitize_thread)) void __tsan_write_range(void* p, unsigned long n) {
+  fb_emu::count(p, n, true);
+}
+extern "C" __attribute__((no_sanitize_thread)) void __tsan_init(void) {}
+extern "C" __attribute__((no_sanitize_thread)) void __tsan_func_entry(void*) {}
+extern "C" __attribute__((no_sanitize_thread)) void __tsan_func_exit(void) {}
+#endif

@@ -27,16 +27,23 @@ def have_compiler() -> bool:
     return shutil.which(CXX) is not None
 
 
-def compile_source(text: str, out_dir: str, name: str, flags: tuple[str, ...] = ()
-                   ) -> ctypes.CDLL:
-    """g++ `text` (which includes emu.h) into out_dir/name.so (extra g++ `flags`) and load it."""
+def compile_source(text: str, out_dir: str, name: str, flags: tuple[str, ...] = (),
+                   traffic: bool = False) -> ctypes.CDLL:
+    """g++ `text` (which includes emu.h) into out_dir/name.so (extra g++ `flags`) and load it;
+    with `traffic`, the library counts each launch's global-memory bytes (`Launch.traffic`):
+    compiled with ThreadSanitizer's instrumentation, whose hooks emu.h defines, and linked
+    without its runtime."""
     src, so = os.path.join(out_dir, f"{name}.cc"), os.path.join(out_dir, f"{name}.so")
     with open(src, "w") as f:
         f.write(text)
-    proc = subprocess.run([CXX, *CXXFLAGS, *flags, f"-I{HERE}", "-o", so, src],
-                          capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"g++ failed on {src}:\n{proc.stderr[-4000:]}")
+    obj = so[:-3] + ".o"
+    steps = [[CXX, *CXXFLAGS, *flags, "-fsanitize=thread", "-DFB_EMU_TRAFFIC", "-c", f"-I{HERE}",
+              "-o", obj, src], [CXX, *CXXFLAGS, "-o", so, obj]] if traffic else \
+        [[CXX, *CXXFLAGS, *flags, f"-I{HERE}", "-o", so, src]]
+    for step in steps:
+        proc = subprocess.run(step, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"g++ failed on {src}:\n{proc.stderr[-4000:]}")
     return ctypes.CDLL(so)
 
 
@@ -65,10 +72,39 @@ def run_kernel(lib: ctypes.CDLL, symbol: str, words: int, grid: int) -> None:
 
 
 @dataclass
+class Traffic:
+    """Global-memory bytes of one launch, per operand (the tensor inputs, then the outputs)."""
+    loaded: list[int]
+    stored: list[int]
+    distinct: list[int]       # bytes loaded at least once
+    needed: list[int]         # the operand's bytes; 0 for an input the kernel never loads
+    broadcast: list[bool]     # an input the kernel broadcasts (a 'b' in its layout)
+
+    @property
+    def ideal(self) -> int:
+        """Each byte of every input the kernel needs read once (a broadcast input at its own
+        size), each output byte written once."""
+        return sum(self.needed)
+
+    @property
+    def measured(self) -> int:
+        """Every byte loaded and stored, but a broadcast input counted by its distinct bytes:
+        its re-reads by the threads of other rows hit the caches on a GPU (the emulator has
+        none), while a thread reading the same bytes again (a reduction's next pass) counts."""
+        return sum((d if b else ld) + st for ld, st, d, b in
+                   zip(self.loaded, self.stored, self.distinct, self.broadcast))
+
+    @property
+    def ratio(self) -> float:
+        return self.measured / self.ideal
+
+
+@dataclass
 class Launch:
     key: str              # the kernel that ran
     flags: int
     outputs: list[np.ndarray]
+    traffic: Traffic | None = None    # from a library compiled with traffic=True
 
 
 class EmulatedGroup:
@@ -80,6 +116,10 @@ class EmulatedGroup:
         self.info = dispatch.GroupInfo.from_manifest(group.to_json())
         for ks in kernels:
             getattr(lib, f"emu_bytes_{ks.symbol}").restype = ctypes.c_ulonglong
+        self.counts_traffic = hasattr(lib, "fb_emu_traffic_start")
+        if self.counts_traffic:
+            lib.fb_emu_traffic_start.argtypes = [ctypes.c_uint, ctypes.c_void_p]
+            lib.fb_emu_traffic_counts.argtypes = [ctypes.c_void_p]
 
     def resolve(self, key: str, empty_rows: int = 0) -> str:
         """The kernel the runtime picks for a call of `key` (same rules as Bundle.candidates;
@@ -134,8 +174,31 @@ class EmulatedGroup:
                    reduces)
         grid = cuda.grid_size(n, vector, int(words[-1]), cuda.row_length(call) if reduces else 0)
         assert getattr(self.lib, f"emu_bytes_{ks.symbol}")() == words.nbytes
+        if self.counts_traffic:
+            return Launch(key, int(words[-1]), outs, self._counted(ks, call, outs, words, grid))
         run_kernel(self.lib, ks.symbol, words.ctypes.data, grid)
         return Launch(key, int(words[-1]), outs)
+
+    def _counted(self, ks: KernelSource, call: dispatch.Call, outs: list[np.ndarray],
+                 words: np.ndarray, grid: int) -> Traffic:
+        """Run the launch counting its traffic per operand (each array's byte extent)."""
+        operands, n_in = [*call.arrays, *map(_host, outs)], len(call.arrays)
+        read = {node.attr[0] for node in ks.kernel.nodes if node.op == "load"}
+        touched = [np.zeros(a.extent[1] - a.extent[0], np.uint8) for a in operands]
+        ranges = np.array([(*a.extent, t.ctypes.data) for a, t in zip(operands, touched)],
+                          np.uint64)
+        counts = np.zeros((len(operands), 2), np.uint64)
+        self.lib.fb_emu_traffic_start(len(operands), ranges.ctypes.data)
+        try:
+            run_kernel(self.lib, ks.symbol, words.ctypes.data, grid)
+        finally:
+            self.lib.fb_emu_traffic_counts(counts.ctypes.data)
+            self.lib.fb_emu_traffic_start(0, None)
+        return Traffic([int(c) for c in counts[:, 0]], [int(c) for c in counts[:, 1]],
+                       [int(np.count_nonzero(t)) for t in touched],
+                       [math.prod(a.shape) * a.dtype.itemsize * (i in read or i >= n_in)
+                        for i, a in enumerate(operands)],
+                       ["b" in lay for lay in ks.layouts] + [False] * len(outs))
 
 
 def _shift(words: np.ndarray, ks: KernelSource, call: dispatch.Call, outs: list, cats: list,
