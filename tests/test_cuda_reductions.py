@@ -488,11 +488,15 @@ def test_held_rows_are_read_from_global_memory_once(plan, counted, name):
                 rows = args[0].size // n
                 label = f"{launch.key} N={n} {how} flags={launch.flags}"
                 assert bool(launch.flags & HELD) == (not clear), label
+                ideal = 0
                 for (pos, c), times in _sweeps_loading(ks.kernel).items():
                     once = rows * n * ks.kernel.in_dtypes[pos].itemsize
                     held = launch.flags & HELD and (pos, c) in held_inputs(ks)
                     assert loaded[ks.abi.in_ptr(pos, c)] == (once if held else times * once), \
                         f"{label} input {pos}"
+                    ideal += once
+                if not clear:   # every input of these groups is read once: the ideal traffic
+                    assert sum(loaded[w] for w in range(64)) == ideal, label
                 assert not clear or max(_sweeps_loading(ks.kernel).values()) > 1, label
 
 
