@@ -46,7 +46,7 @@ import math
 
 from .. import __version__
 from .. import dtypes as dt
-from ..ir import Node, int_range
+from ..ir import Kernel, Node, int_range
 from ..ops import PRIMITIVES
 from ..schedule import schedule
 from .common import KernelSource, Renderer, check_complete
@@ -579,7 +579,7 @@ def _tree(r: CudaRenderer, op: str, items: list[str], d: dt.DType) -> str:
     return items[0]
 
 
-def _sweep_nodes(k) -> list[tuple[int, ...]]:
+def _sweep_nodes(k: Kernel) -> list[tuple[int, ...]]:
     """The FULL nodes of each sweep over the row: one per pass of `schedule`, then the sweep
     that stores the full outputs (if any)."""
     sched = schedule(k)
@@ -613,9 +613,9 @@ def _held_slots(ks: KernelSource) -> list[str]:
     regions: list[str] = []      # the bytes of the regions before this one
     for pos, c in held_inputs(ks):
         d = ks.kernel.in_dtypes[pos]
-        z = f"((n * {d.itemsize}u + 15u) & ~(U)15)"
+        S, z = storage_type(d), f"((n * {d.itemsize}u + 15u) & ~(U)15)"
         at = " + ".join(regions + [f"slot * {z}"])
-        lines.append(f"  {storage_type(d)}* const h{pos}_{c} = ({storage_type(d)}*)(fb_held + {at});")
+        lines.append(f"  {S}* const h{pos}_{c} = ({S}*)(fb_held + {at});")
         regions.append(f"slots * {z}")
     return lines
 
@@ -625,7 +625,8 @@ def _render_reduction(r: CudaRenderer, ks: KernelSource, n: int) -> list[str]:
     (index type, V). Each sweep over the row (the passes of `schedule`, then the sweep that
     stores the full outputs) has every thread take V consecutive elements every R * V;
     reductions are accumulated per thread, combined by a butterfly of warp shuffles (so every
-    lane holds the result) and, for R = 128, across the warps through shared memory."""
+    lane holds the result) and, for R = 128, across the warps through shared memory. With
+    flags bit 3 the held inputs are read from global memory by their first sweep only."""
     k, abi, rank, layouts = ks.kernel, ks.abi, ks.rank, ks.layouts
     sched = schedule(k)
     r.inner = tuple(_inner(lay) for lay in layouts)
