@@ -13,6 +13,7 @@ of the row (sum |terms| for sums, the largest |x| of the row for the others).
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import re
@@ -26,10 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from fusebuild import build, dtypes as dt, ir, reference, runtime, spec
-from fusebuild.codegen.cuda import render_module, vector_width
+from fusebuild.codegen.cuda import held_inputs, held_itemsizes, render_module, vector_width
 from fusebuild.elf import cubin_sm, functions
 from fusebuild.runtime import cuda as runtime_cuda
-from fusebuild.runtime.cuda import ROW_BLOCK, VECTOR, WARP_ROW_MAX, WIDE
+from fusebuild.errors import BundleError
+from fusebuild.schedule import schedule
+from fusebuild.runtime.cuda import HELD, HELD_ROW_MAX, ROW_BLOCK, VECTOR, WARP_ROW_MAX, WIDE
 from fusebuild.toolchain import nvrtc
 from conftest import strided_view
 from cuda_emulation.fake_cupy import FakeArray, fake_cupy
@@ -169,7 +172,8 @@ ORACLES = {
         F.rms_norm(_t(x) + _t(residual), (x.shape[-1],), _t(w), float(np.float32(eps))).numpy(),
         (_t(x) + _t(residual)).numpy()),
     "r_quant": _quant,
-    "r_var": lambda x: (_nan_if_empty(x, torch.var(_t(x), -1, correction=1, keepdim=True)),
+    # numpy's two-pass var: torch's (Welford) is off by ~300 ulps at N = 8192, |x| ~ 1e4
+    "r_var": lambda x: (_nan_if_empty(x, torch.from_numpy(np.var(x, -1, ddof=1, keepdims=True))),
                         _nan_if_empty(x, torch.mean(_t(x), -1, keepdim=True))),
     "r_dropout_softmax": _dropout_softmax,
     "r_int": _ints,
@@ -283,16 +287,24 @@ def check(em: EmulatedGroup, gp, args, want, oracle, label: str, flags=None, sta
 
 
 def _runs(host: int) -> list:
-    """Flag overrides beside the host's choice: the other mode, the scalar path of both, and
-    64-bit indexing."""
+    """Flag overrides beside the host's choice: the other mode, the scalar path of both,
+    64-bit indexing and, for a held row, the multi-pass path."""
     other = host ^ ROW_BLOCK
     runs = [lambda f: other, lambda f: f | WIDE]
     if host & VECTOR:
         runs += [lambda f: f & ~VECTOR, lambda f: other & ~VECTOR]
+    if host & HELD:
+        runs += [lambda f: f & ~HELD, lambda f: other & ~HELD]
     return runs
 
 
+def _held_bytes(ks, n: int) -> int:
+    """Bytes of the held inputs of a row of n (the bound HELD_ROW_MAX is on them)."""
+    return n * sum(ks.kernel.in_dtypes[pos].itemsize for pos, _ in held_inputs(ks))
+
+
 @pytest.mark.filterwarnings("ignore:var:UserWarning")      # torch at N = 1: no degrees of freedom
+@pytest.mark.filterwarnings("ignore:Degrees of freedom:RuntimeWarning")     # numpy's, likewise
 @pytest.mark.parametrize("name", [n for n in ORACLES])
 def test_every_reduction_kernel_matches_reference_and_oracle(plan, emulated, name):
     gp = next(g for g in plan.groups if g.group.name == name)
@@ -316,6 +328,8 @@ def test_every_reduction_kernel_matches_reference_and_oracle(plan, emulated, nam
                 label = f"{'/'.join(d.short for d in dtypes)} N={n} {how}"
                 host = check(em, gp, args, want, oracle, label)
                 assert bool(host.flags & ROW_BLOCK) == (n > WARP_ROW_MAX), label
+                assert bool(host.flags & HELD) == (n > 0 and bool(held_inputs(
+                    em.kernels[host.key]))), label
                 assert not host.flags & WIDE, label
                 if how == "misaligned" or n % vector_width(em.kernels[host.key]):
                     assert not host.flags & VECTOR, label
@@ -352,6 +366,140 @@ def test_softmax_rows_sum_to_one_and_layer_norm_rows_are_standardized(plan, emul
         assert np.all(np.abs(ln.var(-1) - 1) <= bound * 4)
 
 
+# ---------------------------------------------------------------- single-read rows -------------
+
+# Kernels with one or two held inputs of 2, 4 and 8 bytes, row outputs (r_logsumexp, r_var) and
+# strided rows (the 'ss' kernels of r_softmax and r_logsumexp), by group and first dtype
+BOUNDARY_KERNELS = [("r_softmax", "f32"), ("r_softmax", "bf16"), ("r_logsumexp", "f16"),
+                    ("r_var", "f64"), ("r_add_rms_norm", "f32"), ("r_add_rms_norm", "bf16")]
+
+
+def _expected_shared(n: int, sizes: list[int]) -> int:
+    """The dynamic shared memory of a held launch: per held input a slot of n * size bytes,
+    rounded up to 16, per row of the block (4 rows for a warp per row)."""
+    return (1 if n > WARP_ROW_MAX else 4) * sum((n * s + 15) // 16 * 16 for s in sizes)
+
+
+@pytest.mark.parametrize("name,first", BOUNDARY_KERNELS)
+def test_held_size_classes_and_their_bounds(plan, emulated, name, first):
+    """Each size class the host picks from N: a warp per row held (N <= 1024), a block per row
+    held (N up to HELD_ROW_MAX bytes of held inputs: 16384 float32, 32768 16-bit), and the
+    multi-pass path one element above; at, below and above both bounds (vector and scalar
+    paths), strided rows at the bound; against the reference and the oracle."""
+    gp = next(g for g in plan.groups if g.group.name == name)
+    em = emulated[name]
+    dtypes = next(v.dtypes for v in gp.variants if v.dtypes[0].short == first)
+    contiguous = next(ks for ks in em.kernels.values()
+                      if tuple(ks.kernel.in_dtypes) == tuple(dtypes) and ":ss" not in ks.key)
+    sizes = held_itemsizes(contiguous)
+    bound = HELD_ROW_MAX // sum(sizes)
+    rng = np.random.default_rng(zlib.crc32(f"{name} {first}".encode()))
+    strided = any(":ss" in k for k in em.kernels)
+    runs = [(n, "contiguous") for n in (WARP_ROW_MAX, WARP_ROW_MAX + 1, bound - 1, bound,
+                                        bound + 1)]
+    runs += [(bound, "every other")] if strided else []
+    for n, how in runs:
+        args = _case(gp, dtypes, n, how, rng)
+        tensors = [a for a, p in zip(args, gp.group.inputs) if p.kind == "tensor"]
+        scalars = [a for a, p in zip(args, gp.group.inputs) if p.kind == "scalar"]
+        kernel = ir.instantiate(gp.group, {i.name: d for i, d in
+                                           zip(gp.group.tensor_inputs, dtypes)}, expand=False)
+        want = reference.evaluate(kernel, tensors, scalars, SEED, OFFSET)
+        label = f"{first} N={n} {how}"
+        launch = check(em, gp, args, want, _oracle(gp, args), label)
+        assert bool(launch.flags & ROW_BLOCK) == (n > WARP_ROW_MAX), label
+        assert bool(launch.flags & HELD) == (n <= bound), label
+        assert launch.shared == (_expected_shared(n, sizes) if n <= bound else 0), label
+        assert bool(launch.flags & VECTOR) == (how == "contiguous" and n % vector_width(
+            em.kernels[launch.key]) == 0), label
+
+
+COUNTER = """
+static unsigned long long fb_loaded[64];     // bytes loaded from global memory, per ptr word
+template <typename T, int V>
+inline fb_vec<T, V> fb_counted_load(int word, const T* p) {
+  fb_loaded[word] += sizeof(T) * V;
+  return fb_load<T, V>(p);
+}
+extern "C" unsigned long long* fb_loaded_bytes(void) { return fb_loaded; }
+"""
+_GLOBAL_LOAD = re.compile(r"fb_load<([^<>]+)>\(\(const ([^*]+)\*\)p\.ptr\[(\d+)\]")
+
+
+def _counting(source: str) -> str:
+    """`source` with every load from global memory (`fb_load` of a `p.ptr` word) counted in
+    fb_loaded[word]; loads from shared memory are not counted."""
+    head, sep, kernels = source.partition("struct fb_args_0 ")
+    counted, loads = _GLOBAL_LOAD.subn(r"fb_counted_load<\1>(\3, (const \2*)p.ptr[\3]",
+                                       kernels)
+    assert loads
+    return head + COUNTER + sep + counted
+
+
+COUNTED_GROUPS = ("r_softmax", "r_add_rms_norm", "r_logsumexp")
+
+
+@pytest.fixture(scope="module")
+def counted(plan, tmp_path_factory) -> dict[str, EmulatedGroup]:
+    out = str(tmp_path_factory.mktemp("reductions_counted"))
+    groups = {}
+    for gp in plan.groups:
+        if gp.group.name in COUNTED_GROUPS:
+            ks = kernel_sources(gp.group, gp.variants)
+            text = '#include "emu.h"\n' + _counting(render_module(ks)) + \
+                launchers([k.symbol for k in ks])
+            groups[gp.group.name] = EmulatedGroup(
+                gp.group, ks, compile_source(text, out, gp.group.name + "_counted"))
+    return groups
+
+
+def _sweeps_loading(k: ir.Kernel) -> dict[tuple[int, int], int]:
+    """Per (input, chunk), the sweeps over the row that load it (DESIGN §8 schedule)."""
+    sched = schedule(k)
+    sweeps = [p.elem for p in sched.passes] + \
+        ([sched.final] if any(not o.row for o in k.outputs) else [])
+    loads = [k.nodes[i].attr for ids in sweeps for i in set(ids) if k.nodes[i].op == "load"]
+    return {x: loads.count(x) for x in set(loads)}
+
+
+@pytest.mark.parametrize("name", COUNTED_GROUPS)
+def test_held_rows_are_read_from_global_memory_once(plan, counted, name):
+    """Bytes loaded from global memory, counted per input pointer by the emulated kernel: with
+    HELD each input is read once (rows * N * itemsize: the ideal), with the flag cleared (the
+    multi-pass path) once per sweep that needs it. Every class: a warp per row and a
+    block per row, vector and scalar paths, strided rows."""
+    gp = next(g for g in plan.groups if g.group.name == name)
+    em = counted[name]
+    counter = em.lib.fb_loaded_bytes
+    counter.restype = ctypes.POINTER(ctypes.c_ulonglong)
+    rng = np.random.default_rng(zlib.crc32(name.encode()) + 2)
+    strided = any(":ss" in k for k in em.kernels)
+    for dtypes in dict.fromkeys(v.dtypes for v in gp.variants):
+        for n, how in [(37, "contiguous"), (1024, "contiguous"), (3000, "contiguous"),
+                       (3001, "contiguous")] + ([(37, "every other"), (3000, "every other")]
+                                                if strided else []):
+            args = _case(gp, dtypes, n, how, rng)
+            for clear in (0, HELD):
+                loaded = counter()
+                for w in range(64):
+                    loaded[w] = 0
+                launch = em(args, flags=lambda f: f & ~clear)
+                ks = em.kernels[launch.key]
+                rows = args[0].size // n
+                label = f"{launch.key} N={n} {how} flags={launch.flags}"
+                assert bool(launch.flags & HELD) == (not clear), label
+                ideal = 0
+                for (pos, c), times in _sweeps_loading(ks.kernel).items():
+                    once = rows * n * ks.kernel.in_dtypes[pos].itemsize
+                    held = launch.flags & HELD and (pos, c) in held_inputs(ks)
+                    assert loaded[ks.abi.in_ptr(pos, c)] == (once if held else times * once), \
+                        f"{label} input {pos}"
+                    ideal += once
+                if not clear:   # every input of these groups is read once: the ideal traffic
+                    assert sum(loaded[w] for w in range(64)) == ideal, label
+                assert not clear or max(_sweeps_loading(ks.kernel).values()) > 1, label
+
+
 # ---------------------------------------------------------------- NVRTC and the runtime --------
 
 RUNTIME_GROUPS = ("r_layer_norm", "r_quant", "r_add_rms_norm", "r_int")
@@ -382,6 +530,11 @@ def test_cubins_for_sm80_and_sm90_export_every_reduction_kernel(cuda_plan, cuda_
     for k in m["kernels"]:
         by_file.setdefault(k["file"], set()).add(k["symbol"])
     assert len(by_file) == 2 * len(cuda_plan.groups)
+    sources = {ks.key: ks for gp in cuda_plan.groups for ks in kernel_sources(gp.group,
+                                                                               gp.variants)}
+    for k in m["kernels"]:      # the held inputs' sizes, which the host sizes HELD launches by
+        assert k.get("held", []) == held_itemsizes(sources[k["key"]]), k["key"]
+    assert any(k.get("held") for k in m["kernels"])
     for rel, symbols in by_file.items():
         with open(os.path.join(cuda_bundle.path, rel), "rb") as f:
             data = f.read()
@@ -400,6 +553,15 @@ def test_reduction_ptx_uses_shuffles_barriers_and_vector_loads(plan):
     assert re.search(r"bar\.sync\s+0", ptx)
     assert re.search(r"ld\.global\.v4\.(u32|b32)", ptx)
     assert ".shared" in ptx
+
+
+def test_a_malformed_held_entry_is_a_bundle_error():
+    entry = {"key": "g(f32:cc)", "target": "cuda:sm_90"}
+    assert runtime_cuda._held(entry) == ()
+    assert runtime_cuda._held({**entry, "held": [4, 2]}) == (4, 2)
+    for bad in ([3], [4.0], 4, ["4"], [True]):
+        with pytest.raises(BundleError, match="'held' must be a list"):
+            runtime_cuda._held({**entry, "held": bad})
 
 
 @pytest.fixture(scope="module")
@@ -436,6 +598,9 @@ def test_runtime_call_path_on_the_emulated_device(fake_device, monkeypatch, cuda
                                         n_row=n)
                 assert bad is None, f"{name} N={n} call {repeat} {o.name}: {bad.message}"
         assert len(cp.launched) == before + 2
+        ks = kernel_sources(gp.group, gp.variants)[-1]
+        held = held_itemsizes(ks) if n else []
+        assert cp.shared_bytes[-2:] == [_expected_shared(n, held) if held else 0] * 2, name
         outs = [FakeArray(np.full(w.shape, 7, w.dtype)) for w in want.outputs.values()]
         bundle[name](*fake, out=tuple(outs) if len(outs) > 1 else outs[0])
         for o, value in zip(gp.group.outputs, outs):

@@ -17,8 +17,8 @@ from fusebuild.argspec import Canonical
 from fusebuild.codegen.cuda import render_module
 from fusebuild.errors import ArgumentError, KernelNotFound
 from fusebuild.runtime import cuda, dispatch
-from fusebuild.runtime.cuda import (ROW_BLOCK, VECTOR, WARP_ROW_MAX, WIDE, launch_flags,
-                                    max_ptx_isa, select_target)
+from fusebuild.runtime.cuda import (HELD, HELD_ROW_MAX, ROW_BLOCK, VECTOR, WARP_ROW_MAX, WIDE,
+                                    launch_flags, max_ptx_isa, select_target)
 from conftest import SPECS, adam_case
 from cuda_emulation.cases import Case, check_outputs, example_cases
 from cuda_emulation.fake_cupy import FakeArray, fake_cupy as emulated_cupy
@@ -114,6 +114,31 @@ def test_reduction_launch_flags_modes_and_grid():
     assert cuda.grid_size(6 * 1024, 4, VECTOR, 1024) == 2             # four rows a block
     assert cuda.grid_size(6 * 1028, 4, VECTOR | ROW_BLOCK, 1028) == 6
     assert cuda.grid_size(9, 4, 0, 1) == 3                          # 9 rows of N = 0
+
+
+def test_reduction_launch_flags_held_rows_and_their_shared_memory():
+    """HELD for non-empty rows of at most HELD_ROW_MAX bytes of held inputs whose shared memory
+    fits the function's limit; per held input a 16-byte aligned slot per row of the block."""
+    def call(n):             # x 'cc', w 'bc', full output y
+        return canon((6, n), (n, 1), (0, 1), (n, 1))
+
+    args = (("cc", "bc"), 1, [[0], [0], [0]], [4] * 3, (False,))
+    big = 227 << 10
+    assert HELD_ROW_MAX == 1 << 16
+    assert launch_flags(call(16384), *args, (4,), big) == ROW_BLOCK | HELD
+    assert launch_flags(call(16385), *args, (4,), big) == ROW_BLOCK
+    assert launch_flags(call(32768), *args, (2,), big) == ROW_BLOCK | HELD
+    assert launch_flags(call(8192), *args, (4, 4), big) == ROW_BLOCK | HELD
+    assert launch_flags(call(8193), *args, (4, 4), big) == ROW_BLOCK
+    assert launch_flags(call(16384), *args, (4,), 64 << 10) == ROW_BLOCK | HELD
+    assert launch_flags(call(16384), *args, (4,), (64 << 10) - 1) == ROW_BLOCK   # over the limit
+    assert launch_flags(call(37), *args, (), big) == 0                   # nothing held
+    assert launch_flags(call(0), *args, (4,), big) == 0                  # nothing to hold
+    assert launch_flags(call(37), ("cc", "bc"), 1, [[0], [0], [0]], [4] * 3, None, (4,),
+                        big) == 0                                        # not a reduction
+    assert cuda.shared_bytes(37, (4, 2), HELD) == 4 * (160 + 80)         # 4 rows a block
+    assert cuda.shared_bytes(1025, (4, 2), HELD | ROW_BLOCK) == 4112 + 2064
+    assert cuda.shared_bytes(1025, (4, 2), ROW_BLOCK) == 0
 
 
 def test_empty_rows_run_in_the_outer_dims_of_any_kernel():

@@ -25,8 +25,16 @@ of `schedule.schedule`, with the same flags and template:
     `__syncthreads`, combined pairwise by every thread: each pass's values are known to all
     threads of the row before the next pass. max/min propagate NaN; empty rows (N = 0) give 0
     for sums and NaN (floats) or 0 (integers) for max/min, and still store their row outputs.
-  - every sweep re-reads the row from global memory (L1/L2 for rows that fit); holding the row
-    in registers or shared memory between passes is future work.
+  - flags bit 3 (`HELD`): the row is read from global memory once. The inputs that several
+    sweeps load (`held_inputs`: 'c'- or 's'-inner, in their storage type) are stored by the
+    first sweep that loads them into dynamic shared memory, each thread its own elements at
+    their row index, and later sweeps read them back from there (a thread reads only what it
+    wrote: no barrier). The layout, which the host sizes the launch by
+    (`runtime.cuda.shared_bytes`): per held input k, in order, a region of one slot per row of
+    the block (4 or 1) of z_k = N * itemsize_k rounded up to 16 bytes. The host sets the bit
+    for rows of at most `runtime.cuda.HELD_ROW_MAX` held bytes; longer rows re-read every
+    sweep from global memory (L2). The values and their order of accumulation are those of
+    the re-reading path, so both give the same bits.
   - row outputs are stored once per row, by thread 0 of the row.
 float16/bfloat16 are computed in float32 and rounded once on store (PTX `cvt.rn` on the device,
 NaN payloads kept like the CPU backend; integer round-to-nearest-even bit tricks on the host).
@@ -38,7 +46,7 @@ import math
 
 from .. import __version__
 from .. import dtypes as dt
-from ..ir import Node, int_range
+from ..ir import Kernel, Node, int_range
 from ..ops import PRIMITIVES
 from ..schedule import schedule
 from .common import KernelSource, Renderer, check_complete
@@ -46,6 +54,7 @@ from .common import KernelSource, Renderer, check_complete
 BLOCK = 128          # threads per block, fixed in the kernels
 VECTOR_BYTES = 16    # bytes per thread and operand on the vector path
 ROW_BLOCK = 4        # flags bit 2 of a reduction kernel: a block per row (else a warp per row)
+HELD = 8             # flags bit 3 of a reduction kernel: held inputs in dynamic shared memory
 
 _COMPUTE = {"float32": "float", "float16": "float", "bfloat16": "float", "float64": "double",
             "int8": "signed char", "int16": "short", "int32": "int", "int64": "long long",
@@ -93,7 +102,8 @@ CUDA_OPS: dict[str, dict[str, str]] = {
 
 PRELUDE = r"""// fusebuild {version}: CUDA source of group '{group}'. Generated; do not edit.
 // Kernels take one struct of int64 words {{ptr[], meta[], start, stop, flags}} (fusebuild/abi.py);
-// flags bit 0: vector path, bit 1: 64-bit indexing, bit 2 (reductions): a block per row.
+// flags bit 0: vector path, bit 1: 64-bit indexing, bit 2 (reductions): a block per row,
+// bit 3 (reductions): the row's held inputs in dynamic shared memory.
 
 template <typename T, int V> struct alignas(sizeof(T) * V) fb_vec {{ T v[V]; }};
 template <typename T, int V>
@@ -298,6 +308,9 @@ template <typename T> __device__ __forceinline__ T fb_shfl_xor(T v, int o) {{
 FB_SHFL_INT(signed char) FB_SHFL_INT(unsigned char) FB_SHFL_INT(short)
 #ifndef FB_SHARED
 #define FB_SHARED(T, name, n) __shared__ T name[n]
+#endif
+#ifndef FB_DYNAMIC_SHARED
+#define FB_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 
 // ---- Philox4x32-10: counter (index lo, index hi, offset lo, offset hi), key (seed lo, seed hi)
@@ -566,12 +579,54 @@ def _tree(r: CudaRenderer, op: str, items: list[str], d: dt.DType) -> str:
     return items[0]
 
 
+def _sweep_nodes(k: Kernel) -> list[tuple[int, ...]]:
+    """The FULL nodes of each sweep over the row: one per pass of `schedule`, then the sweep
+    that stores the full outputs (if any)."""
+    sched = schedule(k)
+    final = [sched.final] if any(not o.row for o in k.outputs) else []
+    return [ps.elem for ps in sched.passes] + final
+
+
+def held_inputs(ks: KernelSource) -> tuple[tuple[int, int], ...]:
+    """The (input, chunk) loads a reduction kernel holds on the HELD path: those of more than
+    one sweep, but 'b'-inner ones (one element per row, not worth a slot)."""
+    k = ks.kernel
+    if not k.reduce:
+        return ()
+    loads = [{k.nodes[i].attr for i in ids if k.nodes[i].op == "load"} for ids in _sweep_nodes(k)]
+    return tuple(sorted(x for x in set().union(*loads) if sum(x in s for s in loads) > 1
+                        and _inner(ks.layouts[x[0]]) != "b"))
+
+
+def held_itemsizes(ks: KernelSource) -> list[int]:
+    """Bytes per element of each held input, in order (the manifest's `held`: the host sizes
+    the dynamic shared memory of HELD launches by it)."""
+    return [ks.kernel.in_dtypes[pos].itemsize for pos, _ in held_inputs(ks)]
+
+
+def _held_slots(ks: KernelSource) -> list[str]:
+    """The HELD flag and, per held input, the pointer to this row's slot of shared memory."""
+    lines = [f"  const bool held = p.flags & {HELD};   // held inputs in shared memory",
+             "  FB_DYNAMIC_SHARED(fb_held);",
+             f"  const U slot = block ? 0u : (U)(threadIdx.x / 32), slots = block ? 1u : "
+             f"{BLOCK // 32}u;"]
+    regions: list[str] = []      # the bytes of the regions before this one
+    for pos, c in held_inputs(ks):
+        d = ks.kernel.in_dtypes[pos]
+        S, z = storage_type(d), f"((n * {d.itemsize}u + 15u) & ~(U)15)"
+        at = " + ".join(regions + [f"slot * {z}"])
+        lines.append(f"  {S}* const h{pos}_{c} = ({S}*)(fb_held + {at});")
+        regions.append(f"slots * {z}")
+    return lines
+
+
 def _render_reduction(r: CudaRenderer, ks: KernelSource, n: int) -> list[str]:
     """A reduction kernel: R threads per row (a warp, or the block: flags bit 2), template over
     (index type, V). Each sweep over the row (the passes of `schedule`, then the sweep that
     stores the full outputs) has every thread take V consecutive elements every R * V;
     reductions are accumulated per thread, combined by a butterfly of warp shuffles (so every
-    lane holds the result) and, for R = 128, across the warps through shared memory."""
+    lane holds the result) and, for R = 128, across the warps through shared memory. With
+    flags bit 3 the held inputs are read from global memory by their first sweep only."""
     k, abi, rank, layouts = ks.kernel, ks.abi, ks.rank, ks.layouts
     sched = schedule(k)
     r.inner = tuple(_inner(lay) for lay in layouts)
@@ -602,19 +657,37 @@ def _render_reduction(r: CudaRenderer, ks: KernelSource, n: int) -> list[str]:
         lines.append(f"  const I q{o} = {_row_offset(abi, n_in + o, 's' * rank, rank)};")
     lines += _uniform_inputs(r, k, abi)
     lines += [f"  {x}" for x in r.render_nodes(k, sched.hoisted)]
+    held = held_inputs(ks)
+    if held:
+        lines += _held_slots(ks)
+    sweeps = _sweep_nodes(k)
+    first = {x: min(s for s, ids in enumerate(sweeps) if x in {k.nodes[i].attr for i in ids})
+             for x in held}
 
     def inner(pos: int) -> str:
         letter = r.inner[pos]
         return {"c": " + (I)b", "s": f" + (I)b * (I)p.meta[{abi.stride(pos, rank - 1)}]",
                 "b": ""}[letter]
 
-    def sweep(ids: tuple[int, ...], before: list[str], body: list[str], after: list[str]
-              ) -> list[str]:
+    def sweep(at: int, ids: tuple[int, ...], before: list[str], body: list[str],
+              after: list[str]) -> list[str]:
+        """Sweep number `at` over the row; held inputs are stored to shared memory by the
+        first sweep that loads them and read back from there by later ones."""
         out = ["  for (U b = l * V; b < n; b += R * V) {"]
         for pos, c in sorted({k.nodes[i].attr for i in ids if k.nodes[i].op == "load"}):
             S, W = storage_type(k.in_dtypes[pos]), "V" if r.inner[pos] == "c" else "1"
-            out.append(f"    const fb_vec<{S}, {W}> l{pos}_{c} = fb_load<{S}, {W}>((const {S}*)"
-                       f"p.ptr[{abi.in_ptr(pos, c)}] + o{pos}{inner(pos)});")
+            vec, h = f"fb_vec<{S}, {W}>", f"h{pos}_{c} + b"
+            load = (f"fb_load<{S}, {W}>((const {S}*)p.ptr[{abi.in_ptr(pos, c)}] + "
+                    f"o{pos}{inner(pos)})")
+            if (pos, c) not in first:
+                out.append(f"    const {vec} l{pos}_{c} = {load};")
+            elif first[pos, c] == at:
+                out += [f"    const {vec} l{pos}_{c} = {load};",
+                        f"    if (held) fb_store<{S}, {W}>({h}, l{pos}_{c});"]
+            else:
+                out += [f"    {vec} l{pos}_{c};",
+                        f"    if (held) l{pos}_{c} = fb_load<{S}, {W}>({h});",
+                        f"    else l{pos}_{c} = {load};"]
         out += [f"    {x}" for x in before]
         out += ["#pragma unroll", "    for (int j = 0; j < V; ++j) {"]
         if any(k.nodes[i].op == "rand" for i in ids):
@@ -624,14 +697,14 @@ def _render_reduction(r: CudaRenderer, ks: KernelSource, n: int) -> list[str]:
         out += [f"      {x}" for x in r.render_nodes(k, ids) + body]
         return out + ["    }"] + [f"    {x}" for x in after] + ["  }"]
 
-    for ps in sched.passes:
+    for at, ps in enumerate(sched.passes):
         reds = [(i, k.nodes[i].op, k.nodes[i].dtype) for i in ps.reds]
         for i, op, d in reds:
             T = r.type_name(d)
             lines.append(f"  {T} s{i} = {_identity(r, op, d)};")
             if op == "rsum" and d.is_float:
                 lines.append(f"  {T} c{i} = {r.const(0, d)};")
-        lines += sweep(ps.elem, [], [_accumulate(r, op, str(i), f"v{k.nodes[i].args[0]}", d)
+        lines += sweep(at, ps.elem, [], [_accumulate(r, op, str(i), f"v{k.nodes[i].args[0]}", d)
                                      for i, op, d in reds], [])
         for i, op, d in reds:
             T = r.type_name(d)
@@ -674,7 +747,7 @@ def _render_reduction(r: CudaRenderer, ks: KernelSource, n: int) -> list[str]:
                 body.append(f"s{o}_{c}.v[j] = {r.store(f'v{part}', out.dtype)};")
                 after.append(f"fb_store<{S}, V>(({S}*)p.ptr[{abi.out_ptr(o, c)}] + q{o} + (I)b, "
                              f"s{o}_{c});")
-        lines += sweep(sched.final, before, body, after)
+        lines += sweep(len(sched.passes), sched.final, before, body, after)
     lines += ["}", "",
               f'extern "C" __global__ void __launch_bounds__({BLOCK}) '
               f"{ks.symbol}(const fb_args_{n} p) {{", *_dispatch(n, vector_width(ks)), "}"]

@@ -13,7 +13,10 @@ the pointers' alignment.
 
 Reduction groups (DESIGN §8) launch over the work count rows * max(N, 1) (`dispatch.work_count`)
 with a warp per row (four rows a block) for rows of N <= WARP_ROW_MAX and a block per row beyond
-(flags bit ROW_BLOCK); row outputs are `[..., 1]` arrays stored once per row. Calls of N = 0 with
+(flags bit ROW_BLOCK). Rows whose held inputs (the manifest entry's `held`: inputs loaded by
+several sweeps) take at most HELD_ROW_MAX bytes are read once (flags bit HELD), the kernel
+keeping them in dynamic shared memory (`shared_bytes`); row outputs are `[..., 1]` arrays stored
+once per row. Calls of N = 0 with
 rows still launch (their row outputs get written) on any kernel of the dtypes
 (`dispatch.hollow`): no element is read, so the inputs' layouts do not matter.
 """
@@ -43,6 +46,10 @@ ROW_BLOCK = 4          # flags bit of a reduction kernel: a block per row, else 
 WARP_ROW_MAX = 1024    # reduction rows up to this length get a warp (4 rows per block); longer
 #                        rows a block of 128 threads, so a thread takes <= 32 elements of a row
 #                        on the warp path and the block path keeps 128 threads busy per row
+HELD = 8               # flags bit of a reduction kernel: held inputs in dynamic shared memory
+HELD_ROW_MAX = 1 << 16  # held bytes per row (N <= 16384 float32, 32768 16-bit, one held input)
+#                        on the HELD path: a block per row then needs 64 KiB, 3 blocks an SM on
+#                        sm_90 (228 KiB), 2 on sm_80 (164 KiB); longer rows re-read (L2)
 MAX_GRID = (1 << 31) - 1
 _DL_CUDA = (2, 13)     # DLPack device types kDLCUDA, kDLCUDAManaged
 _CUPY_HINT = "running CUDA kernels needs cupy: pip install cupy-cuda13x (or cupy-cuda12x)"
@@ -215,11 +222,14 @@ def vector_alignment(canon: Canonical, layouts: tuple[str, ...], vector: int,
 
 def launch_flags(canon: Canonical, layouts: tuple[str, ...], vector: int,
                  operand_ptrs: list[list[int]], itemsizes: list[int],
-                 row_outputs: tuple[bool, ...] | None = None) -> int:
+                 row_outputs: tuple[bool, ...] | None = None, held: tuple[int, ...] = (),
+                 shared_max: int = 0) -> int:
     """The flags word of a launch: WIDE (64-bit indexing) when the element count (the work
     count of a reduction) or any operand's offset span reaches 2^31; VECTOR when
     `vector_alignment` allows it and every operand's pointers are aligned. A reduction kernel
-    (`row_outputs` given, per output) gets ROW_BLOCK for rows longer than WARP_ROW_MAX."""
+    (`row_outputs` given, per output) gets ROW_BLOCK for rows longer than WARP_ROW_MAX, and
+    HELD for non-empty rows of at most HELD_ROW_MAX bytes of its `held` inputs (bytes per
+    element of each) whose `shared_bytes` fit in `shared_max`."""
     sizes = canon.sizes
     spans = [sum((n - 1) * abs(s) for n, s in zip(sizes, st)) for st in canon.strides]
     count = math.prod(sizes)
@@ -228,10 +238,23 @@ def launch_flags(canon: Canonical, layouts: tuple[str, ...], vector: int,
     flags = WIDE if count >= 1 << 31 or max(spans, default=0) >= 1 << 31 else 0
     if row_outputs is not None and sizes[-1] > WARP_ROW_MAX:
         flags |= ROW_BLOCK
+    if row_outputs is not None and held and 0 < sizes[-1] * sum(held) <= HELD_ROW_MAX and \
+            shared_bytes(sizes[-1], held, flags | HELD) <= shared_max:
+        flags |= HELD
     aligns = vector_alignment(canon, layouts, vector, itemsizes, row_outputs or ())
     if aligns is None or any(p % a for ptrs, a in zip(operand_ptrs, aligns) for p in ptrs):
         return flags
     return flags | VECTOR
+
+
+def shared_bytes(n: int, held: tuple[int, ...], flags: int) -> int:
+    """Dynamic shared memory of a reduction launch over rows of n (0 unless HELD): per held
+    input, one slot per row of the block of n * itemsize bytes rounded up to 16 (the layout
+    of `codegen.cuda`)."""
+    if not flags & HELD:
+        return 0
+    rows = 1 if flags & ROW_BLOCK else BLOCK // 32
+    return rows * sum(-(-n * size // 16) * 16 for size in held)
 
 
 def param_words(ptrs: np.ndarray, meta: np.ndarray, n: int, flags: int) -> np.ndarray:
@@ -257,17 +280,21 @@ def operand_slots(abi: Abi) -> list[list[int]]:
 
 def launch_words(abi: Abi, call: dispatch.Call, outputs: list[DeviceArray], cats: list,
                  layouts: tuple[str, ...], vector: int, seed: int, offset: int,
-                 row_outputs: tuple[bool, ...] | None = None) -> tuple[np.ndarray, int]:
-    """The parameter words and grid size of a launch of a non-empty call (a reduction kernel's
-    when `row_outputs` says which outputs are row outputs)."""
+                 row_outputs: tuple[bool, ...] | None = None, held: tuple[int, ...] = (),
+                 shared_max: int = 0) -> tuple[np.ndarray, int, int]:
+    """The parameter words, grid size and dynamic shared memory bytes of a launch of a
+    non-empty call (a reduction kernel's when `row_outputs` says which outputs are row outputs;
+    `held` and `shared_max` as for `launch_flags`)."""
     ptrs = pointers(abi, call, outputs, cats)
     operand_ptrs = [[int(ptrs[s]) for s in slots] for slots in operand_slots(abi)]
     itemsizes = [a.dtype.itemsize for a in call.arrays] + [o.dtype.itemsize for o in outputs]
-    flags = launch_flags(call.canon, layouts, vector, operand_ptrs, itemsizes, row_outputs)
+    flags = launch_flags(call.canon, layouts, vector, operand_ptrs, itemsizes, row_outputs,
+                         held, shared_max)
     reduces = row_outputs is not None
     n = dispatch.work_count(call, reduces)
     words = param_words(ptrs, dispatch.meta_words(call, abi, seed, offset), n, flags)
-    return words, grid_size(n, vector, flags, row_length(call) if reduces else 0)
+    return (words, grid_size(n, vector, flags, row_length(call) if reduces else 0),
+            shared_bytes(call.shape[-1] if reduces else 0, held, flags))
 
 
 def row_outputs(info: dispatch.GroupInfo) -> tuple[bool, ...] | None:
@@ -340,6 +367,8 @@ class _Kernel:
     entry: dict          # the manifest's kernel entry
     function: object     # cupy Function (None for an empty call)
     layouts: tuple[str, ...]
+    held: tuple[int, ...] = ()   # bytes per element of each input a HELD launch holds
+    shared_max: int = 0          # dynamic shared memory bytes a launch may have
 
 
 class CudaKernels:
@@ -416,7 +445,9 @@ class CudaKernels:
         """Kernel `k` (entry `entry`) for calls of `key` on `device`, remembered if not empty."""
         self.bundle.output_dtypes(k)     # checks entry["outputs"] against the IR
         function = None if empty else self._function(cp, entry, device)
-        found = _Kernel(entry, function, tuple(lay for _, lay in parse_key(k)[1]))
+        held = _held(entry)
+        found = _Kernel(entry, function, tuple(lay for _, lay in parse_key(k)[1]), held,
+                        _allow_shared(cp, function, device) if held and function else 0)
         if not empty:
             self._kernels[(key, device)] = found
         return found
@@ -466,6 +497,28 @@ class CudaKernels:
         return module.get_function(entry["symbol"])
 
 
+def _held(entry: dict) -> tuple[int, ...]:
+    """The manifest entry's `held` (bytes per element of each held input; none if absent)."""
+    held = entry.get("held", [])
+    if not isinstance(held, list) or not all(type(h) is int and h in (1, 2, 4, 8) for h in held):
+        raise BundleError(f"kernel {entry['key']} [{entry['target']}]: 'held' must be a list "
+                          f"of element sizes (1, 2, 4 or 8), not {held!r}")
+    return tuple(held)
+
+
+def _allow_shared(cp, function, device: int) -> int:
+    """Let `function` launch with all the dynamic shared memory a block of the device may have
+    beside the function's static shared memory (over 48 KiB needs this opt-in); that many
+    bytes."""
+    driver, runtime = cp.cuda.driver, cp.cuda.runtime
+    optin = runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device)
+    limit = optin - driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                                            function.ptr)
+    driver.funcSetAttribute(function.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            limit)
+    return limit
+
+
 def _capability(cp, device: int) -> tuple[int, int]:
     cc = cp.cuda.Device(device).compute_capability
     return int(cc[:-1]), int(cc[-1])
@@ -488,14 +541,14 @@ class _Params(threading.local):
 _PARAMS = _Params()
 
 
-def _launch(cp, function: int, grid: int, words: list[int], stream: int) -> None:
+def _launch(cp, function: int, grid: int, words: list[int], stream: int, shared: int) -> None:
     n = len(words)
     if n > len(_PARAMS.state[0]):
         _PARAMS.reserve(n)
     buffer, size, _, extra = _PARAMS.state
     buffer[:n] = words
     size.value = 8 * n
-    cp.cuda.driver.launchKernel(function, grid, 1, 1, BLOCK, 1, 1, 0, stream, 0, extra)
+    cp.cuda.driver.launchKernel(function, grid, 1, 1, BLOCK, 1, 1, shared, stream, 0, extra)
 
 
 # ---------------------------------------------------------------- launch plans -----------------
@@ -519,6 +572,7 @@ class _Plan:
     aligns: tuple[tuple[int, int], ...]       # (word, bytes) the vector path needs
     grid: int                                 # blocks (on the vector path if `words` say so)
     scalar_grid: int                          # blocks on the scalar path
+    shared: int                               # dynamic shared memory bytes
     random: bool
     fill_at: int                              # word of the seed (random groups) or first scalar
     scalars: tuple[tuple[int, str, dt.DType], ...]  # (argument, name, dtype)
@@ -552,7 +606,8 @@ def _plan(cp, info: dispatch.GroupInfo, c: dispatch.Call, abi: Abi, kernel: _Ker
                         d.numpy, device) for shape, d in zip(c.out_shapes, dtypes)]
     at_zero = replace(c, arrays=[replace(a, ptr=0) for a in c.arrays])
     vector, rows = kernel.entry.get("vector", 1), row_outputs(info)
-    words, grid = launch_words(abi, at_zero, outs, cats, kernel.layouts, vector, 0, 0, rows)
+    words, grid, shared = launch_words(abi, at_zero, outs, cats, kernel.layouts, vector, 0, 0,
+                                       rows, kernel.held, kernel.shared_max)
     slots = operand_slots(abi)
     aligns = vector_alignment(c.canon, kernel.layouts, vector,
                               [a.dtype.itemsize for a in c.arrays + outs], rows or ()) \
@@ -565,6 +620,7 @@ def _plan(cp, info: dispatch.GroupInfo, c: dispatch.Call, abi: Abi, kernel: _Ker
         aligns=tuple((s, a) for ss, a in zip(slots, aligns) for s in ss if a > 1), grid=grid,
         scalar_grid=grid_size(dispatch.work_count(c, info.reduces), vector,
                               int(words[-1]) & ~VECTOR, row_length(c) if info.reduces else 0),
+        shared=shared,
         random=info.has_random, fill_at=abi.n_ptrs + abi.seed,
         scalars=tuple(scalars),
         alloc=tuple((o.shape, np.dtype(np.uint16) if d == dt.bfloat16 else o.dtype)   # as _outputs
@@ -651,7 +707,7 @@ def _run(plan: _Plan, bases: list[int], args: tuple, out, seed, offset):
         if not _fits(plan, bases, results):
             return None
     words, grid = plan.fill(bases, fills)
-    _launch(cp, plan.function, grid, words, cp.cuda.get_current_stream().ptr)
+    _launch(cp, plan.function, grid, words, cp.cuda.get_current_stream().ptr, plan.shared)
     return results[0] if len(results) == 1 else tuple(results)
 
 
@@ -756,14 +812,14 @@ def call(caller, args: tuple, out, seed, offset: int):
             abi = Abi(rank, tuple(ch[0] if ch else 1 for ch in info.chunks),
                       tuple(cat[0] if cat else 1 for cat in cats), info.has_random,
                       len(c.scalars))
-            words, grid = launch_words(abi, c, outs, cats, kernel.layouts,
-                                       kernel.entry.get("vector", 1), seed or 0, offset,
-                                       row_outputs(info))
+            words, grid, shared = launch_words(abi, c, outs, cats, kernel.layouts,
+                                               kernel.entry.get("vector", 1), seed or 0, offset,
+                                               row_outputs(info), kernel.held, kernel.shared_max)
             if grid > MAX_GRID:
                 what = f"{n // row_length(c)} rows" if info.reduces else f"{n} elements"
                 raise ArgumentError(f"{info.name}: {what} need {grid} blocks, over CUDA's "
                                     f"limit of {MAX_GRID}")
-            _launch(cp, kernel.function.ptr, grid, words.tolist(), stream)
+            _launch(cp, kernel.function.ptr, grid, words.tolist(), stream, shared)
             if not empty_rows:
                 kernels.memo(info).remember(args, lambda: _plan(cp, info, c, abi, kernel, device))
     return results[0] if len(results) == 1 else tuple(results)

@@ -446,3 +446,39 @@ extern "C" __attribute__((no_sanitize_thread)) void __tsan_init(void) {}
 extern "C" __attribute__((no_sanitize_thread)) void __tsan_func_entry(void*) {}
 extern "C" __attribute__((no_sanitize_thread)) void __tsan_func_exit(void) {}
 #endif
+
+// Dynamic shared memory (`extern __shared__`, declared by FB_DYNAMIC_SHARED(name)): the bytes
+// a launch of fb_emulate_dynamic gives every block, poisoned like FB_SHARED at its start.
+#include <stdlib.h>
+namespace fb_emu {
+struct DynamicShared {
+  unsigned char* data;
+  size_t bytes;
+  unsigned long long generation;
+  unsigned char* get() {
+    if (generation != S.block_generation) {
+      memset(data, 0xff, bytes);
+      generation = S.block_generation;
+    }
+    return data;
+  }
+};
+static thread_local DynamicShared dynamic_shared;
+}  // namespace fb_emu
+#define FB_DYNAMIC_SHARED(name) unsigned char* const name = fb_emu::dynamic_shared.get()
+
+// fb_emulate with `bytes` of dynamic shared memory per block (16-byte aligned).
+template <typename P>
+int fb_emulate_dynamic(void (*kernel)(P), const long long* words, unsigned grid,
+                       unsigned block, size_t bytes) {
+  unsigned char* data = (unsigned char*)aligned_alloc(16, (bytes + 16) / 16 * 16);
+  if (!data) {
+    snprintf(fb_emu::S.error, sizeof fb_emu::S.error, "cannot allocate %zu bytes", bytes);
+    return 1;
+  }
+  fb_emu::dynamic_shared = {data, bytes, 0};
+  const int failed = fb_emulate(kernel, words, grid, block);
+  fb_emu::dynamic_shared = {nullptr, 0, 0};
+  free(data);
+  return failed;
+}

@@ -28,6 +28,10 @@ class FakeArray:
 FakeArray.__module__ = "cupy_fake"      # the runtime recognizes cupy arrays by their module
 
 
+OPTIN, STATIC_SHARED, MAX_DYNAMIC_SHARED = 97, 1, 8   # the CUDA enums' values
+SHARED_MAX = 227 << 10      # the opt-in shared memory of a block (sm_90)
+
+
 class CUDADriverError(RuntimeError):
     pass
 
@@ -35,6 +39,8 @@ class CUDADriverError(RuntimeError):
 def fake_cupy(libs: dict[str, ctypes.CDLL], capability: str = "90", driver: int = 13000):
     """A cupy namespace for one imaginary device; `libs` maps kernel symbols to emulation libs."""
     launched: list[str] = []
+    shared_bytes: list[int] = []        # per launch, its dynamic shared memory
+    allowed: dict[int, int] = {}        # per function, the dynamic shared memory it may have
     functions: dict[int, str] = {}
 
     current = threading.local()     # each thread's current device (0 unless `with Device(i)`)
@@ -60,7 +66,8 @@ def fake_cupy(libs: dict[str, ctypes.CDLL], capability: str = "90", driver: int 
             return types.SimpleNamespace(ptr=id(symbol))
 
     def launch(f, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
-        assert (gy, gz, bx, by, bz, shared, params) == (1, 1, 128, 1, 1, 0, 0)
+        assert (gy, gz, bx, by, bz, params) == (1, 1, 128, 1, 1, 0)
+        assert shared <= allowed.get(f, 48 << 10), "dynamic shared memory over the opt-in"
         tags = (ctypes.c_void_p * 5).from_address(extra)
         assert (tags[0], tags[2], tags[4]) == (1, 2, None)
         size = ctypes.c_size_t.from_address(tags[3]).value
@@ -68,16 +75,27 @@ def fake_cupy(libs: dict[str, ctypes.CDLL], capability: str = "90", driver: int 
         symbol = functions[f]
         lib = libs[symbol]
         assert getattr(lib, f"emu_bytes_{symbol}")() == size
-        run_kernel(lib, symbol, words.ctypes.data, gx)
+        run_kernel(lib, symbol, words.ctypes.data, gx, shared)
         launched.append(symbol)
+        shared_bytes.append(shared)
+
+    def set_attribute(f, attribute, value):
+        assert attribute == MAX_DYNAMIC_SHARED and value <= SHARED_MAX
+        allowed[f] = value
 
     runtime = types.SimpleNamespace(driverGetVersion=lambda: driver,
+                                    cudaDevAttrMaxSharedMemoryPerBlockOptin=OPTIN,
+                                    deviceGetAttribute=lambda a, i: {OPTIN: SHARED_MAX}[a],
                                     getDevice=lambda: getattr(current, "id", 0),
                                     getDeviceProperties=lambda i: {"name": b"Emulated GPU"})
     cuda = types.SimpleNamespace(
         Device=Device, runtime=runtime, get_current_stream=lambda: types.SimpleNamespace(ptr=0),
         function=types.SimpleNamespace(Module=Module),
-        driver=types.SimpleNamespace(launchKernel=launch, CUDADriverError=CUDADriverError))
-    return types.SimpleNamespace(cuda=cuda, launched=launched,
+        driver=types.SimpleNamespace(
+            launchKernel=launch, CUDADriverError=CUDADriverError,
+            CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES=STATIC_SHARED,
+            CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES=MAX_DYNAMIC_SHARED,
+            funcGetAttribute=lambda a, f: {STATIC_SHARED: 64}[a], funcSetAttribute=set_attribute))
+    return types.SimpleNamespace(cuda=cuda, launched=launched, shared_bytes=shared_bytes,
                                  empty=lambda shape, dtype: FakeArray(np.empty(shape, dtype),
                                                                       runtime.getDevice()))

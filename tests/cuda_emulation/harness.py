@@ -15,11 +15,12 @@ from fusebuild import dtypes as dt, ir, syntax
 from fusebuild.abi import Abi
 from fusebuild.argspec import parse_key
 from fusebuild.codegen.common import KernelSource
-from fusebuild.codegen.cuda import BLOCK, vector_width
+from fusebuild.codegen.cuda import BLOCK, held_itemsizes, vector_width
 from fusebuild.runtime import cuda, dispatch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CXX = os.environ.get("CXX", "g++")
+SHARED_MAX = 227 << 10     # dynamic shared memory a block may have (sm_90's opt-in limit)
 CXXFLAGS = ("-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-w")
 
 
@@ -48,10 +49,11 @@ def compile_source(text: str, out_dir: str, name: str, flags: tuple[str, ...] = 
 
 
 def launchers(symbols: list[str]) -> str:
-    """One host launcher per kernel symbol, and the size of its parameter struct."""
+    """One host launcher per kernel symbol (with its dynamic shared memory bytes), and the size
+    of its parameter struct."""
     return "\n".join(
-        f'extern "C" int emu_{s}(const long long *w, unsigned grid) '
-        f"{{ return fb_emulate({s}, w, grid, {BLOCK}u); }}\n"
+        f'extern "C" int emu_{s}(const long long *w, unsigned grid, unsigned long long shared) '
+        f"{{ return fb_emulate_dynamic({s}, w, grid, {BLOCK}u, shared); }}\n"
         f'extern "C" unsigned long long emu_bytes_{s}(void) {{ return fb_param_bytes({s}); }}'
         for s in symbols)
 
@@ -61,12 +63,14 @@ class EmulationError(RuntimeError):
     emulates."""
 
 
-def run_kernel(lib: ctypes.CDLL, symbol: str, words: int, grid: int) -> None:
-    """Launch kernel `symbol` of an emulation library on `grid` blocks, its parameter words at
-    address `words`; raises EmulationError with the emulator's reason when it stops."""
+def run_kernel(lib: ctypes.CDLL, symbol: str, words: int, grid: int, shared: int = 0) -> None:
+    """Launch kernel `symbol` of an emulation library on `grid` blocks with `shared` bytes of
+    dynamic shared memory, its parameter words at address `words`; raises EmulationError with
+    the emulator's reason when it stops."""
     launch = getattr(lib, f"emu_{symbol}")
-    launch.argtypes, launch.restype = [ctypes.c_void_p, ctypes.c_uint], ctypes.c_int
-    if launch(words, grid):
+    launch.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_ulonglong]
+    launch.restype = ctypes.c_int
+    if launch(words, grid, shared):
         lib.fb_emu_error.restype = ctypes.c_char_p
         raise EmulationError(f"{symbol}: {lib.fb_emu_error().decode()}")
 
@@ -104,6 +108,7 @@ class Launch:
     key: str              # the kernel that ran
     flags: int
     outputs: list[np.ndarray]
+    shared: int = 0                   # dynamic shared memory bytes
     traffic: Traffic | None = None    # from a library compiled with traffic=True
 
 
@@ -164,23 +169,27 @@ class EmulatedGroup:
             if empty_rows else dispatch.pad(call.canon, ks.layouts, reduces)
         abi: Abi = ks.abi
         vector = vector_width(ks)
-        words, _ = cuda.launch_words(abi, call, [_host(o) for o in outs],
-                                     [cat for _, cat in self.info.outputs], ks.layouts, vector,
-                                     seed, offset, cuda.row_outputs(self.info))
+        held = tuple(held_itemsizes(ks))
+        words, _, _ = cuda.launch_words(abi, call, [_host(o) for o in outs],
+                                        [cat for _, cat in self.info.outputs], ks.layouts,
+                                        vector, seed, offset, cuda.row_outputs(self.info), held,
+                                        SHARED_MAX)
         if flags is not None:
             words[-1] = flags(int(words[-1]))
+        shared = cuda.shared_bytes(call.shape[-1] if reduces else 0, held, int(words[-1]))
         if start:
             _shift(words, ks, call, outs, [cat for _, cat in self.info.outputs], start, n,
                    reduces)
         grid = cuda.grid_size(n, vector, int(words[-1]), cuda.row_length(call) if reduces else 0)
         assert getattr(self.lib, f"emu_bytes_{ks.symbol}")() == words.nbytes
         if self.counts_traffic:
-            return Launch(key, int(words[-1]), outs, self._counted(ks, call, outs, words, grid))
-        run_kernel(self.lib, ks.symbol, words.ctypes.data, grid)
-        return Launch(key, int(words[-1]), outs)
+            return Launch(key, int(words[-1]), outs, shared,
+                          self._counted(ks, call, outs, words, grid, shared))
+        run_kernel(self.lib, ks.symbol, words.ctypes.data, grid, shared)
+        return Launch(key, int(words[-1]), outs, shared)
 
     def _counted(self, ks: KernelSource, call: dispatch.Call, outs: list[np.ndarray],
-                 words: np.ndarray, grid: int) -> Traffic:
+                 words: np.ndarray, grid: int, shared: int) -> Traffic:
         """Run the launch counting its traffic per operand (each array's byte extent)."""
         operands, n_in = [*call.arrays, *map(_host, outs)], len(call.arrays)
         read = {node.attr[0] for node in ks.kernel.nodes if node.op == "load"}
@@ -190,7 +199,7 @@ class EmulatedGroup:
         counts = np.zeros((len(operands), 2), np.uint64)
         self.lib.fb_emu_traffic_start(len(operands), ranges.ctypes.data)
         try:
-            run_kernel(self.lib, ks.symbol, words.ctypes.data, grid)
+            run_kernel(self.lib, ks.symbol, words.ctypes.data, grid, shared)
         finally:
             self.lib.fb_emu_traffic_counts(counts.ctypes.data)
             self.lib.fb_emu_traffic_start(0, None)
