@@ -45,10 +45,18 @@ def describe(group, keys: Iterable[str], target: str) -> bytes:
         kernels.append({"key": key, "symbol": ks.symbol, "pointers": abi.n_ptrs,
                         "meta": abi.n_meta, "chunks": list(abi.chunks), "parts": list(abi.parts),
                         "outputs": [{"dtype": o.dtype.name, "row": o.row}
-                                    for o in ks.kernel.outputs]})
+                                    for o in ks.kernel.outputs],
+                        **({"held": _held(ks)} if target.startswith("cuda:") else {})})
     body = {"format": FORMAT, "group": group.name, "ir": group.spec_hash, "target": target,
             "kernels": kernels}
     return canonical_json(body).encode()
+
+
+def _held(ks) -> list[int]:
+    """Bytes per element of each input a CUDA reduction kernel holds in dynamic shared memory
+    on its HELD path: the host sizes that memory by them."""
+    from .codegen.cuda import held_itemsizes
+    return held_itemsizes(ks)
 
 
 def read_description(data: bytes, rel: str) -> bytes:

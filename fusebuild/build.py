@@ -136,7 +136,7 @@ def run_job(job: Job) -> JobResult:
                 result.artifacts[rel] = objects[tg.arch(target)]
                 result.kernels += _entries(kernels, target, rel, objects[tg.arch(target)])
         elif job.backend == "cuda":
-            from .codegen.cuda import held_itemsizes, render_module, vector_width
+            from .codegen.cuda import render_module, vector_width
             from .toolchain.nvrtc import compile_cuda, ptx_isa
             target, arch = job.targets[0], tg.arch(job.targets[0])
             data = compile_cuda(render_module(kernels), target, name,
@@ -145,9 +145,7 @@ def run_job(job: Job) -> JobResult:
             rel = f"cuda/{arch}/{name}.{'ptx' if ptx else 'cubin'}"
             result.artifacts[rel] = data
             extra = {"ptx_isa": ptx_isa(data)} if ptx else {}
-            result.kernels += [{**e, "vector": vector_width(ks),
-                                **({"held": held_itemsizes(ks)} if held_itemsizes(ks) else {}),
-                                **extra}
+            result.kernels += [{**e, "vector": vector_width(ks), **extra}
                                for e, ks in zip(_entries(kernels, target, rel, data), kernels)]
         else:
             raise BuildError(f"backend '{job.backend}' is not supported by this build")

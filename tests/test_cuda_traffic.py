@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from fusebuild import spec
-from fusebuild.codegen.cuda import render_module
+from fusebuild.codegen.cuda import HELD, render_module
 from conftest import SPECS
 from cuda_emulation.harness import (EmulatedGroup, compile_source, have_compiler, kernel_sources,
                                     launchers)
@@ -24,10 +24,12 @@ pytestmark = pytest.mark.skipif(not have_compiler(), reason="needs g++ for the h
 PLAN = spec.load_plan([SPECS])
 ELEMENTS = 1 << 16
 ELEMENTWISE_MAX = 1.02
-# Reductions re-read each row from global memory once per pass (DESIGN §8: a sweep per pass of
-# reductions, then one storing the outputs), so they stand at today's ratios (largest over the
-# test's shapes). Single-read reductions (issue 20, item 4) bring every kernel with N <= 16384
-# to <= 1.05: then replace this table by that one bound.
+# A reduction whose held inputs fit runtime.cuda.HELD_ROW_MAX bytes per row reads each row once
+# (launch flag HELD): at most HELD_MAX. Longer rows re-read each row from global memory once per
+# pass (DESIGN §8: a sweep per pass of reductions, then one storing the outputs): at most the
+# multi-pass ratios below (largest over the test's shapes, measured before rows were held).
+HELD_MAX = 1.05
+ALWAYS_HELD_UP_TO = 4096      # three float64 inputs of N = 4096 take 96 KiB: a float32 row less
 REDUCTION_MAX = {
     "softmax": 2.0, "softmax__grad": 2.34, "masked_softmax": 1.8, "log_softmax": 2.0,
     "layer_norm": 1.99, "layer_norm__grad": 2.25, "rms_norm": 1.5, "rms_norm__grad": 1.75,
@@ -53,10 +55,13 @@ def test_reduction_table_names_every_reduction():
 @pytest.mark.parametrize("gp", PLAN.groups, ids=lambda gp: gp.group.name)
 def test_traffic_of_every_example_kernel(counted, gp):
     rng = np.random.default_rng(zlib.crc32(gp.group.name.encode()))
-    bound = REDUCTION_MAX[gp.group.name] if gp.group.reduces else ELEMENTWISE_MAX
     for dtypes, pattern, n in cases(gp):
         m = measure(counted[gp.group.name], gp, dtypes, pattern, ELEMENTS, n, rng)
         t, label = m.traffic, f"{m.key} {m.shapes}"
+        held = bool(m.flags & HELD)
+        assert held or not gp.group.reduces or n > ALWAYS_HELD_UP_TO, (label, m.flags)
+        bound = (ELEMENTWISE_MAX if not gp.group.reduces else HELD_MAX if held
+                 else REDUCTION_MAX[gp.group.name])
         n_in = len(t.broadcast) - len(gp.group.outputs)
         for i, (ld, st, d, need) in enumerate(zip(t.loaded, t.stored, t.distinct, t.needed)):
             if i < n_in:     # every byte of a needed input loaded, none of the others; no store

@@ -13,8 +13,8 @@ the pointers' alignment.
 
 Reduction groups (DESIGN §8) launch over the work count rows * max(N, 1) (`dispatch.work_count`)
 with a warp per row (four rows a block) for rows of N <= WARP_ROW_MAX and a block per row beyond
-(flags bit ROW_BLOCK). Rows whose held inputs (the manifest entry's `held`: inputs loaded by
-several sweeps) take at most HELD_ROW_MAX bytes are read once (flags bit HELD), the kernel
+(flags bit ROW_BLOCK). Rows whose held inputs (the kernel description's `held`, derived from the
+group's IR and embedded in the cubin: inputs loaded by several sweeps) take at most HELD_ROW_MAX bytes are read once (flags bit HELD), the kernel
 keeping them in dynamic shared memory (`shared_bytes`); row outputs are `[..., 1]` arrays stored
 once per row. Calls of N = 0 with
 rows still launch (their row outputs get written) on any kernel of the dtypes
@@ -445,7 +445,7 @@ class CudaKernels:
         """Kernel `k` (entry `entry`) for calls of `key` on `device`, remembered if not empty."""
         self.bundle.output_dtypes(k)     # checks entry["outputs"] against the IR
         function = None if empty else self._function(cp, entry, device)
-        held = _held(entry)
+        held = self.bundle.held(entry["file"], k)
         found = _Kernel(entry, function, tuple(lay for _, lay in parse_key(k)[1]), held,
                         _allow_shared(cp, function, device) if held and function else 0)
         if not empty:
@@ -495,15 +495,6 @@ class CudaKernels:
                                       f"({entry['target']}) on device {device}: {e}") from None
                 self._modules[(entry["file"], device)] = module
         return module.get_function(entry["symbol"])
-
-
-def _held(entry: dict) -> tuple[int, ...]:
-    """The manifest entry's `held` (bytes per element of each held input; none if absent)."""
-    held = entry.get("held", [])
-    if not isinstance(held, list) or not all(type(h) is int and h in (1, 2, 4, 8) for h in held):
-        raise BundleError(f"kernel {entry['key']} [{entry['target']}]: 'held' must be a list "
-                          f"of element sizes (1, 2, 4 or 8), not {held!r}")
-    return tuple(held)
 
 
 def _allow_shared(cp, function, device: int) -> int:

@@ -116,6 +116,14 @@ class Bundle:
             self._descriptions[rel] = found
         return found
 
+    def held(self, rel: str, key: str) -> tuple[int, ...]:
+        """Bytes per element of each input CUDA kernel `key` of file `rel` holds in dynamic shared
+        memory (HELD launches are sized by them): from the description the manifest's group IR
+        gives `rel`, which the file must embed before it is loaded. Not a manifest field: an edit
+        could shrink a launch's shared memory below what the kernel writes."""
+        kernels = json.loads(self.description(rel))["kernels"]
+        return tuple(next(k["held"] for k in kernels if k["key"] == key))
+
     def torch_library(self, namespace: str):
         """Register every group as the torch custom op `torch.ops.<namespace>.<group>`, with a
         fake implementation and, where the bundle holds `<group>__grad`, autograd (DESIGN §9);

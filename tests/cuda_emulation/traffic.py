@@ -11,7 +11,7 @@ import numpy as np
 
 from fusebuild import dtypes as dt
 from fusebuild.argspec import Dim
-from fusebuild.codegen.cuda import render_module
+from fusebuild.codegen.cuda import HELD, render_module
 from conftest import concrete, make_args
 from cuda_emulation.harness import (EmulatedGroup, Traffic, compile_source, kernel_sources,
                                     launchers)
@@ -72,6 +72,7 @@ class Measured:
     dtypes: str                   # "f32/bf16..."
     shapes: dict                  # input name -> shape
     row_length: int               # N of a reduction, 0 elementwise
+    flags: int                    # the launch's (a reduction's row mode, HELD)
     traffic: Traffic
     seconds: float                # emulation time
 
@@ -81,7 +82,8 @@ class Measured:
         return {"group": self.group, "kernel": self.key, "dtypes": self.dtypes,
                 "shapes": {k: list(v) for k, v in self.shapes.items()},
                 "kind": "reduction" if self.row_length else "elementwise",
-                "N": self.row_length, "bytes_loaded": sum(t.loaded),
+                "N": self.row_length, "held": bool(self.flags & HELD),
+                "bytes_loaded": sum(t.loaded),
                 "bytes_stored": sum(t.stored), "bytes_measured": t.measured,
                 "bytes_ideal": t.ideal, "ratio": round(t.ratio, 4),
                 "emulation_s": round(self.seconds, 3)}
@@ -96,7 +98,7 @@ def measure(em: EmulatedGroup, gp, dtypes: tuple, pattern: dict, elements: int,
     launch = em(args, 1234 if gp.group.has_random else 0)
     seconds = time.perf_counter() - start
     return Measured(gp.group.name, launch.key, "/".join(d.short for d in dtypes), shapes,
-                    row_length, launch.traffic, seconds)
+                    row_length, launch.flags, launch.traffic, seconds)
 
 
 def cases(gp) -> list[tuple[tuple, dict, int]]:
