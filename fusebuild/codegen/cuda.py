@@ -100,8 +100,22 @@ template <typename T, int V>
 __device__ __forceinline__ fb_vec<T, V> fb_load(const T* p) {{
   return *reinterpret_cast<const fb_vec<T, V>*>(p);
 }}
+// 16- and 8-byte vectors are stored by one st.global.v4/v2 on the device: NVVM splits the struct
+// copy into 4-byte stores on some paths (NVRTC 13.5, sm_80/sm_90: the 64-bit-index vector path)
 template <typename T, int V>
 __device__ __forceinline__ void fb_store(T* p, const fb_vec<T, V>& x) {{
+#ifdef __CUDA_ARCH__
+  if constexpr (sizeof(x) == 16 || sizeof(x) == 8) {{
+    unsigned w[4];
+    memcpy(w, &x, sizeof(x));
+    if constexpr (sizeof(x) == 16)
+      asm volatile("st.global.v4.b32 [%0], {{%1, %2, %3, %4}};"
+                   :: "l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3]) : "memory");
+    else
+      asm volatile("st.global.v2.b32 [%0], {{%1, %2}};" :: "l"(p), "r"(w[0]), "r"(w[1]) : "memory");
+    return;
+  }}
+#endif
   *reinterpret_cast<fb_vec<T, V>*>(p) = x;
 }}
 template <typename I> struct fb_unsigned;
