@@ -14,13 +14,15 @@ one run per SM whatever the number of cubins. Registers, stack, local and shared
 `cuobjdump -res-usage`, the launch bound from the kernel's `.nv.info` attributes
 (EIATTR_MAX_THREADS).
 
-Hot loop: the innermost loops that access global memory, a loop being the span from a backward
-branch (`BRA` to an address at or before its own) to its target; "innermost" keeps the spans
-holding no other such span (a loop over a row, not the fmod or integer-pow loop inside it, which
-touch no global memory). A kernel with no such loop (the flat elementwise launch: each thread
-computes V elements and exits) counts its whole body, every instantiation of the vector/scalar and
-32/64-bit paths included. A kernel's code is its section: the subroutines NVRTC emits beside it
-(division slow paths, ...) are counted with it.
+Hot loop: the innermost loops of the kernel's own code that access global memory, a loop being
+the span from a backward branch (`BRA` to an address at or before its own) to its target;
+"innermost" keeps the spans holding no other such span (a loop over a row, not the fmod or
+integer-pow loop inside it, which touch no global memory). A kernel with no such loop (the flat
+elementwise launch: each thread computes V elements and exits) counts its whole body, every
+instantiation of the vector/scalar and 32/64-bit paths included. A kernel's section also holds
+the subroutines NVRTC emits for it (division slow paths, the Payne-Hanek reduction of sin(double),
+from the first call target on): they are left out of the hot loop (the calls to them are counted)
+but counted in the kernel's FP64 instructions and spills.
 
 Occupancy follows NVIDIA's occupancy calculator (cuda_occupancy.h of CUDA 13: warp, block,
 register and shared-memory limits; registers allocated per warp in units of 256 across 4 SM
@@ -210,21 +212,26 @@ def _width(op: str) -> int:
 def mix(insns: list[Insn]) -> Mix:
     ops = [op for _, op, _ in insns]
     names = Counter(op.split(".")[0] for op in ops)
-    return Mix(len(ops), dict(sorted(Counter(_width(o) for o in ops if o.startswith("LDG.")).items())),
-               dict(sorted(Counter(_width(o) for o in ops if o.startswith("STG.")).items())),
-               sum(map(is_fp64, ops)), names["CALL"], names["BAR"], names["SHFL"])
+    def widths(kind: str) -> dict[int, int]:
+        return dict(sorted(Counter(_width(o) for o in ops if o.startswith(kind)).items()))
+    return Mix(len(ops), widths("LDG."), widths("STG."), sum(map(is_fp64, ops)), names["CALL"],
+               names["BAR"], names["SHFL"])
 
 
 def hot_loop(insns: list[Insn]) -> tuple[list[Insn], bool]:
-    """The instructions of the innermost loops that access global memory, and True; the whole
-    function and False when no loop does (see the module docstring)."""
+    """The instructions of the innermost loops of the kernel's own code (its subroutines, the
+    targets of its calls, left out) that access global memory, and True; that code and False
+    when no loop does (see the module docstring)."""
+    calls = [_target(args) for _, op, args in insns if op.startswith("CALL")]
+    end = min((t for t in calls if t is not None), default=None)
+    insns = [i for i in insns if end is None or i[0] < end]
     index = {addr: n for n, (addr, _, _) in enumerate(insns)}
     spans = []
     for n, (addr, op, args) in enumerate(insns):
-        m = re.search(r"0x([0-9a-f]+)\s*$", args)
-        if op.split(".")[0] == "BRA" and m and int(m.group(1), 16) <= addr \
-                and int(m.group(1), 16) in index:
-            a = index[int(m.group(1), 16)]
+        target = _target(args)
+        if op.split(".")[0] == "BRA" and target is not None and target <= addr \
+                and target in index:
+            a = index[target]
             if any(op.startswith(("LDG.", "STG.")) for _, op, _ in insns[a:n + 1]):
                 spans.append((a, n))
     inner = {(a, b) for a, b in spans
@@ -233,6 +240,12 @@ def hot_loop(insns: list[Insn]) -> tuple[list[Insn], bool]:
         return insns, False
     keep = sorted({i for a, b in inner for i in range(a, b + 1)})
     return [insns[i] for i in keep], True
+
+
+def _target(args: str) -> int | None:
+    """The address a branch or call names (its last operand), None if none."""
+    m = re.search(r"0x([0-9a-f]+)\s*$", args)
+    return int(m.group(1), 16) if m else None
 
 
 def _sections(data: bytes) -> dict[str, tuple[int, int]]:
@@ -268,8 +281,9 @@ def _disassemble(sm: int, cubins: list[tuple[str, bytes]]) -> dict[tuple[str, st
         while addr >= starts[k][1]:
             k += 1
         base, _, path, sym = starts[k]
-        args = re.sub(r"\b0x([0-9a-f]+)\b", lambda t: hex(int(t.group(1), 16) - base), m.group(3)) \
-            if m.group(2).split(".")[0] in ("BRA", "CALL", "BSSY", "BREAK", "JMP") else m.group(3)
+        args = m.group(3)
+        if m.group(2).split(".")[0] in ("BRA", "CALL", "BSSY", "BREAK", "JMP"):
+            args = re.sub(r"\b0x([0-9a-f]+)\b", lambda t: hex(int(t.group(1), 16) - base), args)
         out[(path, sym)].append((addr - base, m.group(2), args))
     return out
 
@@ -310,7 +324,8 @@ def sass_table(root: str, manifest: dict, key: str | None = None, target: str | 
     from .inspection import format_table
     files: dict[str, str] = {}
     for k in manifest["kernels"]:
-        if k["file"].endswith(".cubin") and key in (None, k["key"]) and target in (None, k["target"]):
+        if k["file"].endswith(".cubin") and key in (None, k["key"]) \
+                and target in (None, k["target"]):
             files.setdefault(os.path.join(root, k["file"]), k["target"])
     if not files:
         raise BundleError("the bundle has no cubin" + (f" holding {key}" if key else "")

