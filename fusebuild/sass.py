@@ -20,8 +20,8 @@ the span from a backward branch (`BRA` to an address at or before its own) to it
 integer-pow loop inside it, which touch no global memory). A kernel with no such loop (the flat
 elementwise launch: each thread computes V elements and exits) counts its whole body, every
 instantiation of the vector/scalar and 32/64-bit paths included. A kernel's section also holds
-the subroutines NVRTC emits for it (division slow paths, the Payne-Hanek reduction of sin(double),
-from the first call target on): they are left out of the hot loop (the calls to them are counted)
+the subroutines NVRTC emits for it (division slow paths, the Payne-Hanek reduction of sin(double):
+a call target up to its RET): they are left out of the hot loop (the calls to them are counted)
 but counted in the kernel's FP64 instructions and spills.
 
 Occupancy follows NVIDIA's occupancy calculator (cuda_occupancy.h of CUDA 13: warp, block,
@@ -222,9 +222,7 @@ def hot_loop(insns: list[Insn]) -> tuple[list[Insn], bool]:
     """The instructions of the innermost loops of the kernel's own code (its subroutines, the
     targets of its calls, left out) that access global memory, and True; that code and False
     when no loop does (see the module docstring)."""
-    calls = [_target(args) for _, op, args in insns if op.startswith("CALL")]
-    end = min((t for t in calls if t is not None), default=None)
-    insns = [i for i in insns if end is None or i[0] < end]
+    insns = _own_code(insns)
     index = {addr: n for n, (addr, _, _) in enumerate(insns)}
     spans = []
     for n, (addr, op, args) in enumerate(insns):
@@ -240,6 +238,23 @@ def hot_loop(insns: list[Insn]) -> tuple[list[Insn], bool]:
         return insns, False
     keep = sorted({i for a, b in inner for i in range(a, b + 1)})
     return [insns[i] for i in keep], True
+
+
+def _own_code(insns: list[Insn]) -> list[Insn]:
+    """A kernel's instructions less its subroutines: from a call target to the first RET after
+    it, with no EXIT between (on sm_80 a predicated CALL.REL.NOINC also leaves divergent loops:
+    its target is the kernel's own code)."""
+    drop = set()
+    for target in {_target(args) for _, op, args in insns if op.startswith("CALL")} - {None}:
+        span = [n for n, (addr, _, _) in enumerate(insns) if addr >= target]
+        for n in span:
+            op = insns[n][1]
+            if op.startswith("EXIT"):
+                break
+            if op.startswith("RET"):
+                drop.update(range(span[0], n + 1))
+                break
+    return [insn for n, insn in enumerate(insns) if n not in drop]
 
 
 def _target(args: str) -> int | None:
