@@ -223,13 +223,21 @@ def verify(bundle, numerics, allow_skip):
 @click.argument("bundle", type=click.Path())
 @click.argument("key", required=False)
 @click.option("--target", default=None, help="With KEY: the target whose source to show.")
+@click.option("--sass", is_flag=True,
+              help="Report registers, spills, occupancy and the hot loop's instruction mix of "
+                   "every CUDA kernel (of KEY), from the cubins' SASS.")
 @_errors
-def inspect(bundle, key, target):
-    """Show the kernels of BUNDLE, or the generated source of KEY."""
+def inspect(bundle, key, target, sass):
+    """Show the kernels of BUNDLE, the generated source of KEY, or (--sass) the SASS report."""
     from .inspection import format_table, kernel_rows, kernel_source
     from .verify import open_root
     from .runtime.manifest import read_manifest
-    manifest = read_manifest(open_root(bundle))
+    root = open_root(bundle)
+    manifest = read_manifest(root)
+    if sass:
+        from .sass import sass_table
+        click.echo(sass_table(root, manifest, key, target))
+        return
     click.echo(kernel_source(manifest, key, target) if key else format_table(kernel_rows(manifest)))
 
 

@@ -15,8 +15,7 @@ def kernel_rows(manifest: dict) -> list[tuple[str, str, str, int]]:
             for k in manifest["kernels"]]
 
 
-def format_table(rows: list[tuple]) -> str:
-    head = ("group", "key", "target", "bytes")
+def format_table(rows: list[tuple], head: tuple = ("group", "key", "target", "bytes")) -> str:
     cols = list(zip(head, *rows))
     widths = [max(len(str(v)) for v in col) for col in cols]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in [head, *rows]]

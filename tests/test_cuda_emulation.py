@@ -24,7 +24,7 @@ from fusebuild.runtime.cuda import VECTOR, WIDE
 from conftest import SPECS, adam_case, random_array
 from cuda_emulation.cases import Case, check_outputs, example_cases
 from cuda_emulation.fake_cupy import FakeArray, fake_cupy
-from opcases import op_arrays, op_bodies, spec_text
+from opcases import FLOAT_SPECIALS, op_arrays, op_bodies, spec_text
 from test_ops_cpu import relative_to_magnitude
 from cuda_emulation.harness import (EmulatedGroup, compile_source, have_compiler, kernel_sources,
                                     launchers)
@@ -165,6 +165,41 @@ def test_scalar_inputs_of_every_dtype(tmp_path):
               0.1, 1e300]
     case = Case("scalars", (dt.float64,), [np.arange(5, dtype=np.float64), *values])
     check(em, case, magnitude=False)
+
+
+def test_float32_pow_is_within_one_ulp_of_float64_pow(tmp_path):
+    """The CUDA float32 pow (no FP64: codegen/cuda.py fb_pow) against numpy's float64 pow rounded
+    to float32: at most 1 ulp for normal results, one subnormal spacing below, specials exact;
+    over random magnitudes, bases near 1 with large exponents, integer exponents of negative
+    bases and random bit patterns."""
+    group = syntax.parse_group("powf", [("a", "tensor", None), ("b", "tensor", None)],
+                               [("y", None)], "y = a ** b", syntax.SourceMap())
+    ks = KernelSource(ir.instantiate(group, {"a": dt.float32, "b": dt.float32}),
+                      "powf(f32:c,f32:c)")
+    em = emulate(group, [ks], str(tmp_path))
+    rng = np.random.default_rng(20)
+    n = 50_000
+    bits = [rng.integers(0, 1 << 32, n, dtype=np.uint64).astype(np.uint32).view(np.float32)
+            for _ in "ab"]
+    a = np.concatenate([np.exp(rng.uniform(-88, 88, n)), 1 + rng.uniform(-1e-3, 1e-3, n),
+                        rng.uniform(-10, 10, n)]).astype(np.float32)
+    b = np.concatenate([rng.uniform(-20, 20, n), rng.uniform(-1e5, 1e5, n),
+                        np.round(rng.uniform(-40, 40, n))]).astype(np.float32)
+    specials = np.array(FLOAT_SPECIALS + [16777216.0, 16777217.0, -16777215.0, 1e-45],
+                        np.float32)
+    a = np.concatenate([a, bits[0], np.repeat(specials, len(specials))])
+    b = np.concatenate([b, bits[1], np.tile(specials, len(specials))])
+    got = em([a, b]).outputs[0]
+    with np.errstate(all="ignore"):
+        want = np.power(a.astype(np.float64), b.astype(np.float64)).astype(np.float32)
+    exact = ~np.isfinite(want) | ~np.isfinite(got)
+    np.testing.assert_array_equal(got[exact], want[exact])
+    g, w = got[~exact].astype(np.float64), want[~exact].astype(np.float64)
+    spacing = np.maximum(np.spacing(np.abs(want[~exact])).astype(np.float64), 2.0 ** -149)
+    err = np.abs(g - w) / spacing
+    worst = int(np.argmax(err))
+    assert err[worst] <= 1, (a[~exact][worst], b[~exact][worst], g[worst], w[worst])
+    assert (np.signbit(g) == np.signbit(w)).all()
 
 
 RAND_BODY = "y = rand_like(x)\nz = rand_like(float64(x))"
