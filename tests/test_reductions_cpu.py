@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 
+import ml_dtypes      # its finfo knows bfloat16 (numpy's does only from ml_dtypes 0.7)
 import numpy as np
 import pytest
 import torch
@@ -212,7 +213,7 @@ def test_softmax_matches_torch_and_rows_sum_to_one(bundle, dtype):
         check_oracle(y, want, d, n, row_max_abs(x))
         # the final sweep divides the very values the sum added: only the sum's error and the
         # rounding of each quotient remain
-        tol = float(np.finfo(d.numpy).eps) + 4 * float(np.finfo(acc_of(d).numpy).eps) * \
+        tol = float(ml_dtypes.finfo(d.numpy).eps) + 4 * float(np.finfo(acc_of(d).numpy).eps) * \
             max(1.0, math.log2(n))
         assert abs(y[0].astype(np.float64).sum() - 1) <= tol, f"row sum {y[0].sum()} (N={n})"
 
