@@ -18,10 +18,9 @@ from . import targets as tg
 from .argspec import (MAX_RANK, Dim, broadcast_shapes, canonicalize, contiguous_strides,
                       format_key, parse_key, row_strides)
 from .errors import SpecError, UsageError
-from .runtime.manifest import read_regular_file
 from .syntax import Group, SourceMap, parse_group
 from .ir import instantiate
-from .runtime.manifest import load_json
+from .runtime.manifest import load_json, read_regular_file
 from . import autodiff
 from .abi import GRAD_SUFFIX
 

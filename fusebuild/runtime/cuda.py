@@ -13,10 +13,10 @@ the pointers' alignment.
 
 Reduction groups (DESIGN §8) launch over the work count rows * max(N, 1) (`dispatch.work_count`)
 with a warp per row (four rows a block) for rows of N <= WARP_ROW_MAX and a block per row beyond
-(flags bit ROW_BLOCK). Rows whose held inputs (the kernel description's `held`, derived from the
-group's IR and embedded in the cubin: inputs loaded by several sweeps) take at most HELD_ROW_MAX bytes are read once (flags bit HELD), the kernel
-keeping them in dynamic shared memory (`shared_bytes`); row outputs are `[..., 1]` arrays stored
-once per row. Calls of N = 0 with
+(flags bit ROW_BLOCK). Rows whose held inputs (inputs loaded by several sweeps: the kernel
+description's `held`, derived from the group's IR and embedded in the cubin) take at most
+HELD_ROW_MAX bytes are read once (flags bit HELD), the kernel keeping them in dynamic shared
+memory (`shared_bytes`); row outputs are `[..., 1]` arrays stored once per row. Calls of N = 0 with
 rows still launch (their row outputs get written) on any kernel of the dtypes
 (`dispatch.hollow`): no element is read, so the inputs' layouts do not matter.
 """

@@ -68,14 +68,14 @@ def load_json(text: str | bytes):
 
 
 def _depth(value) -> int:
-    """How deep arrays and objects nest in a JSON value (0 for a scalar), without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            deepest = max(deepest, depth)
-            stack += [(c, depth + 1) for c in (item.values() if isinstance(item, dict) else item)]
-    return deepest
+    """How deep arrays and objects nest in a JSON value (0 for a scalar), without recursion:
+    level by level, visiting containers only (it runs on every manifest load)."""
+    depth, level = 0, [value] if isinstance(value, (dict, list)) else []
+    while level:
+        depth += 1
+        level = [c for item in level for c in (item.values() if isinstance(item, dict) else item)
+                 if isinstance(c, (dict, list))]
+    return depth
 
 
 # ---------------------------------------------------------------- files ------------------------
