@@ -3,8 +3,10 @@
 The build embeds in every artifact, as the data object `abi.ARTIFACT_SYMBOL`, the canonical JSON
 `describe` makes of its group's IR, keys and target: the group's name and IR hash (spec_hash),
 the target level and, per kernel, its key, symbol and ABI shape (pointer and meta word counts,
-chunks, cat parts, output dtypes and row outputs). `load` and `verify` recompute it from the
-manifest (`describe` again, on the manifest's group IR) and compare it with the bytes of the
+chunks, cat parts, output dtypes and row outputs). `verify` recomputes it from the manifest
+(`describe` again, on the manifest's group IR); `load` derives what it can from the manifest's
+JSON without the IR (`implied`: the group JSON must hash to the spec_hash the artifact pins) and
+takes the output dtypes and held sizes from the artifact. Both compare it with the bytes of the
 artifact before any kernel of it runs, so an edited manifest cannot hand a kernel buffers or an
 ISA level it was not built for. The description is read statically (ELF symbol, PTX initializer),
 never by running the artifact. Used by the build and the runtime: imports no compiler.
@@ -17,8 +19,8 @@ import struct
 from typing import Iterable
 
 from . import elf
-from .abi import ARTIFACT_SYMBOL
-from .argspec import parse_key
+from .abi import ARTIFACT_SYMBOL, Abi
+from .argspec import parse_key, symbol_name
 from .errors import BundleError, SpecError
 
 FORMAT = 1          # of the description
@@ -31,7 +33,6 @@ def describe(group, keys: Iterable[str], target: str) -> bytes:
     `target`; a pure function of them (no paths, times or host)."""
     from . import ir
     from .codegen.common import KernelSource
-    from .runtime.manifest import canonical_json
     names = [i.name for i in group.tensor_inputs]
     kernels = []
     for key in sorted(keys):
@@ -41,15 +42,73 @@ def describe(group, keys: Iterable[str], target: str) -> bytes:
         except SpecError as e:
             raise BundleError(f"kernel {key}: group {group.name} does not type-check for its "
                               f"dtypes: {e}") from None
-        abi = ks.abi
-        kernels.append({"key": key, "symbol": ks.symbol, "pointers": abi.n_ptrs,
-                        "meta": abi.n_meta, "chunks": list(abi.chunks), "parts": list(abi.parts),
-                        "outputs": [{"dtype": o.dtype.name, "row": o.row}
-                                    for o in ks.kernel.outputs],
-                        **({"held": _held(ks)} if target.startswith("cuda:") else {})})
-    body = {"format": FORMAT, "group": group.name, "ir": group.spec_hash, "target": target,
-            "kernels": kernels}
-    return canonical_json(body).encode()
+        kernels.append(_kernel(key, ks.abi, [(o.dtype.name, o.row) for o in ks.kernel.outputs],
+                               _held(ks) if target.startswith("cuda:") else None))
+    return _description(group.name, group.spec_hash, target, kernels)
+
+
+def implied(group: dict, kernels: Iterable[tuple[str, tuple[str, ...]]], target: str,
+            found: bytes) -> bytes:
+    """The description the manifest implies for the artifact of `target` holding `kernels`
+    ((key, output dtype names) of its entries) of `group` (its manifest JSON), read from the
+    JSON alone, without the IR: the artifact must embed exactly this. The group's JSON must
+    hash to its spec_hash (which the artifact pins); the ABI follows from its inputs, outputs
+    and the keys. The bytes of shared memory a CUDA kernel holds (`held`) are not in the
+    manifest: they are taken from `found`, the artifact's own description, as what its code
+    was built with."""
+    from .runtime.manifest import group_hash
+    if group_hash(group) != group.get("spec_hash"):
+        raise BundleError(f"group {group.get('name')} of the manifest does not match its own "
+                          "body (inputs, outputs, chunks or hash edited)")
+    tensors = [i for i in group["inputs"] if i["kind"] == "tensor"]
+    chunks = tuple(i["chunk"][0] if i["chunk"] else 1 for i in tensors)
+    parts = tuple(o["cat"][0] if o["cat"] else 1 for o in group["outputs"])
+    rows = [bool(o.get("row", False)) for o in group["outputs"]]
+    n_scalars = len(group["inputs"]) - len(tensors)
+    cuda = target.startswith("cuda:")
+    held = _held_of(found) if cuda else {}
+    kernels = [_kernel(key, Abi(_rank(key), chunks, parts, bool(group["has_random"]), n_scalars),
+                       list(zip(outputs, rows)), held.get(key, []) if cuda else None)
+               for key, outputs in sorted(kernels)]
+    return _description(group["name"], group["spec_hash"], target, kernels)
+
+
+def _rank(key: str) -> int:
+    """The rank of a key's layouts (0 without tensor inputs), as `KernelSource.rank`."""
+    descs = parse_key(key)[1]
+    return len(descs[0][1]) if descs else 0
+
+
+def _held_of(found: bytes) -> dict[str, list[int]]:
+    """The `held` itemsizes of each kernel of a description, by key; only well-formed lists
+    (itemsizes 1, 2, 4 or 8): for any other, the comparison with the implied description says
+    what differs."""
+    try:
+        held = {k["key"]: k["held"] for k in json.loads(found)["kernels"]}
+    except (ValueError, TypeError, KeyError):
+        return {}
+    return {key: h for key, h in held.items() if isinstance(h, list) and
+            all(type(b) is int and b in (1, 2, 4, 8) for b in h)}
+
+
+def _kernel(key: str, abi: Abi, outputs: list[tuple[str, bool]], held: list | None) -> dict:
+    """The description of one kernel: its key, symbol and ABI shape."""
+    return {"key": key, "symbol": symbol_name(key), "pointers": abi.n_ptrs, "meta": abi.n_meta,
+            "chunks": list(abi.chunks), "parts": list(abi.parts),
+            "outputs": [{"dtype": d, "row": row} for d, row in outputs],
+            **({"held": held} if held is not None else {})}
+
+
+def _description(group: str, spec_hash: str, target: str, kernels: list[dict]) -> bytes:
+    from .runtime.manifest import canonical_json
+    return canonical_json({"format": FORMAT, "group": group, "ir": spec_hash, "target": target,
+                           "kernels": kernels}).encode()
+
+
+def output_dtypes(description: bytes, key: str) -> tuple[str, ...]:
+    """The output dtype names of kernel `key` in a (checked) description."""
+    return next(tuple(o["dtype"] for o in k["outputs"])
+                for k in json.loads(description)["kernels"] if k["key"] == key)
 
 
 def _held(ks) -> list[int]:
@@ -110,7 +169,19 @@ def _difference(found: bytes, expected: bytes) -> str:
         return (f"holds kernels {', '.join(got_keys)} where the manifest lists "
                 f"{', '.join(want_keys)}")
     for g, w in zip(got["kernels"], want["kernels"]):
+        if g != w and isinstance(g, dict) and {**g, "outputs": w["outputs"]} == w:
+            return (f"kernel {w['key']}: the manifest records outputs "
+                    f"{', '.join(o['dtype'] for o in w['outputs'])} where its group computes "
+                    f"{_dtypes(g['outputs'])}")
         if g != w:
             return (f"kernel {w['key']} has the ABI {json.dumps(g, sort_keys=True)} where the "
                     f"manifest's group implies {json.dumps(w, sort_keys=True)}")
     return "carries a description that differs from the manifest's"
+
+
+def _dtypes(outputs) -> str:
+    """The output dtypes of a kernel's description, in words."""
+    try:
+        return ", ".join(str(o["dtype"]) for o in outputs)
+    except (TypeError, KeyError):
+        return json.dumps(outputs)

@@ -8,9 +8,7 @@ outputs are row outputs (UNIFORM / ROW / FULL levels). `ir.instantiate` types it
 from __future__ import annotations
 
 import ast
-import hashlib
 import io
-import json
 import sys
 import tokenize
 import warnings
@@ -19,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from . import dtypes as dt
 from .deep import trampoline
 from .errors import SpecError
+from .runtime.manifest import group_hash
 from .ops import (ABSENT, BINOPS, CASTS, CMPOPS, CONSTANTS, OPS, REDUCTIONS, REQUIRED, UNARYOPS,
                   OpDef)
 from .unparse import unparse
@@ -133,7 +132,7 @@ class Group:
 
     @property
     def spec_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.ir_json(), sort_keys=True).encode()).hexdigest()
+        return group_hash(self.ir_json())
 
     def __reduce__(self):
         """Pickled (to compile workers) as its JSON and re-parsed: `stmts` may nest deeper than

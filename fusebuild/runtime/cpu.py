@@ -142,7 +142,7 @@ class Libraries:
 
     def function(self, rel: str, sha256: str, symbol: str, expected: bytes):
         """Kernel `symbol` of shared object `rel`, which must describe itself as `expected`
-        (`artifact.describe` of its manifest kernels)."""
+        (its checked description, `Bundle.description`)."""
         lib = self._libs.get(rel)
         if lib is None:
             where, name, size = kernel_file(self.root, self.artifacts, rel)

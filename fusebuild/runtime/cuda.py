@@ -38,6 +38,7 @@ from ..artifact import check_description, read_description
 from ..text import plural
 from ..errors import ArgumentError, BundleError, KernelNotFound
 from . import dispatch
+from .interop import is_cuda_array
 from .manifest import kernel_file, read_artifact
 
 BLOCK = 128            # threads per block (fixed by codegen.cuda)
@@ -51,7 +52,6 @@ HELD_ROW_MAX = 1 << 16  # held bytes per row (N <= 16384 float32, 32768 16-bit, 
 #                        on the HELD path: a block per row then needs 64 KiB, 3 blocks an SM on
 #                        sm_90 (228 KiB), 2 on sm_80 (164 KiB); longer rows re-read (L2)
 MAX_GRID = (1 << 31) - 1
-_DL_CUDA = (2, 13)     # DLPack device types kDLCUDA, kDLCUDAManaged
 _CUPY_HINT = "running CUDA kernels needs cupy: pip install cupy-cuda13x (or cupy-cuda12x)"
 
 
@@ -78,27 +78,6 @@ class DeviceArray:
         """C order (any strides for an empty array, as numpy's flag says)."""
         return 0 in self.shape or all(s == c * self.dtype.itemsize or n == 1 for n, s, c in
                    zip(self.shape, self.strides, contiguous_strides(self.shape)))
-
-
-def is_cuda_array(a) -> bool:
-    """Whether `a` lives in CUDA memory (cupy, DLPack CUDA tensor, CUDA array interface)."""
-    if isinstance(a, np.ndarray):
-        return False
-    if type(a).__module__.startswith("cupy"):
-        return True
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(a, torch.Tensor):
-        return a.is_cuda            # (a quarter of a microsecond; __dlpack_device__ takes ~1.3)
-    device = getattr(a, "__dlpack_device__", None)
-    if device is not None:
-        try:
-            return device()[0] in _DL_CUDA
-        except Exception:  # noqa: BLE001 - a producer that cannot tell is not a CUDA array
-            return False
-    try:
-        return a.__cuda_array_interface__ is not None
-    except Exception:  # noqa: BLE001 - e.g. torch raises for CPU tensors
-        return False
 
 
 def device_of(a) -> int:
@@ -436,16 +415,14 @@ class CudaKernels:
             target, _ = select_target(self._entries.get(k, {}), cc, max_isa)
             if target:
                 entry = self._entries[k][target]
-                self.bundle.output_dtypes(k)
                 return _Kernel(entry, self._function(cp, entry, device),
                                tuple(lay for _, lay in parse_key(k)[1]))
         return self.find(key, device, False)     # none: the miss of the key itself
 
     def _kernel(self, cp, k: str, entry: dict, device: int, key: str, empty: bool) -> _Kernel:
         """Kernel `k` (entry `entry`) for calls of `key` on `device`, remembered if not empty."""
-        self.bundle.output_dtypes(k)     # checks entry["outputs"] against the IR
         function = None if empty else self._function(cp, entry, device)
-        held = self.bundle.held(entry["file"], k)
+        held = self.bundle.held(entry["file"], k)     # checks entry["outputs"] (its description)
         found = _Kernel(entry, function, tuple(lay for _, lay in parse_key(k)[1]), held,
                         _allow_shared(cp, function, device) if held and function else 0)
         if not empty:

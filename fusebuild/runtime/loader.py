@@ -4,27 +4,30 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import subprocess
 import sys
 import threading
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import dtypes as dt
 from ..abi import Abi
-from ..artifact import describe
+from ..artifact import check_description, implied, output_dtypes, read_description
 from ..argspec import contiguous_strides, parse_key
 from ..errors import ArgumentError, BundleError, KernelNotFound
 from ..text import plural
-from . import cuda, dispatch, hints, interop, threads
+from . import dispatch, hints, interop, threads
 from . import _dispatch
 from ._dispatch import Caller
-from .archive import cache_home
 from .cpu import FAMILY_NAMES, Libraries, host_family, host_isas, no_level_reason
-from .manifest import (KernelEntry, group_ir, kernel_entries, NotRegularFile,
-                       open_regular_file, output_dtypes, read_manifest, verify_artifacts)
+from .interop import is_cuda_array
+from .manifest import (KernelEntry, group_ir, kernel_entries, kernel_file, NotRegularFile,
+                       open_regular_file, read_artifact, read_manifest, verify_artifacts)
+
+if TYPE_CHECKING:
+    from . import cuda      # imported when the first CUDA array is seen (`_on_cuda`)
 
 ON_MISS = ("error", "jit")
 ID_ENV = "FUSEBUILD_BUNDLE_ID"     # pins the id of the bundles runtime.load accepts
@@ -53,7 +56,7 @@ class Bundle:
                          for name, g in manifest["groups"].items()}
         self._libs = Libraries(root, manifest["artifacts"])
         self._groups_ir: dict[str, object] = {}
-        self._outputs: dict[str, tuple[dt.DType, ...]] = {}
+        self._outputs: dict[tuple[str, str], tuple[dt.DType, ...]] = {}    # by (file, key)
         self._cuda: cuda.CudaKernels | None = None     # created by the first CUDA call
         self._cpu_targets = tuple(f"cpu:{isa}" for isa in reversed(host_isas()))
         self.threads = threads.configured_threads()
@@ -100,27 +103,33 @@ class Bundle:
                 f"({plural(len(self._callers), 'group')})>")
 
     def group_ir(self, group: str):
-        """The IR (`syntax.Group`) of a group of the manifest, checked against its JSON once."""
+        """The IR (`syntax.Group`) of a group of the manifest, checked against its JSON once
+        (for the torch adapter; calls need no IR)."""
         if group not in self._groups_ir:
             self._groups_ir[group] = group_ir(self.manifest["groups"][group])
         return self._groups_ir[group]
 
     def description(self, rel: str) -> bytes:
-        """The description artifact `rel` must embed: `artifact.describe` of the manifest's
-        kernels in it, from their group's IR (checked against the group's JSON)."""
+        """The description artifact `rel` embeds (DESIGN §14), read from its sha256-checked
+        bytes and checked against the one its manifest entries and their group's JSON imply
+        (`artifact.implied`), once: the output dtypes and held sizes of its kernels come from
+        it, and the bytes a kernel is later loaded from must carry it too."""
         found = self._descriptions.get(rel)
         if found is None:
             kernels = self._files[rel]
-            found = describe(self.group_ir(kernels[0].group), [e.key for e in kernels],
-                             kernels[0].target)
+            where, name, size = kernel_file(self.root, self.manifest["artifacts"], rel)
+            found = read_description(read_artifact(where, name, kernels[0].sha256, size), rel)
+            check_description(found, rel, implied(self.manifest["groups"][kernels[0].group],
+                                                  [(e.key, e.outputs) for e in kernels],
+                                                  kernels[0].target, found))
             self._descriptions[rel] = found
         return found
 
     def held(self, rel: str, key: str) -> tuple[int, ...]:
         """Bytes per element of each input CUDA kernel `key` of file `rel` holds in dynamic shared
-        memory (HELD launches are sized by them): from the description the manifest's group IR
-        gives `rel`, which the file must embed before it is loaded. Not a manifest field: an edit
-        could shrink a launch's shared memory below what the kernel writes."""
+        memory (HELD launches are sized by them): from the checked description of `rel`. Not a
+        manifest field: an edit could shrink a launch's shared memory below what the kernel
+        writes."""
         kernels = json.loads(self.description(rel))["kernels"]
         return tuple(next(k["held"] for k in kernels if k["key"] == key))
 
@@ -131,19 +140,13 @@ class Bundle:
         from .torch_ops import torch_library
         return torch_library(self, namespace)
 
-    def output_dtypes(self, key: str) -> tuple[dt.DType, ...]:
-        """The output dtypes of kernel `key` derived from its group's IR (outputs are allocated
-        from these); BundleError if an entry of the key records others."""
-        found = self._outputs.get(key)
+    def output_dtypes(self, file: str, key: str) -> tuple[dt.DType, ...]:
+        """The output dtypes of kernel `key` of artifact `file` (outputs are allocated from
+        these), from the artifact's checked description."""
+        found = self._outputs.get((file, key))
         if found is None:
-            found = output_dtypes(self.group_ir(parse_key(key)[0]), key)
-            for e in self._index.get(key, {}).values():
-                if e.outputs != tuple(d.name for d in found):
-                    raise BundleError(f"kernel {key} [{e.target}] of bundle {self.name}-"
-                                      f"{self.version} records outputs {', '.join(e.outputs)} "
-                                      f"where its group computes {', '.join(d.name for d in found)}"
-                                      ": the manifest is inconsistent (edited?)")
-            self._outputs[key] = found
+            found = self._outputs[(file, key)] = tuple(
+                dt.BY_NAME[d] for d in output_dtypes(self.description(file), key))
         return found
 
     def candidates(self, key: str, empty: bool = False, hollow: bool = False) -> list[str]:
@@ -294,6 +297,8 @@ class Bundle:
     def compile_missing(self, key: str, target: str) -> dict:
         """Compile a missing kernel for `target` in a child process (build extras needed): its
         manifest-style entry, with an absolute file. Raises KernelNotFound saying why not."""
+        import subprocess
+        from .archive import cache_home
         group = parse_key(key)[0]
         request = {"group": self.manifest["groups"][group], "key": key, "target": target,
                    "out_dir": os.path.join(cache_home(), "jit", self.id)}
@@ -480,6 +485,7 @@ class GroupCaller(Caller):
         args = self._bind(args, kwargs) if kwargs else args
         self._check_count(args)
         if _on_cuda(self.info, args):
+            from . import cuda
             return cuda.key(self.info, args)
         return dispatch.prepare(self.info, self._host_args(args), _numpy_describe).key
 
@@ -487,9 +493,11 @@ class GroupCaller(Caller):
         """The generic path: any arguments, first calls, errors (_dispatch.c for the rest)."""
         if not self.info.has_random:
             dispatch.check_no_seed(self.info.name, seed, offset)
-        result = cuda.serve(self, args, out, seed, offset)     # a cupy call like an earlier one
-        if result is not None:
-            return result
+        if self.bundle._cuda is not None:       # a cupy call like an earlier one
+            from . import cuda
+            result = cuda.serve(self, args, out, seed, offset)
+            if result is not None:
+                return result
         self._check_count(args)
         tensors = [args[i] for i in self._tensor_pos]
         if not all(type(a) is np.ndarray for a in tensors):
@@ -533,6 +541,7 @@ class GroupCaller(Caller):
             interop.refuse_untracked_grad(framework, self.info.name, self.info.tensor_names,
                                           tensors)
         if _on_cuda(self.info, args):
+            from . import cuda
             return cuda.call(self, args, out, seed, offset)
         if isinstance(out, (tuple, list)):
             out = [interop.as_numpy(o, "out") for o in out]
@@ -585,7 +594,8 @@ class GroupCaller(Caller):
                         for i, (a, (_, _, step)) in enumerate(zip(tensors, call.views))
                         for k in range(abi.chunks[i]))
         outs = tuple((tuple(shape), d.numpy, int(np.prod(shape, dtype=np.int64)) * d.itemsize)
-                     for shape, d in zip(call.out_shapes, self.bundle.output_dtypes(entry.key)))
+                     for shape, d in zip(call.out_shapes,
+                                         self.bundle.output_dtypes(entry.file, entry.key)))
         out_ptrs = []
         for o, ((shape, d, _), (_, cat)) in enumerate(zip(outs, info.outputs)):
             step = 0
@@ -649,7 +659,7 @@ def _same_memory(out: np.ndarray, a: np.ndarray) -> bool:
 
 def _on_cuda(info: dispatch.GroupInfo, args: tuple) -> bool:
     """Whether a call goes to the CUDA kernels: some tensor argument is a CUDA array."""
-    return any(kind == "tensor" and cuda.is_cuda_array(a)
+    return any(kind == "tensor" and is_cuda_array(a)
                for (_, kind, _), a in zip(info.params, args))
 
 
@@ -658,7 +668,7 @@ def load(path: str, on_miss: str = "error", expect_id: str | None = None) -> Bun
     artifact's size and sha256, index its kernels. Archives are extracted once per bundle id
     into the cache directory. Shared objects and cubins are hashed again from the bytes that are
     then loaded (at a kernel's first call), so a file changed after this check is refused, and
-    their embedded descriptions are checked against the manifest (`artifact.describe`).
+    their embedded descriptions are checked against the manifest (`artifact.implied`).
 
     expect_id (else a non-empty FUSEBUILD_BUNDLE_ID) pins the bundle: any other id is refused.
     on_miss="jit" compiles kernels missing from the bundle on first use (needs the build

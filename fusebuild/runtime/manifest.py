@@ -45,6 +45,13 @@ def bundle_id(manifest: dict) -> str:
     return hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
+def group_hash(group: dict) -> str:
+    """The spec_hash of a group from its manifest JSON (`syntax.Group.to_json`): sha256 over
+    everything that determines its code, i.e. all but its doc (and the spec_hash itself)."""
+    body = {k: v for k, v in group.items() if k not in ("doc", "spec_hash")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def canonical_json(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from ..errors import BundleError
+
+if TYPE_CHECKING:       # imported by the first call split over threads (logging: ~5 ms)
+    from concurrent.futures import ThreadPoolExecutor
 
 MIN_PER_THREAD = 1 << 16      # elements; below this a thread costs more than it saves
 _ALIGN = 64                   # split points at multiples of 64 elements (whole cache lines)
@@ -30,6 +33,7 @@ def configured_threads() -> int:
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:
+    from concurrent.futures import ThreadPoolExecutor
     global _pool
     with _pool_lock:
         if _pool is None or _pool._max_workers < threads - 1:
