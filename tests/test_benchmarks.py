@@ -75,6 +75,9 @@ def test_runtime_bench_quick_smoke(tmp_path, examples_bundle):
         assert rows["call_overhead_1024_f32_torch_cpusilu_add"]["fusebuild_out_us"] > 0
     assert rows["load_ms"]["kernels"] > 0 and rows["load_ms"]["ms"] > 0
     assert rows["cold_start_ms"]["first_result_ms"] > 0
+    assert rows["first_call_mssilu_add"]["ms"] > 0
+    assert not [m for m in rows["first_call_mssilu_add"]["imports"]
+                if m.startswith(("fusebuild.syntax", "fusebuild.ir", "fusebuild.runtime.cuda"))]
     assert rows["first_bf16_call_msbias_gelu"]["ms"] > 0
     assert {"threads_2p24silu_add", "threads_2p24bias_gelu_tanh"} <= set(rows)
 
@@ -217,3 +220,34 @@ def test_gpu_model_quick_smoke(tmp_path):
     summary = next(r for r in rows if r["what"] == "summary")
     assert summary["kernels"] == len(kernels)
     assert set(summary["reduction_max_ratio"]) == {"softmax", "layer_norm"}
+
+
+def test_plot_draws_gbps_per_group_against_the_copy_line(tmp_path):
+    """benchmarks/plot.py on tiny synthetic rows of cpu_bench (copy_bw per thread count) and
+    reduction_bench (frac_of_copy, cpu_copy): one PNG per section, dtype and thread count, one
+    bar per implementation, the copy line of each case."""
+    pytest.importorskip("matplotlib")
+    plot = _load_benchmark("plot")
+    cpu = [{"what": "copy_bw", "threads": 2, "GBps": 40.0},
+           *({"group": g, "dtype": "f32", "shape": "16777216", "threads": 2, "impl": impl,
+              "GBps": gbps} for g in ("silu_add", "bias_gelu") for impl, gbps in
+             (("fusebuild", 30.0), ("numpy", 5.0), ("numexpr", 12.0))),
+           {"group": "silu_add", "dtype": "f32", "threads": 2, "impl": "numba", "ms": None}]
+    reduction = [{"what": "cpu_copy", "op": "softmax", "dtype": "bf16", "shape": [64, 4096],
+                  "threads": 2, "GBps": 50.0},
+                 {"what": "cpu", "op": "softmax", "dtype": "bf16", "shape": [64, 4096],
+                  "threads": 2, "impl": "fusebuild", "GBps": 25.0, "frac_of_copy": 0.5},
+                 {"what": "cpu", "op": "softmax", "dtype": "bf16", "shape": [64, 4096],
+                  "threads": 2, "impl": "torch_eager", "GBps": 10.0, "frac_of_copy": 0.2}]
+    (tmp_path / "cpu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cpu))
+    (tmp_path / "red.json").write_text(json.dumps(reduction))
+    (chart,) = plot.charts(cpu).values()
+    assert chart["cases"][("silu_add", "f32", "16777216", 2)] == {
+        "fusebuild": 30.0, "numpy": 5.0, "numexpr": 12.0}
+    assert set(chart["copy"].values()) == {40.0}
+    assert list(plot.charts(reduction)[("cpu", "bf16", 2)]["copy"].values()) == [50.0]
+    assert plot.main([str(tmp_path / "cpu.jsonl"), str(tmp_path / "red.json"),
+                      "-o", str(tmp_path / "png")]) == 0
+    pngs = sorted(os.listdir(tmp_path / "png"))
+    assert pngs == ["cpu-cpu-f32-2t.png", "red-cpu-bf16-2t.png"]
+    assert all((tmp_path / "png" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)

@@ -183,7 +183,8 @@ k = runtime.load({archive!r})
 x = np.ones(1 << 20, np.float32)
 k.silu_add(x, x)
 k.bias_dropout_residual(x, x, x, 0.5, seed=1)
-bad = [m for m in ("yaml", "click", "tqdm", "numba", "llvmlite") if m in sys.modules]
+bad = [m for m in ("yaml", "click", "tqdm", "numba", "llvmlite", "fusebuild.syntax",
+                   "fusebuild.ir", "fusebuild.runtime.cuda") if m in sys.modules]
 print("BAD" if bad else "CLEAN", bad)
 """
     env = {**os.environ, "FUSEBUILD_NUM_THREADS": "2"}
