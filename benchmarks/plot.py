@@ -114,7 +114,7 @@ def plot(chart: dict, title: str, path: str) -> None:
                       label="copy" if i == next(j for j, c in enumerate(cases)
                                                 if c in chart["copy"]) else None)
     ax.set_xticks(range(len(cases)), _labels(cases), rotation=45, ha="right", fontsize=8)
-    top = max([v for c in cases for v in chart["cases"][c].values()] + list(chart["copy"].values()))
+    top = max([v for c in cases for v in chart["cases"][c].values()] + [*chart["copy"].values()])
     ax.set_ylim(0, top * 1.3)                           # room for the legend above the bars
     ax.set_ylabel("GB/s (bytes read + written)")
     ax.set_title(title)

@@ -251,3 +251,23 @@ def test_plot_draws_gbps_per_group_against_the_copy_line(tmp_path):
     pngs = sorted(os.listdir(tmp_path / "png"))
     assert pngs == ["cpu-cpu-f32-2t.png", "red-cpu-bf16-2t.png"]
     assert all((tmp_path / "png" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_thp_runs_a_benchmark_with_torch_huge_pages_off_and_on(tmp_path):
+    """benchmarks/thp.py: one child per setting, THP_MEM_ALLOC_ENABLE set before the benchmark
+    starts (torch reads it at import), the huge-page run's implementations renamed."""
+    thp = _load_benchmark("thp")
+    script = tmp_path / "bench.py"
+    script.write_text("import json, os, sys\n"
+                      "print('not json')\n"
+                      "row = {'impl': 'torch_eager', 'env': os.environ['THP_MEM_ALLOC_ENABLE']}\n"
+                      "print(json.dumps({**row, 'argv': sys.argv[1:]}))\n"
+                      "print(json.dumps({'what': 'machine'}))\n")
+    out = tmp_path / "both.jsonl"
+    assert thp.main(["--out", str(out), str(script), "--quick"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows == [
+        {"impl": "torch_eager", "env": "0", "argv": ["--quick"], "torch_thp": 0},
+        {"what": "machine", "torch_thp": 0},
+        {"impl": "torch_eager+thp", "env": "1", "argv": ["--quick"], "torch_thp": 1},
+        {"what": "machine", "torch_thp": 1}]
