@@ -6,7 +6,8 @@ same run (a black line over each group's bars).
 
 Reads the rows of cpu_bench.py, reduction_bench.py and gpu_bench.py (JSON lines, or a JSON list
 of rows): every row with an `impl` and a `GBps` is a bar. A case is its group (or op), dtype,
-shape and thread count; its copy bandwidth is `GBps / frac_of_copy` of its rows, else the copy
+shape and thread count; its copy bandwidth is the median of `GBps / frac_of_copy` over its rows
+(of both runs of benchmarks/thp.py, whose `<impl>+thp` bars stand beside `<impl>`), else the copy
 row of its run (`copy_bw` per thread count, `cpu_copy` / `gpu_copy` per case, `copy`). One chart
 per input file, section (`what`), dtype and thread count: DIR/<file>-<what>-<dtype>[-<n>t].png,
 each path printed. Needs matplotlib (the `bench` extra).
@@ -100,9 +101,11 @@ def plot(chart: dict, title: str, path: str) -> None:
     import matplotlib.pyplot as plt
     cases = list(chart["cases"])
     impls = list(dict.fromkeys(i for c in cases for i in chart["cases"][c]))
-    impls.sort(key=lambda i: i != "fusebuild")         # fusebuild's bar first in each group
+    bases = list(dict.fromkeys(i.removesuffix("+thp") for i in impls))
+    impls.sort(key=lambda i: (i.removesuffix("+thp") != "fusebuild",     # fusebuild first,
+                              bases.index(i.removesuffix("+thp")), i.endswith("+thp")))  # +thp
     width = 0.8 / max(1, len(impls))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(cases) * len(impls) + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(min(24.0, max(7.0, 0.25 * len(cases) * len(impls) + 4)), 4.5))
     for k, impl in enumerate(impls):
         xs = [i + (k - (len(impls) - 1) / 2) * width for i, c in enumerate(cases)
               if impl in chart["cases"][c]]
@@ -114,11 +117,9 @@ def plot(chart: dict, title: str, path: str) -> None:
                       label="copy" if i == next(j for j, c in enumerate(cases)
                                                 if c in chart["copy"]) else None)
     ax.set_xticks(range(len(cases)), _labels(cases), rotation=45, ha="right", fontsize=8)
-    top = max([v for c in cases for v in chart["cases"][c].values()] + [*chart["copy"].values()])
-    ax.set_ylim(0, top * 1.3)                           # room for the legend above the bars
     ax.set_ylabel("GB/s (bytes read + written)")
     ax.set_title(title)
-    ax.legend(fontsize=8, ncols=min(4, len(impls) + 1))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))     # beside the axes
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
