@@ -511,6 +511,9 @@ class GroupCaller(Caller):
         if self.info.has_random:
             dispatch.check_seed(self.info.name, seed, offset)
         if out is None:
+            # numpy advises transparent huge pages from 4 MiB (torch.empty does not, unless
+            # THP_MEM_ALLOC_ENABLE=1): large outputs, torch ones too, are made here, as the C
+            # fast path (torch.empty outputs) serves no call split over threads (>= 2^17)
             outs = [np.empty(shape, d) for shape, d, _ in plan.outs]
         else:
             outs = self._check_out(out, plan, tensors)
