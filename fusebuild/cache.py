@@ -180,11 +180,13 @@ def parse_size(text: str) -> int:
 
 class CacheChain:
     """The local cache in front of an optional shared one (`remote_cache.RemoteCache`): remote
-    hits are copied into the local cache, new entries go to both. Counts what each served."""
+    hits are copied into the local cache, new entries go to both, and local hits that the shared
+    cache lacks are uploaded too (readwrite). Counts what each served."""
 
     def __init__(self, local: Cache, remote=None):
         self.local, self.remote = local, remote
         self.local_hits = self.remote_hits = self.uploaded = 0
+        self._unshared: dict[str, Entry] = {}     # local hits to upload
 
     def get_many(self, wanted: dict[str, tuple[str, Callable[[Entry], bool]]]
                  ) -> dict[str, Entry]:
@@ -196,6 +198,8 @@ class CacheChain:
             if hit is not None and check(hit):
                 found[key] = hit
         self.local_hits += len(found)
+        if self.remote is not None:
+            self._unshared.update(self.remote.unshared(found))
         rest = {key: label for key, (label, _) in wanted.items() if key not in found}
         if self.remote is not None and rest:
             for key, entry in self.remote.get_many(rest).items():
@@ -208,7 +212,9 @@ class CacheChain:
         return found
 
     def put_many(self, entries: dict[str, Entry]) -> None:
+        """Store new entries locally, and them and the unshared local hits in the shared cache."""
         for key, entry in entries.items():
             self.local.put(key, entry)
-        if self.remote is not None and entries:
-            self.uploaded += self.remote.put_many(entries)
+        if self.remote is not None:
+            self.uploaded += self.remote.put_many({**self._unshared, **entries})
+            self._unshared = {}

@@ -109,6 +109,19 @@ class RemoteCache:
             self.bad(labels[key], why)
         return found
 
+    def unshared(self, entries: dict[str, Entry]) -> dict[str, Entry]:
+        """Of `entries` (the local hits of a readwrite build), those the shared cache lacks:
+        no record, or a record of other bytes. Only records are read."""
+        if self.off or not self.writable or not entries:
+            return {}
+        keys = list(entries)
+        records = self._read([self._record_path(k) for k in keys], [MAX_RECORD_BYTES] * len(keys))
+        if records is None:
+            return {}
+        return {key: entries[key] for key, data in zip(keys, records)
+                if isinstance(data, FileNotFoundError)
+                or _parse_record(data) != _digest(encode_entry(entries[key]))}
+
     def put_many(self, entries: dict[str, Entry]) -> int:
         """Upload `entries` (module key -> entry), blobs first; how many were uploaded."""
         if self.off or not self.writable or not entries:
@@ -116,10 +129,10 @@ class RemoteCache:
         blobs, records = {}, {}
         for key, entry in entries.items():
             data = encode_entry(entry)
-            sha = hashlib.sha256(data).hexdigest()
+            sha, size = _digest(data)
             blobs[self._blob_path(sha)] = data
             records[self._record_path(key)] = json.dumps(
-                {"sha256": sha, "size": len(data), "fusebuild": __version__,
+                {"sha256": sha, "size": size, "fusebuild": __version__,
                  "producer": socket.gethostname()}, sort_keys=True).encode()
         try:
             self._write(blobs)
@@ -188,15 +201,25 @@ class RemoteCache:
 
 def _filesystem(url: str, scheme: str):
     """(fsspec file system, root path without a trailing slash) of `url`."""
-    import fsspec
-    if scheme == "s3":
-        conf = fsspec.config.conf.get("s3", {}).get("config_kwargs", {})
-        fs, root = fsspec.core.url_to_fs(url, config_kwargs={**S3_CONFIG, **conf},
-                                         skip_instance_cache=True)
-        fs.retries = 1      # botocore's retries above are the bound; s3fs's would multiply them
-    else:
-        fs, root = fsspec.core.url_to_fs(url, auto_mkdir=True)
+    try:
+        import fsspec
+        if scheme == "s3":
+            import s3fs  # noqa: F401 - fsspec would say only "install s3fs"
+            conf = fsspec.config.conf.get("s3", {}).get("config_kwargs", {})
+            fs, root = fsspec.core.url_to_fs(url, config_kwargs={**S3_CONFIG, **conf},
+                                             skip_instance_cache=True)
+            fs.retries = 1  # botocore's retries above are the bound; s3fs's would multiply them
+        else:
+            fs, root = fsspec.core.url_to_fs(url, auto_mkdir=True)
+    except ModuleNotFoundError as e:
+        raise UsageError(f"--cache-url {scheme}:// needs {e.name}, which is not installed: pip "
+                         "install 'fusebuild[distributed]'") from None
     return fs, root.rstrip("/")
+
+
+def _digest(blob: bytes) -> tuple[str, int]:
+    """(sha256, size) of a blob, as its record holds them."""
+    return hashlib.sha256(blob).hexdigest(), len(blob)
 
 
 def _parse_record(data: bytes) -> tuple[str, int] | None:

@@ -169,6 +169,17 @@ def test_cold_upload_then_an_empty_local_cache_is_served_by_remote_hits(s3, cold
     assert (third.compiled, third.cached, third.remote_hits) == (0, 2, 0)
 
 
+def test_readwrite_uploads_the_local_hits_the_shared_cache_lacks(s3, cold, specs, tmp_path):
+    local = tmp_path / "local"
+    shutil.copytree(cold[2], local)
+    url = f"s3://{BUCKET}/backfill"
+    first, warned = build(specs, tmp_path / "out", local, url, "readwrite")
+    assert (first.compiled, first.cached, first.uploaded) == (0, 2, 2) and not warned
+    assert s3.objects("backfill") == s3.objects("main")
+    again, _ = build(specs, tmp_path / "out", local, url, "readwrite")
+    assert (again.cached, again.uploaded) == (2, 0)
+
+
 def test_a_build_without_a_cache_url_imports_no_fsspec(cold, specs, tmp_path):
     code = ("import sys; from fusebuild import build, spec; "
             f"build.build(spec.load_plan([{str(specs)!r}]), {str(tmp_path)!r}, "
@@ -233,27 +244,29 @@ def test_a_poisoned_remote_entry_never_reaches_the_bundle_and_is_overwritten(
 def test_the_server_stopped_mid_build_leaves_one_warning_and_a_local_build(
         s3, cold, keys, specs, tmp_path, monkeypatch):
     """A second server (moto's state is per process: it holds the same bucket) is stopped once
-    the lookups are done: the upload fails, the build completes locally, nothing hangs."""
+    the lookups are done, before the upload of the local hits it lacks: the upload fails, the
+    build completes from the local cache, nothing hangs."""
     other = S3()
     monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": other.endpoint})
-    looked_up = RemoteCache.get_many
+    looked_up = RemoteCache.unshared
 
-    def get_then_stop(self, labels):
-        found = looked_up(self, labels)
+    def look_up_then_stop(self, entries):
+        found = looked_up(self, entries)
         other.server.stop()
         return found
 
-    monkeypatch.setattr(RemoteCache, "get_many", get_then_stop)
-    local = local_with(cold, keys, tmp_path, ["scale"])
+    monkeypatch.setattr(RemoteCache, "unshared", look_up_then_stop)
+    local = local_with(cold, keys, tmp_path, ["add1", "scale"])
+    url = f"s3://{BUCKET}/stopped"
     start = time.monotonic()
-    result, warned = build(specs, tmp_path / "out", local, f"s3://{BUCKET}/stopped", "readwrite")
-    assert (result.compiled, result.cached, result.remote_hits, result.uploaded) == (1, 1, 0, 0)
+    result, warned = build(specs, tmp_path / "out", local, url, "readwrite")
+    assert (result.compiled, result.cached, result.remote_hits, result.uploaded) == (0, 2, 0, 0)
     assert len(warned) == 1 and "is off for the rest of this build" in warned[0], warned
     assert tree(result.path) == tree(cold[0].path)
     monkeypatch.undo()
     monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": other.endpoint})
     # still down at the start of the next build: one warning, the local cache serves
-    again, warned = build(specs, tmp_path / "out", local, f"s3://{BUCKET}/stopped", "readwrite")
+    again, warned = build(specs, tmp_path / "out", local, url, "readwrite")
     assert (again.compiled, again.cached) == (0, 2)
     assert len(warned) == 1 and "is off for the rest of this build" in warned[0], warned
     assert time.monotonic() - start < 120
@@ -271,18 +284,17 @@ def test_read_only_credentials_with_readwrite_warn_once_and_build(s3, cold, keys
     key = iam.create_access_key(UserName="reader")["AccessKey"]
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
-    local = local_with(cold, keys, tmp_path, ["scale"])
+    local = local_with(cold, keys, tmp_path, ["add1", "scale"])
     requests.post(f"{s3.endpoint}/moto-api/reset-auth", data=b"0")
     try:
-        result, warned = build(specs, tmp_path / "out", local, MAIN.replace("main", "ro"),
-                               "readwrite")
+        result, warned = build(specs, tmp_path / "out", local, f"s3://{BUCKET}/ro", "readwrite")
         served, _ = build(specs, tmp_path / "out2", tmp_path / "empty", MAIN)   # reads work
     finally:
         requests.post(f"{s3.endpoint}/moto-api/reset-auth", data=b"inf")
-    assert (result.compiled, result.cached, result.uploaded) == (1, 1, 0)
+    assert (result.cached, result.uploaded) == (2, 0)
     assert len(warned) == 1 and "no write access (Access Denied)" in warned[0], warned
     assert tree(result.path) == tree(cold[0].path)
-    assert served.remote_hits == 2
+    assert served.remote_hits == 2 and tree(served.path) == tree(cold[0].path)
 
 
 def test_a_bucket_or_folder_that_does_not_exist_is_a_usage_error(s3, specs, tmp_path):
@@ -302,19 +314,36 @@ def test_a_bucket_or_folder_that_does_not_exist_is_a_usage_error(s3, specs, tmp_
         RemoteCache(f"file://{tmp_path}/missing", "readwrite")
 
 
+def test_a_missing_s3fs_is_a_usage_error_naming_the_extra():
+    code = ("import sys; sys.modules['s3fs'] = None\n"
+            "from fusebuild.remote_cache import RemoteCache\n"
+            "try:\n    RemoteCache('s3://bucket/cache')\n"
+            "except Exception as e:\n    print(type(e).__name__, e)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == ("UsageError --cache-url s3:// needs s3fs, which is not installed: "
+                                "pip install 'fusebuild[distributed]'"), r.stdout + r.stderr
+
+
 def test_a_file_cache_shared_by_two_concurrent_builds(cold, keys, specs, tmp_path):
+    """Two processes upload the same entries at about the same time (their local hits, which
+    the other may have uploaded first: the race without the cost of compiling twice); the folder
+    holds one good copy of each."""
     shared = tmp_path / "shared"
     shared.mkdir()
     url = f"file://{shared}"
+    for i in range(2):
+        shutil.copytree(cold[2], tmp_path / f"l{i}")
     procs = [subprocess.Popen([sys.executable, "-m", "fusebuild", "compile", str(specs), "-o",
                                str(tmp_path / f"out{i}"), "--cache-dir", str(tmp_path / f"l{i}"),
                                "--cache-url", url, "--cache-mode", "readwrite", "-j", "1",
                                "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(2)]
+    uploaded = []
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0 and not err, err
-        assert json.loads(out)["uploaded"] == 2
+        uploaded.append(json.loads(out)["uploaded"])
+    assert sum(uploaded) >= 2, uploaded
     files = sorted(os.path.relpath(os.path.join(f, n), shared)
                    for f, _, names in os.walk(shared) for n in names)
     assert len(files) == 4 and not [f for f in files if ".tmp-" in f], files
@@ -326,10 +355,10 @@ def test_a_file_cache_shared_by_two_concurrent_builds(cold, keys, specs, tmp_pat
 
 def test_cache_stats_and_prune_least_recently_used_first(cold, keys, tmp_path):
     local = local_with(cold, keys, tmp_path, ["add1", "scale"])
-    old, used = (Cache(str(local))._path(keys[g]) for g in ("add1", "scale"))
-    for path in (old, used):
-        os.utime(path, (1, 1))                         # both used long ago ...
-    assert Cache(str(local)).get(keys["scale"]) is not None   # ... and one of them now
+    used, old = (Cache(str(local))._path(keys[g]) for g in ("add1", "scale"))
+    os.utime(used, (1, 1))                             # used long ago ...
+    os.utime(old, (2, 2))
+    assert Cache(str(local)).get(keys["add1"]) is not None   # ... and again now
     new_size = os.path.getsize(used)
 
     def cli(*args):
