@@ -139,8 +139,8 @@ class RemoteCache:
             self._write(records)
         except PermissionError as e:
             self.writable = False
-            self.warn(f"shared cache {self.url}: no write access ({_one_line(e)}); this build's "
-                      "entries stay in the local cache (--cache-mode read does this quietly)")
+            self.warn(f"shared cache {self.url}: no write access ({_one_line(e)}); this build "
+                      "uploads nothing (--cache-mode read is the mode for read-only credentials)")
             return 0
         except Exception as e:  # noqa: BLE001 - whatever the storage library raises
             self._fail(e)

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -207,6 +208,11 @@ def damaged_copy(s3, keys, prefix: str, damage: str) -> bytes:
         s3.client.delete_object(Bucket=BUCKET, Key=f"{prefix}/{blob_name}")
     elif damage == "record":
         s3.put(prefix, record_name, b'{"sha256": "' + b"0" * 63 + b'", "size": 1}')
+    elif damage == "rewritten":     # a flipped blob under a record of its own sha256 and size
+        bad = _flip(blob)
+        sha = hashlib.sha256(bad).hexdigest()
+        s3.put(prefix, "cas/" + sha, bad)
+        s3.put(prefix, record_name, json.dumps({"sha256": sha, "size": len(bad)}).encode())
     else:
         s3.put(prefix, blob_name, {"flip": _flip(blob), "truncate": blob[:len(blob) // 2],
                                    "longer": blob + b"\0", "empty": b""}[damage])
@@ -217,7 +223,7 @@ def damaged_copy(s3, keys, prefix: str, damage: str) -> bytes:
     ("flip", "its blob's sha256 is not the one of its record"),
     ("truncate", "bytes, its record says"), ("longer", "has more than"),
     ("empty", "its blob has 0 bytes"), ("no_blob", "which is missing"),
-    ("record", "its record is not a valid record")])
+    ("record", "its record is not a valid record"), ("rewritten", "its entry checksum fails")])
 def test_every_read_checks_record_size_and_sha256(s3, keys, damage, why):
     damaged_copy(s3, keys, f"read-{damage}", damage)
     with warnings.catch_warnings(record=True) as caught:
@@ -263,13 +269,35 @@ def test_the_server_stopped_mid_build_leaves_one_warning_and_a_local_build(
     assert (result.compiled, result.cached, result.remote_hits, result.uploaded) == (0, 2, 0, 0)
     assert len(warned) == 1 and "is off for the rest of this build" in warned[0], warned
     assert tree(result.path) == tree(cold[0].path)
-    monkeypatch.undo()
-    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": other.endpoint})
-    # still down at the start of the next build: one warning, the local cache serves
-    again, warned = build(specs, tmp_path / "out", local, url, "readwrite")
-    assert (again.compiled, again.cached) == (0, 2)
-    assert len(warned) == 1 and "is off for the rest of this build" in warned[0], warned
+    # still down when the next build starts: the command line prints one warning line
+    r = subprocess.run([sys.executable, "-m", "fusebuild", "compile", str(specs), "-o",
+                        str(tmp_path / "out"), "--cache-dir", str(local), "--cache-url", url,
+                        "--cache-mode", "readwrite", "--json"], capture_output=True, text=True,
+                       env={**os.environ, "FSSPEC_S3_ENDPOINT_URL": other.endpoint}, timeout=120)
+    assert r.returncode == 0 and json.loads(r.stdout)["cached"] == 2, r.stderr
+    assert r.stderr.startswith(f"fusebuild: warning: shared cache {url} is off for the rest of "
+                               "this build: Could not connect") and r.stderr.count("\n") == 1
     assert time.monotonic() - start < 120
+
+
+def test_a_server_that_never_answers_times_out_and_turns_the_cache_off(s3, keys, monkeypatch):
+    """A listening socket that accepts nothing: the request times out (fsspec's config here
+    shortens the read timeout and the tries, as a user's would), and later reads do not wait."""
+    with socket.socket() as stalled:
+        stalled.bind(("127.0.0.1", 0))
+        stalled.listen()
+        monkeypatch.setitem(fsspec.config.conf, "s3", {
+            "endpoint_url": f"http://127.0.0.1:{stalled.getsockname()[1]}",
+            "config_kwargs": {"read_timeout": 0.5, "retries": {"max_attempts": 1}}})
+        start = time.monotonic()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cache = RemoteCache(MAIN)
+            found = cache.get_many({keys["add1"]: ADD1})
+    assert cache.off and found == {} and time.monotonic() - start < 30
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "is off for the rest of this build: Read timeout" in \
+        messages[0], messages
 
 
 def test_read_only_credentials_with_readwrite_warn_once_and_build(s3, cold, keys, specs,
