@@ -7,6 +7,7 @@ which share one numba lowering. Jobs run in forked worker processes with a per-j
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import multiprocessing
 import os
@@ -22,7 +23,7 @@ from . import __version__
 from . import targets as tg
 from .artifact import describe
 from .bundle import make_manifest, plan_hash, write_bundle
-from .cache import Cache, Entry, default_dir, module_key
+from .cache import Cache, CacheChain, Entry, default_dir, module_key
 from .codegen.common import KernelSource
 from .errors import BuildError, FusebuildError, UsageError
 from .syntax import Group
@@ -72,9 +73,12 @@ class BuildResult:
     manifest: dict
     modules: int
     compiled: int
-    cached: int
+    cached: int                   # local cache hits
     seconds: float
     up_to_date: bool = False
+    remote_hits: int = 0          # modules the shared cache served (--cache-url)
+    uploaded: int = 0             # modules this build stored in the shared cache
+    shared_cache: bool = False    # whether a shared cache was given
 
     @property
     def n_kernels(self) -> int:
@@ -86,10 +90,13 @@ class BuildResult:
         shard = m.get("shard")
         what = f"shard {shard['index'] + 1}/{shard['count']}: " if shard else ""
         state = "up to date" if self.up_to_date else "written"
+        shared = (f", {self.remote_hits} from the shared cache, {self.uploaded} uploaded"
+                  if self.shared_cache else "")
         return (f"{what}{plural(self.n_kernels, 'kernel')} ({groups_phrase(m['groups'])}, "
                 f"{plural(len(targets), 'target')}: {', '.join(targets)}); "
                 f"{plural(self.modules, 'module')}: {self.compiled} compiled, {self.cached} "
-                f"cached; {self.seconds:.1f} s -> {self.path} ({state}, id {m['id'][:12]})")
+                f"cached{shared}; {self.seconds:.1f} s -> {self.path} ({state}, id "
+                f"{m['id'][:12]})")
 
 
 # ---------------------------------------------------------------- compile jobs -----------------
@@ -329,24 +336,30 @@ def parse_shard(text: str) -> tuple[int, int]:
 def build(plan: Plan, out_dir: str = "build", jobs: int | None = None, keep_going: bool = False,
           emit_source: bool = False, progress: bool | None = None, cache_dir: str | None = "",
           shard: tuple[int, int] | None = None,
-          job_timeout: float = DEFAULT_JOB_TIMEOUT) -> BuildResult:
+          job_timeout: float = DEFAULT_JOB_TIMEOUT, cache_url: str | None = None,
+          cache_mode: str = "read") -> BuildResult:
     """Compile every kernel of `plan` (or of one shard) and write the bundle.
 
-    cache_dir "" means the default cache directory and None disables the cache. Raises
-    BuildError on failures; the previous bundle stays in place.
+    cache_dir "" means the default cache directory and None disables the cache. cache_url is a
+    shared cache behind it (file:// or s3://, see remote_cache), cache_mode 'read' or
+    'readwrite'. Raises BuildError on failures; the previous bundle stays in place.
     """
     start = time.perf_counter()
-    cache = Cache(default_dir() if cache_dir == "" else cache_dir)
+    remote = None
+    if cache_url:
+        from .remote_cache import RemoteCache
+        remote = RemoteCache(cache_url, cache_mode)
+    cache = CacheChain(Cache(default_dir() if cache_dir == "" else cache_dir), remote)
     toolchain = toolchain_versions(plan.targets)
     modules = plan_modules(plan, shard)
-    entries: dict[tuple[str, str], Entry] = {}
-    keys: dict[tuple[str, str], str] = {}
-    for m in modules:
-        keys[m.group.name, m.target] = module_key(m.group.ir_json(), [v.key for v in m.variants],
-                                                  m.target, module_toolchain(m.target, toolchain))
-        hit = cache.get(keys[m.group.name, m.target])
-        if hit is not None and _holds(hit, m):
-            entries[m.group.name, m.target] = hit
+    keys = {(m.group.name, m.target): module_key(m.group.ir_json(), [v.key for v in m.variants],
+                                                 m.target, module_toolchain(m.target, toolchain))
+            for m in modules}
+    hits = cache.get_many({keys[m.group.name, m.target]: (m.label, functools.partial(_holds, m=m))
+                           for m in modules})
+    entries: dict[tuple[str, str], Entry] = {
+        (m.group.name, m.target): hits[keys[m.group.name, m.target]]
+        for m in modules if keys[m.group.name, m.target] in hits}
     missing = [m for m in modules if (m.group.name, m.target) not in entries]
     results = _compile(jobs_for(missing), jobs or os.cpu_count() or 1, keep_going, progress,
                        job_timeout)
@@ -355,6 +368,7 @@ def build(plan: Plan, out_dir: str = "build", jobs: int | None = None, keep_goin
         lines = [f"  {r.label}: {_excerpt(r.error)}" for r in failed]
         raise BuildError(f"{len(failed)} compile job(s) failed; the previous bundle was left in "
                          f"place:\n" + "\n".join(lines))
+    new: dict[str, Entry] = {}
     for r in results:
         by_target: dict[str, list[dict]] = {}
         for k in r.kernels:
@@ -362,7 +376,8 @@ def build(plan: Plan, out_dir: str = "build", jobs: int | None = None, keep_goin
         for target, ks in by_target.items():
             entry = Entry({ks[0]["file"]: r.artifacts[ks[0]["file"]]}, ks)
             entries[ks[0]["group"], target] = entry
-            cache.put(keys[ks[0]["group"], target], entry)
+            new[keys[ks[0]["group"], target]] = entry
+    cache.put_many(new)
     artifacts: dict[str, bytes] = {}
     kernels: list[dict] = []
     for entry in entries.values():
@@ -382,8 +397,10 @@ def build(plan: Plan, out_dir: str = "build", jobs: int | None = None, keep_goin
                              **extra)
     suffix = f".shard-{shard[0] + 1}-of-{shard[1]}" if shard else ""
     path, written = write_bundle(out_dir, manifest, artifacts, suffix)
-    return BuildResult(path, manifest, len(modules), len(missing), len(modules) - len(missing),
-                       time.perf_counter() - start, up_to_date=not written)
+    return BuildResult(path, manifest, len(modules), len(missing), cache.local_hits,
+                       time.perf_counter() - start, up_to_date=not written,
+                       remote_hits=cache.remote_hits, uploaded=cache.uploaded,
+                       shared_cache=remote is not None)
 
 
 def _holds(entry: Entry, m: Module) -> bool:

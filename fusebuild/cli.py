@@ -6,11 +6,12 @@ import json
 import signal
 import sys
 import threading
+import warnings
 
 import click
 
 from . import __version__
-from .errors import FusebuildError, MissingExtra, SpecError
+from .errors import CacheWarning, FusebuildError, MissingExtra, SpecError
 from .text import backward_groups, groups_phrase, plural
 
 
@@ -91,7 +92,13 @@ def _plan(specs, targets, name=None, version=None, max_kernels=None):
               help="Build only shard I of N (1-based); combine shards with `fusebuild merge`.")
 @click.option("--cache-dir", default="", metavar="DIR",
               help="Compile cache [default: $FUSEBUILD_CACHE_DIR or ~/.cache/fusebuild/modules].")
-@click.option("--no-cache", is_flag=True, help="Neither read nor write the compile cache.")
+@click.option("--no-cache", is_flag=True,
+              help="Neither read nor write the compile caches (local and shared).")
+@click.option("--cache-url", default=None, envvar="FUSEBUILD_CACHE_URL", metavar="URL",
+              help="Shared cache behind the local one: file:///path or s3://bucket/prefix "
+                   "[default: $FUSEBUILD_CACHE_URL].")
+@click.option("--cache-mode", type=click.Choice(["read", "readwrite"]), default="read",
+              show_default=True, help="Whether this build also uploads to the shared cache.")
 @click.option("--job-timeout", type=click.FloatRange(min=1), default=900, show_default=True,
               help="Seconds one compile job may take before it is killed and reported.")
 @click.option("--emit-source", is_flag=True, help="Also store the generated source under src/.")
@@ -103,8 +110,9 @@ def _plan(specs, targets, name=None, version=None, max_kernels=None):
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_errors
-def compile(specs, out_dir, targets, jobs, keep_going, shard, cache_dir, no_cache, job_timeout,
-            emit_source, miss_logs, name, bundle_version, max_kernels, quiet, as_json):
+def compile(specs, out_dir, targets, jobs, keep_going, shard, cache_dir, no_cache, cache_url,
+            cache_mode, job_timeout, emit_source, miss_logs, name, bundle_version, max_kernels,
+            quiet, as_json):
     """Compile every kernel of SPECS into a bundle."""
     from .build import build, parse_shard
     from .spec import DEFAULT_MAX_KERNELS, add_misses
@@ -115,10 +123,13 @@ def compile(specs, out_dir, targets, jobs, keep_going, shard, cache_dir, no_cach
         plan = fold.plan
         if not quiet:
             _report_misses(log, fold)
-    result = build(plan, out_dir, jobs, keep_going, emit_source,
-                   progress=False if quiet or as_json else None,
-                   cache_dir=None if no_cache else cache_dir, shard=shard_range,
-                   job_timeout=job_timeout)
+    with warnings.catch_warnings():
+        warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
+        result = build(plan, out_dir, jobs, keep_going, emit_source,
+                       progress=False if quiet or as_json else None,
+                       cache_dir=None if no_cache else cache_dir, shard=shard_range,
+                       job_timeout=job_timeout, cache_url=None if no_cache else cache_url,
+                       cache_mode=cache_mode)
     if as_json:
         m = result.manifest
         backward = backward_groups(m["groups"])
@@ -127,10 +138,19 @@ def compile(specs, out_dir, targets, jobs, keep_going, shard, cache_dir, no_cach
                                "groups": len(m["groups"]) - backward,
                                "backward_groups": backward, "modules": result.modules,
                                "compiled": result.compiled, "cached": result.cached,
+                               "remote_hits": result.remote_hits, "uploaded": result.uploaded,
                                "up_to_date": result.up_to_date,
                                "seconds": round(result.seconds, 3)}))
     elif not quiet:
         click.echo(result.summary())
+
+
+def _show_warning(show, message, category, filename, lineno, file=None, line=None):
+    """The shared cache's warnings as one line on stderr; others as `show` prints them."""
+    if issubclass(category, CacheWarning):
+        click.echo(f"fusebuild: warning: {message}", err=True)
+    else:
+        show(message, category, filename, lineno, file, line)
 
 
 def _report_misses(log: str, fold) -> None:
@@ -261,3 +281,53 @@ def pack(bundle, out):
     """Write BUNDLE as a deterministic .tar.gz (runtime.load accepts it)."""
     from .bundle import pack as run
     click.echo(run(bundle, out))
+
+
+@main.group()
+def cache():
+    """The local compile cache."""
+
+
+_cache_dir = click.option("--cache-dir", default="", metavar="DIR",
+                          help="Compile cache [default: $FUSEBUILD_CACHE_DIR or "
+                               "~/.cache/fusebuild/modules].")
+
+
+def _local_cache(cache_dir: str):
+    from .cache import Cache, default_dir
+    return Cache(cache_dir or default_dir())
+
+
+@cache.command()
+@_cache_dir
+@_errors
+def stats(cache_dir):
+    """Entries and bytes of the local compile cache."""
+    c = _local_cache(cache_dir)
+    entries, size = c.stats()
+    click.echo(f"{c.root}: {plural(entries, 'entry', 'entries')}, {_size(size)}")
+
+
+@cache.command()
+@_cache_dir
+@click.option("--max-size", required=True, metavar="SIZE",
+              help="Keep at most SIZE bytes (e.g. 500M, 2G; K/M/G/T are powers of 1000, KiB, "
+                   "MiB, GiB, TiB of 1024), removing the least recently used entries first.")
+@_errors
+def prune(cache_dir, max_size):
+    """Shrink the local compile cache to --max-size."""
+    from .cache import parse_size
+    limit = parse_size(max_size)
+    c = _local_cache(cache_dir)
+    removed, freed = c.prune(limit)
+    entries, size = c.stats()
+    click.echo(f"{c.root}: removed {plural(removed, 'entry', 'entries')} ({_size(freed)}); "
+               f"{plural(entries, 'entry', 'entries')}, {_size(size)} left")
+
+
+def _size(n: int) -> str:
+    """Bytes in a short human form (powers of 1000, as --max-size reads them)."""
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000

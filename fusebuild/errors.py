@@ -75,3 +75,7 @@ class KernelNotFound(FusebuildError, LookupError):
     def __init__(self, message: str, key: str = "", nearest: tuple[str, ...] = ()):
         self.key, self.nearest = key, nearest
         super().__init__(message)
+
+
+class CacheWarning(UserWarning):
+    """The shared cache could not serve or store an entry; the build goes on without it."""

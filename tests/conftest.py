@@ -19,6 +19,7 @@ SPECS = os.path.join(ROOT, "specs")
 # toolchain), so the capped second pass of the README's test command reuses the first pass's
 # modules. Tests of the cache itself use caches of their own.
 os.environ["FUSEBUILD_CACHE_DIR"] = os.path.join(ROOT, "build", "test-cache")
+os.environ.pop("FUSEBUILD_CACHE_URL", None)     # nor the user's shared cache
 # torch.compile's caches do not see a changed backward of a custom op (pytorch#144344): each
 # session compiles into a fresh Inductor cache, so a test never runs a stale compiled graph.
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fusebuild-inductor-")
