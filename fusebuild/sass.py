@@ -62,11 +62,15 @@ class SmLimits:
     threads: int        # resident threads
     blocks: int         # resident blocks
     shared: int         # shared memory (bytes, the largest carveout)
+    optin: int          # shared memory a block may have (bytes, with the opt-in attribute)
 
 
-SM_LIMITS = {80: SmLimits(2048, 32, 164 << 10), 86: SmLimits(1536, 16, 100 << 10),
-             89: SmLimits(1536, 24, 100 << 10), 90: SmLimits(2048, 32, 228 << 10),
-             100: SmLimits(2048, 32, 228 << 10), 120: SmLimits(1536, 24, 100 << 10)}
+SM_LIMITS = {80: SmLimits(2048, 32, 164 << 10, 163 << 10),
+             86: SmLimits(1536, 16, 100 << 10, 99 << 10),
+             89: SmLimits(1536, 24, 100 << 10, 99 << 10),
+             90: SmLimits(2048, 32, 228 << 10, 227 << 10),
+             100: SmLimits(2048, 32, 228 << 10, 227 << 10),
+             120: SmLimits(1536, 24, 100 << 10, 99 << 10)}
 
 _FP64_OPS = {"DADD", "DMUL", "DFMA", "DSETP", "DSET", "DMNMX", "DMMA"}
 _FP64_MODS = {"F64", "RCP64H", "RSQ64H"}
