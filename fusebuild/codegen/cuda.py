@@ -12,7 +12,9 @@ written once as a template over (index type, V):
   - flags bit 1: 64-bit indexing; clear, offsets are computed in 32 bits (host: every operand's
     offsets and the element count below 2^31).
 Reduction kernels (DESIGN §8, `Kernel.reduce`) work on whole rows of the last dim, in the order
-of `schedule.schedule`, with the same flags and template, and `__launch_bounds__(ROW_THREADS)`:
+of `schedule.schedule`, with the same flags and template, and `__launch_bounds__(ROW_THREADS,
+1)` (at most 64 registers; without the 1 block an SM, ptxas of NVRTC 13.5 aims at two such
+blocks, 32 registers, and spills in some kernels):
   - flags bit 2 (`ROW_BLOCK`): a block per row, of R = blockDim.x threads (a power of two, 64 to
     ROW_THREADS = 1024); clear, R = 32, a warp per row (four rows a 128-thread block). R is a
     run-time value, which halves the instantiations to compile. The host picks R from N alone
@@ -838,7 +840,7 @@ def _render_reduction(r: CudaRenderer, ks: KernelSource, n: int) -> list[str]:
                              f"s{o}_{c});")
         lines += sweep(len(sched.passes), sched.final, before, body, after)
     lines += ["}", "",
-              f'extern "C" __global__ void __launch_bounds__({ROW_THREADS}) '
+              f'extern "C" __global__ void __launch_bounds__({ROW_THREADS}, 1) '
               f"{ks.symbol}(const fb_args_{n} p) {{", *_dispatch(n, vector_width(ks)), "}"]
     return lines
 
