@@ -62,7 +62,8 @@ def launchers(symbols: list[str]) -> str:
     bytes), and the size of its parameter struct."""
     return "\n".join(
         f'extern "C" int emu_{s}(const long long *w, unsigned grid, unsigned block, '
-        f"unsigned long long shared) {{ return fb_emulate_dynamic({s}, w, grid, block, shared); }}\n"
+        f"unsigned long long shared) {{\n"
+        f"  return fb_emulate_dynamic({s}, w, grid, block, shared); }}\n"
         f'extern "C" unsigned long long emu_bytes_{s}(void) {{ return fb_param_bytes({s}); }}'
         for s in symbols)
 
