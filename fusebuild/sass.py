@@ -4,7 +4,9 @@ Per kernel of a cubin: registers, spill bytes (static bytes of its local-memory 
 loads LDL: with no local arrays in the generated code, these are spills), local memory and call
 stack, static shared memory, the launch bound, the most threads a block may have, the theoretical
 occupancy at the launch block size (`codegen.cuda.BLOCK`) on each architecture, the FP64
-instructions of the kernel and the instruction mix of its hot loop.
+instructions of the kernel and the instruction mix of its hot loop. (A reduction kernel also runs
+as a block per row of 64 to 1024 threads with the dynamic shared memory of its held rows:
+`occupancy` takes those, and tests/test_sass.py checks every such launch shape.)
 
 Tools: `nvdisasm` and `cuobjdump` of the pip wheels nvidia-cuda-nvdisasm and
 nvidia-cuda-cuobjdump (found under site-packages/nvidia/cu*/bin). nvdisasm takes one ELF file a
@@ -62,11 +64,15 @@ class SmLimits:
     threads: int        # resident threads
     blocks: int         # resident blocks
     shared: int         # shared memory (bytes, the largest carveout)
+    optin: int          # shared memory a block may have (bytes, with the opt-in attribute)
 
 
-SM_LIMITS = {80: SmLimits(2048, 32, 164 << 10), 86: SmLimits(1536, 16, 100 << 10),
-             89: SmLimits(1536, 24, 100 << 10), 90: SmLimits(2048, 32, 228 << 10),
-             100: SmLimits(2048, 32, 228 << 10), 120: SmLimits(1536, 24, 100 << 10)}
+SM_LIMITS = {80: SmLimits(2048, 32, 164 << 10, 163 << 10),
+             86: SmLimits(1536, 16, 100 << 10, 99 << 10),
+             89: SmLimits(1536, 24, 100 << 10, 99 << 10),
+             90: SmLimits(2048, 32, 228 << 10, 227 << 10),
+             100: SmLimits(2048, 32, 228 << 10, 227 << 10),
+             120: SmLimits(1536, 24, 100 << 10, 99 << 10)}
 
 _FP64_OPS = {"DADD", "DMUL", "DFMA", "DSETP", "DSET", "DMNMX", "DMMA"}
 _FP64_MODS = {"F64", "RCP64H", "RSQ64H"}
@@ -133,7 +139,8 @@ def find_tool(name: str) -> str:
 
 def occupancy(registers: int, shared: int, sm: int, block: int = BLOCK) -> float:
     """Theoretical occupancy (resident warps / the SM's warp slots) of blocks of `block` threads
-    using `registers` per thread and `shared` bytes of static shared memory, on SM `sm`."""
+    using `registers` per thread and `shared` bytes of shared memory (static and dynamic), on SM
+    `sm`."""
     lim = SM_LIMITS[sm]
     warps, slots = -(-block // WARP), lim.threads // WARP
     per_warp = _regs_per_warp(registers)

@@ -17,13 +17,13 @@ from fusebuild.argspec import Canonical
 from fusebuild.codegen.cuda import render_module
 from fusebuild.errors import ArgumentError, KernelNotFound
 from fusebuild.runtime import cuda, dispatch
-from fusebuild.runtime.cuda import (HELD, HELD_ROW_MAX, ROW_BLOCK, VECTOR, WARP_ROW_MAX, WIDE,
-                                    launch_flags, max_ptx_isa, select_target)
+from fusebuild.runtime.cuda import (HELD, ROW_BLOCK, VECTOR, WARP_ROW_MAX, WIDE, launch_flags,
+                                    max_ptx_isa, select_target)
 from conftest import SPECS, adam_case
 from cuda_emulation.cases import Case, check_outputs, example_cases
 from cuda_emulation.fake_cupy import FakeArray, fake_cupy as emulated_cupy
-from cuda_emulation.harness import (EmulatedGroup, compile_source, have_compiler, kernel_sources,
-                                    launchers)
+from cuda_emulation.harness import (EmulatedGroup, compile_source, device_limits, have_compiler,
+                                    kernel_sources, launchers)
 
 
 def entries(*targets: str, isa: str = "9.5") -> dict[str, dict]:
@@ -103,39 +103,89 @@ def test_reduction_launch_flags_modes_and_grid():
 
     layouts, ptrs, sizes, row = ("cc", "bc"), [[4096], [8192], [12288], [16388]], [4] * 4, \
         (False, True)
-    assert WARP_ROW_MAX == 1024
-    assert launch_flags(call(1024), layouts, 4, ptrs, sizes, row) == VECTOR
-    assert launch_flags(call(1028), layouts, 4, ptrs, sizes, row) == VECTOR | ROW_BLOCK
-    assert launch_flags(call(1025), layouts, 4, ptrs, sizes, row) == ROW_BLOCK
-    assert launch_flags(call(1024), layouts, 4, [[4096], [8192], [12290], [16388]], sizes,
+    assert WARP_ROW_MAX == 512
+    assert launch_flags(call(512), layouts, 4, ptrs, sizes, row) == VECTOR
+    assert launch_flags(call(516), layouts, 4, ptrs, sizes, row) == VECTOR | ROW_BLOCK
+    assert launch_flags(call(513), layouts, 4, ptrs, sizes, row) == ROW_BLOCK
+    assert launch_flags(call(512), layouts, 4, [[4096], [8192], [12290], [16388]], sizes,
                         row) == 0                                    # misaligned full output
     assert launch_flags(call(0, 1 << 31), layouts, 1, ptrs, sizes, row) & WIDE
     assert not launch_flags(call(0, (1 << 31) - 1), layouts, 1, ptrs, sizes, row) & WIDE
-    assert cuda.grid_size(6 * 1024, 4, VECTOR, 1024) == 2             # four rows a block
-    assert cuda.grid_size(6 * 1028, 4, VECTOR | ROW_BLOCK, 1028) == 6
+    assert cuda.grid_size(6 * 512, 4, VECTOR, 512) == 2               # four rows a block
+    assert cuda.grid_size(6 * 516, 4, VECTOR | ROW_BLOCK, 516) == 6
     assert cuda.grid_size(9, 4, 0, 1) == 3                          # 9 rows of N = 0
 
 
-def test_reduction_launch_flags_held_rows_and_their_shared_memory():
-    """HELD for non-empty rows of at most HELD_ROW_MAX bytes of held inputs whose shared memory
-    fits the function's limit; per held input a 16-byte aligned slot per row of the block."""
+def test_threads_per_row_give_each_thread_at_most_16_elements():
+    """A block per row of the fewest threads (a power of two, 64 to 1024) that give a thread at
+    most 16 elements; a warp per row (in 128-thread blocks) up to N = 512."""
+    assert [cuda.row_threads(n) for n in (513, 1024, 1025, 2048, 2049, 4096, 8192, 8193, 16384,
+                                          16385, 1 << 20)] == \
+        [64, 64, 128, 128, 256, 256, 512, 1024, 1024, 1024, 1024]
+    assert cuda.block_threads(512, 0) == cuda.BLOCK == 128
+    assert cuda.block_threads(16384, ROW_BLOCK) == 1024
+
+
+# Held bytes per element of the example reductions' float32 kernels: one input (softmax,
+# log_softmax, layer_norm, rms_norm, quant_per_token), two (softmax__grad, masked_softmax,
+# add_rms_norm, layer_norm__grad, rms_norm__grad), three (add_rms_norm__grad); their 16-bit
+# kernels hold half as many bytes per element, at twice the N
+HELD_SIZES = ((4,), (4, 4), (4, 4, 4))
+
+
+@pytest.mark.parametrize("sm,held_at_16384", [
+    (80, ((4,), (4, 4))), (86, ((4,),)), (89, ((4,),)), (90, HELD_SIZES), (100, HELD_SIZES),
+    (120, ((4,),))])
+def test_held_rows_per_architecture(sm, held_at_16384):
+    """`holds` on the documented limits of each SM: at N = 16384 float32 (and 32768 16-bit)
+    the rows that fit the opt-in shared memory of a block (sm_80 163 KiB, sm_86/89/120 99 KiB,
+    sm_90/100 227 KiB: one to three held inputs of 64 KiB); at every N up to 16384 every launch
+    it holds keeps >= 25% of the SM's threads resident, and two or fewer float32 inputs are
+    held at every N <= 8192 on every SM."""
+    limits = device_limits(sm, static=512)
+    flags = lambda n: ROW_BLOCK if n > WARP_ROW_MAX else 0      # noqa: E731
+    assert tuple(h for h in HELD_SIZES if cuda.holds(16384, h, ROW_BLOCK, limits)) == \
+        held_at_16384
+    assert tuple(h for h in HELD_SIZES if cuda.holds(32768, tuple(s // 2 for s in h),
+                                                     ROW_BLOCK, limits)) == held_at_16384
+    for n in range(1, 16385, 37):
+        for h in HELD_SIZES:
+            if cuda.holds(n, h, flags(n), limits):
+                threads = cuda.block_threads(n, flags(n))
+                used = cuda.shared_bytes(n, h, flags(n) | HELD) + limits.static
+                blocks = min(limits.blocks, limits.sm // (-(-(used + 1024) // 128) * 128))
+                assert blocks * threads >= limits.threads / 4, (n, h)
+            else:
+                assert len(h) == 3 or n > 8192, (sm, n, h)
+    assert not cuda.holds(0, (4,), 0, limits) and not cuda.holds(37, (), 0, limits)
+
+
+def test_held_launches_fit_the_block_and_keep_a_quarter_of_the_sm():
+    """HELD when the block's shared memory (dynamic and static) fits the opt-in limit and the
+    SM keeps >= 25% of its threads resident; per held input a 16-byte aligned slot per row of
+    the block."""
     def call(n):             # x 'cc', w 'bc', full output y
         return canon((6, n), (n, 1), (0, 1), (n, 1))
 
     args = (("cc", "bc"), 1, [[0], [0], [0]], [4] * 3, (False,))
-    big = 227 << 10
-    assert HELD_ROW_MAX == 1 << 16
-    assert launch_flags(call(16384), *args, (4,), big) == ROW_BLOCK | HELD
-    assert launch_flags(call(16385), *args, (4,), big) == ROW_BLOCK
-    assert launch_flags(call(32768), *args, (2,), big) == ROW_BLOCK | HELD
-    assert launch_flags(call(8192), *args, (4, 4), big) == ROW_BLOCK | HELD
-    assert launch_flags(call(8193), *args, (4, 4), big) == ROW_BLOCK
-    assert launch_flags(call(16384), *args, (4,), 64 << 10) == ROW_BLOCK | HELD
-    assert launch_flags(call(16384), *args, (4,), (64 << 10) - 1) == ROW_BLOCK   # over the limit
-    assert launch_flags(call(37), *args, (), big) == 0                   # nothing held
-    assert launch_flags(call(0), *args, (4,), big) == 0                  # nothing to hold
+    sm90 = cuda.SharedLimits(optin=227 << 10, sm=228 << 10, threads=2048, blocks=32)
+    assert launch_flags(call(16384), *args, (4, 4, 4), sm90) == ROW_BLOCK | HELD
+    assert launch_flags(call(16384), *args, (4,), sm90) == ROW_BLOCK | HELD
+    assert launch_flags(call(58112), *args, (4,), sm90) == ROW_BLOCK | HELD      # 227 KiB
+    assert launch_flags(call(58113), *args, (4,), sm90) == ROW_BLOCK            # over the block
+    static = dataclasses.replace(sm90, static=16)
+    assert launch_flags(call(58112), *args, (4,), static) == ROW_BLOCK
+    # one block of 512 threads an SM is a quarter of sm_90's 2048: held; of 256 threads, not
+    assert launch_flags(call(8192), *args, (4, 4, 4, 4, 4), sm90) == ROW_BLOCK | HELD
+    assert launch_flags(call(4096), *args, (4,) * 10, sm90) == ROW_BLOCK
+    # four blocks of a warp per row (4 rows) an SM: 16 of 64 warps
+    assert launch_flags(call(512), *args, (4,) * 6, sm90) == HELD                # 4 x 49 KiB
+    assert launch_flags(call(512), *args, (4,) * 8, sm90) == 0                   # 3 x 65 KiB
+    assert launch_flags(call(37), *args, (), sm90) == 0                  # nothing held
+    assert launch_flags(call(0), *args, (4,), sm90) == 0                 # nothing to hold
+    assert launch_flags(call(16384), *args, (4,)) == ROW_BLOCK           # no limits: never
     assert launch_flags(call(37), ("cc", "bc"), 1, [[0], [0], [0]], [4] * 3, None, (4,),
-                        big) == 0                                        # not a reduction
+                        sm90) == 0                                       # not a reduction
     assert cuda.shared_bytes(37, (4, 2), HELD) == 4 * (160 + 80)         # 4 rows a block
     assert cuda.shared_bytes(1025, (4, 2), HELD | ROW_BLOCK) == 4112 + 2064
     assert cuda.shared_bytes(1025, (4, 2), ROW_BLOCK) == 0

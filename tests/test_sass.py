@@ -1,7 +1,9 @@
 """SASS checks of every cubin (`pytest -m sass`): the example specs and the op table built by NVRTC
 for sm_80, sm_90, sm_100 and sm_120 (where NVRTC has it), read by `fusebuild.sass`. Every kernel
 has no spills and no local memory, runs no FP64 instruction unless its spec has a float64 operand
-and reaches 50% theoretical occupancy (elementwise) or 25% (reductions) on every SM that runs its
+and reaches 50% theoretical occupancy (elementwise, 128-thread blocks) or 25% (reductions, at
+every launch shape the runtime makes: each block size of `runtime.cuda.row_threads` with the
+dynamic shared memory of its longest held row on that SM, `_launches`) on every SM that runs its
 SASS; float kernels with 16-byte vector accesses (contiguous inner dimension, vector path) load
 and store them as 128-bit global accesses in their hot loop. The examples' modules are those
 tests/test_cuda_build.py builds (compile-cache hits)."""
@@ -13,10 +15,12 @@ import os
 import pytest
 
 from fusebuild import build, dtypes as dt, sass, spec
-from fusebuild.codegen.cuda import vector_width
+from fusebuild.codegen.cuda import held_itemsizes, vector_width
+from fusebuild.runtime import cuda
 from fusebuild.errors import UsageError
 from fusebuild.toolchain import nvrtc
 from conftest import SPECS
+from cuda_emulation.harness import device_limits
 from opcases import spec_text
 
 pytestmark = pytest.mark.sass
@@ -41,15 +45,6 @@ KNOWN = {
                                "ptxas heuristic, not register pressure",
                                lambda key: "u8:c" in key or "i8:c" in key)
        for op in ("clamp", "clamp_min", "max", "min", "relu6")},
-    **{("spills", f"op_{op}"): ("ptxas of NVRTC 13.5 for sm_120 spills 4-8 B in the float64 "
-                               "row reductions of log_softmax and logsumexp (since the rows "
-                               "are held: softmax's spill went, logsumexp's came)",
-                               lambda key: "f64" in key)
-       for op in ("log_softmax", "logsumexp")},
-    ("spills", "softmax__grad"): ("ptxas of NVRTC 13.5 for sm_90 keeps the contiguous float32 "
-                                  "kernel at 32 registers and spills 8 B (a ptxas heuristic: "
-                                  "the bfloat16 kernel of the same code takes 40 and none)",
-                                  lambda key: key == "softmax__grad(f32:cc,f32:cc)"),
     **{("occupancy", g): ("the float16/bfloat16 kernels with outer-strided operands ('sc') hold "
                           "8 elements per thread of the fused gradient: 66-80 registers, 38-44% "
                           "occupancy; capping them at 64 (__launch_bounds__(128, 8)) spills "
@@ -125,10 +120,34 @@ def _fp64(ks, k: sass.KernelSass) -> str:
     return "" if dt.float64 in dtypes or not k.fp64 else f"{k.fp64} FP64 instructions"
 
 
+def _launches(ks, k: sass.KernelSass, sm: int) -> list[tuple[int, int]]:
+    """(threads, shared memory bytes) of a reduction kernel's launches on SM `sm`, per block
+    size: its static shared memory with the dynamic shared memory of the longest row of that
+    block size the runtime holds there (`runtime.cuda.holds`, on the SM's documented limits)."""
+    held, limits = tuple(held_itemsizes(ks)), device_limits(sm, k.shared)
+    out, lo = [], 0
+    for threads, hi in [(32, cuda.WARP_ROW_MAX)] + [
+            (t, cuda.ROW_ELEMENTS * t) for t in (64, 128, 256, 512)] + [(1024, 1 << 24)]:
+        flags = cuda.ROW_BLOCK if threads > 32 else 0
+        top = lo    # the longest held row in (lo, hi], by bisection (shared memory grows with N)
+        if cuda.holds(lo + 1, held, flags, limits):
+            top, end = lo + 1, hi + 1
+            while end - top > 1:
+                mid = (top + end) // 2
+                top, end = (mid, end) if cuda.holds(mid, held, flags, limits) else (top, mid)
+        dynamic = cuda.shared_bytes(top, held, flags | cuda.HELD) if top > lo else 0
+        out.append((cuda.block_threads(hi, flags), k.shared + dynamic))
+        lo = hi
+    return out
+
+
 def _occupancy(ks, k: sass.KernelSass) -> str:
-    least = 0.25 if ks.kernel.reduce else 0.5
-    return ", ".join(f"{round(100 * o)}% on sm_{s} ({k.registers} registers)"
-                     for s, o in k.occupancy.items() if o < least)
+    if not ks.kernel.reduce:
+        return ", ".join(f"{round(100 * o)}% on sm_{s} ({k.registers} registers)"
+                         for s, o in k.occupancy.items() if o < 0.5)
+    return ", ".join(f"{round(100 * o)}% on sm_{s} ({k.registers} registers, {t} threads, "
+                     f"{b} B shared)" for s in k.occupancy for t, b in _launches(ks, k, s)
+                     for o in [sass.occupancy(k.registers, b, s, t)] if o < 0.25)
 
 
 CHECKS = {"spills": _spills, "wide": _wide, "fp64": _fp64, "occupancy": _occupancy}

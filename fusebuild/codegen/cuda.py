@@ -12,29 +12,36 @@ written once as a template over (index type, V):
   - flags bit 1: 64-bit indexing; clear, offsets are computed in 32 bits (host: every operand's
     offsets and the element count below 2^31).
 Reduction kernels (DESIGN §8, `Kernel.reduce`) work on whole rows of the last dim, in the order
-of `schedule.schedule`, with the same flags and template:
-  - flags bit 2 (`ROW_BLOCK`): R = 128 threads per row, a block; clear, R = 32, a warp per row
-    (four rows a block); R is a run-time value, which halves the instantiations to compile. The
-    host sets it for rows longer than `runtime.cuda.WARP_ROW_MAX` (1024).
+of `schedule.schedule`, with the same flags and template, and `__launch_bounds__(ROW_THREADS,
+1)` (at most 64 registers; without the 1 block an SM, ptxas of NVRTC 13.5 aims at two such
+blocks, 32 registers, and spills in some kernels):
+  - flags bit 2 (`ROW_BLOCK`): a block per row, of R = blockDim.x threads (a power of two, 64 to
+    ROW_THREADS = 1024); clear, R = 32, a warp per row (four rows a 128-thread block). R is a
+    run-time value, which halves the instantiations to compile. The host picks R from N alone
+    (`runtime.cuda.row_threads`: a thread takes at most 16 elements of rows up to 16384), so a
+    row's bits do not depend on the device or on HELD.
   - each sweep over the row (one per pass of reductions, then one computing and storing the full
     outputs) has thread l take elements [b, b + V) for b = l V, l V + R V, ...: 16-byte vector
     loads of 'c'-inner inputs on the vector path (the host also needs N % V == 0), scalar loads
     otherwise. A thread accumulates its elements (float sums compensated, Neumaier), a butterfly
     of `__shfl_xor_sync` combines the warp's partials in a fixed tree, so every lane holds the
-    same bits, and for R = 128 the four warps' results meet in shared memory after one
-    `__syncthreads`, combined pairwise by every thread: each pass's values are known to all
-    threads of the row before the next pass. max/min propagate NaN; empty rows (N = 0) give 0
-    for sums and NaN (floats) or 0 (integers) for max/min, and still store their row outputs.
+    same bits, and for R > 32 the R / 32 warps' results meet in shared memory after one
+    `__syncthreads` and are combined by a second butterfly over them (every warp the same fixed
+    pairwise tree): each pass's values are known to all threads of the row before the next pass.
+    max/min propagate NaN; empty rows (N = 0) give 0 for sums and NaN (floats) or 0 (integers)
+    for max/min, and still store their row outputs.
   - flags bit 3 (`HELD`): the row is read from global memory once. The inputs that several
-    sweeps load (`held_inputs`: 'c'- or 's'-inner, in their storage type) are stored by the
-    first sweep that loads them into dynamic shared memory, each thread its own elements at
-    their row index, and later sweeps read them back from there (a thread reads only what it
-    wrote: no barrier). The layout, which the host sizes the launch by
-    (`runtime.cuda.shared_bytes`): per held input k, in order, a region of one slot per row of
-    the block (4 or 1) of z_k = N * itemsize_k rounded up to 16 bytes. The host sets the bit
-    for rows of at most `runtime.cuda.HELD_ROW_MAX` held bytes; longer rows re-read every
-    sweep from global memory (L2). The values and their order of accumulation are those of
-    the re-reading path, so both give the same bits.
+    sweeps load (`held_inputs`: 'c'- or 's'-inner ones not broadcast over rows, in their
+    storage type; a broadcast operand such as a norm's weight is shared by the launch's rows
+    and re-read from cache) are stored by the first sweep that loads them into dynamic shared
+    memory, each thread its own elements at their row index, and later sweeps read them back
+    from there (a thread reads only what it wrote: no barrier). The layout, which the host sizes
+    the launch by (`runtime.cuda.shared_bytes`): per held input k, in order, a region of one
+    slot per row of the block (4 or 1) of z_k = N * itemsize_k rounded up to 16 bytes. The host
+    sets the bit when the device's shared memory takes the block and still keeps 25% of the
+    SM's warps resident (`runtime.cuda.holds`); other rows re-read every sweep from global
+    memory (L2). The values and their order of accumulation are those of the re-reading path,
+    so both give the same bits.
   - row outputs are stored once per row, by thread 0 of the row.
 float16/bfloat16 are computed in float32 and rounded once on store (PTX `cvt.rn` on the device,
 NaN payloads kept like the CPU backend; integer round-to-nearest-even bit tricks on the host).
@@ -55,6 +62,7 @@ BLOCK = 128          # threads per block, fixed in the kernels
 VECTOR_BYTES = 16    # bytes per thread and operand on the vector path
 ROW_BLOCK = 4        # flags bit 2 of a reduction kernel: a block per row (else a warp per row)
 HELD = 8             # flags bit 3 of a reduction kernel: held inputs in dynamic shared memory
+ROW_THREADS = 1024   # the most threads of a reduction kernel's block (a block per row)
 
 _COMPUTE = {"float32": "float", "float16": "float", "bfloat16": "float", "float64": "double",
             "int8": "signed char", "int16": "short", "int32": "int", "int64": "long long",
@@ -655,12 +663,14 @@ def _accumulate(r: CudaRenderer, op: str, acc: str, x: str, d: dt.DType) -> str:
     return f"s{acc} = {_combine(r, op, f's{acc}', x, d)};"
 
 
-def _tree(r: CudaRenderer, op: str, items: list[str], d: dt.DType) -> str:
-    """The pairwise combination of `items`, in order."""
-    while len(items) > 1:
-        items = [_combine(r, op, items[i], items[i + 1], d) if i + 1 < len(items) else items[i]
-                 for i in range(0, len(items), 2)]
-    return items[0]
+def _butterfly(r: CudaRenderer, op: str, i: int, d: dt.DType, width: str) -> list[str]:
+    """Combine t{i} over groups of `width` lanes (a power of two <= 32) in a fixed pairwise
+    tree, the lower lane's value first: every lane of a group ends with the same bits."""
+    T = r.type_name(d)
+    return [f"  for (int o = 1; o < {width}; o <<= 1) {{",
+            f"    const {T} y_ = fb_shfl_xor(t{i}, o), lo_ = (threadIdx.x & o) ? y_ : "
+            f"t{i}, hi_ = (threadIdx.x & o) ? t{i} : y_;",
+            f"    t{i} = {_combine(r, op, 'lo_', 'hi_', d)};", "  }"]
 
 
 def _sweep_nodes(k: Kernel) -> list[tuple[int, ...]]:
@@ -673,13 +683,14 @@ def _sweep_nodes(k: Kernel) -> list[tuple[int, ...]]:
 
 def held_inputs(ks: KernelSource) -> tuple[tuple[int, int], ...]:
     """The (input, chunk) loads a reduction kernel holds on the HELD path: those of more than
-    one sweep, but 'b'-inner ones (one element per row, not worth a slot)."""
+    one sweep, but broadcast ones (a 'b' in the layout: one element per row, or a row shared by
+    several rows, which later sweeps find in cache)."""
     k = ks.kernel
     if not k.reduce:
         return ()
     loads = [{k.nodes[i].attr for i in ids if k.nodes[i].op == "load"} for ids in _sweep_nodes(k)]
     return tuple(sorted(x for x in set().union(*loads) if sum(x in s for s in loads) > 1
-                        and _inner(ks.layouts[x[0]]) != "b"))
+                        and "b" not in ks.layouts[x[0]]))
 
 
 def held_itemsizes(ks: KernelSource) -> list[int]:
@@ -720,7 +731,7 @@ def _render_reduction(r: CudaRenderer, ks: KernelSource, n: int) -> list[str]:
              f"__device__ __forceinline__ void fb_body_{n}(const fb_args_{n}& p) {{",
              "  typedef typename fb_unsigned<I>::type U;",
              f"  const bool block = p.flags & {ROW_BLOCK};    // a block per row, else a warp",
-             f"  const U R = block ? {BLOCK}u : 32u;             // threads per row",
+             "  const U R = block ? (U)blockDim.x : 32u;        // threads per row",
              f"  const long long N = p.meta[{abi.size(rank - 1)}], W = N > 0 ? N : 1;",
              "  const long long first = p.start ? (p.start + W - 1) / W : 0;   // rows r with "
              "r W in [start, stop)",
@@ -794,19 +805,15 @@ def _render_reduction(r: CudaRenderer, ks: KernelSource, n: int) -> list[str]:
             T = r.type_name(d)
             fold = f"fb_fabs(s{i}) < fb_inf<{T}>() ? s{i} + c{i} : s{i}" \
                 if op == "rsum" and d.is_float else f"s{i}"
-            lines += [f"  {T} t{i} = {fold};",
-                      "  for (int o = 1; o < 32; o <<= 1) {",
-                      f"    const {T} y_ = fb_shfl_xor(t{i}, o), lo_ = (threadIdx.x & o) ? y_ : "
-                      f"t{i}, hi_ = (threadIdx.x & o) ? t{i} : y_;",
-                      f"    t{i} = {_combine(r, op, 'lo_', 'hi_', d)};", "  }"]
-        warps = BLOCK // 32
+            lines += [f"  {T} t{i} = {fold};", *_butterfly(r, op, i, d, "32")]
         lines.append("  if (block) {    // the warps' results, through shared memory")
         for i, op, d in reds:
-            lines += [f"    FB_SHARED({r.type_name(d)}, w{i}, {warps});",
+            lines += [f"    FB_SHARED({r.type_name(d)}, w{i}, {ROW_THREADS // 32});",
                       f"    if (threadIdx.x % 32 == 0) w{i}[threadIdx.x / 32] = t{i};"]
-        lines.append("    __syncthreads();")
+        lines += ["    __syncthreads();", "    const int warps = (int)(blockDim.x / 32);"]
         for i, op, d in reds:
-            lines.append(f"    t{i} = {_tree(r, op, [f'w{i}[{w}]' for w in range(warps)], d)};")
+            lines += [f"    t{i} = w{i}[threadIdx.x % warps];",
+                      *(f"  {x}" for x in _butterfly(r, op, i, d, "warps"))]
         lines.append("  }")
         for i, op, d in reds:
             empty = f"n > 0 ? t{i} : {r.const(math.nan if d.is_float else 0, d)}" \
@@ -833,7 +840,7 @@ def _render_reduction(r: CudaRenderer, ks: KernelSource, n: int) -> list[str]:
                              f"s{o}_{c});")
         lines += sweep(len(sched.passes), sched.final, before, body, after)
     lines += ["}", "",
-              f'extern "C" __global__ void __launch_bounds__({BLOCK}) '
+              f'extern "C" __global__ void __launch_bounds__({ROW_THREADS}, 1) '
               f"{ks.symbol}(const fb_args_{n} p) {{", *_dispatch(n, vector_width(ks)), "}"]
     return lines
 

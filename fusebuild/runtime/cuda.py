@@ -12,13 +12,25 @@ parameter words with the data pointers, seed and scalars filled in, and the vect
 the pointers' alignment.
 
 Reduction groups (DESIGN §8) launch over the work count rows * max(N, 1) (`dispatch.work_count`)
-with a warp per row (four rows a block) for rows of N <= WARP_ROW_MAX and a block per row beyond
-(flags bit ROW_BLOCK). Rows whose held inputs (inputs loaded by several sweeps: the kernel
-description's `held`, derived from the group's IR and embedded in the cubin) take at most
-HELD_ROW_MAX bytes are read once (flags bit HELD), the kernel keeping them in dynamic shared
-memory (`shared_bytes`); row outputs are `[..., 1]` arrays stored once per row. Calls of N = 0 with
-rows still launch (their row outputs get written) on any kernel of the dtypes
-(`dispatch.hollow`): no element is read, so the inputs' layouts do not matter.
+with a warp per row (four rows a 128-thread block) for rows of N <= WARP_ROW_MAX and a block per
+row beyond (flags bit ROW_BLOCK) of `row_threads(N)` threads: the fewest (a power of two, 64 to
+ROW_THREADS) that give a thread at most ROW_ELEMENTS elements. The launch shape depends on N
+alone, so a row gives the same bits on every device. Row outputs are `[..., 1]` arrays stored
+once per row.
+
+Single-read rows (flags bit HELD): the inputs a kernel loads in several sweeps (the kernel
+description's `held`, derived from the group's IR and embedded in the cubin) are read from global
+memory once and kept in dynamic shared memory (`shared_bytes` per block). The budget is the
+device's, read from its attributes when a kernel is first used (`SharedLimits`: the opt-in
+shared memory of a block, cuFuncSetAttribute'd on the function, the SM's shared memory, resident
+threads and blocks): `holds` takes a launch when its block fits and the SM still keeps at least
+OCCUPANCY_MIN (25%) of its threads resident, so held rows never cost occupancy below the target
+(with at most 16 elements a thread, three float32 rows of N = 16384 take 192 KiB: held on
+sm_90/sm_100 (227 KiB a block), two on sm_80 (163 KiB), one on sm_86/89/120 (99 KiB)). Other
+rows re-read each sweep from global memory (L2).
+
+Calls of N = 0 with rows still launch (their row outputs get written) on any kernel of the
+dtypes (`dispatch.hollow`): no element is read, so the inputs' layouts do not matter.
 """
 from __future__ import annotations
 
@@ -41,16 +53,15 @@ from . import dispatch
 from .interop import is_cuda_array
 from .manifest import kernel_file, read_artifact
 
-BLOCK = 128            # threads per block (fixed by codegen.cuda)
+BLOCK = 128            # threads per block of elementwise kernels and of a warp per row
 VECTOR, WIDE = 1, 2    # flags bits: vector path, 64-bit indexing
 ROW_BLOCK = 4          # flags bit of a reduction kernel: a block per row, else a warp per row
-WARP_ROW_MAX = 1024    # reduction rows up to this length get a warp (4 rows per block); longer
-#                        rows a block of 128 threads, so a thread takes <= 32 elements of a row
-#                        on the warp path and the block path keeps 128 threads busy per row
+ROW_ELEMENTS = 16      # elements of a row per thread, for rows up to ROW_ELEMENTS * ROW_THREADS
+ROW_THREADS = 1024     # the most threads of a block per row (codegen.cuda's launch bound)
+WARP_ROW_MAX = 32 * ROW_ELEMENTS    # reduction rows up to this length get a warp
 HELD = 8               # flags bit of a reduction kernel: held inputs in dynamic shared memory
-HELD_ROW_MAX = 1 << 16  # held bytes per row (N <= 16384 float32, 32768 16-bit, one held input)
-#                        on the HELD path: a block per row then needs 64 KiB, 3 blocks an SM on
-#                        sm_90 (228 KiB), 2 on sm_80 (164 KiB); longer rows re-read (L2)
+OCCUPANCY_MIN = 0.25   # the share of an SM's threads a HELD launch leaves resident, at least
+SHARED_UNIT = 128      # shared memory is allocated to blocks in units of this many bytes
 MAX_GRID = (1 << 31) - 1
 _CUPY_HINT = "running CUDA kernels needs cupy: pip install cupy-cuda13x (or cupy-cuda12x)"
 
@@ -202,13 +213,13 @@ def vector_alignment(canon: Canonical, layouts: tuple[str, ...], vector: int,
 def launch_flags(canon: Canonical, layouts: tuple[str, ...], vector: int,
                  operand_ptrs: list[list[int]], itemsizes: list[int],
                  row_outputs: tuple[bool, ...] | None = None, held: tuple[int, ...] = (),
-                 shared_max: int = 0) -> int:
+                 limits: SharedLimits | None = None) -> int:
     """The flags word of a launch: WIDE (64-bit indexing) when the element count (the work
     count of a reduction) or any operand's offset span reaches 2^31; VECTOR when
     `vector_alignment` allows it and every operand's pointers are aligned. A reduction kernel
     (`row_outputs` given, per output) gets ROW_BLOCK for rows longer than WARP_ROW_MAX, and
-    HELD for non-empty rows of at most HELD_ROW_MAX bytes of its `held` inputs (bytes per
-    element of each) whose `shared_bytes` fit in `shared_max`."""
+    HELD when the device's `limits` take its `held` inputs (bytes per element of each: see
+    `holds`)."""
     sizes = canon.sizes
     spans = [sum((n - 1) * abs(s) for n, s in zip(sizes, st)) for st in canon.strides]
     count = math.prod(sizes)
@@ -217,13 +228,49 @@ def launch_flags(canon: Canonical, layouts: tuple[str, ...], vector: int,
     flags = WIDE if count >= 1 << 31 or max(spans, default=0) >= 1 << 31 else 0
     if row_outputs is not None and sizes[-1] > WARP_ROW_MAX:
         flags |= ROW_BLOCK
-    if row_outputs is not None and held and 0 < sizes[-1] * sum(held) <= HELD_ROW_MAX and \
-            shared_bytes(sizes[-1], held, flags | HELD) <= shared_max:
+    if row_outputs is not None and limits and holds(sizes[-1], held, flags, limits):
         flags |= HELD
     aligns = vector_alignment(canon, layouts, vector, itemsizes, row_outputs or ())
     if aligns is None or any(p % a for ptrs, a in zip(operand_ptrs, aligns) for p in ptrs):
         return flags
     return flags | VECTOR
+
+
+@dataclass(frozen=True)
+class SharedLimits:
+    """What a device offers a kernel's HELD launches (CUDA device attributes, bytes)."""
+    optin: int           # shared memory a block may have (MaxSharedMemoryPerBlockOptin)
+    sm: int              # shared memory of an SM (MaxSharedMemoryPerMultiprocessor)
+    threads: int         # resident threads of an SM (MaxThreadsPerMultiProcessor)
+    blocks: int          # resident blocks of an SM (MaxBlocksPerMultiprocessor)
+    reserved: int = 1024  # shared memory the system takes per block (ReservedSharedMemoryPerBlock)
+    static: int = 0      # the kernel's static shared memory per block
+
+
+def row_threads(n: int) -> int:
+    """Threads of a block per row over rows of n (ROW_BLOCK): the fewest, a power of two from 64
+    to ROW_THREADS, that give each thread at most ROW_ELEMENTS elements of the row."""
+    return min(ROW_THREADS, max(64, 1 << (-(-n // ROW_ELEMENTS) - 1).bit_length()))
+
+
+def block_threads(n: int, flags: int) -> int:
+    """Threads per block of a reduction launch over rows of n."""
+    return row_threads(n) if flags & ROW_BLOCK else BLOCK
+
+
+def holds(n: int, held: tuple[int, ...], flags: int, limits: SharedLimits) -> bool:
+    """Whether a reduction launch over rows of n (`flags`: its ROW_BLOCK) holds its `held`
+    inputs: when there are some and the row is not empty, the block's dynamic shared memory
+    (`shared_bytes`) with the kernel's static shared memory fits `limits.optin`, and the SM's
+    shared memory (each block also takes `reserved` bytes, all in SHARED_UNIT units) keeps
+    blocks of at least OCCUPANCY_MIN of its resident threads."""
+    if not held or n <= 0:
+        return False
+    used = shared_bytes(n, held, flags | HELD) + limits.static
+    threads = block_threads(n, flags)
+    per_block = -(-(used + limits.reserved) // SHARED_UNIT) * SHARED_UNIT
+    blocks = min(limits.blocks, limits.threads // threads, limits.sm // per_block)
+    return used <= limits.optin and blocks * threads >= OCCUPANCY_MIN * limits.threads
 
 
 def shared_bytes(n: int, held: tuple[int, ...], flags: int) -> int:
@@ -260,19 +307,20 @@ def operand_slots(abi: Abi) -> list[list[int]]:
 def launch_words(abi: Abi, call: dispatch.Call, outputs: list[DeviceArray], cats: list,
                  layouts: tuple[str, ...], vector: int, seed: int, offset: int,
                  row_outputs: tuple[bool, ...] | None = None, held: tuple[int, ...] = (),
-                 shared_max: int = 0) -> tuple[np.ndarray, int, int]:
-    """The parameter words, grid size and dynamic shared memory bytes of a launch of a
-    non-empty call (a reduction kernel's when `row_outputs` says which outputs are row outputs;
-    `held` and `shared_max` as for `launch_flags`)."""
+                 limits: SharedLimits | None = None) -> tuple[np.ndarray, int, int, int]:
+    """The parameter words, grid size, threads per block and dynamic shared memory bytes of a
+    launch of a non-empty call (a reduction kernel's when `row_outputs` says which outputs are
+    row outputs; `held` and `limits` as for `launch_flags`)."""
     ptrs = pointers(abi, call, outputs, cats)
     operand_ptrs = [[int(ptrs[s]) for s in slots] for slots in operand_slots(abi)]
     itemsizes = [a.dtype.itemsize for a in call.arrays] + [o.dtype.itemsize for o in outputs]
     flags = launch_flags(call.canon, layouts, vector, operand_ptrs, itemsizes, row_outputs,
-                         held, shared_max)
+                         held, limits)
     reduces = row_outputs is not None
     n = dispatch.work_count(call, reduces)
     words = param_words(ptrs, dispatch.meta_words(call, abi, seed, offset), n, flags)
     return (words, grid_size(n, vector, flags, row_length(call) if reduces else 0),
+            block_threads(call.shape[-1], flags) if reduces else BLOCK,
             shared_bytes(call.shape[-1] if reduces else 0, held, flags))
 
 
@@ -347,7 +395,7 @@ class _Kernel:
     function: object     # cupy Function (None for an empty call)
     layouts: tuple[str, ...]
     held: tuple[int, ...] = ()   # bytes per element of each input a HELD launch holds
-    shared_max: int = 0          # dynamic shared memory bytes a launch may have
+    limits: SharedLimits | None = None   # the device's, for a kernel with held inputs
 
 
 class CudaKernels:
@@ -424,7 +472,7 @@ class CudaKernels:
         function = None if empty else self._function(cp, entry, device)
         held = self.bundle.held(entry["file"], k)     # checks entry["outputs"] (its description)
         found = _Kernel(entry, function, tuple(lay for _, lay in parse_key(k)[1]), held,
-                        _allow_shared(cp, function, device) if held and function else 0)
+                        _allow_shared(cp, function, device) if held and function else None)
         if not empty:
             self._kernels[(key, device)] = found
         return found
@@ -474,17 +522,22 @@ class CudaKernels:
         return module.get_function(entry["symbol"])
 
 
-def _allow_shared(cp, function, device: int) -> int:
+# cudaDeviceAttr values: MaxSharedMemoryPerBlockOptin, MaxSharedMemoryPerMultiprocessor,
+# MaxThreadsPerMultiProcessor, MaxBlocksPerMultiprocessor, ReservedSharedMemoryPerBlock
+_LIMIT_ATTRIBUTES = (97, 81, 39, 106, 111)
+
+
+def _allow_shared(cp, function, device: int) -> SharedLimits:
     """Let `function` launch with all the dynamic shared memory a block of the device may have
-    beside the function's static shared memory (over 48 KiB needs this opt-in); that many
-    bytes."""
+    beside the function's static shared memory (over 48 KiB needs this opt-in); the device's
+    limits for its HELD launches."""
     driver, runtime = cp.cuda.driver, cp.cuda.runtime
-    optin = runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device)
-    limit = optin - driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
-                                            function.ptr)
+    optin, sm, threads, blocks, reserved = (runtime.deviceGetAttribute(a, device)
+                                            for a in _LIMIT_ATTRIBUTES)
+    static = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, function.ptr)
     driver.funcSetAttribute(function.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                            limit)
-    return limit
+                            optin - static)
+    return SharedLimits(optin, sm, threads, blocks, reserved, static)
 
 
 def _capability(cp, device: int) -> tuple[int, int]:
@@ -509,14 +562,15 @@ class _Params(threading.local):
 _PARAMS = _Params()
 
 
-def _launch(cp, function: int, grid: int, words: list[int], stream: int, shared: int) -> None:
+def _launch(cp, function: int, grid: int, block: int, words: list[int], stream: int,
+            shared: int) -> None:
     n = len(words)
     if n > len(_PARAMS.state[0]):
         _PARAMS.reserve(n)
     buffer, size, _, extra = _PARAMS.state
     buffer[:n] = words
     size.value = 8 * n
-    cp.cuda.driver.launchKernel(function, grid, 1, 1, BLOCK, 1, 1, shared, stream, 0, extra)
+    cp.cuda.driver.launchKernel(function, grid, 1, 1, block, 1, 1, shared, stream, 0, extra)
 
 
 # ---------------------------------------------------------------- launch plans -----------------
@@ -540,6 +594,7 @@ class _Plan:
     aligns: tuple[tuple[int, int], ...]       # (word, bytes) the vector path needs
     grid: int                                 # blocks (on the vector path if `words` say so)
     scalar_grid: int                          # blocks on the scalar path
+    block: int                                # threads per block
     shared: int                               # dynamic shared memory bytes
     random: bool
     fill_at: int                              # word of the seed (random groups) or first scalar
@@ -574,8 +629,8 @@ def _plan(cp, info: dispatch.GroupInfo, c: dispatch.Call, abi: Abi, kernel: _Ker
                         d.numpy, device) for shape, d in zip(c.out_shapes, dtypes)]
     at_zero = replace(c, arrays=[replace(a, ptr=0) for a in c.arrays])
     vector, rows = kernel.entry.get("vector", 1), row_outputs(info)
-    words, grid, shared = launch_words(abi, at_zero, outs, cats, kernel.layouts, vector, 0, 0,
-                                       rows, kernel.held, kernel.shared_max)
+    words, grid, block, shared = launch_words(abi, at_zero, outs, cats, kernel.layouts, vector,
+                                              0, 0, rows, kernel.held, kernel.limits)
     slots = operand_slots(abi)
     aligns = vector_alignment(c.canon, kernel.layouts, vector,
                               [a.dtype.itemsize for a in c.arrays + outs], rows or ()) \
@@ -588,7 +643,7 @@ def _plan(cp, info: dispatch.GroupInfo, c: dispatch.Call, abi: Abi, kernel: _Ker
         aligns=tuple((s, a) for ss, a in zip(slots, aligns) for s in ss if a > 1), grid=grid,
         scalar_grid=grid_size(dispatch.work_count(c, info.reduces), vector,
                               int(words[-1]) & ~VECTOR, row_length(c) if info.reduces else 0),
-        shared=shared,
+        block=block, shared=shared,
         random=info.has_random, fill_at=abi.n_ptrs + abi.seed,
         scalars=tuple(scalars),
         alloc=tuple((o.shape, np.dtype(np.uint16) if d == dt.bfloat16 else o.dtype)   # as _outputs
@@ -675,7 +730,8 @@ def _run(plan: _Plan, bases: list[int], args: tuple, out, seed, offset):
         if not _fits(plan, bases, results):
             return None
     words, grid = plan.fill(bases, fills)
-    _launch(cp, plan.function, grid, words, cp.cuda.get_current_stream().ptr, plan.shared)
+    _launch(cp, plan.function, grid, plan.block, words, cp.cuda.get_current_stream().ptr,
+            plan.shared)
     return results[0] if len(results) == 1 else tuple(results)
 
 
@@ -780,14 +836,14 @@ def call(caller, args: tuple, out, seed, offset: int):
             abi = Abi(rank, tuple(ch[0] if ch else 1 for ch in info.chunks),
                       tuple(cat[0] if cat else 1 for cat in cats), info.has_random,
                       len(c.scalars))
-            words, grid, shared = launch_words(abi, c, outs, cats, kernel.layouts,
-                                               kernel.entry.get("vector", 1), seed or 0, offset,
-                                               row_outputs(info), kernel.held, kernel.shared_max)
+            words, grid, block, shared = launch_words(
+                abi, c, outs, cats, kernel.layouts, kernel.entry.get("vector", 1), seed or 0,
+                offset, row_outputs(info), kernel.held, kernel.limits)
             if grid > MAX_GRID:
                 what = f"{n // row_length(c)} rows" if info.reduces else f"{n} elements"
                 raise ArgumentError(f"{info.name}: {what} need {grid} blocks, over CUDA's "
                                     f"limit of {MAX_GRID}")
-            _launch(cp, kernel.function.ptr, grid, words.tolist(), stream, shared)
+            _launch(cp, kernel.function.ptr, grid, block, words.tolist(), stream, shared)
             if not empty_rows:
                 kernels.memo(info).remember(args, lambda: _plan(cp, info, c, abi, kernel, device))
     return results[0] if len(results) == 1 else tuple(results)

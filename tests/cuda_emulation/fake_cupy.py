@@ -9,7 +9,7 @@ import types
 
 import numpy as np
 
-from .harness import run_kernel
+from .harness import device_limits, run_kernel
 
 
 class FakeArray:
@@ -28,8 +28,10 @@ class FakeArray:
 FakeArray.__module__ = "cupy_fake"      # the runtime recognizes cupy arrays by their module
 
 
-OPTIN, STATIC_SHARED, MAX_DYNAMIC_SHARED = 97, 1, 8   # the CUDA enums' values
-SHARED_MAX = 227 << 10      # the opt-in shared memory of a block (sm_90)
+STATIC_SHARED, MAX_DYNAMIC_SHARED = 1, 8    # the CUDA enums' values
+LIMITS = device_limits(90)  # the device's shared memory and residency (sm_90)
+ATTRIBUTES = dict(zip((97, 81, 39, 106, 111), (LIMITS.optin, LIMITS.sm, LIMITS.threads,
+                                               LIMITS.blocks, LIMITS.reserved)))
 
 
 class CUDADriverError(RuntimeError):
@@ -40,6 +42,7 @@ def fake_cupy(libs: dict[str, ctypes.CDLL], capability: str = "90", driver: int 
     """A cupy namespace for one imaginary device; `libs` maps kernel symbols to emulation libs."""
     launched: list[str] = []
     shared_bytes: list[int] = []        # per launch, its dynamic shared memory
+    blocks: list[int] = []              # per launch, its threads per block
     allowed: dict[int, int] = {}        # per function, the dynamic shared memory it may have
     functions: dict[int, str] = {}
 
@@ -66,7 +69,7 @@ def fake_cupy(libs: dict[str, ctypes.CDLL], capability: str = "90", driver: int 
             return types.SimpleNamespace(ptr=id(symbol))
 
     def launch(f, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
-        assert (gy, gz, bx, by, bz, params) == (1, 1, 128, 1, 1, 0)
+        assert (gy, gz, by, bz, params) == (1, 1, 1, 1, 0) and bx in (64, 128, 256, 512, 1024)
         assert shared <= allowed.get(f, 48 << 10), "dynamic shared memory over the opt-in"
         tags = (ctypes.c_void_p * 5).from_address(extra)
         assert (tags[0], tags[2], tags[4]) == (1, 2, None)
@@ -75,17 +78,17 @@ def fake_cupy(libs: dict[str, ctypes.CDLL], capability: str = "90", driver: int 
         symbol = functions[f]
         lib = libs[symbol]
         assert getattr(lib, f"emu_bytes_{symbol}")() == size
-        run_kernel(lib, symbol, words.ctypes.data, gx, shared)
+        run_kernel(lib, symbol, words.ctypes.data, gx, bx, shared)
         launched.append(symbol)
         shared_bytes.append(shared)
+        blocks.append(bx)
 
     def set_attribute(f, attribute, value):
-        assert attribute == MAX_DYNAMIC_SHARED and value <= SHARED_MAX
+        assert attribute == MAX_DYNAMIC_SHARED and value <= LIMITS.optin
         allowed[f] = value
 
     runtime = types.SimpleNamespace(driverGetVersion=lambda: driver,
-                                    cudaDevAttrMaxSharedMemoryPerBlockOptin=OPTIN,
-                                    deviceGetAttribute=lambda a, i: {OPTIN: SHARED_MAX}[a],
+                                    deviceGetAttribute=lambda a, i: ATTRIBUTES[a],
                                     getDevice=lambda: getattr(current, "id", 0),
                                     getDeviceProperties=lambda i: {"name": b"Emulated GPU"})
     cuda = types.SimpleNamespace(
@@ -97,5 +100,6 @@ def fake_cupy(libs: dict[str, ctypes.CDLL], capability: str = "90", driver: int 
             CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES=MAX_DYNAMIC_SHARED,
             funcGetAttribute=lambda a, f: {STATIC_SHARED: 64}[a], funcSetAttribute=set_attribute))
     return types.SimpleNamespace(cuda=cuda, launched=launched, shared_bytes=shared_bytes,
+                                 blocks=blocks,
                                  empty=lambda shape, dtype: FakeArray(np.empty(shape, dtype),
                                                                       runtime.getDevice()))

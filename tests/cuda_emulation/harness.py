@@ -15,12 +15,13 @@ from fusebuild import dtypes as dt, ir, syntax
 from fusebuild.abi import Abi
 from fusebuild.argspec import parse_key
 from fusebuild.codegen.common import KernelSource
-from fusebuild.codegen.cuda import BLOCK, held_itemsizes, vector_width
+from fusebuild import sass
+from fusebuild.codegen.cuda import held_itemsizes, vector_width
 from fusebuild.runtime import cuda, dispatch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CXX = os.environ.get("CXX", "g++")
-SHARED_MAX = 227 << 10     # dynamic shared memory a block may have (sm_90's opt-in limit)
+SM = 90                    # the device whose shared-memory budget the emulated launches get
 CXXFLAGS = ("-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-w")
 
 
@@ -48,12 +49,21 @@ def compile_source(text: str, out_dir: str, name: str, flags: tuple[str, ...] = 
     return ctypes.CDLL(so)
 
 
+def device_limits(sm: int, static: int = 0) -> cuda.SharedLimits:
+    """The `runtime.cuda.SharedLimits` of an SM of `fusebuild.sass.SM_LIMITS` (the documented
+    per-architecture values) for a kernel of `static` bytes of static shared memory."""
+    lim = sass.SM_LIMITS[sm]
+    return cuda.SharedLimits(lim.optin, lim.shared, lim.threads, lim.blocks,
+                             sass.SHARED_RESERVED, static)
+
+
 def launchers(symbols: list[str]) -> str:
-    """One host launcher per kernel symbol (with its dynamic shared memory bytes), and the size
-    of its parameter struct."""
+    """One host launcher per kernel symbol (with its threads per block and dynamic shared memory
+    bytes), and the size of its parameter struct."""
     return "\n".join(
-        f'extern "C" int emu_{s}(const long long *w, unsigned grid, unsigned long long shared) '
-        f"{{ return fb_emulate_dynamic({s}, w, grid, {BLOCK}u, shared); }}\n"
+        f'extern "C" int emu_{s}(const long long *w, unsigned grid, unsigned block, '
+        f"unsigned long long shared) {{\n"
+        f"  return fb_emulate_dynamic({s}, w, grid, block, shared); }}\n"
         f'extern "C" unsigned long long emu_bytes_{s}(void) {{ return fb_param_bytes({s}); }}'
         for s in symbols)
 
@@ -63,14 +73,15 @@ class EmulationError(RuntimeError):
     emulates."""
 
 
-def run_kernel(lib: ctypes.CDLL, symbol: str, words: int, grid: int, shared: int = 0) -> None:
-    """Launch kernel `symbol` of an emulation library on `grid` blocks with `shared` bytes of
-    dynamic shared memory, its parameter words at address `words`; raises EmulationError with
-    the emulator's reason when it stops."""
+def run_kernel(lib: ctypes.CDLL, symbol: str, words: int, grid: int, block: int = cuda.BLOCK,
+               shared: int = 0) -> None:
+    """Launch kernel `symbol` of an emulation library on `grid` blocks of `block` threads with
+    `shared` bytes of dynamic shared memory, its parameter words at address `words`; raises
+    EmulationError with the emulator's reason when it stops."""
     launch = getattr(lib, f"emu_{symbol}")
-    launch.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_ulonglong]
+    launch.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_ulonglong]
     launch.restype = ctypes.c_int
-    if launch(words, grid, shared):
+    if launch(words, grid, block, shared):
         lib.fb_emu_error.restype = ctypes.c_char_p
         raise EmulationError(f"{symbol}: {lib.fb_emu_error().decode()}")
 
@@ -110,13 +121,15 @@ class Launch:
     outputs: list[np.ndarray]
     shared: int = 0                   # dynamic shared memory bytes
     traffic: Traffic | None = None    # from a library compiled with traffic=True
+    block: int = cuda.BLOCK           # threads per block
 
 
 class EmulatedGroup:
     """One group's kernels compiled for the host, called like the CUDA runtime calls them."""
 
-    def __init__(self, group: syntax.Group, kernels: list[KernelSource], lib: ctypes.CDLL):
-        self.group, self.lib = group, lib
+    def __init__(self, group: syntax.Group, kernels: list[KernelSource], lib: ctypes.CDLL,
+                 sm: int = SM):
+        self.group, self.lib, self.limits = group, lib, device_limits(sm)
         self.kernels = {ks.key: ks for ks in kernels}
         self.info = dispatch.GroupInfo.from_manifest(group.to_json())
         for ks in kernels:
@@ -170,13 +183,14 @@ class EmulatedGroup:
         abi: Abi = ks.abi
         vector = vector_width(ks)
         held = tuple(held_itemsizes(ks))
-        words, _, _ = cuda.launch_words(abi, call, [_host(o) for o in outs],
-                                        [cat for _, cat in self.info.outputs], ks.layouts,
-                                        vector, seed, offset, cuda.row_outputs(self.info), held,
-                                        SHARED_MAX)
+        words, _, _, _ = cuda.launch_words(abi, call, [_host(o) for o in outs],
+                                           [cat for _, cat in self.info.outputs], ks.layouts,
+                                           vector, seed, offset, cuda.row_outputs(self.info),
+                                           held, self.limits)
         if flags is not None:
             words[-1] = flags(int(words[-1]))
         shared = cuda.shared_bytes(call.shape[-1] if reduces else 0, held, int(words[-1]))
+        block = cuda.block_threads(call.shape[-1], int(words[-1])) if reduces else cuda.BLOCK
         if start:
             _shift(words, ks, call, outs, [cat for _, cat in self.info.outputs], start, n,
                    reduces)
@@ -184,12 +198,12 @@ class EmulatedGroup:
         assert getattr(self.lib, f"emu_bytes_{ks.symbol}")() == words.nbytes
         if self.counts_traffic:
             return Launch(key, int(words[-1]), outs, shared,
-                          self._counted(ks, call, outs, words, grid, shared))
-        run_kernel(self.lib, ks.symbol, words.ctypes.data, grid, shared)
-        return Launch(key, int(words[-1]), outs, shared)
+                          self._counted(ks, call, outs, words, grid, block, shared), block)
+        run_kernel(self.lib, ks.symbol, words.ctypes.data, grid, block, shared)
+        return Launch(key, int(words[-1]), outs, shared, block=block)
 
     def _counted(self, ks: KernelSource, call: dispatch.Call, outs: list[np.ndarray],
-                 words: np.ndarray, grid: int, shared: int) -> Traffic:
+                 words: np.ndarray, grid: int, block: int, shared: int) -> Traffic:
         """Run the launch counting its traffic per operand (each array's byte extent)."""
         operands, n_in = [*call.arrays, *map(_host, outs)], len(call.arrays)
         read = {node.attr[0] for node in ks.kernel.nodes if node.op == "load"}
@@ -199,7 +213,7 @@ class EmulatedGroup:
         counts = np.zeros((len(operands), 2), np.uint64)
         self.lib.fb_emu_traffic_start(len(operands), ranges.ctypes.data)
         try:
-            run_kernel(self.lib, ks.symbol, words.ctypes.data, grid, shared)
+            run_kernel(self.lib, ks.symbol, words.ctypes.data, grid, block, shared)
         finally:
             self.lib.fb_emu_traffic_counts(counts.ctypes.data)
             self.lib.fb_emu_traffic_start(0, None)
