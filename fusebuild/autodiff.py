@@ -6,7 +6,8 @@ in the forward kernel), expands composite ops that have no derivative rule of th
 appends the adjoint statements built from `ops.DERIVATIVES` in reverse order. The result is an
 ordinary group whose body is text: it is typed, compiled, cached, listed and verified like any
 other. It takes the forward inputs and `grad_<output>` for each differentiable output, and
-returns `grad_<input>` for each listed input at the iteration (broadcast) shape.
+returns `grad_<input>` for each listed input at the iteration (broadcast) shape, typed by `ir` in
+the input's dtype.
 """
 from __future__ import annotations
 

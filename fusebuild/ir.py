@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import dtypes as dt
+from .abi import GRAD_SUFFIX
 from .syntax import FULL, ROW, UNIFORM, Expr, Group
 from .errors import SpecError
 from .ops import CASTS, CONSTANTS, EXPANSIONS, OPS, PRIMITIVE_REDUCTION, REDUCTIONS, ROW_OPS, OpDef
@@ -230,13 +231,22 @@ class _Typer:
         outs = []
         for o in self.g.outputs:
             vals = outputs[o.name] if o.cat else (self.env[o.name],)
-            d = o.dtype or self.promote(list(vals))
+            d = o.dtype or self.gradient_dtype(o.name) or self.promote(list(vals))
             parts = tuple(self.b.cast(self.materialize(v, d), d) for v in vals)
             outs.append(KernelOutput(o.name, d, parts, o.cat, o.row))
         in_dtypes = tuple(self.dtypes[i.name] for i in self.g.tensor_inputs)
         chunks = tuple(i.chunk for i in self.g.tensor_inputs)
         return _dce(Kernel(self.g.name, in_dtypes, tuple(self.b.nodes), tuple(outs), chunks,
                            self.rand_words, len(self.g.scalar_inputs), self.g.reduces))
+
+    def gradient_dtype(self, output: str) -> dt.DType | None:
+        """A backward group's (DESIGN §9) gradient `grad_<x>` of a float input x has x's dtype,
+        as in torch: float16/bfloat16 gradients are rounded once, in the kernel that computes
+        them in float32. None for other outputs."""
+        if not self.g.name.endswith(GRAD_SUFFIX):
+            return None
+        d = self.dtypes.get(output.removeprefix("grad_")) if output.startswith("grad_") else None
+        return d if d is not None and d.is_float else None
 
     @staticmethod
     def promote(vals: list[_Val]) -> dt.DType:

@@ -192,10 +192,11 @@ def test_torch_bench_plan_and_targets():
         ((128, 64), (64,))]
     fast = {"group": "bias_gelu", "dtype": "f32", "vs_torch_eager": 2.5, "vs_torch_compile": 1.2}
     slow = {"group": "lstm_cell", "dtype": "bf16", "vs_torch_eager": 1.5, "vs_torch_compile": 0.9}
-    eager, compiled, call = tb.targets([fast, slow], {"ratio": 1.5})
+    eager, compiled, call = tb.targets([fast, slow], {"ratio": 1.5, "ratio_vs_eager": 0.6})
     assert (eager["met"], eager["cases"], eager["worst"]) == (False, 2, "lstm_cell bf16")
     assert (compiled["met"], compiled["missed"]) == (False, ["lstm_cell bf16: 0.9"])
-    assert call["met"] and not tb.targets([fast], {"ratio": 2.5})[2]["met"]
+    assert call["met"] and not tb.targets([fast], {"ratio": 1.6, "ratio_vs_eager": 0.6})[2]["met"]
+    assert not tb.targets([fast], {"ratio": 1.2, "ratio_vs_eager": 1.1})[2]["met"]
     assert tb.targets([fast], None)[0]["met"] and tb.targets([], None)[2]["met"] is None
 
 

@@ -285,6 +285,35 @@ def test_broadcast_bias_gradient_is_summed_to_its_shape(ops):
     torch.testing.assert_close(bias.grad, x.grad.sum(0), rtol=1e-12, atol=1e-14)
 
 
+def _python_calls(fn) -> list[str]:
+    """The Python functions `fn()` runs (C functions and builtins not counted)."""
+    calls = []
+
+    def profile(frame, event, arg):
+        if event == "call":
+            calls.append(frame.f_code.co_name)
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls[1:]        # past fn itself
+
+
+def test_autograd_path_runs_no_python_a_plain_call_does_not_need(ops):
+    x, bias = randn(4, 6), randn(6, seed=1)
+    xg, bg = randn(4, 6, grad=True), randn(6, grad=True, seed=1)
+    op = torch.ops.fbtest.bias_gelu_scale.default
+    for _ in range(2):      # warm: the kernel's fast path is remembered on the first call
+        op(x, bias, 0.5), op(xg, bg, 0.5)
+    # the Autograd kernel goes straight to the bundle's kernel: no redispatch to a CPU kernel
+    # in Python, no context manager, no dataclass, no fill_defaults
+    assert _python_calls(lambda: op(x, bias, 0.5)) == ["__call__", "kernel"]
+    recorded = _python_calls(lambda: op(xg, bg, 0.5))
+    assert recorded == ["__call__", "kernel", "forward", "save", "save_for_backward",
+                        "<lambda>"], recorded      # the lambda picks the one scalar
+
+
 def test_dropout_backward_uses_the_forward_mask(ops):
     x, res = randn(1000, **F64, grad=True), torch.zeros(1000, **F64, requires_grad=True)
     y = ops.dropout_add(x, res, 0.25, seed=99, offset=3)

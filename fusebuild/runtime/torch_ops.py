@@ -11,6 +11,8 @@ backward, naming the spec line to add. Imported (and torch with it) only by
 """
 from __future__ import annotations
 
+from operator import itemgetter
+
 import torch
 
 from .. import dtypes as dt
@@ -66,19 +68,22 @@ def torch_library(bundle, namespace: str) -> TorchOps:
     _check_namespace(namespace, bundle.groups)
     lib = torch.library.Library(namespace, "FRAGMENT")
     infos = {name: bundle[name].info for name in bundle.groups}
+    cpu_impls = {}
     for name, info in infos.items():
         lib.define(schema(info))
         caller = bundle[name]     # the C fast path itself, seed= and offset= included
-        lib.impl(name, _seed_words(caller) if info.has_random else caller, "CPU")
+        cpu_impls[name] = _seed_words(caller) if info.has_random else caller
+        lib.impl(name, cpu_impls[name], "CPU")
         cuda = _detaching(caller)
         lib.impl(name, _seed_words(cuda) if info.has_random else cuda, "CUDA")
         torch.library.register_fake(f"{namespace}::{name}", _fake(bundle, info), lib=lib)
     backward = tuple(n for n in infos if n + GRAD_SUFFIX in infos)
     for name in infos:
         if name.endswith(GRAD_SUFFIX) and name[:-len(GRAD_SUFFIX)] in infos:
-            _refuse_double_backward(lib, namespace, infos[name])
+            _refuse_double_backward(lib, namespace, infos[name], cpu_impls[name])
         else:
-            _register_autograd(lib, namespace, bundle, infos[name], infos.get(name + GRAD_SUFFIX))
+            _register_autograd(lib, namespace, bundle, infos[name], infos.get(name + GRAD_SUFFIX),
+                               cpu_impls[name])
     space = getattr(torch.ops, namespace)
     ops = TorchOps(namespace, bundle, lib, {n: getattr(space, n) for n in infos}, backward)
     _LIBRARIES[namespace] = ops
@@ -193,16 +198,18 @@ def _output_dtypes(bundle, info: GroupInfo):
 
 
 def _register_autograd(lib, namespace: str, bundle, info: GroupInfo,
-                       grad: GroupInfo | None) -> None:
+                       grad: GroupInfo | None, impl) -> None:
     """Autograd of op `info.name` by its backward op `grad` (None: the group has none): only
     the inputs are saved (and seed, offset); gradients come back reduced to each input's shape
     and dtype. A gradient asked for an input the backward does not give is a GradientError,
     unless no output depends on the input through differentiable ops (its gradient is None,
     as in torch)."""
     names = [n for n, _, _ in info.params]
-    tensor_pos = [i for i, (_, k, _) in enumerate(info.params) if k == "tensor"]
+    tensor_pos = tuple(i for i, (_, k, _) in enumerate(info.params) if k == "tensor")
+    scalar_pos = tuple(i for i, (_, k, _) in enumerate(info.params) if k != "tensor")
     where, grad_outs, backward_op = _gradient_sources(namespace, info, grad)
     listed = sorted(where)
+    unlisted = [i for i in tensor_pos if i not in where]
     zero: dict[str, bool] = {}      # unlisted input -> whether its gradient is zero
 
     def zero_gradient(name: str) -> bool:
@@ -214,33 +221,95 @@ def _register_autograd(lib, namespace: str, bundle, info: GroupInfo,
                 zero[name] = False
         return zero[name]
 
-    def setup_context(ctx, inputs, output, keyword_only_inputs=None):
-        ctx.save_for_backward(*(inputs[i] for i in tensor_pos))
-        ctx.inputs = [None if i in tensor_pos else a for i, a in enumerate(inputs)]
-        ctx.random = keyword_only_inputs or {}
+    tensors, scalars = _picker(tensor_pos), _picker(scalar_pos)
+
+    def save(ctx, args: tuple, random: dict) -> None:
+        ctx.save_for_backward(*tensors(args))
+        ctx.scalars = scalars(args)
+        ctx.random = random
 
     def backward(ctx, *grads):
-        missing = [names[i] for i in tensor_pos if ctx.needs_input_grad[i] and i not in where
-                   and not zero_gradient(names[i])]
+        needs = ctx.needs_input_grad[2:]      # past the keyset and the random words
+        missing = [names[i] for i in unlisted if needs[i] and not zero_gradient(names[i])]
         if missing:
             raise _no_gradient(info, missing, [names[i] for i in listed])
-        result = [None] * len(names)
-        if not any(ctx.needs_input_grad[i] for i in listed):
+        result = [None] * (len(names) + 2)
+        if not any(needs[i] for i in listed):
             return tuple(result)
-        inputs = list(ctx.inputs)
+        inputs = [None] * len(names)
         for i, t in zip(tensor_pos, ctx.saved_tensors):
             inputs[i] = t
+        for i, a in zip(scalar_pos, ctx.scalars):
+            inputs[i] = a
         got = backward_op(*inputs, *(grads[o].contiguous() for o in grad_outs), **ctx.random)
         got = got if isinstance(got, tuple) else (got,)
         for i in listed:
-            if ctx.needs_input_grad[i]:
+            if needs[i]:
                 kind, k = where[i]
-                g = got[k] if kind == "out" else grads[k]
-                result[i] = g.sum_to_size(inputs[i].shape).to(inputs[i].dtype)
+                result[i + 2] = _as_input(got[k] if kind == "out" else grads[k], inputs[i])
         return tuple(result)
 
-    torch.library.register_autograd(f"{namespace}::{info.name}", backward,
-                                    setup_context=setup_context, lib=lib)
+    _autograd_kernel(lib, namespace, info.name, impl, save, backward)
+
+
+def _picker(positions: tuple[int, ...]):
+    """args -> (args[i] for i in positions) as a tuple, picked in C where it can be."""
+    if len(positions) > 1:
+        return itemgetter(*positions)
+    if positions:
+        pick = itemgetter(positions[0])
+        return lambda args: (pick(args),)
+    return lambda args: ()
+
+
+def _as_input(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Gradient `g` at the shape and dtype of input `x` (a no-op when it already is)."""
+    if g.shape != x.shape:
+        g = g.sum_to_size(x.shape)
+    return g if g.dtype == x.dtype else g.to(x.dtype)
+
+
+def _autograd_kernel(lib, namespace: str, name: str, impl, save, backward) -> None:
+    """Register op `name`'s Autograd kernel: `torch.library.register_autograd` less the Python
+    work a plain call does not need. A call on plain CPU tensors (no mode, no subclass, no
+    tracing: the dispatch key set below autograd is just CPU) runs the bundle's kernel `impl`
+    directly, recorded by an autograd.Function when an input requires grad; any other call
+    redispatches below autograd as torch's own kernel does. `save(ctx, args, random)` keeps
+    what `backward(ctx, *grads)` needs; backward returns gradients for (keyset, random, *args)."""
+    op = getattr(getattr(torch.ops, namespace), name).default
+    after = torch._C._after_autograd_keyset
+    keys = torch._C.DispatchKey
+    cpu = torch._C.DispatchKeySet(keys.CPU)
+    plain, plain_below = cpu.add(keys.AutogradCPU).raw_repr(), cpu.raw_repr()
+    below = torch._C._AutoDispatchBelowAutograd
+    grad_mode, wants_grad = torch._C.is_grad_enabled, torch._C._any_requires_grad
+
+    def forward(ctx, keyset, random, *args):
+        if keyset.raw_repr() == plain_below:
+            out = impl(*args, **random)
+        else:
+            with below():
+                out = op.redispatch(keyset, *args, **random)
+        save(ctx, args, random)
+        return out
+
+    recorded = type(f"Backward_{namespace}_{name}", (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    apply = recorded.apply
+    plain_apply = super(torch.autograd.Function, recorded).apply   # less the functorch checks
+    transforms = torch._C._are_functorch_transforms_active
+
+    def kernel(keyset, *args, **random):
+        if grad_mode() and wants_grad(*args):
+            if keyset.raw_repr() == plain and not transforms():
+                return plain_apply(keyset & after, random, *args)
+            return apply(keyset & after, random, *args)
+        if keyset.raw_repr() == plain:
+            return impl(*args, **random)
+        with below():
+            return op.redispatch(keyset & after, *args, **random)
+
+    lib.impl(name, kernel, "Autograd", with_keyset=True)
 
 
 def _gradient_sources(namespace: str, info: GroupInfo, grad: GroupInfo | None):
@@ -259,7 +328,7 @@ def _gradient_sources(namespace: str, info: GroupInfo, grad: GroupInfo | None):
         where[names.index(inp)] = ("out", returned.index(src)) if src in returned else \
             ("in", out_names.index(src[len("grad_"):]))
     grad_outs = [out_names.index(n[len("grad_"):]) for n, _, _ in grad.params[n_in:]]
-    return where, grad_outs, getattr(getattr(torch.ops, namespace), grad.name)
+    return where, grad_outs, getattr(getattr(torch.ops, namespace), grad.name).default
 
 
 def _no_gradient(info: GroupInfo, missing: list[str], listed: list[str]) -> GradientError:
@@ -279,17 +348,13 @@ def _no_gradient(info: GroupInfo, missing: list[str], listed: list[str]) -> Grad
                          "if no gradient is wanted)")
 
 
-def _refuse_double_backward(lib, namespace: str, grad: GroupInfo) -> None:
+def _refuse_double_backward(lib, namespace: str, grad: GroupInfo, impl) -> None:
     """A backward op's autograd: its own derivative is refused, naming the op."""
     op = f"torch.ops.{namespace}.{grad.name}"
-
-    def setup_context(ctx, inputs, output, keyword_only_inputs=None):
-        pass
 
     def backward(ctx, *grads):
         raise UsageError(f"{op} is a backward op and has no derivative: fusebuild bundles hold "
                          "first derivatives only (double backward, a grad of a grad taken with "
                          "create_graph=True, is not supported)")
 
-    torch.library.register_autograd(f"{namespace}::{grad.name}", backward,
-                                    setup_context=setup_context, lib=lib)
+    _autograd_kernel(lib, namespace, grad.name, impl, lambda ctx, args, random: None, backward)
