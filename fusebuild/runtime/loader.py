@@ -149,6 +149,16 @@ class Bundle:
                 dt.BY_NAME[d] for d in output_dtypes(self.description(file), key))
         return found
 
+    def typed_outputs(self, group: str,
+                      inputs: tuple[dt.DType, ...]) -> tuple[dt.DType, ...] | None:
+        """The output dtypes of `group` for input dtypes `inputs`, from the checked description
+        of a kernel of those dtypes; None when the bundle has none."""
+        found = self._by_dtypes.get((group, inputs))
+        if not found:
+            return None
+        key = found[0][1]
+        return self.output_dtypes(next(iter(self._index[key].values())).file, key)
+
     def candidates(self, key: str, empty: bool = False, hollow: bool = False) -> list[str]:
         """Keys whose kernels compute a call of `key`: itself, then by `dispatch.placement`,
         those that keep the call's inner dim inner first (for an empty call, any key of the same

@@ -177,24 +177,31 @@ def _describe(t: torch.Tensor) -> tuple:
 
 
 def _output_dtypes(bundle, info: GroupInfo):
-    """Input dtypes -> torch output dtypes by the group's typed IR, memoized."""
-    from .. import ir
-    group = bundle.group_ir(info.name)
+    """Input dtypes -> torch output dtypes, memoized: from the checked description of a kernel
+    of those dtypes (`Bundle.typed_outputs`); for dtypes the bundle has no kernel of, by the
+    group's typed IR (imported only then), whose error says why none can serve them."""
     memo: dict[tuple, tuple] = {}
 
     def dtypes(inputs: tuple[dt.DType, ...]) -> tuple:
         found = memo.get(inputs)
         if found is None:
-            try:
-                kernel = ir.instantiate(group, dict(zip((i.name for i in group.tensor_inputs),
-                                                        inputs)))
-            except SpecError as e:
-                names = ", ".join(d.name for d in inputs)
-                raise KernelNotFound(f"{info.name} does not type-check for dtypes {names}, so "
-                                     f"no kernel serves them: {e}") from None
-            found = memo[inputs] = tuple(getattr(torch, o.dtype.name) for o in kernel.outputs)
+            typed = bundle.typed_outputs(info.name, inputs) or _typed_by_ir(bundle, info, inputs)
+            found = memo[inputs] = tuple(getattr(torch, d.name) for d in typed)
         return found
     return dtypes
+
+
+def _typed_by_ir(bundle, info: GroupInfo, inputs: tuple[dt.DType, ...]) -> tuple:
+    """The output dtypes of group `info` for `inputs` by its typed IR."""
+    from .. import ir
+    group = bundle.group_ir(info.name)
+    try:
+        kernel = ir.instantiate(group, dict(zip((i.name for i in group.tensor_inputs), inputs)))
+    except SpecError as e:
+        names = ", ".join(d.name for d in inputs)
+        raise KernelNotFound(f"{info.name} does not type-check for dtypes {names}, so no "
+                             f"kernel serves them: {e}") from None
+    return tuple(o.dtype for o in kernel.outputs)
 
 
 def _register_autograd(lib, namespace: str, bundle, info: GroupInfo,
