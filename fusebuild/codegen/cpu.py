@@ -912,7 +912,8 @@ def _render_rows(r: NumbaRenderer, ks: KernelSource, fn: str) -> list[str]:
     assigns to [start, stop), one sweep over the row per pass accumulating its reductions, the
     pass's row values, the row outputs (stored once), then a sweep computing and storing the
     full outputs. Uniform nodes are computed once per call. Costly values of the last pass that
-    the final sweep needs (`_kept`) are kept in row scratch buffers for rows that fit."""
+    the final sweep needs (`_kept`) are kept for the final sweep: in the row of the output that
+    holds them (`_held_in_output`, any N), else in row scratch buffers for rows that fit."""
     k, rank = ks.kernel, ks.rank
     n_in, size = len(k.in_dtypes), f"n{rank - 1}"
     sch = schedule(k)
@@ -926,8 +927,10 @@ def _render_rows(r: NumbaRenderer, ks: KernelSource, fn: str) -> list[str]:
             if n.op == "rsum" and n.dtype.is_float:
                 lines.append(f"    stk{i} = cascade_stack({r.type_name(n.dtype)}(0))")
     keep = _kept(k, sch)
-    for i in keep:
-        lines.append(f"    sc{i} = row_scratch({r.type_name(k.nodes[i].dtype.compute)}(0))")
+    held = _held_in_output(k, sch, keep)
+    if held is None:
+        for i in keep:
+            lines.append(f"    sc{i} = row_scratch({r.type_name(k.nodes[i].dtype.compute)}(0))")
     lines.append(f"    w = {size} if {size} > 1 else 1")
     lines += [f"    {b}" for b in r.render_nodes(k, sch.hoisted)]
     lines.append("    for row in range((start + w - 1) // w, (stop + w - 1) // w):")
@@ -941,24 +944,31 @@ def _render_rows(r: NumbaRenderer, ks: KernelSource, fn: str) -> list[str]:
               for o, out in enumerate(k.outputs) if not out.row for j, part in enumerate(out.parts)]
 
     def tail(keep: tuple[int, ...]) -> list[str]:
+        if held is None:
+            put = [f"sc_st_{k.nodes[i].dtype.compute.short}(sc{i}, j, v{i})" for i in keep]
+            loads = [f"v{i} = sc_ld_{k.nodes[i].dtype.compute.short}(sc{i}, j)" for i in keep]
+        else:
+            at, short = index(n_in + held), k.outputs[held].dtype.short
+            put = [f"st_{short}(q{held}_0, {at}, v{keep[0]})"]
+            loads = [f"v{keep[0]} = ldb_{short}(q{held}_0, {at})"]
         out = []
         if sch.passes:
-            out += _sweep(r, k, sch.passes[-1], size, keep, _prefetches(r, ks, inner))
+            out += _sweep(r, k, sch.passes[-1], size, put if keep else [],
+                          _prefetches(r, ks, inner))
             out += [f"        {b}" for b in r.render_nodes(k, sch.passes[-1].after)]
         out += row_stores
         if stores:
-            loads = [f"v{i} = sc_ld_{k.nodes[i].dtype.compute.short}(sc{i}, j)" for i in keep]
             out.append(f"        for j in range({size}):")
             out += [f"            {b}" for b in loads +
                     _elements(r, k, _needed_without(k, sch, keep), size) + stores]
         return out
-    if keep:
+    if keep and held is None:
         lines.append(f"        if {size} <= SCRATCH:")
         lines += [f"    {b}" for b in tail(keep)]
         lines.append("        else:")
         lines += [f"    {b}" for b in tail(())]
     else:
-        lines += tail(())
+        lines += tail(keep)
     return lines
 
 
@@ -1013,6 +1023,17 @@ def _costly(k: Kernel, i: int, within: set[int]) -> bool:
     return False
 
 
+def _held_in_output(k: Kernel, sch: Schedule, keep: tuple[int, ...]) -> int | None:
+    """The full output whose row can hold the one kept value until the final sweep reads it
+    back (in its dtype: float32 or float64), when that sweep needs nothing else from memory (it
+    may then run in place: the output may be the input)."""
+    if len(keep) != 1 or any(k.nodes[i].op in ("load", "rand")
+                             for i in _needed_without(k, sch, keep)):
+        return None
+    return next((o for o, out in enumerate(k.outputs) if not out.row and not out.cat
+                 and out.dtype == k.nodes[keep[0]].dtype.compute), None)
+
+
 def _needed_without(k: Kernel, sch: Schedule, keep: tuple[int, ...]) -> tuple[int, ...]:
     """The final sweep's nodes that the full outputs need when the `keep` values are read back."""
     final, seen = set(sch.final), set()
@@ -1033,12 +1054,12 @@ def _elements(r: NumbaRenderer, k: Kernel, ids: tuple[int, ...], size: str) -> l
     return head + r.render_nodes(k, ids)
 
 
-def _sweep(r: NumbaRenderer, k: Kernel, p: Pass, size: str, keep: tuple[int, ...] = (),
+def _sweep(r: NumbaRenderer, k: Kernel, p: Pass, size: str, put: list[str] = (),
            hints: list[str] = ()) -> list[str]:
     """One pass over the row accumulating the reductions `p.reds`: float sums per block of
     BLOCK elements, combined pairwise; max/min (NaN-propagating) and integer sums across the
-    row. Empty rows: sums 0, float max/min NaN, integer max/min 0. The values `keep` are
-    stored in their row scratch buffers; the lines `hints` run after each block."""
+    row. Empty rows: sums 0, float max/min NaN, integer max/min 0. The lines `put` (stores of
+    kept values) run per element, the lines `hints` after each block."""
     sums, others = [], []
     for i in p.reds:
         n = k.nodes[i]
@@ -1061,8 +1082,7 @@ def _sweep(r: NumbaRenderer, k: Kernel, p: Pass, size: str, keep: tuple[int, ...
         init.append(f"a{i} = {T}({start})")
         step.append(f"a{i} = acc_{n.op[1:]}(a{i}, {x})")
         done.append(f"v{i} = select({size} > 0, a{i}, {T}({empty}))")
-    body = _elements(r, k, p.elem, size) + \
-        [f"sc_st_{k.nodes[i].dtype.compute.short}(sc{i}, j, v{i})" for i in keep]
+    body = _elements(r, k, p.elem, size) + list(put)
     out = [f"        {b}" for b in init]
     if not sums:
         out.append(f"        for j in range({size}):")
