@@ -14,9 +14,9 @@ for float64, and mpmath for float64 erf/erfc/gelu on 20000 points.
 Error = |got - exact| / spacing of the result's dtype at the exact value; NaN must match NaN,
 infinities and the sign of zero results must match exactly. Bounds: 4 ULP for float32/float64,
 1 ULP of storage for float16/bfloat16, and a stated 2 ULP for float32 erf/erfc/gelu (evaluated in
-float32 lanes, `STATED`; also checked against torch's float64 functions). `MEASURED` holds the largest error found over all ISA
-levels (x86-64-v2 evaluates polynomials without FMA, v3/v4 with) and is asserted as a
-regression bound.
+float32 lanes, `STATED`; also checked against torch's float64 functions). `MEASURED` holds the
+largest error found over all ISA levels (x86-64-v2 evaluates polynomials without FMA, v3/v4
+with) and is asserted as a regression bound.
 """
 from __future__ import annotations
 
