@@ -1,8 +1,9 @@
 """CPU kernel benchmark (issue 6), JSON lines: every example group at 2^24 elements (and a
 [4096, 4096] broadcast case where the group has a broadcast pattern), float32 and bfloat16,
 1 and 2 threads, against numpy unfused, numexpr, numba @njit(parallel=True, fastmath=True) of
-the same expression and, for silu_add, bias_gelu_tanh and lstm_cell, a C reference compiled here
-with the system compiler (-O3 -ffast-math -march=x86-64-v3 -fopenmp; benchmark only).
+the same expression and, for silu_add, bias_gelu_tanh, lstm_cell and bias_gelu (glibc erff), a C
+reference compiled here with the system compiler (-O3 -ffast-math -march=x86-64-v3 -fopenmp;
+benchmark only).
 
     python benchmarks/cpu_bench.py [--out results.jsonl] [--quick] [--elements N] [--groups a,b]
 
@@ -389,6 +390,7 @@ static inline float sig(float x) { return 1.0f / (1.0f + expf(-x)); }
 static inline float gelu_tanh(float z) {
     return 0.5f * z * (1.0f + tanhf(0.7978845608f * (z + 0.044715f * z * z * z)));
 }
+static inline float gelu(float z) { return 0.5f * z * (1.0f + erff(0.70710678f * z)); }
 void set_threads(int t) { omp_set_num_threads(t); }
 void copy_bytes(int64_t n, const char *src, char *dst) {
     #pragma omp parallel
@@ -414,6 +416,8 @@ ROWS(float, ID, ID, silu_add_f32, v * sig(v) + w)
 ROWS(uint16_t, bf2f, f2bf, silu_add_bf16, v * sig(v) + w)
 ROWS(float, ID, ID, bias_gelu_tanh_f32, gelu_tanh(v + w))
 ROWS(uint16_t, bf2f, f2bf, bias_gelu_tanh_bf16, gelu_tanh(v + w))
+ROWS(float, ID, ID, bias_gelu_f32, gelu(v + w))
+ROWS(uint16_t, bf2f, f2bf, bias_gelu_bf16, gelu(v + w))
 #define LSTM(T, LD, ST, NAME) \
 void NAME(int64_t rows, int64_t h, const T *gates, const T *cx, T *hy, T *cy) { \
     _Pragma("omp parallel for schedule(static)") \
@@ -431,6 +435,7 @@ void NAME(int64_t rows, int64_t h, const T *gates, const T *cx, T *hy, T *cy) { 
 LSTM(float, ID, ID, lstm_cell_f32)
 LSTM(uint16_t, bf2f, f2bf, lstm_cell_bf16)
 """
+C_GROUPS = ("silu_add", "bias_gelu_tanh", "lstm_cell", "bias_gelu")   # glibc erff for bias_gelu
 C_FLAGS = ["-O3", "-ffast-math", "-march=x86-64-v3", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -450,7 +455,7 @@ def build_c(tmp: str) -> tuple[ctypes.CDLL | None, str]:
 
 def c_call(lib, case: Case, outs: tuple[np.ndarray, ...]) -> Callable | None:
     """A C reference call writing into `outs`, if the case has one."""
-    if lib is None or case.group not in ("silu_add", "bias_gelu_tanh", "lstm_cell") \
+    if lib is None or case.group not in C_GROUPS \
             or case.dtype not in ("f32", "bf16"):
         return None
     fn = getattr(lib, f"{case.group}_{case.dtype}")

@@ -1,7 +1,8 @@
 """Row-reduction benchmark (issue 11), JSON lines: fusebuild against torch, numpy and copy speed.
 
-softmax, layer_norm (affine), rms_norm and fused add + rms_norm, built from
-benchmarks/specs/reductions.yaml, against the peers people use today, measured in the same run.
+softmax, log_softmax with its logsumexp, layer_norm (affine), rms_norm and fused add + rms_norm,
+built from benchmarks/specs/reductions.yaml, against the peers people use today, measured in the
+same run.
 
     python benchmarks/reduction_bench.py [--out FILE] [--quick] [--sections cpu,gpu]
                                          [--ops softmax,...] [--threads 2] [--gpu-ns 1024,...]
@@ -10,7 +11,8 @@ benchmarks/specs/reductions.yaml, against the peers people use today, measured i
 CPU section: shapes [4096, 4096] and [16384, 1024], float32 and bfloat16, `--threads` threads
 (FUSEBUILD_NUM_THREADS for fusebuild, torch.set_num_threads for torch; numpy is single-threaded).
 Per case: fusebuild through `fusebuild.runtime` with preallocated outputs (`fusebuild`) and
-allocating them (`fusebuild_alloc`), torch CPU eager (torch.softmax, F.layer_norm, F.rms_norm,
+allocating them (`fusebuild_alloc`), torch CPU eager (torch.softmax, torch.log_softmax and
+torch.logsumexp, F.layer_norm, F.rms_norm,
 x + residual then F.rms_norm), numpy (float32; for bfloat16 numpy converts the inputs to float32
 with ml_dtypes, computes in float32 and converts the outputs back, conversions timed), and the
 copy bandwidth of the same byte count (half the bytes moved copied with `--threads` threads:
@@ -77,6 +79,12 @@ def oracle_softmax(xp, x):
     return (e / e.sum(-1, keepdims=True),)
 
 
+def oracle_log_softmax(xp, x):
+    m = x.max(-1, keepdims=True)
+    lse = xp.log(xp.exp(x - m).sum(-1, keepdims=True)) + m
+    return x - lse, lse
+
+
 def oracle_layer_norm(xp, x, w, b):
     d = x - x.mean(-1, keepdims=True)
     return (d / xp.sqrt((d * d).mean(-1, keepdims=True) + LN_EPS) * w + b,)
@@ -96,6 +104,14 @@ def np_softmax(x):
     np.exp(e, out=e)
     e /= e.sum(-1, keepdims=True)
     return (e,)
+
+
+def np_log_softmax(x):
+    m = x.max(-1, keepdims=True)
+    e = x - m
+    np.exp(e, out=e)
+    lse = np.log(e.sum(-1, keepdims=True)) + m
+    return x - lse, lse
 
 
 def np_layer_norm(x, w, b):
@@ -121,6 +137,10 @@ def torch_softmax(torch, x):
     return (torch.softmax(x, -1),)
 
 
+def torch_log_softmax(torch, x):
+    return torch.log_softmax(x, -1), torch.logsumexp(x, -1, keepdim=True)
+
+
 def torch_layer_norm(torch, x, w, b):
     return (torch.nn.functional.layer_norm(x, x.shape[-1:], w, b, LN_EPS),)
 
@@ -144,10 +164,13 @@ class Op:
     oracle: Callable
     numpy: Callable
     torch: Callable
+    row_outputs: int = 0             # outputs of shape [B, 1], after the [B, N] ones
 
 
 OPS = {
     "softmax": Op("bench_softmax", ("x",), (), 1, (), oracle_softmax, np_softmax, torch_softmax),
+    "log_softmax": Op("bench_log_softmax", ("x",), (), 1, (), oracle_log_softmax, np_log_softmax,
+                      torch_log_softmax, row_outputs=1),
     "layer_norm": Op("bench_layer_norm", ("x", "w", "b"), ("w", "b"), 1, (), oracle_layer_norm,
                      np_layer_norm, torch_layer_norm),
     "rms_norm": Op("bench_rms_norm", ("x", "w"), ("w",), 1, (), oracle_rms_norm, np_rms_norm,
@@ -176,9 +199,10 @@ class Case:
         return 4 if self.dtype == "f32" else 2
 
     def nbytes(self) -> int:
-        """Bytes moved: every input at its own size, then the outputs ([B, N] each)."""
+        """Bytes moved: every input at its own size, then the outputs ([B, N] or [B, 1])."""
         elements = sum(math.prod(s) for s in self.input_shapes())
-        return (elements + self.spec.outputs * self.rows * self.n) * self.itemsize
+        return (elements + self.spec.outputs * self.rows * self.n +
+                self.spec.row_outputs * self.rows) * self.itemsize
 
     def row(self) -> dict:
         return {"op": self.op, "dtype": self.dtype, "shape": [self.rows, self.n],

@@ -235,17 +235,27 @@ def _softmax(b, x):
     return b.op("mul", e, b.op("div", b.c(1), b.row("rsum", e)))
 
 
+def _lse_shift(b, x):
+    """logsumexp's shift: the row max, taken as 0 where it is not finite."""
+    m = b.row("rmax", x)
+    return b.op("where", b.op("isfinite", m), m, b.c(0))
+
+
 def _log_softmax(b, x):
-    d = b.op("sub", x, b.row("rmax", x))
-    return b.op("sub", d, b.op("log", b.row("rsum", b.op("exp", d))))
+    """(x - m) - log(sum(exp(x - m))) with logsumexp's shift m, so that a group computing both
+    computes exp(x - m) once. torch's NaN rows (holding +inf or NaN, or only -inf) come from
+    subtracting 0 * max per row (NaN there, 0 otherwise)."""
+    m = _lse_shift(b, x)
+    r = b.op("log", b.row("rsum", _shifted_exp(b, x, m)))
+    r = b.op("sub", r, b.op("mul", b.c(0), b.row("rmax", x)))
+    return b.op("sub", b.op("sub", x, m), r)
 
 
 def _logsumexp(b, x):
     """torch's: the max is taken as 0 where it is not finite, so a row of -inf gives -inf, a
     row holding +inf gives +inf (not NaN) and an empty row log(0) = -inf (a NaN still gives NaN:
     it reaches the sum)."""
-    m = b.row("rmax", x)
-    m = b.op("where", b.op("isfinite", m), m, b.c(0))
+    m = _lse_shift(b, x)
     return b.op("add", b.op("log", b.row("rsum", _shifted_exp(b, x, m))), m)
 
 

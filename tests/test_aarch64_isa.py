@@ -40,7 +40,7 @@ pytestmark = [
     pytest.mark.skipif(bool(no_lld()), reason=no_lld())]
 
 ISAS = LEVELS["aarch64"]
-GROUPS = ("silu_add", "bias_gelu_tanh", "lstm_cell")
+GROUPS = ("silu_add", "bias_gelu_tanh", "lstm_cell", "bias_gelu")
 BUILT = GROUPS + ("bias_dropout_residual", "softmax")    # + Philox, a row reduction
 DTYPES = ("f32", "bf16", "f16")
 NEON, SVE = re.compile(r"\bv\d+\.4s\b"), re.compile(r"\bz\d+\.s\b")
@@ -48,6 +48,7 @@ SVE_ANY = re.compile(r"\b[zp]\d+\b")                     # any SVE vector or pre
 WIDEN = re.compile(r"^([us]shll|[us]xtl|shll|[us]unpk(lo|hi))2?$|^ld1s?h$")
 NARROW = re.compile(r"^(xtn|uzp1|uqxtn|shrn)2?$|^st1h$")
 SCALAR16 = re.compile(r"^(ldrh|ldrsh|strh|ldurh|sturh)$")
+FLOAT64 = re.compile(r"\bv\d+\.2d\b|\bz\d+\.d\b|\bd\d+\b")   # float64 lanes or registers
 LANE16 = re.compile(r"\bv\d+\.h\[\d+\]|\{v\d+\.h\}\[\d+\]|^[hH]\d+,")   # one 16-bit lane, h<n>
 
 @pytest.fixture(scope="module")
@@ -177,3 +178,17 @@ def test_kernels_call_no_function(a64):
                      if op in ("bl", "blr", "br") or op == "b" and
                      not first <= (branch_target(args) or first) <= last]
             assert not calls, f"{k['key']} in {rel} calls {calls}"
+
+
+def test_float32_gelu_computes_in_float32(a64):
+    """bias_gelu's float32/bfloat16/float16 kernels hold no float64 arithmetic or conversion at
+    any level (erf/erfc/gelu evaluate in float32 lanes)."""
+    root, manifest = a64
+    entries = [k for k in manifest["kernels"] if k["group"] == "bias_gelu"]
+    assert entries
+    for rel in {k["file"] for k in entries}:
+        functions = disassemble(os.path.join(root, rel), OBJDUMP)
+        for k in (k for k in entries if k["file"] == rel):
+            wide = [f"{op} {args}" for _, op, args in functions[k["symbol"]]
+                    if op.startswith("f") and op != "fmov" and FLOAT64.search(args)]
+            assert not wide, f"{k['key']} at {k['target']} computes in float64: {wide[:5]}"

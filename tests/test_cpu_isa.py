@@ -25,12 +25,14 @@ ISAS = LEVELS["x86_64"]   # the x86-64 levels (aarch64: test_aarch64_isa.py)
 pytestmark = [pytest.mark.isa, pytest.mark.skipif(shutil.which("objdump") is None,
                                                   reason="objdump (binutils) is not installed")]
 
-GROUPS = ("silu_add", "bias_gelu_tanh", "lstm_cell")
+GROUPS = ("silu_add", "bias_gelu_tanh", "lstm_cell", "bias_gelu")
 DTYPES = ("f32", "bf16", "f16")
 REGISTER = {"x86-64-v2": "xmm", "x86-64-v3": "ymm", "x86-64-v4": "zmm"}
 WIDEN = re.compile(r"^v?(pmovzxwd|punpck[lh]wd)$")            # u16 lanes -> u32 lanes
 NARROW = re.compile(r"^v?(packusdw|packssdw|pmovdw|pshufb)$")  # u32 lanes -> u16 lanes
 REG16 = r"%(?:[abcd]x|[sd]i|r\d+w)"
+FLOAT64 = re.compile(r"^v?(add|sub|mul|div|sqrt|max|min)[ps]d$|^vfn?m(add|sub)\d+[ps]d$|"
+                     r"^v?cvt(ps2pd|pd2ps|ss2sd|sd2ss)$")   # float64 arithmetic and conversions
 
 
 def scalar_16bit_access(op: str, args: str) -> bool:
@@ -141,3 +143,17 @@ def test_kernels_call_no_function(examples_bundle):
         for k in entries:
             calls = [f"{op} {args}" for _, op, args in functions[k["symbol"]] if op == "call"]
             assert not calls, f"{k['key']} in {rel} calls {calls}"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_float32_gelu_computes_in_float32(examples_bundle, isa):
+    """bias_gelu's float32/bfloat16/float16 kernels (GELU's erfc, and its gradient's) hold no
+    float64 arithmetic or conversion at any level: erf/erfc/gelu evaluate in float32 lanes."""
+    entries = [k for k in examples_bundle.manifest["kernels"] if k["target"] == f"cpu:{isa}"
+               and k["group"] in ("bias_gelu", "bias_gelu__grad") and "f64:" not in k["key"]]
+    assert entries
+    for rel in {k["file"] for k in entries}:
+        functions = disassemble(os.path.join(examples_bundle.root, rel))
+        for k in (k for k in entries if k["file"] == rel):
+            wide = sorted({op for _, op, _ in functions[k["symbol"]] if FLOAT64.match(op)})
+            assert not wide, f"{k['key']} at {isa} computes in float64: {wide}"

@@ -13,9 +13,10 @@ for float64, and mpmath for float64 erf/erfc/gelu on 20000 points.
 
 Error = |got - exact| / spacing of the result's dtype at the exact value; NaN must match NaN,
 infinities and the sign of zero results must match exactly. Bounds: 4 ULP for float32/float64,
-1 ULP of storage for float16/bfloat16. `MEASURED` holds the largest error found over all ISA
-levels (x86-64-v2 evaluates polynomials without FMA, v3/v4 with) and is asserted as a
-regression bound.
+1 ULP of storage for float16/bfloat16, and a stated 2 ULP for float32 erf/erfc/gelu (evaluated in
+float32 lanes, `STATED`; also checked against torch's float64 functions). `MEASURED` holds the
+largest error found over all ISA levels (x86-64-v2 evaluates polynomials without FMA, v3/v4
+with) and is asserted as a regression bound.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ MEASURED = {
     "float32": {"exp": 0.96, "exp2": 1.17, "expm1": 1.46, "log": 0.79, "log2": 1.70,
                 "log10": 1.94, "log1p": 0.89, "sin": 0.51, "cos": 0.51, "tan": 0.51,
                 "sinh": 0.51, "cosh": 0.51, "tanh": 1.25, "sigmoid": 2.05, "erf": 0.89,
-                "erfc": 0.54, "gelu": 0.54, "pow": 0.51},
+                "erfc": 1.31, "gelu": 1.66, "pow": 0.51},
     "float16": dict.fromkeys(UNARY + ("pow",), 0.51),      # 0.500 measured for every function
     "bfloat16": dict.fromkeys(UNARY + ("pow",), 0.51),     # 0.500 measured (tanh 0.498)
     "float64": {"exp": 0.51, "exp2": 0.51, "expm1": 0.79, "log": 0.52, "log2": 0.54,
@@ -52,6 +53,7 @@ MEASURED = {
                 "erfc": 2.01, "pow": 0.51},
 }
 BOUND = {"float32": 4.0, "float16": 1.0, "bfloat16": 1.0, "float64": 4.0}
+STATED = {"erf": 2.0, "erfc": 2.0, "gelu": 2.0}     # float32 bounds documented in codegen.cpu
 
 # |x| where results overflow, become subnormal, round to zero or +-1, or an approximation switches
 THRESHOLDS = {
@@ -62,7 +64,7 @@ THRESHOLDS = {
     "cos": (1.5707964, 3.1415927, 0.7853982), "tan": (1.5707964, 3.1415927, 0.7853982),
     "sinh": (89.41599, 0.5), "cosh": (89.41599,), "tanh": (0.625, 9.010913),
     "sigmoid": (87.33655, 103.97208, 16.635532, 17.32868), "erf": (0.75, 3.9192059),
-    "erfc": (9.194, 10.0546, 0.75), "gelu": (13.2, 14.849242, 14.9),
+    "erfc": (9.194, 10.0546, 0.75, 1.5), "gelu": (13.2, 14.849242, 14.9, 1.0606602, 2.1213203),
 }
 DOMAIN = {"exp": 110, "exp2": 155, "expm1": 95, "log": 4, "log2": 4, "log10": 4, "log1p": 4,
           "sin": 100, "cos": 100, "tan": 100, "sinh": 95, "cosh": 95, "tanh": 12, "sigmoid": 110,
@@ -183,7 +185,7 @@ def zero_sign_mismatch(got: np.ndarray, want: np.ndarray) -> np.ndarray:
 
 def check(name: str, d: dt.DType, args: list[np.ndarray], want: np.ndarray, bundles) -> None:
     bound = BOUND[d.name] if d == dt.float64 else MEASURED[d.name][name]
-    assert bound <= BOUND[d.name]
+    assert bound <= (STATED.get(name, BOUND[d.name]) if d == dt.float32 else BOUND[d.name])
     for isa, bundle in bundles.items():
         got = bundle[f"m_{name}"](*args)
         err = ulp_error(got, want, d)
@@ -209,6 +211,23 @@ def test_unary_math_accuracy(math_bundles, name, d):
         x = np.concatenate([x[-2000:], rng.choice(x, 18000, replace=False)])
         want = _mp_reference(name, x)
     check(name, d, [x], want, math_bundles)
+
+
+@pytest.mark.parametrize("name", sorted(STATED))
+def test_float32_erf_family_within_2_ulp_of_torch(math_bundles, name):
+    """float32 erf, erfc and gelu against torch's float64 functions (an oracle independent of
+    fusebuild.reference) on the float32 sweep: within the stated 2 ULP at every host level."""
+    import torch
+    fn = {"erf": torch.special.erf, "erfc": torch.special.erfc,
+          "gelu": torch.nn.functional.gelu}[name]
+    x = sweep(name, dt.float32, np.random.default_rng(zlib.crc32(name.encode())))
+    if name == "gelu":      # torch: 0.5 x (1 + erf(x / sqrt 2)), which cancels below -5
+        x = x[(x > -5) & (x < np.inf)]
+    want = fn(torch.from_numpy(x.astype(np.float64))).numpy()
+    for isa, bundle in math_bundles.items():
+        err = ulp_error(bundle[f"m_{name}"](x), want, dt.float32)
+        worst = int(np.argmax(err))
+        assert err[worst] <= STATED[name], f"{name}({x[worst]!r}) at {isa}: {err[worst]:.3f} ULP"
 
 
 @pytest.mark.parametrize("d", DTYPES, ids=lambda d: d.name)

@@ -227,9 +227,10 @@ def _gelu_exact(x: np.ndarray) -> np.ndarray:
     return np.where(exact == 0, np.copysign(0.0, x.astype(np.float64)), exact)
 
 
-# ULP bounds of gelu per backend kind: the CPU computes in float64 and rounds once; the CUDA
-# source uses erfcf/erfc (glibc in the emulation, CUDA's libdevice on the device: 4 ULP)
-GELU_BOUND = {"cpu": {"float32": 0.6, "float64": 4.0}, "cuda-emulation": {"float32": 4.0,
+# ULP bounds of gelu per backend kind: the CPU computes float32 in float32 lanes within 2 ULP
+# (codegen.cpu's gelu_f32); the CUDA source uses erfcf/erfc (glibc in the emulation, CUDA's
+# libdevice on the device: 4 ULP)
+GELU_BOUND = {"cpu": {"float32": 2.0, "float64": 4.0}, "cuda-emulation": {"float32": 4.0,
                                                                           "float64": 4.0},
               "reference": {"float32": 0.501, "float64": 4.0}}
 

@@ -218,8 +218,9 @@ def philox(index, seed, offset):
 # float32 math (float16/bfloat16 compute in float32): branch-free approximations written with
 # selects only, so the loop vectorizer turns them into SIMD code (libm's scalar expf & co. would
 # keep the loop scalar). Accuracy against float64 references is measured in tests/test_cpu_math.py.
-# The exp/log family works in float32 with Cody-Waite reduction and the cephes polynomials;
-# erf/erfc, sin/cos/tan, sinh/cosh and pow evaluate in float64 lanes and round once. Helpers call
+# The exp/log family works in float32 with Cody-Waite reduction and the cephes polynomials, and
+# so do erf/erfc/gelu (within 2 ULP, see _erfc_big_f32); sin/cos/tan, sinh/cosh and pow evaluate
+# in float64 lanes and round once. Helpers call
 # each other by name; `MATH_F32` maps each to its source and `math_helpers` orders dependencies.
 # Integer work goes through the 32-bit exponent intrinsics of toolchain/numba_support.py. numba
 # compiles each helper once per module; the toolchain then has LLVM inline every one of them into
@@ -395,61 +396,140 @@ def _exp_f64(y):
     p = muladd(p, s, 0.9999999999616481)
     return p * f64_pow2(n)
 """,
-    "_erfc_abs_f64": """
+    "_split_f32": """
 @njit
-def _erfc_abs_f64(x):
-    # erfc(|x|) in float64: exp(-a*a) g(t) / (1 + 2a) with a*a exact, g = (1 + 2a) erfcx(a) a
-    # minimax polynomial in t = (a - 3) / (a + 3) to 2**-28.8 relative on [0, 10.5]
-    a = np.float64(abs(x))
-    a = a if a < 10.5 else 10.5
-    t = (a - 3.0) / (a + 3.0)
-    g = muladd(-0.0002643564101484771, t, -0.0007678648660944534)
-    g = muladd(g, t, 0.0020077011061298985)
-    g = muladd(g, t, 0.002563946969314958)
-    g = muladd(g, t, -0.02380151856989787)
-    g = muladd(g, t, 0.06829577333400563)
-    g = muladd(g, t, -0.119270245313475)
-    g = muladd(g, t, 0.12964648334583975)
-    g = muladd(g, t, -0.04756244185583042)
-    g = muladd(g, t, -0.13562114245661386)
-    g = muladd(g, t, 1.253008059516892)
-    return _exp_f64(-(a * a)) * g / (1.0 + a + a)
+def _split_f32(x):
+    # x = hi + lo with 12-bit halves (Veltkamp), so products of halves are exact without FMA
+    # (x86-64-v2 has none); |x| < 2**114
+    c = x * _F(4097.0)
+    hi = c - (c - x)
+    return hi, x - hi
 """,
-    "erf_f32": """
+    "_erf_poly_f32": """
 @njit
-def erf_f32(x):
-    # |x| < 0.75: x + x P(x*x) (minimax, float32); otherwise 1 - erfc(|x|) in float64, signed
-    z = x * x
+def _erf_poly_f32(z):
+    # erf(x) = x + x P(x*x) on |x| < 0.75 (minimax, float32)
     p = muladd(_F(-0.0006749479798600078), z, _F(0.005114341154694557))
     p = muladd(p, z, _F(-0.026834622025489807))
     p = muladd(p, z, _F(0.11283376812934875))
     p = muladd(p, z, _F(-0.3761261999607086))
-    p = muladd(p, z, _F(0.12837916612625122))
-    q = np.float32(1.0 - _erfc_abs_f64(x))
-    q = q if x > _F(0.0) else -q
-    y = muladd(p, x, x) if abs(x) < _F(0.75) else q
-    return y if x == x else x
+    return muladd(p, z, _F(0.12837916612625122))
 """,
-    "gelu_f32": """
+    "_erfc_parts_f32": """
 @njit
-def gelu_f32(x):
-    # 0.5 x erfc(-x / sqrt 2) in float64, rounded once: the argument is good to 2**-53 (in float32
-    # its rounding, amplified 2u**2-fold by erfc, costs ~100 ULP in the tail); erfc(u) < 2**-160
-    # beyond u = 10.5, where the result is below float32's smallest subnormal
-    xd = np.float64(x)
-    u = xd * -0.7071067811865476
-    e = _erfc_abs_f64(u)
-    e = e if u >= 0.0 else 2.0 - e
-    e = e if u < 10.5 else 0.0
-    y = np.float32(0.5 * xd * e)
+def _erfc_parts_f32(a, d):
+    # The pieces of erfc(a + d) = e**-(a + d)**2 erfcx(a + d) for 0.75 <= a <= 10.5 and
+    # |d| <= ulp(a) (the rounding error of a computed argument). e**-(a + d)**2 = 2**n (1 + r + e):
+    # (a + d)**2 exact to 2**-48 (Veltkamp products) folded into r (Cody-Waite). erfcx: for
+    # a < 1.5 (`near`) C + v P(v), v = a - 1.130859375 + d, C = erfcx(1.130859375); otherwise
+    # z (Q0 + w G(w)), z = 1/a, w = z - 0.3896484375, Q0 = Q(0.3896484375), with the residual
+    # k = 1 - z (a + d). Minimax fits, 2**-30 and 2**-29.7 relative; the centres make C and Q0
+    # float32 numbers to 2**-32, so only the smaller parts v P and w G are rounded.
+    ah, al = _split_f32(a)
+    s = a * a
+    t = (((ah * ah - s) + (ah + ah) * al) + al * al) + (a + a) * d
+    n = np.rint(s * _F(-1.4426950408889634))
+    r = muladd(n, _F(-1.428606765330187e-06), muladd(n, _F(-0.693145751953125), -s)) - t
+    v = (a - _F(1.130859375)) + d
+    p = muladd(_F(0.0007605924620293081), v, _F(-0.001967379590496421))
+    p = muladd(p, v, _F(0.0048576113767921925))
+    p = muladd(p, v, _F(-0.012054133228957653))
+    p = muladd(p, v, _F(0.028264658525586128))
+    p = muladd(p, v, _F(-0.06212792173027992))
+    p = muladd(p, v, _F(0.1267843246459961))
+    p = muladd(p, v, _F(-0.23656630516052246)) * v
+    near = a < _F(1.5)
+    z = _F(1.0) / (_F(1.5) if near else a)
+    zh, zl = _split_f32(z)
+    k = ((((_F(1.0) - zh * ah) - zh * al) - zl * ah) - zl * al) - z * d
+    w = z - _F(0.3896484375)
+    g = muladd(_F(-0.5525282025337219), w, _F(0.23406699299812317))
+    g = muladd(g, w, _F(0.16495180130004883))
+    g = muladd(g, w, _F(-0.24897339940071106))
+    g = muladd(g, w, _F(0.17036345601081848))
+    g = muladd(g, w, _F(-0.021337004378437996))
+    g = muladd(g, w, _F(-0.11843745410442352))
+    g = muladd(g, w, _F(0.17038054764270782))
+    g = muladd(g, w, _F(-0.08440069854259491))
+    g = muladd(g, w, _F(-0.15416935086250305)) * w
+    return n, r, _expr_f32(r), near, p, z, zh, zl, k, g
+""",
+    "_erfc_join_f32": """
+@njit
+def _erfc_join_f32(hi, lo, n, r, e):
+    # 2**n (hi + lo) (1 + r + e), rounded once but for the smaller terms (|lo| < |hi| / 4)
+    b = muladd(hi, r, muladd(hi, e, muladd(lo, r + e, lo)))
+    return f32_ldexp(hi + b, n)
+""",
+    "_erfc_big_f32": """
+@njit
+def _erfc_big_f32(a):
+    # erfc(a) for a >= 0.75 (~1.5 ULP); beyond 10.0546875 (clamped) it rounds to 0
+    a = a if a < _F(10.0546875) else _F(10.0546875)
+    n, r, e, near, p, z, zh, zl, k, g = _erfc_parts_f32(a, _F(0.0))
+    hi = z * _F(0.5286206603050232)
+    lo = (((zh * _F(0.528564453125) - hi) + zh * _F(5.620718002319336e-05)) +
+          zl * _F(0.528564453125)) + zl * _F(5.620718002319336e-05)
+    lo = muladd(z, g, lo)
+    e = e + (_F(0.0) if near else muladd(k, r, k))
+    return _erfc_join_f32(_F(0.39430758357048035) if near else hi, p if near else lo, n, r, e)
+""",
+    "erf_f32": """
+@njit
+def erf_f32(x):
+    # |x| < 0.75: x + x P(x*x); otherwise 1 - erfc(|x|), signed
+    a = abs(x)
+    q = _F(1.0) - _erfc_big_f32(a)
+    q = q if x > _F(0.0) else -q
+    y = muladd(_erf_poly_f32(x * x), x, x) if a < _F(0.75) else q
     return y if x == x else x
 """,
     "erfc_f32": """
 @njit
 def erfc_f32(x):
-    e = _erfc_abs_f64(x)
-    y = np.float32(e if x >= _F(0.0) else 2.0 - e)
+    # |x| < 0.75: c + (cl - x P(x*x)) with c + cl = 1 - x exactly (Fast2Sum); otherwise
+    # erfc(|x|), or 2 minus it for x < 0
+    a = abs(x)
+    e = _erfc_big_f32(a)
+    e = e if x > _F(0.0) else _F(2.0) - e
+    c = _F(1.0) - x
+    y = c + (((_F(1.0) - c) - x) - x * _erf_poly_f32(x * x)) if a < _F(0.75) else e
     return y if x == x else x
+""",
+    "gelu_f32": """
+@njit
+def gelu_f32(x):
+    # x/2 erfc(u), u = -x / sqrt 2 = h + l: l is h's rounding error (Veltkamp products), passed
+    # on to erfc, whose condition 2u**2 would amplify it ~200-fold in the tail. |u| < 0.75:
+    # x/2 c + x/2 (cl - h P(h*h) - 2 / sqrt(pi) l), c + cl = 1 - h exactly. Otherwise
+    # t = -|x|/2 erfc(|u|) and the result is t (x < 0) or x + t: for |u| < 1.5, -|x|/2 C exact
+    # as a pair; beyond, -|x|/2 z = -(1 - k) / sqrt 2, so t = -(Q0 + w G) / sqrt 2 e**-u**2
+    # (-Q0 / sqrt 2 as a pair); |u| > 10.5 (clamped) rounds to -0. Within 2 ULP.
+    h = x * _F(-0.7071067690849304)
+    xh, xl = _split_f32(x)
+    l = ((xh * _F(-0.70703125) - h) + xh * _F(-7.551908493041992e-05)) + xl * _F(-0.70703125)
+    l = (l + xl * _F(-7.551908493041992e-05)) + x * _F(-1.2101617e-08)
+    hx = _F(0.5) * x
+    b = muladd(h, _erf_poly_f32(h * h), l * _F(1.128379225730896))
+    c = _F(1.0) - h
+    small = muladd(hx, c, hx * (((_F(1.0) - c) - h) - b))
+    a = abs(h)
+    clamp = a >= _F(10.5)
+    n, r, e, near, p, z, zh, zl, k, g = _erfc_parts_f32(
+        _F(10.5) if clamp else a, _F(0.0) if clamp else (l if h > _F(0.0) else -l))
+    sh = xh * _F(-0.5) if x > _F(0.0) else xh * _F(0.5)     # -|x|/2 = sh + sl
+    sl = xl * _F(-0.5) if x > _F(0.0) else xl * _F(0.5)
+    s = sh + sl
+    hi = s * _F(0.39430758357048035)
+    lo = ((sh * _F(0.394287109375) - hi) + s * _F(2.047419548034668e-05)) + sl * _F(0.394287109375)
+    lo = muladd(s, p, lo)
+    t = _erfc_join_f32(hi if near else _F(-0.37379124760627747),
+                       lo if near else muladd(_F(-0.7071067690849304), g,
+                                              _F(-5.992652152286837e-09)), n, r, e)
+    y = small if a < _F(0.75) else (t if x < _F(0.0) else x + t)
+    y = x if x > _F(10.0) else y
+    y = y if x > _F(-np.inf) else _F(np.nan)
+    return y if abs(x) > _F(0.0) else x
 """,
     "_reduce_pio2_f64": """
 _TWO_OVER_PI = 0xA2F9836E4E441529FC2757D1F534DDC0DB6295993C439041FE5163ABDEBBC561  # 2/pi * 2**256
@@ -832,7 +912,8 @@ def _render_rows(r: NumbaRenderer, ks: KernelSource, fn: str) -> list[str]:
     assigns to [start, stop), one sweep over the row per pass accumulating its reductions, the
     pass's row values, the row outputs (stored once), then a sweep computing and storing the
     full outputs. Uniform nodes are computed once per call. Costly values of the last pass that
-    the final sweep needs (`_kept`) are kept in row scratch buffers for rows that fit."""
+    the final sweep needs (`_kept`) are kept for the final sweep: in the row of the output that
+    holds them (`_held_in_output`, any N), else in row scratch buffers for rows that fit."""
     k, rank = ks.kernel, ks.rank
     n_in, size = len(k.in_dtypes), f"n{rank - 1}"
     sch = schedule(k)
@@ -846,8 +927,10 @@ def _render_rows(r: NumbaRenderer, ks: KernelSource, fn: str) -> list[str]:
             if n.op == "rsum" and n.dtype.is_float:
                 lines.append(f"    stk{i} = cascade_stack({r.type_name(n.dtype)}(0))")
     keep = _kept(k, sch)
-    for i in keep:
-        lines.append(f"    sc{i} = row_scratch({r.type_name(k.nodes[i].dtype.compute)}(0))")
+    held = _held_in_output(k, sch, keep)
+    if held is None:
+        for i in keep:
+            lines.append(f"    sc{i} = row_scratch({r.type_name(k.nodes[i].dtype.compute)}(0))")
     lines.append(f"    w = {size} if {size} > 1 else 1")
     lines += [f"    {b}" for b in r.render_nodes(k, sch.hoisted)]
     lines.append("    for row in range((start + w - 1) // w, (stop + w - 1) // w):")
@@ -861,24 +944,31 @@ def _render_rows(r: NumbaRenderer, ks: KernelSource, fn: str) -> list[str]:
               for o, out in enumerate(k.outputs) if not out.row for j, part in enumerate(out.parts)]
 
     def tail(keep: tuple[int, ...]) -> list[str]:
+        if held is None:
+            put = [f"sc_st_{k.nodes[i].dtype.compute.short}(sc{i}, j, v{i})" for i in keep]
+            loads = [f"v{i} = sc_ld_{k.nodes[i].dtype.compute.short}(sc{i}, j)" for i in keep]
+        else:
+            at, short = index(n_in + held), k.outputs[held].dtype.short
+            put = [f"st_{short}(q{held}_0, {at}, v{keep[0]})"]
+            loads = [f"v{keep[0]} = ldb_{short}(q{held}_0, {at})"]
         out = []
         if sch.passes:
-            out += _sweep(r, k, sch.passes[-1], size, keep, _prefetches(r, ks, inner))
+            out += _sweep(r, k, sch.passes[-1], size, put if keep else [],
+                          _prefetches(r, ks, inner))
             out += [f"        {b}" for b in r.render_nodes(k, sch.passes[-1].after)]
         out += row_stores
         if stores:
-            loads = [f"v{i} = sc_ld_{k.nodes[i].dtype.compute.short}(sc{i}, j)" for i in keep]
             out.append(f"        for j in range({size}):")
             out += [f"            {b}" for b in loads +
                     _elements(r, k, _needed_without(k, sch, keep), size) + stores]
         return out
-    if keep:
+    if keep and held is None:
         lines.append(f"        if {size} <= SCRATCH:")
         lines += [f"    {b}" for b in tail(keep)]
         lines.append("        else:")
         lines += [f"    {b}" for b in tail(())]
     else:
-        lines += tail(())
+        lines += tail(keep)
     return lines
 
 
@@ -933,6 +1023,17 @@ def _costly(k: Kernel, i: int, within: set[int]) -> bool:
     return False
 
 
+def _held_in_output(k: Kernel, sch: Schedule, keep: tuple[int, ...]) -> int | None:
+    """The full output whose row can hold the one kept value until the final sweep reads it
+    back (in its dtype: float32 or float64), when that sweep needs nothing else from memory (it
+    may then run in place: the output may be the input)."""
+    if len(keep) != 1 or any(k.nodes[i].op in ("load", "rand")
+                             for i in _needed_without(k, sch, keep)):
+        return None
+    return next((o for o, out in enumerate(k.outputs) if not out.row and not out.cat
+                 and out.dtype == k.nodes[keep[0]].dtype.compute), None)
+
+
 def _needed_without(k: Kernel, sch: Schedule, keep: tuple[int, ...]) -> tuple[int, ...]:
     """The final sweep's nodes that the full outputs need when the `keep` values are read back."""
     final, seen = set(sch.final), set()
@@ -953,12 +1054,12 @@ def _elements(r: NumbaRenderer, k: Kernel, ids: tuple[int, ...], size: str) -> l
     return head + r.render_nodes(k, ids)
 
 
-def _sweep(r: NumbaRenderer, k: Kernel, p: Pass, size: str, keep: tuple[int, ...] = (),
+def _sweep(r: NumbaRenderer, k: Kernel, p: Pass, size: str, put: list[str] = (),
            hints: list[str] = ()) -> list[str]:
     """One pass over the row accumulating the reductions `p.reds`: float sums per block of
     BLOCK elements, combined pairwise; max/min (NaN-propagating) and integer sums across the
-    row. Empty rows: sums 0, float max/min NaN, integer max/min 0. The values `keep` are
-    stored in their row scratch buffers; the lines `hints` run after each block."""
+    row. Empty rows: sums 0, float max/min NaN, integer max/min 0. The lines `put` (stores of
+    kept values) run per element, the lines `hints` after each block."""
     sums, others = [], []
     for i in p.reds:
         n = k.nodes[i]
@@ -981,8 +1082,7 @@ def _sweep(r: NumbaRenderer, k: Kernel, p: Pass, size: str, keep: tuple[int, ...
         init.append(f"a{i} = {T}({start})")
         step.append(f"a{i} = acc_{n.op[1:]}(a{i}, {x})")
         done.append(f"v{i} = select({size} > 0, a{i}, {T}({empty}))")
-    body = _elements(r, k, p.elem, size) + \
-        [f"sc_st_{k.nodes[i].dtype.compute.short}(sc{i}, j, v{i})" for i in keep]
+    body = _elements(r, k, p.elem, size) + list(put)
     out = [f"        {b}" for b in init]
     if not sums:
         out.append(f"        for j in range({size}):")

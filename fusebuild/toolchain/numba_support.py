@@ -1,7 +1,8 @@
 """Memory-access and bit-cast intrinsics that generated numba source imports.
 
 Kernels receive raw addresses as int64; these intrinsics turn them into typed loads and stores
-(`ld_f32(addr, index)`, `st_f32(addr, index, value)`), prefetch hints (`pf_f32(addr, index)`) and
+(`ld_f32(addr, index)`, `st_f32(addr, index, value)`; `ldb_f32` reads back what a kernel
+stored in an output), prefetch hints (`pf_f32(addr, index)`) and
 reinterpret bits (`f32_from_bits`).
 Loads are marked as not aliasing stores: the runtime never passes overlapping inputs and outputs,
 and this lets LLVM vectorize loops with many operands without run-time alias checks.
@@ -55,15 +56,17 @@ def _all_scopes(builder):
     return cached
 
 
-def _make_load(nb_type, ll_type):
+def _make_load(nb_type, ll_type, back: bool = False):
+    """A load of a kernel input; `back`: of a value the kernel stored in an output (it may
+    alias the stores, never the inputs)."""
     @intrinsic
     def load(typingctx, addr, index):
         def codegen(context, builder, sig, args):
             ptr = builder.gep(builder.inttoptr(args[0], ll_type.as_pointer()), [args[1]])
             inst = builder.load(ptr)
             loads, stores = _scopes(builder)
-            inst.set_metadata("alias.scope", loads)
-            inst.set_metadata("noalias", stores)
+            inst.set_metadata("alias.scope", stores if back else loads)
+            inst.set_metadata("noalias", loads if back else stores)
             return inst
         return nb_type(types.int64, types.int64), codegen
     return load
@@ -417,6 +420,8 @@ for _name, (_nb, _ll) in _STORAGE.items():
     globals()[f"ld_{_name}"] = _make_load(_nb, _ll)
     globals()[f"st_{_name}"] = _make_store(_nb, _ll)
     globals()[f"pf_{_name}"] = _make_prefetch(_ll)
+ldb_f32 = _make_load(types.float32, ir.FloatType(), back=True)
+ldb_f64 = _make_load(types.float64, ir.DoubleType(), back=True)
 
 f32_from_bits = _make_bitcast(types.uint32, types.float32)
 bits_from_f32 = _make_bitcast(types.float32, types.uint32)
@@ -428,4 +433,5 @@ __all__ = [f"{op}_{n}" for n in _STORAGE for op in ("ld", "st", "pf")] + [
     "f32_exponent", "f32_significand", "f64_pow2", "muladd", "bf16_bits", "bf16_value",
     "f16_bits", "f16_value", "select", "acc_add", "acc_max", "acc_min", "cascade_stack",
     "cascade_push_f32", "cascade_total_f32", "cascade_push_f64", "cascade_total_f64",
-    "SCRATCH", "row_scratch", "sc_ld_f32", "sc_st_f32", "sc_ld_f64", "sc_st_f64"]
+    "SCRATCH", "row_scratch", "sc_ld_f32", "sc_st_f32", "sc_ld_f64", "sc_st_f64", "ldb_f32",
+    "ldb_f64"]
