@@ -475,8 +475,15 @@ from fusebuild import runtime
 b = runtime.load({bundle_path!r})
 b.two_out(np.ones(3, np.float32), np.ones(3, np.float32))
 assert "torch" not in sys.modules, "runtime.load and a numpy call imported torch"
-b.torch_library("hygiene")
+ops = b.torch_library("hygiene")
 assert "torch" in sys.modules
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+ops.two_out(torch.ones(3), torch.ones(3))
+with FakeTensorMode():
+    ops.two_out(torch.empty(3), torch.empty(3))
+bad = [m for m in ("fusebuild.ir", "fusebuild.syntax") if m in sys.modules]
+assert not bad, f"registering, calling and tracing torch ops imported {{bad}}"
 print("ok")
 """
     env = {**os.environ, "PYTHONPATH": ROOT}
