@@ -196,14 +196,24 @@ static fb_status broadcast(const fb_group_info *g, const view *views, int64_t *s
     return FB_OK;
 }
 
-/* C-contiguous element strides of shape[0..rank) into strides; 0 if a partial product passes
-   int64 (a zero size makes the product 0, not smaller partial products). */
+/* Whether the sizes shape[0..rank) other than 0 multiply to an int64 (then so do the sizes
+   and strides canonicalize and contiguous make of them). */
+static int counts(const int64_t *shape, int32_t rank)
+{
+    int64_t n = 1;
+    for (int32_t i = 0; i < rank; i++)
+        if (shape[i] && __builtin_mul_overflow(n, shape[i], &n))
+            return 0;
+    return 1;
+}
+
+/* C-contiguous element strides of shape[0..rank) into strides; 0 if a stride passes int64. */
 static int contiguous(const int64_t *shape, int32_t rank, int64_t *strides)
 {
     int64_t acc = 1;
     for (int32_t i = rank - 1; i >= 0; i--) {
         strides[i] = acc;
-        if (__builtin_mul_overflow(acc, shape[i], &acc))
+        if (i && __builtin_mul_overflow(acc, shape[i], &acc))
             return 0;
     }
     return 1;
@@ -247,7 +257,7 @@ static fb_status output_strides(const fb_group_info *g, int32_t k, const int64_t
         if (__builtin_mul_overflow(full[axis], (int64_t)g->cats[k].n, &full[axis]))
             goto big;
     }
-    if (contiguous(full, rank, out))
+    if (counts(full, rank) && contiguous(full, rank, out))
         return FB_OK;
 big:
     return fb_fail(FB_E_SHAPE, "output %d of %s would have more elements than int64 counts",
@@ -269,7 +279,7 @@ static int32_t canonicalize(int64_t *shape, int32_t rank, int64_t (*ops)[FB_MAX_
             merge = !__builtin_mul_overflow(ops[k][i], shape[i], &p) && p == ops[k][m - 1];
         }
         if (merge) {
-            shape[m - 1] *= shape[i];     /* no overflow: output_strides counted these */
+            shape[m - 1] *= shape[i];     /* no overflow: fb_argspec_key counted them */
             for (int32_t k = 0; k < n_ops; k++)
                 ops[k][m - 1] = ops[k][i];
             continue;
@@ -302,6 +312,9 @@ fb_status fb_argspec_key(const fb_group_info *g, const DLTensor *const *inputs,
     if (g->reduces && !rank)
         return fb_fail(FB_E_SHAPE, "%s reduces over the last dim: its inputs need rank >= 1 (got "
                        "only 0-d tensors)", g->name);
+    if (!counts(shape, rank))
+        return fb_fail(FB_E_SHAPE, "inputs of %s broadcast to more elements than int64 counts",
+                       g->name);
     for (int32_t k = 0; k < g->n_outputs; k++)
         if ((st = output_strides(g, k, shape, rank, ops[n_inputs + k])))
             return st;
