@@ -75,7 +75,8 @@ class Tensors:
     """DLTensors of numpy arrays: numpy's own DLPack export where numpy has one (so the C side
     reads a real producer's structs), else built here (bfloat16, with NULL strides when the
     strides are exactly C-contiguous ones: numpy's flag and numpy's own strides of empty
-    arrays differ from those, and the key tells them apart). Keeps everything alive while the object lives."""
+    arrays differ from those, and the key tells them apart). `Tensors(arrays).array` is the
+    `const DLTensor *const *` to pass; it keeps the structs alive."""
 
     def __init__(self, arrays):
         self.keep, ptrs = [], []
@@ -95,19 +96,23 @@ class Tensors:
             self.keep += [shape, strides, t]
             ptrs.append(ctypes.addressof(t))
         self.array = (ctypes.c_void_p * max(1, len(ptrs)))(*ptrs)
+        self.array._keep = self.keep
 
 
-def c_group(name, names, chunks, cats, rows, reduces):
+def c_group(name, names, chunks, cats, rows, reduces) -> GroupInfo:
+    """The fb_group_info of a group (it keeps its arrays alive)."""
     def splits(xs):
         return (Split * max(1, len(xs)))(*[Split(*(x or (0, 0))) for x in xs])
     arrays = [(ctypes.c_char_p * max(1, len(names)))(*[n.encode() for n in names]),
               splits(chunks), splits(cats), (ctypes.c_uint8 * max(1, len(rows)))(*rows)]
     g = GroupInfo(ctypes.sizeof(GroupInfo), name.encode(), len(names), arrays[0], arrays[1],
                   len(cats), arrays[2], arrays[3], int(reduces))
-    return g, arrays
+    g._keep = arrays
+    return g
 
 
-def c_key(lib, g, tensors, n):
+def c_key(lib, g, tensors, n) -> tuple[int, str]:
+    """(status, the key or the error message)."""
     key, length = ctypes.create_string_buffer(512), ctypes.c_size_t(0)
     status = lib.fb_argspec_key(ctypes.byref(g), tensors.array, n, key, len(key),
                                 ctypes.byref(length))
@@ -117,7 +122,8 @@ def c_key(lib, g, tensors, n):
     return status, text
 
 
-def python_key(name, names, chunks, cats, rows, reduces, arrays):
+def python_key(name, names, chunks, cats, rows, reduces, arrays) -> str:
+    """The Python runtime's key of the same call (its GroupInfo built as from a manifest)."""
     info = dispatch.GroupInfo(name, tuple((n, "tensor", None) for n in names), tuple(chunks),
                               tuple((f"y{k}", cat) for k, cat in enumerate(cats)), False, "",
                               reduces, tuple(rows))
@@ -189,7 +195,7 @@ def test_c_key_equals_python_key(lib, r):
     cat and row outputs, reductions, dtypes): the same key, or both refuse the call (the C
     message of a shape error is Python's)."""
     name, names, chunks, cats, rows, reduces, arrays = random_call(r)
-    g, keep = c_group(name, names, chunks, cats, rows, reduces)
+    g = c_group(name, names, chunks, cats, rows, reduces)
     status, text = c_key(lib, g, Tensors(arrays), len(arrays))
     try:
         want = python_key(name, names, chunks, cats, rows, reduces, arrays)
@@ -206,14 +212,14 @@ def test_c_key_equals_python_key(lib, r):
 def test_key_examples(lib):
     """DESIGN §2 and §8's own examples, and a key too long for the buffer."""
     x, b = np.zeros((4, 8), np.float32), np.zeros(8, np.float32)
-    g, keep = c_group("bias_gelu", ["x", "bias"], [None, None], [None], [False], False)
+    g = c_group("bias_gelu", ["x", "bias"], [None, None], [None], [False], False)
     assert c_key(lib, g, Tensors([x, b]), 2) == (FB_OK, "bias_gelu(f32:cc,f32:bc)")
     gates = np.zeros((3, 64), np.float32)
-    g2, keep2 = c_group("lstm_cell", ["gates", "cx"], [(4, 1), None], [None, None], [False] * 2,
+    g2 = c_group("lstm_cell", ["gates", "cx"], [(4, 1), None], [None, None], [False] * 2,
                         False)
     assert c_key(lib, g2, Tensors([gates, np.zeros((3, 16), np.float32)]), 2) \
         == (FB_OK, "lstm_cell(f32:sc,f32:cc)")
-    g3, keep3 = c_group("rms_norm", ["x", "w"], [None, None], [None], [False], True)
+    g3 = c_group("rms_norm", ["x", "w"], [None, None], [None], [False], True)
     assert c_key(lib, g3, Tensors([np.zeros((2, 3, 5), np.float32), np.zeros(5, np.float32)]),
                  2) == (FB_OK, "rms_norm(f32:cc,f32:bc)")
     length, tensors = ctypes.c_size_t(0), Tensors([x, b])
@@ -225,14 +231,17 @@ def test_key_examples(lib):
 
 
 def test_bad_input_is_a_status_with_a_message(lib):
+    """NULL pointers, wrong counts, dtypes fusebuild has no kernels for, DLPack vectors, a
+    struct from an older header, a malformed group: each a status and a message."""
     x = np.zeros((4, 8), np.float32)
-    g, keep = c_group("bias_gelu", ["x", "bias"], [None, None], [None], [False], False)
+    g = c_group("bias_gelu", ["x", "bias"], [None, None], [None], [False], False)
     key = ctypes.create_string_buffer(64)
 
     def status(group, tensors, n):
         return lib.fb_argspec_key(group, tensors, n, key, len(key), None), lib.fb_last_error()
 
-    assert status(None, Tensors([x, x]).array, 2) == (FB_E_ARGUMENT, b"fb_argspec_key: group is NULL")
+    assert status(None, Tensors([x, x]).array, 2) == (FB_E_ARGUMENT,
+                                                      b"fb_argspec_key: group is NULL")
     assert status(ctypes.byref(g), None, 2) == (
         FB_E_ARGUMENT, b"bias_gelu takes 2 tensor inputs, got 2 (inputs is NULL)")
     assert status(ctypes.byref(g), Tensors([x]).array, 1)[0] == FB_E_ARGUMENT
@@ -246,6 +255,7 @@ def test_bad_input_is_a_status_with_a_message(lib):
     ctypes.cast(lanes.array[1], ctypes.POINTER(DLTensor)).contents.dtype.lanes = 4
     assert status(ctypes.byref(g), lanes.array, 2)[0] == FB_E_DTYPE
     small = GroupInfo.from_buffer_copy(g)
+    small._keep = g._keep
     small.struct_size = 8
     assert status(ctypes.byref(small), Tensors([x, x]).array, 2)[0] == FB_E_ARGUMENT
     small.struct_size, small.name = ctypes.sizeof(GroupInfo), b"bias-gelu"
@@ -254,6 +264,7 @@ def test_bad_input_is_a_status_with_a_message(lib):
 
 
 def test_last_error_is_per_thread(lib):
+    """Another thread does not see this thread's error."""
     assert lib.fb_argspec_key(None, None, 0, None, 0, None) == FB_E_ARGUMENT
     seen = []
     t = threading.Thread(target=lambda: seen.append(lib.fb_last_error()))
@@ -263,6 +274,7 @@ def test_last_error_is_per_thread(lib):
 
 
 def test_library_links_only_libc(lib):
+    """No Python, numpy or C++ runtime in the library; only the header's functions exported."""
     assert lib.fb_abi_version() >> 16 == 0
     out = subprocess.run(["readelf", "-d", c_runtime.library_path()], capture_output=True,
                          text=True, check=True).stdout
@@ -276,6 +288,8 @@ def test_library_links_only_libc(lib):
 
 
 def test_where_it_is():
+    """python -m fusebuild.c_runtime prints the header's folder and the library; no flag is a
+    usage error (exit 2), not a traceback."""
     run = subprocess.run([sys.executable, "-m", "fusebuild.c_runtime", "--include", "--lib"],
                          capture_output=True, text=True, check=True)
     include, library = run.stdout.split()
@@ -374,6 +388,7 @@ supported: bool, int8, int16, int32, int64, uint8, float16, bfloat16, float32, f
 
 
 def _compile_and_run(tmp_path, compiler: list[str], name: str, sources: list[str]) -> str:
+    """Build `name` from `sources` with `compiler` and the header, run it, give its stdout."""
     exe = str(tmp_path / name)
     subprocess.run(compiler + [f"-I{c_runtime.include_dir()}"] + sources + ["-o", exe],
                    check=True, capture_output=True, text=True)

@@ -39,7 +39,8 @@ static void add(text *t, const char *format, ...)
         t->len += (size_t)n;
 }
 
-/* One tensor input as the key sees it: its chunk view's sizes are shape[i] / (i == axis ? n : 1). */
+/* One tensor input as the key sees it: the sizes of its chunk view are
+   shape[i] / (i == axis ? n : 1). */
 typedef struct {
     const DLTensor *t;
     const char *short_name;
@@ -59,8 +60,7 @@ static const char *input_name(const fb_group_info *g, int32_t j, char *buf, size
     return buf;
 }
 
-/* Python's repr of a shape: `open` "[" or "(", sizes joined by ", ", "," after a lone size
-   of a tuple. */
+/* Python's repr of a view's shape, as a list or (`tuple`) a tuple: [4, 8], (4, 8), (8,). */
 static void add_shape(text *t, const view *v, int tuple)
 {
     add(t, tuple ? "(" : "[");
