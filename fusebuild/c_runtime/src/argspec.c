@@ -241,7 +241,9 @@ static fb_status output_strides(const fb_group_info *g, int32_t k, const int64_t
 {
     int64_t full[FB_MAX_RANK];
     memcpy(full, shape, (size_t)rank * sizeof *full);
-    if (g->row_outputs && g->row_outputs[k] && rank) {
+    if (g->row_outputs && g->row_outputs[k]) {
+        if (!rank)            /* only a group that does not reduce: no dims, no strides */
+            return FB_OK;
         full[rank - 1] = 1;
         if (!contiguous(full, rank, out))
             goto big;
