@@ -45,6 +45,13 @@ KNOWN = {
                                "ptxas heuristic, not register pressure",
                                lambda key: "u8:c" in key or "i8:c" in key)
        for op in ("clamp", "clamp_min", "max", "min", "relu6")},
+    **{("spills", f"op_{op}"): ("ptxas of NVRTC 13.5 spills 4-16 B (8 B of stack) in the float64 "
+                               "row reductions of log_softmax (sm_90, 40 registers) and "
+                               "logsumexp (sm_120, 48) under __launch_bounds__(1024, 1), far "
+                               "under its 64-register limit: since log_softmax shares "
+                               "logsumexp's shift (one exp per element)",
+                               lambda key: "f64" in key)
+       for op in ("log_softmax", "logsumexp")},
     **{("occupancy", g): ("the float16/bfloat16 kernels with outer-strided operands ('sc') hold "
                           "8 elements per thread of the fused gradient: 66-80 registers, 38-44% "
                           "occupancy; capping them at 64 (__launch_bounds__(128, 8)) spills "
