@@ -24,16 +24,9 @@ ARCHS = ("sm_80", "sm_90", "sm_100", "sm_120")
 # Kernels that fail a check for a known defect: (check, group) -> (the defect, which of the
 # group's keys it concerns). Each is a strict xfail (once fixed it fails the run: remove the entry).
 KNOWN = {
-    **{("fp64", f"op_{op}"): (f"libdevice {op}f: its Payne-Hanek reduction of arguments of "
-                             "magnitude >= 105615 converts the 64-bit fixed-point result with "
-                             "I2F.F64.S64, DMUL and F2F.F32.F64 (a path run only for such "
-                             "arguments); a float32 reduction is to be written",
-                             lambda key: True)
-       for op in ("sin", "cos", "tan")},
-    **{("spills", f"op_{op}"): (f"libdevice {op}/{op}f: the Payne-Hanek reduction of huge "
-                               "arguments keeps its product with 2/pi in a local array (float64, "
-                               "every arch: 40 B of stack; float32 on sm_100/sm_120: 56 B, "
-                               "280-504 B of STL/LDL)", lambda key: True)
+    **{("spills", f"op_{op}"): (f"libdevice {op}: the Payne-Hanek reduction of huge float64 "
+                               "arguments keeps its product with 2/pi in a local array (every "
+                               "arch: 40 B of stack)", lambda key: "f64" in key)
        for op in ("sin", "cos", "tan")},
     **{("spills", f"op_{op}"): ("ptxas of NVRTC 13.5 for sm_100/sm_120 spills (SpillRefill, "
                                "8-152 B) in the 8-bit integer select kernels (16 lanes of byte "
