@@ -129,6 +129,41 @@ __device__ __forceinline__ void fb_store(T* p, const fb_vec<T, V>& x) {{
 #endif
   *reinterpret_cast<fb_vec<T, V>*>(p) = x;
 }}
+// 8-bit lanes of vectors go through 32-bit words: element j is extracted where it is used, as
+// a 32-bit value (PTX bfe; else NVVM unpacks every byte of a vector after its load into 16-bit
+// registers and keeps them all live), and results are or-ed into words; so ptxas of NVRTC 13.5
+// does not spill on sm_100/sm_120
+template <typename T, int V>
+__device__ __forceinline__ auto fb_get(const fb_vec<T, V>& x, int j) {{
+  if constexpr (sizeof(T) == 1 && V % 4 == 0) {{
+    unsigned w[V / 4], b;
+    memcpy(w, &x, V);
+#ifdef __CUDA_ARCH__
+    asm("bfe.u32 %0, %1, %2, 8;" : "=r"(b) : "r"(w[j >> 2]), "r"(8 * (j & 3)));
+#else
+    b = (w[j >> 2] >> (8 * (j & 3))) & 0xffu;
+#endif
+    return b;
+  }} else {{
+    return x.v[j];
+  }}
+}}
+template <typename T, int V, bool W = sizeof(T) == 1 && V % 4 == 0> struct fb_out {{
+  fb_vec<T, V> x;
+  __device__ __forceinline__ void set(int j, T v) {{ x.v[j] = v; }}
+  __device__ __forceinline__ const fb_vec<T, V>& vec() const {{ return x; }}
+}};
+template <typename T, int V> struct fb_out<T, V, true> {{
+  unsigned w[V / 4] = {{}};
+  __device__ __forceinline__ void set(int j, T v) {{
+    w[j >> 2] |= (unsigned)(unsigned char)v << (8 * (j & 3));
+  }}
+  __device__ __forceinline__ fb_vec<T, V> vec() const {{
+    fb_vec<T, V> x;
+    memcpy(&x, w, V);
+    return x;
+  }}
+}};
 template <typename I> struct fb_unsigned;
 template <> struct fb_unsigned<int> {{ typedef unsigned int type; }};
 template <> struct fb_unsigned<long long> {{ typedef unsigned long long type; }};
@@ -593,7 +628,7 @@ class CudaRenderer(Renderer):
     def load(self, node: Node) -> str:
         pos, k = node.attr
         j = "j" if self.inner[pos] == "c" else "0"
-        value = f"l{pos}_{k}.v[{j}]"
+        value = f"fb_get(l{pos}_{k}, {j})"
         if node.dtype.name in ("float16", "bfloat16"):
             return f"fb_{node.dtype.short}_to_f32({value})"
         if node.dtype.is_bool:
@@ -693,9 +728,10 @@ def _render_kernel(r: CudaRenderer, ks: KernelSource, n: int) -> list[str]:
     for o, out in enumerate(k.outputs):
         S = storage_type(out.dtype)
         for c, part in enumerate(out.parts):
-            lines.append(f"  fb_vec<{S}, V> s{o}_{c};")
-            post.append(f"s{o}_{c}.v[j] = {r.store(f'v{part}', out.dtype)};")
-            stores.append(f"  fb_store<{S}, V>(({S}*)p.ptr[{abi.out_ptr(o, c)}] + q{o}, s{o}_{c});")
+            lines.append(f"  fb_out<{S}, V> s{o}_{c};")
+            post.append(f"s{o}_{c}.set(j, {r.store(f'v{part}', out.dtype)});")
+            stores.append(f"  fb_store<{S}, V>(({S}*)p.ptr[{abi.out_ptr(o, c)}] + q{o}, "
+                          f"s{o}_{c}.vec());")
     lines += ["#pragma unroll", "  for (int j = 0; j < V; ++j) {"]
     lines += [f"    {b}" for b in pre + r.render_nodes(k) + post]
     lines += ["  }"] + stores + ["}", ""]
