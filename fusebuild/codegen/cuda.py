@@ -129,38 +129,45 @@ __device__ __forceinline__ void fb_store(T* p, const fb_vec<T, V>& x) {{
 #endif
   *reinterpret_cast<fb_vec<T, V>*>(p) = x;
 }}
-// 8-bit lanes of vectors go through 32-bit words: element j is extracted where it is used, as
-// a 32-bit value (PTX bfe; else NVVM unpacks every byte of a vector after its load into 16-bit
-// registers and keeps them all live), and results are or-ed into words; so ptxas of NVRTC 13.5
-// does not spill on sm_100/sm_120
+// 8- and 16-bit lanes of vectors go through 32-bit words: element j is extracted where it is
+// used, as a 32-bit value (PTX bfe; else NVVM unpacks every lane of a vector after its load and
+// keeps them all live), and results are or-ed into words; so ptxas of NVRTC 13.5 neither spills
+// (8-bit selects on sm_100/sm_120) nor needs over 64 registers (16-bit RNN gradients)
+template <typename T> struct fb_bits {{ typedef unsigned short type; }};
+template <> struct fb_bits<signed char> {{ typedef unsigned char type; }};
+template <> struct fb_bits<unsigned char> {{ typedef unsigned char type; }};
+template <> struct fb_bits<bool> {{ typedef unsigned char type; }};
+template <typename T, int V> constexpr bool fb_lanes = sizeof(T) <= 2 && V * sizeof(T) % 4 == 0;
 template <typename T, int V>
 __device__ __forceinline__ auto fb_get(const fb_vec<T, V>& x, int j) {{
-  if constexpr (sizeof(T) == 1 && V % 4 == 0) {{
-    unsigned w[V / 4], b;
-    memcpy(w, &x, V);
+  if constexpr (fb_lanes<T, V>) {{
+    constexpr int L = 4 / sizeof(T), B = 8 * sizeof(T);    // lanes per word, bits per lane
+    unsigned w[V / L], b;
+    memcpy(w, &x, sizeof(x));
 #ifdef __CUDA_ARCH__
-    asm("bfe.u32 %0, %1, %2, 8;" : "=r"(b) : "r"(w[j >> 2]), "r"(8 * (j & 3)));
+    asm("bfe.u32 %0, %1, %2, %3;" : "=r"(b) : "r"(w[j / L]), "r"(B * (j % L)), "n"(B));
 #else
-    b = (w[j >> 2] >> (8 * (j & 3))) & 0xffu;
+    b = (w[j / L] >> (B * (j % L))) & ((1u << B) - 1u);
 #endif
     return b;
   }} else {{
     return x.v[j];
   }}
 }}
-template <typename T, int V, bool W = sizeof(T) == 1 && V % 4 == 0> struct fb_out {{
+template <typename T, int V, bool W = fb_lanes<T, V>> struct fb_out {{
   fb_vec<T, V> x;
   __device__ __forceinline__ void set(int j, T v) {{ x.v[j] = v; }}
   __device__ __forceinline__ const fb_vec<T, V>& vec() const {{ return x; }}
 }};
 template <typename T, int V> struct fb_out<T, V, true> {{
-  unsigned w[V / 4] = {{}};
+  static constexpr int L = 4 / sizeof(T);
+  unsigned w[V / L] = {{}};
   __device__ __forceinline__ void set(int j, T v) {{
-    w[j >> 2] |= (unsigned)(unsigned char)v << (8 * (j & 3));
+    w[j / L] |= (unsigned)(typename fb_bits<T>::type)v << (8 * sizeof(T) * (j % L));
   }}
   __device__ __forceinline__ fb_vec<T, V> vec() const {{
     fb_vec<T, V> x;
-    memcpy(&x, w, V);
+    memcpy(&x, w, sizeof(x));
     return x;
   }}
 }};
