@@ -28,12 +28,6 @@ KNOWN = {
                                "arguments keeps its product with 2/pi in a local array (every "
                                "arch: 40 B of stack)", lambda key: "f64" in key)
        for op in ("sin", "cos", "tan")},
-    **{("spills", f"op_{op}"): ("ptxas of NVRTC 13.5 for sm_100/sm_120 spills (SpillRefill, "
-                               "8-152 B) in the 8-bit integer select kernels (16 lanes of byte "
-                               "compares and selects) at 39 registers, far under any limit: a "
-                               "ptxas heuristic, not register pressure",
-                               lambda key: "u8:c" in key or "i8:c" in key)
-       for op in ("clamp", "clamp_min", "max", "min", "relu6")},
     **{("spills", f"op_{op}"): ("ptxas of NVRTC 13.5 for sm_120 spills 4-8 B in the float64 "
                                "row reductions of log_softmax and logsumexp (since the rows "
                                "are held: softmax's spill went, logsumexp's came)",
@@ -43,11 +37,6 @@ KNOWN = {
                                   "kernel at 32 registers and spills 8 B (a ptxas heuristic: "
                                   "the bfloat16 kernel of the same code takes 40 and none)",
                                   lambda key: key == "softmax__grad(f32:cc,f32:cc)"),
-    **{("occupancy", g): ("the float16/bfloat16 kernels with outer-strided operands ('sc') hold "
-                          "8 elements per thread of the fused gradient: 66-80 registers, 38-44% "
-                          "occupancy; capping them at 64 (__launch_bounds__(128, 8)) spills "
-                          "4-100 bytes", lambda key: "16:sc" in key)
-       for g in ("gru_cell__grad", "lstm_cell__grad")},
 }
 
 

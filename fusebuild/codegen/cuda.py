@@ -9,6 +9,8 @@ written once as a template over (index type, V):
     narrower) vector loads of 'c'-inner inputs and vector stores; 'b'-inner inputs are loaded
     once per thread. The host sets it only when the inner extent is a multiple of V and every
     vector access is aligned. Kernels with an 's'-inner input have V = 1 (no vector path).
+    8- and 16-bit elements of a vector are read from its 32-bit words where they are used
+    (`fb_get`) and results or-ed into words (`fb_out`), which keeps ptxas from spilling.
   - flags bit 1: 64-bit indexing; clear, offsets are computed in 32 bits (host: every operand's
     offsets and the element count below 2^31).
 Reduction kernels (DESIGN §8, `Kernel.reduce`) work on whole rows of the last dim, in the order
