@@ -463,16 +463,16 @@ __device__ __forceinline__ void fb_philox(unsigned w[4], unsigned long long inde
 }}
 """
 
-TRIG = r"""// ---- float32 sin, cos and tan without FP64 or local memory (libdevice's sinf/cosf/tanf reduce
-// |x| >= 105615 in float64 through a local array). x = q pi/2 + rh + rl, |rh| <= 0.8, rl a
+TRIG = r"""// ---- float32 sin, cos and tan without FP64 or local memory (libdevice's sinf/cosf/tanf
+// reduce |x| >= 105615 in float64 through a local array). x = q pi/2 + rh + rl, |rh| <= 0.8, rl a
 // float-float tail: for |x| < 105615 by Cody-Waite (pi/2 = c1 + c2 + c3 to 2^-76; x - j c1 is
 // exact, j c2 exact by fma, then one two-sum), beyond by Payne-Hanek in 32-bit integers (the
 // 24-bit mantissa times a 96-bit window of 2/pi read from fb_2_over_pi in constant memory, kept
 // mod 4 to 2^-70, the fraction rounded to 64 bits); then minimax polynomials in r^2 on [-0.8, 0.8]
-// (relative errors 2^-27.7 sin, 2^-32.6 cos, 2^-29.1 tan, coefficients rounded to float32) with
-// the first-order term of rl, and a corrected reciprocal for tan's odd quadrants.
-// Error bound: below 1 ulp of the exact result over the whole float32 range (measured: 0.73 ulp
-// sin, 0.73 cos, 0.75 tan against float64 libm on dense random, random-bit and near-multiple-of-
+// (relative errors about 2^-28 sin, 2^-32 cos, 2^-29 tan, coefficients in float32) with the
+// first-order term of rl, and a corrected reciprocal for tan's odd quadrants.
+// Error bound: below 1 ulp of the exact result over the whole float32 range (measured: 0.72 ulp
+// sin, 0.72 cos, 0.75 tan against float64 libm on dense random, random-bit and near-multiple-of-
 // pi/2 inputs: tests/test_cuda_emulation.py); sin(+-0) = +-0, tan(+-0) = +-0, inf and NaN give NaN.
 __constant__ unsigned fb_2_over_pi[8] = {0x00000000u, 0xa2f9836eu, 0x4e441529u, 0xfc2757d1u,
                                          0xf534ddc0u, 0xdb629599u, 0x3c439041u, 0xfe5163abu};
@@ -505,8 +505,8 @@ __device__ __forceinline__ void fb_reduce_pio2(float x, float& rh, float& rl, in
   const unsigned r0 = __umulhi(m, w1) + m * w0 + (r1 < p1 ? 1u : 0u);
   // the fraction as a signed 64-bit fixed-point number in [-1/2, 1/2), the quadrant rounded
   const unsigned fh = (r0 << 2) | (r1 >> 30), fl = (r1 << 2) | (r2 >> 30);
-  long long f = (long long)(((unsigned long long)fh << 32) | fl);
-  int k = (int)(r0 >> 30) + (int)(fh >> 31);
+  const long long f = (long long)(((unsigned long long)fh << 32) | fl);
+  const int k = (int)(r0 >> 30) + (int)(fh >> 31);
   const bool neg = f < 0;
   unsigned long long a = neg ? 0ull - (unsigned long long)f : (unsigned long long)f;
   const int lz = __clzll((long long)a);
@@ -522,8 +522,7 @@ __device__ __forceinline__ void fb_reduce_pio2(float x, float& rh, float& rl, in
   rl = neg != (x < 0.0f) ? -sl : sl;
   q = x < 0.0f ? -k : k;
 }
-// sin (odd = false) or cos (odd = true) of x = q pi/2 + rh + rl: the quadrant picks the
-// polynomial of sin r or cos r and the sign
+// sin of x = q pi/2 + rh + rl (cos: q + 1): the quadrant picks sin r or cos r and the sign
 __device__ __forceinline__ float fb_sincos_reduced(float rh, float rl, int q) {
   const float z = rh * rh, zl = fmaf(rh, rh, -z);
   const float ps = fmaf(fmaf(z, -0.000195030691f, 0.00833207089f), z, -0.166666538f);
@@ -561,7 +560,8 @@ __device__ __forceinline__ float fb_tan(float x) {
       0.0111530554f), z, 0.0211619716f), z, 0.0540826805f), z, 0.133324683f);
   const float hi = t3 * 0.333333552f, lo = fmaf(t3, 0.333333552f, -hi);
   const float s = rh + hi;
-  const float u = ((rh - s) + hi) + fmaf(t3 * z, p, fmaf(t3l, 0.333333552f, lo + fmaf(s * s, rl, rl)));
+  const float u = ((rh - s) + hi) +
+                  fmaf(t3 * z, p, fmaf(t3l, 0.333333552f, lo + fmaf(s * s, rl, rl)));
   const float th = s + u, tl = u - (th - s);                      // tan r = th + tl
   if (!(q & 1)) return th;
   const float y = -1.0f / th;                                      // -1 / (th + tl)
