@@ -28,23 +28,10 @@ ARCHS = ("sm_80", "sm_90", "sm_100", "sm_120")
 # Kernels that fail a check for a known defect: (check, group) -> (the defect, which of the
 # group's keys it concerns). Each is a strict xfail (once fixed it fails the run: remove the entry).
 KNOWN = {
-    **{("fp64", f"op_{op}"): (f"libdevice {op}f: its Payne-Hanek reduction of arguments of "
-                             "magnitude >= 105615 converts the 64-bit fixed-point result with "
-                             "I2F.F64.S64, DMUL and F2F.F32.F64 (a path run only for such "
-                             "arguments); a float32 reduction is to be written",
-                             lambda key: True)
+    **{("spills", f"op_{op}"): (f"libdevice {op}: the Payne-Hanek reduction of huge float64 "
+                               "arguments keeps its product with 2/pi in a local array (every "
+                               "arch: 40 B of stack)", lambda key: "f64" in key)
        for op in ("sin", "cos", "tan")},
-    **{("spills", f"op_{op}"): (f"libdevice {op}/{op}f: the Payne-Hanek reduction of huge "
-                               "arguments keeps its product with 2/pi in a local array (float64, "
-                               "every arch: 40 B of stack; float32 on sm_100/sm_120: 56 B, "
-                               "280-504 B of STL/LDL)", lambda key: True)
-       for op in ("sin", "cos", "tan")},
-    **{("spills", f"op_{op}"): ("ptxas of NVRTC 13.5 for sm_100/sm_120 spills (SpillRefill, "
-                               "8-152 B) in the 8-bit integer select kernels (16 lanes of byte "
-                               "compares and selects) at 39 registers, far under any limit: a "
-                               "ptxas heuristic, not register pressure",
-                               lambda key: "u8:c" in key or "i8:c" in key)
-       for op in ("clamp", "clamp_min", "max", "min", "relu6")},
     **{("spills", f"op_{op}"): ("ptxas of NVRTC 13.5 spills 4-16 B (8 B of stack) in the float64 "
                                "row reductions of log_softmax (sm_90, 40 registers) and "
                                "logsumexp (sm_120, 48) under __launch_bounds__(1024, 1), far "
@@ -52,11 +39,6 @@ KNOWN = {
                                "logsumexp's shift (one exp per element)",
                                lambda key: "f64" in key)
        for op in ("log_softmax", "logsumexp")},
-    **{("occupancy", g): ("the float16/bfloat16 kernels with outer-strided operands ('sc') hold "
-                          "8 elements per thread of the fused gradient: 66-80 registers, 38-44% "
-                          "occupancy; capping them at 64 (__launch_bounds__(128, 8)) spills "
-                          "4-100 bytes", lambda key: "16:sc" in key)
-       for g in ("gru_cell__grad", "lstm_cell__grad")},
 }
 
 
