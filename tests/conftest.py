@@ -75,6 +75,15 @@ def examples_bundle(tmp_path_factory):
     return runtime.load(result.path)
 
 
+@pytest.fixture(scope="session")
+def op_bundles(tmp_path_factory):
+    """The op-test groups of tests/opcases.py built for every host ISA level; (plan, one loaded
+    Bundle per level). test_ops_cpu checks every op on them, test_cpu_math sweeps the math
+    functions' op_<f> kernels."""
+    from opcases import spec_text
+    return bundles_per_isa(tmp_path_factory, "ops", spec_text())
+
+
 def bundles_per_isa(tmp_path_factory, name: str, text: str):
     """Build spec `text` for every host ISA level; (plan, {isa: Bundle loaded at that level})."""
     from fusebuild.runtime.cpu import host_isas

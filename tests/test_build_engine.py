@@ -138,7 +138,7 @@ def fake_cc(tmp_path, script):
 
 def test_failures_keep_going_and_leave_the_previous_bundle(specs, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    good = fb_build.build(plan_of(specs), str(out), cache_dir=None, progress=False)
+    good = fb_build.build(plan_of(specs), str(out), progress=False)     # test cache
     write_spec(specs, body="a * b")
     monkeypatch.setenv("CC", fake_cc(tmp_path, "[ \"$1\" = --version ] && exec echo fake 1\n"
                                           "echo 'ld: cannot find -lm' >&2; exit 1"))
@@ -182,11 +182,9 @@ def test_shards_merge_into_the_unsharded_bundle(specs, tmp_path):
 
 
 def test_inconsistent_shards_are_refused_saying_why(specs, tmp_path, monkeypatch):
-    a = fb_build.build(plan_of(specs), str(tmp_path / "s"), cache_dir=None, shard=(0, 2),
-                       progress=False)
+    a = fb_build.build(plan_of(specs), str(tmp_path / "s"), shard=(0, 2), progress=False)
     write_spec(specs, body="a * b")
-    b = fb_build.build(plan_of(specs), str(tmp_path / "t"), cache_dir=None, shard=(1, 2),
-                       progress=False)
+    b = fb_build.build(plan_of(specs), str(tmp_path / "t"), shard=(1, 2), progress=False)
     with pytest.raises(BundleError, match=r"different builds: specs differ in group\(s\) gate"):
         bundle.merge_shards([a.path, b.path], str(tmp_path / "m"))
     real = fb_build.toolchain_versions

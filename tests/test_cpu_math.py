@@ -28,7 +28,6 @@ import numpy as np
 import pytest
 
 from fusebuild import dtypes as dt, reference
-from conftest import bundles_per_isa
 
 # the sweeps cast NaN, infinities and overflowing values between dtypes on purpose
 pytestmark = [pytest.mark.isa, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
@@ -71,22 +70,11 @@ DOMAIN = {"exp": 110, "exp2": 155, "expm1": 95, "log": 4, "log2": 4, "log10": 4,
           "erf": 6, "erfc": 12, "gelu": 15}
 
 
-def spec_text() -> str:
-    lines = ["fusebuild: 1", "bundle: {name: mathtest, version: 0.0.0}", "groups:"]
-    dtypes = ", ".join(d.name for d in DTYPES)
-    for f in UNARY:
-        lines.append(f"  - {{name: m_{f}, inputs: {{a: tensor}}, outputs: [y], body: 'y = {f}(a)',"
-                     f" matrix: {{dtype: [{dtypes}], shapes: [{{a: [N]}}]}}}}")
-    lines.append("  - {name: m_pow, inputs: {a: tensor, b: tensor}, outputs: [y], "
-                 f"body: 'y = pow(a, b)', matrix: {{dtype: [{dtypes}], "
-                 "shapes: [{a: [N], b: [N]}]}}")
-    return "\n".join(lines) + "\n"
-
-
 @pytest.fixture(scope="module")
-def math_bundles(tmp_path_factory):
-    """The math groups built for every host ISA level; one loaded Bundle per level."""
-    return bundles_per_isa(tmp_path_factory, "math", spec_text())[1]
+def math_bundles(op_bundles):
+    """One loaded Bundle per host ISA level holding the op table (tests/conftest.py), whose
+    op_<f> groups are `y = f(a)` (pow: `y = pow(a, b)`) over every float dtype."""
+    return op_bundles[1]
 
 
 # ------------------------------------------------------------------ inputs -------------------
@@ -187,7 +175,7 @@ def check(name: str, d: dt.DType, args: list[np.ndarray], want: np.ndarray, bund
     bound = BOUND[d.name] if d == dt.float64 else MEASURED[d.name][name]
     assert bound <= (STATED.get(name, BOUND[d.name]) if d == dt.float32 else BOUND[d.name])
     for isa, bundle in bundles.items():
-        got = bundle[f"m_{name}"](*args)
+        got = bundle[f"op_{name}"](*args)
         err = ulp_error(got, want, d)
         worst = int(np.argmax(err))
         assert err[worst] <= bound, (
@@ -245,10 +233,12 @@ def test_math_kernels_call_no_function(math_bundles):
         pytest.skip("objdump (binutils) is not installed")
     from disassembly import disassemble
     bundle = next(iter(math_bundles.values()))
+    groups = {f"op_{f}" for f in UNARY + ("pow",)}
     files: dict[str, list[dict]] = {}
     for k in bundle.manifest["kernels"]:
-        if "f64:" not in k["key"]:
+        if k["group"] in groups and k["key"].split("(")[1].split(":")[0] in ("f32", "f16", "bf16"):
             files.setdefault(k["file"], []).append(k)
+    assert len(files) == len(groups) * len(math_bundles)      # one .so per group and level
     for rel, entries in files.items():
         functions = disassemble(os.path.join(bundle.root, rel))
         for k in entries:

@@ -19,18 +19,11 @@ import pytest
 
 from fusebuild import ir, reference
 from fusebuild.ops import OPS
-from conftest import bundles_per_isa
-from opcases import op_arrays, op_bodies, spec_text
+from opcases import op_arrays, op_bodies
 
 pytestmark = pytest.mark.isa
 
 STEPWISE = {"lerp", "addcmul", "clamp", "relu", "relu6", "hardtanh", "threshold"}
-
-
-@pytest.fixture(scope="session")
-def op_bundles(tmp_path_factory):
-    """The op-test groups built for every host ISA level; one loaded Bundle per level."""
-    return bundles_per_isa(tmp_path_factory, "ops", spec_text())
 
 
 def relative_to_magnitude(op: str) -> bool:

@@ -3,10 +3,13 @@ arrays through the runtime's own host-side launch code (`fusebuild.runtime.cuda`
 from __future__ import annotations
 
 import ctypes
+import functools
+import hashlib
 import math
 import os
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +26,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CXX = os.environ.get("CXX", "g++")
 SM = 90                    # the device whose shared-memory budget the emulated launches get
 CXXFLAGS = ("-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-w")
+# compiled emulation libraries, by content, beside the compile cache (tests/conftest.py)
+CACHE = os.path.join(os.path.dirname(os.path.dirname(HERE)), "build", "test-cache", "emulation")
 
 
 def have_compiler() -> bool:
@@ -34,7 +39,9 @@ def compile_source(text: str, out_dir: str, name: str, flags: tuple[str, ...] = 
     """g++ `text` (which includes emu.h) into out_dir/name.so (extra g++ `flags`) and load it;
     with `traffic`, the library counts each launch's global-memory bytes (`Launch.traffic`):
     compiled with ThreadSanitizer's instrumentation, whose hooks emu.h defines, and linked
-    without its runtime."""
+    without its runtime. Libraries are cached by content (source, emu.h, compiler and flags) in
+    the checkout's test cache, so a source several tests emulate is compiled once; each call
+    loads its own copy (no state shared between loaded libraries)."""
     src, so = os.path.join(out_dir, f"{name}.cc"), os.path.join(out_dir, f"{name}.so")
     with open(src, "w") as f:
         f.write(text)
@@ -42,10 +49,19 @@ def compile_source(text: str, out_dir: str, name: str, flags: tuple[str, ...] = 
     steps = [[CXX, *CXXFLAGS, *flags, "-fsanitize=thread", "-DFB_EMU_TRAFFIC", "-c", f"-I{HERE}",
               "-o", obj, src], [CXX, *CXXFLAGS, "-o", so, obj]] if traffic else \
         [[CXX, *CXXFLAGS, *flags, f"-I{HERE}", "-o", so, src]]
+    cached = os.path.join(CACHE, _library_key(text, flags, traffic) + ".so")
+    if os.path.isfile(cached):
+        shutil.copyfile(cached, so)
+        return ctypes.CDLL(so)
     for step in steps:
         proc = subprocess.run(step, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"g++ failed on {src}:\n{proc.stderr[-4000:]}")
+    os.makedirs(CACHE, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=CACHE, prefix=".tmp-")
+    os.close(fd)
+    shutil.copyfile(so, tmp)
+    os.replace(tmp, cached)      # atomic: concurrent sessions never load half a library
     return ctypes.CDLL(so)
 
 
@@ -55,6 +71,22 @@ def device_limits(sm: int, static: int = 0) -> cuda.SharedLimits:
     lim = sass.SM_LIMITS[sm]
     return cuda.SharedLimits(lim.optin, lim.shared, lim.threads, lim.blocks,
                              sass.SHARED_RESERVED, static)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_identity() -> str:
+    return subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout
+
+
+def _library_key(text: str, flags: tuple[str, ...], traffic: bool) -> str:
+    """sha256 of what a compiled library depends on: its source, emu.h, the compiler, its
+    flags and whether it counts traffic."""
+    h = hashlib.sha256(_compiler_identity().encode())
+    with open(os.path.join(HERE, "emu.h"), "rb") as f:
+        h.update(f.read())
+    h.update(repr((CXX, CXXFLAGS, flags, traffic)).encode())
+    h.update(text.encode())
+    return h.hexdigest()
 
 
 def launchers(symbols: list[str]) -> str:
