@@ -348,9 +348,10 @@ def _compile(runner, job_list: list[Job], keep_going: bool,
     if show:
         import tqdm
         tqdm.tqdm.monitor_interval = 0
-        bar = tqdm.tqdm(total=sum(len(j.targets) for j in job_list), unit="module",
-                        desc="compiling", leave=False)
-        bar.set_postfix_str(f"0/{kernels[1]} kernels", refresh=False)
+        bar = tqdm.tqdm(total=sum(len(j.targets) for j in job_list), desc="compiling",
+                        leave=False, postfix=f"0/{kernels[1]} kernels",
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                   "modules{postfix} [{elapsed}<{remaining}]")
 
     def done(result: JobResult) -> None:
         if bar:

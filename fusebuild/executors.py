@@ -25,7 +25,6 @@ from .build import Job, JobResult, RunStats
 from .cache import code_fingerprint
 from .errors import BuildError, FusebuildError, UsageError
 
-CONNECT_TIMEOUT = 10.0      # seconds to reach a scheduler, and for its first worker to show up
 ATTEMPTS = 2                # a job that fails on this many workers is a build error
 
 Work = Callable[[Job], JobResult]
@@ -263,15 +262,16 @@ class DaskRunner(FuturesRunner):
     that the timeout runs from the start of a job."""
 
     def __init__(self, client, targets: tuple[str, ...], timeout: float, work: Work = _run):
-        self.client = client
+        self.client, self.checked = client, 0.0
         mine = worker_identity(targets)
         if "error" in mine:
             raise BuildError(mine["error"])
+        wait_s = connect_timeout()
         try:
-            client.wait_for_workers(1, timeout=CONNECT_TIMEOUT)
+            client.wait_for_workers(1, timeout=wait_s)
         except TimeoutError:
             raise BuildError(f"no Dask worker joined the scheduler at {client.scheduler.address} "
-                             f"within {CONNECT_TIMEOUT:.0f} s") from None
+                             f"within {wait_s:.0f} s") from None
         theirs = client.run(worker_identity, targets, on_error="return")
         excluded = {w: why for w, i in sorted(theirs.items()) if (why := _difference(mine, i))}
         self.matching = sorted(set(theirs) - set(excluded))
@@ -292,7 +292,8 @@ class DaskRunner(FuturesRunner):
     def _wait(self, pending, timeout: float) -> set:
         from distributed import wait as dask_wait
         try:
-            return dask_wait(pending, timeout=timeout, return_when="FIRST_COMPLETED").done
+            with self.client.as_current():
+                return dask_wait(pending, timeout=timeout, return_when="FIRST_COMPLETED").done
         except TimeoutError:
             return set()
 
@@ -303,6 +304,9 @@ class DaskRunner(FuturesRunner):
         return bool(self._alive() - avoid)
 
     def _check(self) -> None:
+        if time.monotonic() - self.checked < 1.0:
+            return
+        self.checked = time.monotonic()
         if not self._alive():
             raise BuildError(f"every matching Dask worker left the scheduler at "
                              f"{self.client.scheduler.address} mid-build")
@@ -325,9 +329,18 @@ def dask_address(spec: str) -> str:
     return f"tcp://{host}:{port}"
 
 
+def connect_timeout() -> float:
+    """Seconds to reach a scheduler, and for its first worker to join: Dask's
+    `distributed.comm.timeouts.connect` (30 s unless configured, e.g. with
+    DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT=5s)."""
+    import dask
+    from dask.utils import parse_timedelta
+    return parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "seconds")
+
+
 def connect(spec: str):
     """A `distributed.Client` of the scheduler `spec` names (dask://HOST:PORT); BuildError
-    naming the address if it cannot be reached within CONNECT_TIMEOUT."""
+    naming the address if it cannot be reached within `connect_timeout()`."""
     address = dask_address(spec)
     try:
         from distributed import Client
@@ -335,7 +348,7 @@ def connect(spec: str):
         raise UsageError("--executor dask://... needs Dask: pip install "
                          "'fusebuild[distributed]'") from None
     try:
-        return Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False)
+        return Client(address, timeout=connect_timeout(), set_as_default=False)
     except (OSError, TimeoutError) as e:
         raise BuildError(f"cannot reach the Dask scheduler at {spec}: {e}") from None
 
