@@ -164,9 +164,10 @@ def _run_tagged(job: Job, work: Work = _run) -> tuple[JobResult, str]:
 
 class FuturesRunner:
     """Jobs on a `concurrent.futures.Executor`: at most `slots` in flight, each abandoned past
-    the timeout (counted from its submission, as a job starts when it is submitted); a job whose
-    result is an error or whose attempt raised runs once more elsewhere when the executor has
-    another worker for it (`ATTEMPTS` in all)."""
+    the timeout (counted from its submission: with `slots` no more than the executor's workers, a
+    job starts when it is submitted). A job whose result is an error, or whose attempt raised,
+    runs once more when the executor can put it on another worker (`ATTEMPTS` in all; a plain
+    Executor cannot, the Dask adapter can)."""
 
     def __init__(self, executor: cf.Executor, slots: int, timeout: float, work: Work = _run):
         self.executor, self.slots, self.timeout, self.work = executor, slots, timeout, work
@@ -179,8 +180,8 @@ class FuturesRunner:
         return cf.wait(pending, timeout=timeout, return_when=cf.FIRST_COMPLETED).done
 
     def _other_worker(self, avoid: frozenset[str]) -> bool:
-        """Whether a retry may run on a worker other than those in `avoid`."""
-        return True
+        """Whether a retry can run on a worker other than those in `avoid`."""
+        return False
 
     def _check(self) -> None:
         """Raise BuildError when the jobs in flight can no longer run (no worker left)."""

@@ -8,6 +8,7 @@ import concurrent.futures
 import gc
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -38,7 +39,7 @@ GROUPS = {"axpy": """
     matrix: {dtype: [float32], shapes: [{x: [N]}]}
 """}
 HEAD = "fusebuild: 1\nbundle: {name: dist, version: '1'}\ntargets: [cpu:x86-64-v2]\ngroups:"
-QUICK_CONNECT = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"}
+QUICK_CONNECT = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "1s"}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,8 @@ def test_a_cluster_build_is_the_local_bundle_with_progress_and_counts(specs, cli
     result = fb_build.build(plan, str(tmp_path / "d"), cache_dir=None, progress=True,
                             executor=client.get_executor())
     bar = capfd.readouterr().err
-    assert "/2 modules" in bar and "3/3 kernels" in bar and "<" in bar, bar   # ETA: elapsed<left
+    assert "0/2 modules, 0/3 kernels [00:00<?]" in bar, bar                  # elapsed<ETA
+    assert re.search(r"[12]/2 modules, [1-3]/3 kernels \[\d\d:\d\d<\d\d:\d\d\]", bar), bar
     assert same_tree(result.path, local)
     assert (result.compiled, result.cached, result.retried, result.excluded) == (2, 0, 0, {})
     assert 1 <= result.workers <= 2
@@ -97,6 +99,25 @@ def test_a_job_that_fails_on_two_workers_is_a_build_error_with_its_log(specs, cl
         client.run(lambda: os.environ.pop("CC", None))
     text = str(info.value)
     assert "act [cpu:x86-64-v2]: failed on 2 workers" in text and "cannot find -lm" in text, text
+
+
+def test_job_timeout_holds_on_a_cluster(specs, client, tmp_path, monkeypatch):
+    pids = tmp_path / "pids"
+    cc = fake_cc(tmp_path, f'[ "$1" = --version ] && exec cc --version\necho $$ >> {pids}\n'
+                           "exec sleep 60")
+    monkeypatch.setenv("CC", cc)
+    client.run(lambda: os.environ.update(CC=cc))
+    start = time.monotonic()
+    try:
+        with pytest.raises(BuildError, match=r"act \[cpu:x86-64-v2\]: timed out after 2 s"):
+            fb_build.build(spec.load_plan([str(specs[0] / "act.yaml")]), str(tmp_path / "o"),
+                           cache_dir=None, progress=False, job_timeout=2,
+                           executor=client.get_executor())
+        assert time.monotonic() - start < 30
+    finally:
+        client.run(lambda: os.environ.pop("CC", None))
+        for pid in pids.read_text().split() if pids.exists() else []:
+            os.kill(int(pid), signal.SIGKILL)     # the hanging linker: its worker is free again
 
 
 def _free_port() -> int:
