@@ -39,7 +39,7 @@ GROUPS = {"axpy": """
     matrix: {dtype: [float32], shapes: [{x: [N]}]}
 """}
 HEAD = "fusebuild: 1\nbundle: {name: dist, version: '1'}\ntargets: [cpu:x86-64-v2]\ngroups:"
-QUICK_CONNECT = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "1s"}
+QUICK_CONNECT = {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "1s"}   # nothing listens there
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +126,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _compile(*args, env=None, **kw):
+def _compile(*args, env=None):
     return subprocess.Popen([sys.executable, "-m", "fusebuild", "compile", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **QUICK_CONNECT, **(env or {})}, **kw)
+                            env={**os.environ, **(env or {})})
 
 
 def test_cli_on_dask_processes_survives_a_killed_worker_and_skips_a_foreign_one(specs,
@@ -197,12 +197,12 @@ def test_cli_on_dask_processes_survives_a_killed_worker_and_skips_a_foreign_one(
 def test_an_unreachable_scheduler_is_an_error_naming_it_unless_falling_back(specs, tmp_path):
     path, local = specs
     address = f"dask://127.0.0.1:{_free_port()}"
-    r = _compile(str(path), "-o", str(tmp_path / "o"), "--executor", address)
+    r = _compile(str(path), "-o", str(tmp_path / "o"), "--executor", address, env=QUICK_CONNECT)
     _, err = r.communicate(timeout=60)
     assert r.returncode == 1 and "Traceback" not in err, err
     assert err.startswith(f"fusebuild: cannot reach the Dask scheduler at {address}: "), err
     r = _compile(str(path), "-o", str(tmp_path / "o"), "--executor", address,
-                 "--executor-fallback", "local", "--json")
+                 "--executor-fallback", "local", "--json", env=QUICK_CONNECT)
     out, err = r.communicate(timeout=120)
     assert r.returncode == 0 and "building locally (--executor-fallback local)" in err, err
     assert same_tree(json.loads(out)["bundle"], local)
