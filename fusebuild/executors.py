@@ -251,9 +251,11 @@ def _difference(mine: dict[str, str], theirs) -> str:
         return f"cannot check it: {type(theirs).__name__}: {theirs}"
     if "error" in theirs:
         return theirs["error"]
+    def show(k: str, version) -> str:
+        return str(version)[:12] if k == "code" and version else str(version or "missing")
     names = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
-    return ", ".join(f"{'fusebuild code' if k == 'code' else k} {theirs.get(k, 'missing')!s:.12}"
-                     f" (here {mine.get(k, 'missing')!s:.12})" for k in names)
+    return ", ".join(f"{'fusebuild code' if k == 'code' else k} {show(k, theirs.get(k))} "
+                     f"(here {show(k, mine.get(k))})" for k in names)
 
 
 class DaskRunner(FuturesRunner):
