@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import ctypes
+import logging
 import multiprocessing
 import os
 import signal
@@ -287,6 +288,16 @@ class DaskRunner(FuturesRunner):
                          timeout, work)
         self.stats.excluded = excluded
 
+    def run(self, jobs: list[Job], keep_going: bool, on_result) -> list[JobResult]:
+        try:
+            return super().run(jobs, keep_going, on_result)
+        except (OSError, cf.CancelledError) as e:      # the scheduler went away
+            lines = str(e).splitlines() or [type(e).__name__]
+            why = next((x.removeprefix("Message: ") for x in lines if x.startswith("Message: ")),
+                       lines[0])
+            raise BuildError(f"lost the Dask scheduler at {self.client.scheduler.address} "
+                             f"mid-build: {why}") from None
+
     def _submit(self, job: Job, avoid: frozenset[str]):
         workers = [w for w in self.matching if w not in avoid] or self.matching
         return self.client.submit(_run_tagged, job, self.work, workers=workers,
@@ -375,7 +386,13 @@ def executor_for(spec: str, fallback: str | None, warn: Callable[[str], None]):
     try:
         yield client.get_executor()
     finally:
-        client.close()
+        log = logging.getLogger("distributed.client")
+        level = log.level
+        log.setLevel(logging.CRITICAL)   # a client closed after losing its scheduler logs the
+        try:                             # cancelled reconnection with a traceback
+            client.close()
+        finally:
+            log.setLevel(level)
 
 
 def runner_for(executor: cf.Executor | None, jobs: int, targets: tuple[str, ...],

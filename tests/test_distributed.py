@@ -132,12 +132,20 @@ def _compile(*args, env=None):
                             env={**os.environ, **(env or {})})
 
 
-def test_cli_on_dask_processes_survives_a_killed_worker_and_skips_a_foreign_one(specs,
-                                                                               tmp_path):
+def _wait_for_a_job(started, before: int, proc) -> None:
+    """Until the fake linker has recorded more than `before` jobs (`proc` still running)."""
+    deadline = time.monotonic() + 120
+    while len(started.read_text().split() if started.exists() else []) <= before:
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+
+
+def test_cli_on_dask_processes_killed_worker_foreign_worker_lost_scheduler(specs, tmp_path):
     """A scheduler and three workers: two run this tree, one a copy of fusebuild with one
     edited file (another code fingerprint). One of the two is killed while it runs a job; the
     build still completes, byte-identical, and the foreign worker got no job and is named. With
-    only the foreign worker left, the build is refused."""
+    only the foreign worker left, the build is refused; with a new worker, a build that loses its
+    scheduler is an error that says so."""
     path, local = specs
     alt = tmp_path / "alt"
     shutil.copytree(os.path.join(ROOT, "fusebuild"), alt / "fusebuild",
@@ -164,10 +172,7 @@ def test_cli_on_dask_processes_survives_a_killed_worker_and_skips_a_foreign_one(
             foreign = next(w for w, pid in c.run(os.getpid).items() if pid == procs[3].pid)
         build = _compile(str(path), "-o", str(tmp_path / "d"), "--no-cache", "--executor",
                          f"dask://{address}", "--json", env={"CC": cc})
-        deadline = time.monotonic() + 120
-        while not started.exists() or not started.read_text().split():
-            assert time.monotonic() < deadline and build.poll() is None, build.communicate()
-            time.sleep(0.05)
+        _wait_for_a_job(started, 0, build)
         victim = int(started.read_text().split()[0])
         assert victim in (procs[1].pid, procs[2].pid)
         os.kill(victim, signal.SIGKILL)
@@ -188,6 +193,18 @@ def test_cli_on_dask_processes_survives_a_killed_worker_and_skips_a_foreign_one(
         assert refused.returncode == 1 and "Traceback" not in err, err
         assert f"no Dask worker at tcp://{address} runs this fusebuild code and toolchain" in err
         assert f"{foreign}: fusebuild code" in err, err
+        procs.append(subprocess.Popen(worker, env={**env, "PYTHONPATH": ROOT},
+                                      stderr=subprocess.DEVNULL))
+        with distributed.Client(f"tcp://{address}", timeout=30) as c:
+            c.wait_for_workers(2, timeout=60)
+        jobs = len(started.read_text().split())
+        lost = _compile(str(path), "-o", str(tmp_path / "f"), "--no-cache", "--executor",
+                        f"dask://{address}", env={"CC": cc})
+        _wait_for_a_job(started, jobs, lost)
+        procs[0].kill()
+        _, err = lost.communicate(timeout=120)
+        assert lost.returncode == 1 and "Traceback" not in err, err
+        assert f"lost the Dask scheduler at tcp://{address} mid-build" in err, err
     finally:
         for p in reversed(procs):
             p.kill()
