@@ -155,7 +155,7 @@ def test_cli_on_dask_processes_killed_worker_foreign_worker_lost_scheduler(specs
     started = tmp_path / "started"
     # the linker records the worker that runs it ($PPID), then takes a while
     cc = fake_cc(tmp_path, '[ "$1" = --version ] && exec cc --version\n'
-                           f'echo $PPID >> {started}; sleep 2; exec cc "$@"')
+                           f'echo $PPID >> {started}; sleep 1; exec cc "$@"')
     port = _free_port()
     address = f"127.0.0.1:{port}"
     env = {**os.environ, "CC": cc}
