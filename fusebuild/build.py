@@ -1,23 +1,20 @@
-"""The build: plan -> modules -> cache lookups -> compile jobs in worker processes -> bundle.
+"""The build: plan -> modules -> cache lookups -> compile jobs on an executor -> bundle.
 
 A module is one (group, target) artifact. Modules found in the cache are reused; the others
 become compile jobs: one per (group, CUDA arch), and one per group for all its CPU ISA levels,
-which share one numba lowering. Jobs run in forked worker processes with a per-job timeout.
+which share one numba lowering. Jobs run where `executors` puts them: forked local worker
+processes with a per-job timeout by default, or any concurrent.futures.Executor (a Dask cluster).
 """
 from __future__ import annotations
 
-import ctypes
+import concurrent.futures
 import functools
 import hashlib
-import multiprocessing
 import os
-import signal
 import sys
 import time
 import traceback
-from collections import deque
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait
 
 from . import __version__
 from . import targets as tg
@@ -30,7 +27,7 @@ from .syntax import Group
 from .ir import instantiate
 from .runtime.manifest import is_plain_path
 from .spec import Plan, Variant
-from .text import groups_phrase, plural
+from .text import backward_groups, groups_phrase, plural
 
 DEFAULT_JOB_TIMEOUT = 900.0
 
@@ -68,21 +65,35 @@ class JobResult:
 
 
 @dataclass
+class RunStats:
+    """What running the jobs did besides their results (filled by the executor's runner)."""
+    retried: int = 0                                        # attempts lost or failed, run again
+    workers: set[str] = field(default_factory=set)          # where the results came from
+    excluded: dict[str, str] = field(default_factory=dict)  # worker -> why it got no jobs
+
+
+@dataclass
 class BuildResult:
     path: str
     manifest: dict
     modules: int
     compiled: int
-    cached: int                   # local cache hits
+    cached: int                   # modules served by a cache: local hits + remote_hits
     seconds: float
     up_to_date: bool = False
-    remote_hits: int = 0          # modules the shared cache served (--cache-url)
-    uploaded: int = 0             # modules this build stored in the shared cache
-    shared_cache: bool = False    # whether a shared cache was given
+    remote_hits: int = 0          # of `cached`, those a remote cache served
+    uploaded: int = 0             # compiled modules written to a remote cache
+    retried: int = 0              # job attempts lost with a worker or failed, run again
+    workers: int = 0              # workers that ran a job
+    excluded: dict[str, str] = field(default_factory=dict)   # worker -> why it got no jobs
 
     @property
     def n_kernels(self) -> int:
         return len(self.manifest["kernels"])
+
+    @property
+    def local_hits(self) -> int:
+        return self.cached - self.remote_hits
 
     def summary(self) -> str:
         m = self.manifest
@@ -90,13 +101,27 @@ class BuildResult:
         shard = m.get("shard")
         what = f"shard {shard['index'] + 1}/{shard['count']}: " if shard else ""
         state = "up to date" if self.up_to_date else "written"
-        shared = (f", {self.remote_hits} from the shared cache, {self.uploaded} uploaded"
-                  if self.shared_cache else "")
+        on = f" on {plural(self.workers, 'worker')}" if self.compiled else ""
+        excluded = "".join(f"; worker {w} got no jobs: {why}" for w, why in self.excluded.items())
         return (f"{what}{plural(self.n_kernels, 'kernel')} ({groups_phrase(m['groups'])}, "
                 f"{plural(len(targets), 'target')}: {', '.join(targets)}); "
-                f"{plural(self.modules, 'module')}: {self.compiled} compiled, {self.cached} "
-                f"cached{shared}; {self.seconds:.1f} s -> {self.path} ({state}, id "
-                f"{m['id'][:12]})")
+                f"{plural(self.modules, 'module')}: {self.compiled} compiled{on}, {self.cached} "
+                f"cached ({self.local_hits} local, {self.remote_hits} remote), {self.uploaded} "
+                f"uploaded, {self.retried} retried{excluded}; {self.seconds:.1f} s -> "
+                f"{self.path} ({state}, id {m['id'][:12]})")
+
+    def to_json(self) -> dict:
+        """The summary's counts as the JSON of `fusebuild compile --json`."""
+        m = self.manifest
+        backward = backward_groups(m["groups"])
+        return {"ok": True, "bundle": self.path, "id": m["id"], "name": m["name"],
+                "version": m["version"], "kernels": self.n_kernels,
+                "groups": len(m["groups"]) - backward, "backward_groups": backward,
+                "modules": self.modules, "compiled": self.compiled, "cached": self.cached,
+                "local_hits": self.local_hits, "remote_hits": self.remote_hits,
+                "uploaded": self.uploaded, "retried": self.retried, "workers": self.workers,
+                "excluded_workers": self.excluded, "up_to_date": self.up_to_date,
+                "seconds": round(self.seconds, 3)}
 
 
 # ---------------------------------------------------------------- compile jobs -----------------
@@ -162,111 +187,6 @@ def run_job(job: Job) -> JobResult:
         result.error = traceback.format_exc()
     result.seconds = time.perf_counter() - start
     return result
-
-
-def _serve(conn, parent_pid: int, inherited: list) -> None:
-    """Worker process loop: receive jobs, send results, stop at None or a closed pipe.
-
-    `inherited` are the pipe ends of the parent (this worker's and its siblings') that the fork
-    copied: closing them lets a worker see EOF when the parent dies while it waits for a job.
-    """
-    _die_with_parent(parent_pid)
-    for c in inherited:
-        c.close()
-    for sig in (signal.SIGINT, signal.SIGTERM):     # not the parent's handlers: die quietly
-        signal.signal(sig, signal.SIG_DFL)
-    while True:
-        try:
-            job = conn.recv()
-        except (EOFError, OSError):
-            return
-        if job is None:
-            return
-        conn.send(run_job(job))
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Have the kernel SIGKILL this process when its parent dies (Linux PR_SET_PDEATHSIG), even
-    of SIGKILL, and exit now if the parent is already gone."""
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-
-class WorkerPool:
-    """Worker processes that run jobs with a per-job timeout (a stuck worker is killed)."""
-
-    def __init__(self, workers: int, timeout: float):
-        # fork: workers need no re-import of the caller's __main__ and start fast; the parent
-        # holds no compiler threads (tqdm's monitor thread is disabled).
-        method = "fork" if sys.platform.startswith("linux") else "spawn"
-        self.ctx = multiprocessing.get_context(method)
-        self.timeout = timeout
-        self.idle: list = []
-        self.busy: dict = {}
-        for _ in range(workers):
-            self.idle.append(self._spawn())
-
-    def _spawn(self):
-        parent, child = self.ctx.Pipe()
-        inherited = [parent] + [c for _, c in self.idle] + list(self.busy)
-        proc = self.ctx.Process(target=_serve, args=(child, os.getpid(), inherited), daemon=True)
-        proc.start()
-        child.close()
-        return proc, parent
-
-    def run(self, jobs: list[Job], keep_going: bool, on_result) -> list[JobResult]:
-        queue, results = deque(jobs), []
-        stop = False
-        try:
-            while (queue and not stop) or self.busy:
-                while queue and self.idle and not stop:
-                    proc, conn = self.idle.pop()
-                    job = queue.popleft()
-                    conn.send(job)
-                    self.busy[conn] = (proc, job, time.monotonic())
-                now = time.monotonic()
-                left = min(t + self.timeout - now for _, _, t in self.busy.values())
-                for conn in wait(list(self.busy), timeout=max(0.0, min(left, 1.0))):
-                    proc, job, _ = self.busy.pop(conn)
-                    try:
-                        result = conn.recv()
-                        self.idle.append((proc, conn))
-                    except (EOFError, OSError):
-                        proc.join(1)
-                        result = JobResult(job.label, error=f"the compile worker died (exit code "
-                                                             f"{proc.exitcode})")
-                        self.idle.append(self._spawn())
-                    results.append(result)
-                    on_result(result)
-                    stop = stop or (result.error is not None and not keep_going)
-                for conn, (proc, job, started) in list(self.busy.items()):
-                    if time.monotonic() - started > self.timeout:
-                        proc.kill()
-                        proc.join()
-                        del self.busy[conn]
-                        result = JobResult(job.label, error=f"timed out after {self.timeout:.0f} s "
-                                                            "(raise --job-timeout)")
-                        results.append(result)
-                        on_result(result)
-                        self.idle.append(self._spawn())
-                        stop = stop or not keep_going
-        finally:
-            self.close()
-        return results
-
-    def close(self) -> None:
-        for proc, conn in self.idle + [(p, c) for c, (p, _, _) in self.busy.items()]:
-            try:
-                conn.send(None)
-            except (OSError, ValueError):
-                pass
-            proc.join(0.5)
-            if proc.is_alive():
-                proc.kill()
-        self.idle, self.busy = [], {}
 
 
 # ---------------------------------------------------------------- the build --------------------
@@ -335,14 +255,16 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def build(plan: Plan, out_dir: str = "build", jobs: int | None = None, keep_going: bool = False,
           emit_source: bool = False, progress: bool | None = None, cache_dir: str | None = "",
-          shard: tuple[int, int] | None = None,
-          job_timeout: float = DEFAULT_JOB_TIMEOUT, cache_url: str | None = None,
+          shard: tuple[int, int] | None = None, job_timeout: float = DEFAULT_JOB_TIMEOUT,
+          executor: concurrent.futures.Executor | None = None, cache_url: str | None = None,
           cache_mode: str = "read") -> BuildResult:
     """Compile every kernel of `plan` (or of one shard) and write the bundle.
 
     cache_dir "" means the default cache directory and None disables the cache. cache_url is a
     shared cache behind it (file:// or s3://, see remote_cache), cache_mode 'read' or
-    'readwrite'. Raises BuildError on failures; the previous bundle stays in place.
+    'readwrite'. Jobs run in `jobs` local worker processes, or on `executor` (any
+    concurrent.futures.Executor, e.g. `distributed.Client(...).get_executor()`, whose workers
+    are checked first). Raises BuildError on failures; the previous bundle stays in place.
     """
     start = time.perf_counter()
     remote = None
@@ -361,8 +283,14 @@ def build(plan: Plan, out_dir: str = "build", jobs: int | None = None, keep_goin
         (m.group.name, m.target): hits[keys[m.group.name, m.target]]
         for m in modules if keys[m.group.name, m.target] in hits}
     missing = [m for m in modules if (m.group.name, m.target) not in entries]
-    results = _compile(jobs_for(missing), jobs or os.cpu_count() or 1, keep_going, progress,
-                       job_timeout)
+    job_list = jobs_for(missing)
+    stats = RunStats()
+    results: list[JobResult] = []
+    if job_list:
+        from .executors import runner_for
+        runner = runner_for(executor, jobs or os.cpu_count() or 1, plan.targets, job_timeout)
+        stats = runner.stats
+        results = _compile(runner, job_list, keep_going, progress)
     failed = [r for r in results if r.error]
     if failed:
         lines = [f"  {r.label}: {_excerpt(r.error)}" for r in failed]
@@ -397,10 +325,11 @@ def build(plan: Plan, out_dir: str = "build", jobs: int | None = None, keep_goin
                              **extra)
     suffix = f".shard-{shard[0] + 1}-of-{shard[1]}" if shard else ""
     path, written = write_bundle(out_dir, manifest, artifacts, suffix)
-    return BuildResult(path, manifest, len(modules), len(missing), cache.local_hits,
+    return BuildResult(path, manifest, len(modules), len(missing), len(modules) - len(missing),
                        time.perf_counter() - start, up_to_date=not written,
                        remote_hits=cache.remote_hits, uploaded=cache.uploaded,
-                       shared_cache=remote is not None)
+                       retried=stats.retried, workers=len(stats.workers),
+                       excluded=stats.excluded)
 
 
 def _holds(entry: Entry, m: Module) -> bool:
@@ -420,19 +349,28 @@ def _excerpt(text: str, lines: int = 15) -> str:
     return "\n    ".join(parts)
 
 
-def _compile(job_list: list[Job], workers: int, keep_going: bool, progress: bool | None,
-             timeout: float) -> list[JobResult]:
-    if not job_list:
-        return []
-    pool = WorkerPool(max(1, min(workers, len(job_list))), timeout)
+def _compile(runner, job_list: list[Job], keep_going: bool,
+             progress: bool | None) -> list[JobResult]:
+    """Run the jobs; on a TTY (or with progress) a bar of modules and kernels with an ETA."""
     show = sys.stderr.isatty() if progress is None else progress
     bar = None
+    kernels = [0, sum(len(j.variants) * len(j.targets) for j in job_list)]
     if show:
         import tqdm
         tqdm.tqdm.monitor_interval = 0
-        bar = tqdm.tqdm(total=len(job_list), unit="job", desc="compiling", leave=False)
+        bar = tqdm.tqdm(total=sum(len(j.targets) for j in job_list), desc="compiling",
+                        leave=False, postfix=f"0/{kernels[1]} kernels",
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                   "modules{postfix} [{elapsed}<{remaining}]")
+
+    def done(result: JobResult) -> None:
+        if bar:
+            kernels[0] += len(result.kernels)
+            bar.set_postfix_str(f"{kernels[0]}/{kernels[1]} kernels", refresh=False)
+            bar.update(len({k["target"] for k in result.kernels}) or 1)
+
     try:
-        return pool.run(job_list, keep_going, lambda r: bar.update() if bar else None)
+        return runner.run(job_list, keep_going, done)
     finally:
         if bar:
             bar.close()

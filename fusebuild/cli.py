@@ -12,7 +12,7 @@ import click
 
 from . import __version__
 from .errors import CacheWarning, FusebuildError, MissingExtra, SpecError
-from .text import backward_groups, groups_phrase, plural
+from .text import groups_phrase, plural
 
 
 class _Terminated(BaseException):
@@ -101,6 +101,12 @@ def _plan(specs, targets, name=None, version=None, max_kernels=None):
               show_default=True, help="Whether this build also uploads to the shared cache.")
 @click.option("--job-timeout", type=click.FloatRange(min=1), default=900, show_default=True,
               help="Seconds one compile job may take before it is killed and reported.")
+@click.option("--executor", default="local", show_default=True, metavar="local|dask://HOST:PORT",
+              help="Where compile jobs run: local worker processes (-j), or the workers of a "
+                   "Dask scheduler (they need this fusebuild and the same toolchains; others "
+                   "get no jobs).")
+@click.option("--executor-fallback", type=click.Choice(["local"]), default=None,
+              help="Build locally, with a warning, when the Dask scheduler cannot be reached.")
 @click.option("--emit-source", is_flag=True, help="Also store the generated source under src/.")
 @click.option("--add-misses", "miss_logs", multiple=True, type=click.Path(), metavar="LOG",
               help="Also build the keys a runtime logged as missing (FUSEBUILD_MISS_LOG).")
@@ -111,36 +117,32 @@ def _plan(specs, targets, name=None, version=None, max_kernels=None):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_errors
 def compile(specs, out_dir, targets, jobs, keep_going, shard, cache_dir, no_cache, cache_url,
-            cache_mode, job_timeout, emit_source, miss_logs, name, bundle_version, max_kernels,
-            quiet, as_json):
+            cache_mode, job_timeout, executor, executor_fallback, emit_source, miss_logs, name,
+            bundle_version, max_kernels, quiet, as_json):
     """Compile every kernel of SPECS into a bundle."""
     from .build import build, parse_shard
+    from .executors import dask_address, executor_for
     from .spec import DEFAULT_MAX_KERNELS, add_misses
     shard_range = parse_shard(shard) if shard else None
+    if executor != "local":
+        dask_address(executor)          # bad usage before any work
     plan = _plan(specs, targets, name, bundle_version, max_kernels)
     for log in miss_logs:
         fold = add_misses(plan, log, max_kernels or DEFAULT_MAX_KERNELS)
         plan = fold.plan
         if not quiet:
             _report_misses(log, fold)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), executor_for(
+            executor, executor_fallback,
+            lambda text: click.echo(f"fusebuild: {text}", err=True)) as pool:
         warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
         result = build(plan, out_dir, jobs, keep_going, emit_source,
                        progress=False if quiet or as_json else None,
                        cache_dir=None if no_cache else cache_dir, shard=shard_range,
-                       job_timeout=job_timeout, cache_url=None if no_cache else cache_url,
-                       cache_mode=cache_mode)
+                       job_timeout=job_timeout, executor=pool,
+                       cache_url=None if no_cache else cache_url, cache_mode=cache_mode)
     if as_json:
-        m = result.manifest
-        backward = backward_groups(m["groups"])
-        click.echo(json.dumps({"ok": True, "bundle": result.path, "id": m["id"], "name": m["name"],
-                               "version": m["version"], "kernels": result.n_kernels,
-                               "groups": len(m["groups"]) - backward,
-                               "backward_groups": backward, "modules": result.modules,
-                               "compiled": result.compiled, "cached": result.cached,
-                               "remote_hits": result.remote_hits, "uploaded": result.uploaded,
-                               "up_to_date": result.up_to_date,
-                               "seconds": round(result.seconds, 3)}))
+        click.echo(json.dumps(result.to_json()))
     elif not quiet:
         click.echo(result.summary())
 

@@ -161,8 +161,8 @@ def test_cold_upload_then_an_empty_local_cache_is_served_by_remote_hits(s3, cold
         assert record["size"] == len(blob) and decode_entry(blob) is not None
         assert set(record) == {"sha256", "size", "fusebuild", "producer"}
     again, warned = build(specs, tmp_path / "out", tmp_path / "local", MAIN)
-    assert (again.compiled, again.cached, again.remote_hits, again.uploaded) == (0, 0, 2, 0)
-    assert not warned and "0 compiled, 0 cached, 2 from the shared cache, 0 uploaded" in \
+    assert (again.compiled, again.cached, again.remote_hits, again.uploaded) == (0, 2, 2, 0)
+    assert not warned and "0 compiled, 2 cached (0 local, 2 remote), 0 uploaded" in \
         again.summary()
     assert tree(again.path) == tree(first.path)
     assert Cache(str(tmp_path / "local")).stats()[0] == 2       # remote hits copied locally
