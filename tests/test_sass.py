@@ -32,13 +32,6 @@ KNOWN = {
                                "arguments keeps its product with 2/pi in a local array (every "
                                "arch: 40 B of stack)", lambda key: "f64" in key)
        for op in ("sin", "cos", "tan")},
-    **{("spills", f"op_{op}"): ("ptxas of NVRTC 13.5 spills 4-16 B (8 B of stack) in the float64 "
-                               "row reductions of log_softmax (sm_90, 40 registers) and "
-                               "logsumexp (sm_120, 48) under __launch_bounds__(1024, 1), far "
-                               "under its 64-register limit: since log_softmax shares "
-                               "logsumexp's shift (one exp per element)",
-                               lambda key: "f64" in key)
-       for op in ("log_softmax", "logsumexp")},
 }
 
 
