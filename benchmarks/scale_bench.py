@@ -117,12 +117,22 @@ def synthetic(work: str, groups: int, client, emit) -> None:
 
 
 def fresh_machine_warm_remote_cache(work: str, specs: list[str], env: dict, emit) -> None:
-    """HOOK (for the lead, once the remote cache of issue 21 item 2 is merged): fill a remote
-    cache (`--cache-url file://... --cache-mode readwrite`, or s3:// on moto) with one build,
-    then build the same specs on an empty local cache from it and emit the time against the cold
-    build (target <= 10%). Until then it says why it skipped."""
-    emit({"what": "fresh_machine_warm_remote_cache",
-          "skipped": "needs the remote cache (--cache-url), issue 21 item 2"})
+    """A CI machine fills a shared cache (`file://`, `--cache-mode readwrite`) with a cold build;
+    a fresh machine (empty local cache) then builds the same specs from it: its time against
+    the cold build's (target <= 10%), and whether it compiled nothing."""
+    shared = "file://" + os.path.join(work, "shared")
+    os.makedirs(os.path.join(work, "shared"))
+    runs = {}
+    for name, mode in (("ci_cold", "readwrite"), ("fresh_machine", "read")):
+        cold_env = {**env, "FUSEBUILD_CACHE_DIR": os.path.join(work, f"cache-{name}")}
+        runs[name] = fusebuild_cli("compile", *specs, "-o", os.path.join(work, name),
+                                   "--cache-url", shared, "--cache-mode", mode, env=cold_env)
+    (cold_s, cold), (warm_s, warm) = runs["ci_cold"], runs["fresh_machine"]
+    emit({"what": "fresh_machine_warm_remote_cache", "cold_s": round(cold_s, 2),
+          "warm_remote_s": round(warm_s, 2), "fraction_of_cold": round(warm_s / cold_s, 3),
+          "target_fraction": 0.1, "compiled": warm["compiled"],
+          "remote_hits": warm["remote_hits"], "uploaded_by_cold": cold["uploaded"],
+          "same_bundle": cold["id"] == warm["id"]})
 
 
 def main() -> None:
