@@ -28,10 +28,6 @@ ARCHS = ("sm_80", "sm_90", "sm_100", "sm_120")
 # Kernels that fail a check for a known defect: (check, group) -> (the defect, which of the
 # group's keys it concerns). Each is a strict xfail (once fixed it fails the run: remove the entry).
 KNOWN = {
-    **{("spills", f"op_{op}"): (f"libdevice {op}: the Payne-Hanek reduction of huge float64 "
-                               "arguments keeps its product with 2/pi in a local array (every "
-                               "arch: 40 B of stack)", lambda key: "f64" in key)
-       for op in ("sin", "cos", "tan")},
     **{("spills", f"op_{op}"): ("ptxas of NVRTC 13.5 spills 4-16 B (8 B of stack) in the float64 "
                                "row reductions of log_softmax (sm_90, 40 registers) and "
                                "logsumexp (sm_120, 48) under __launch_bounds__(1024, 1), far "
