@@ -25,14 +25,6 @@ from opcases import spec_text
 
 pytestmark = pytest.mark.sass
 ARCHS = ("sm_80", "sm_90", "sm_100", "sm_120")
-# Kernels that fail a check for a known defect: (check, group) -> (the defect, which of the
-# group's keys it concerns). Each is a strict xfail (once fixed it fails the run: remove the entry).
-KNOWN = {
-    **{("spills", f"op_{op}"): (f"libdevice {op}: the Payne-Hanek reduction of huge float64 "
-                               "arguments keeps its product with 2/pi in a local array (every "
-                               "arch: 40 B of stack)", lambda key: "f64" in key)
-       for op in ("sin", "cos", "tan")},
-}
 
 
 def _tools() -> None:
@@ -145,12 +137,8 @@ def _failures(kernels: list[tuple], check: str) -> dict[str, list[str]]:
     return out
 
 
-def _known(check: str, group: str, key: str) -> bool:
-    return (check, group) in KNOWN and KNOWN[check, group][1](key)
-
-
 def _check(kernels: list[tuple], check: str) -> None:
-    bad = _failures([x for x in kernels if not _known(check, x[1], x[2].key)], check)
+    bad = _failures(kernels, check)
     assert not bad, "\n".join(line for lines in bad.values() for line in lines)
 
 
@@ -163,14 +151,6 @@ def test_example_kernels(examples, check):
 @pytest.mark.parametrize("check", list(CHECKS))
 def test_op_table_kernels(ops, check):
     _check(ops, check)
-
-
-@pytest.mark.parametrize("check,group", [pytest.param(c, g, marks=pytest.mark.xfail(
-    strict=True, reason=why)) for (c, g), (why, _) in KNOWN.items()])
-def test_known_defects(examples, ops, check, group):
-    """The kernels KNOWN exempts still fail their check."""
-    assert not _failures([x for x in examples + ops
-                          if x[1] == group and _known(check, group, x[2].key)], check)
 
 
 def test_inspect_sass_prints_the_table_and_names_the_wheels_when_missing(tmp_path, monkeypatch):
