@@ -95,8 +95,8 @@ def test_reduction_bench_quick_smoke(tmp_path):
         impls = {"fusebuild", "fusebuild_alloc", "numpy"}
     results = [r for r in rows if r["what"] == "cpu"]
     cases = {(r["op"], r["dtype"], tuple(r["shape"])) for r in results}
-    assert cases == {(op, "f32", shape) for op in ("softmax", "layer_norm", "rms_norm",
-                                                   "add_rms_norm")
+    assert cases == {(op, "f32", shape) for op in ("softmax", "log_softmax", "layer_norm",
+                                                   "rms_norm", "add_rms_norm")
                      for shape in ((128, 1024), (33, 1000))}
     for case in cases:
         got = {r["impl"]: r for r in results if (r["op"], r["dtype"], tuple(r["shape"])) == case}
@@ -124,7 +124,7 @@ def test_reduction_bench_gpu_plan_and_targets():
     sys.modules["reduction_bench"] = rb     # dataclasses look their module up while it executes
     module_spec.loader.exec_module(rb)
     cases = rb.gpu_cases(list(rb.OPS), ("f32", "bf16"), rb.GPU_NS, rb.GPU_ELEMENTS)
-    assert len(cases) == 4 * 2 * 10 and {c.n for c in cases} == {1 << k for k in range(7, 17)}
+    assert len(cases) == 5 * 2 * 10 and {c.n for c in cases} == {1 << k for k in range(7, 17)}
     assert all(c.rows * c.n == 1 << 26 for c in cases)
     add = next(c for c in cases if c.op == "add_rms_norm" and c.dtype == "bf16" and c.n == 4096)
     assert add.nbytes() == 2 * (4 * (1 << 26) + 4096)        # x, residual, y, h and w

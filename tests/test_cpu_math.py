@@ -213,7 +213,7 @@ def test_float32_erf_family_within_2_ulp_of_torch(math_bundles, name):
         x = x[(x > -5) & (x < np.inf)]
     want = fn(torch.from_numpy(x.astype(np.float64))).numpy()
     for isa, bundle in math_bundles.items():
-        err = ulp_error(bundle[f"m_{name}"](x), want, dt.float32)
+        err = ulp_error(bundle[f"op_{name}"](x), want, dt.float32)
         worst = int(np.argmax(err))
         assert err[worst] <= STATED[name], f"{name}({x[worst]!r}) at {isa}: {err[worst]:.3f} ULP"
 

@@ -235,3 +235,39 @@ def test_the_plain_build_imports_no_dask(specs, tmp_path):
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_dask_and_s3_together_give_the_local_bundle_and_a_fresh_machine_compiles_nothing(
+        specs, client, tmp_path, monkeypatch):
+    """Issue 21's "done when": `compile --executor dask://... --cache-url s3://... --cache-mode
+    readwrite` on the cluster and moto's S3 writes the local build's bytes; a second build from
+    an empty local cache compiles nothing (every module a remote hit), same bytes again."""
+    pytest.importorskip("moto.server")
+    from test_remote_cache import BUCKET, S3
+    path, local = specs
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")):
+        monkeypatch.setenv(name, value)
+    server = S3()
+    try:
+        server.client.create_bucket(Bucket=BUCKET)
+        env = {**os.environ, "PYTHONPATH": ROOT, "FSSPEC_S3_ENDPOINT_URL": server.endpoint}
+        address = client.scheduler_info()["address"].removeprefix("tcp://")
+        runs = []
+        for name in ("ci", "fresh"):
+            env["FUSEBUILD_CACHE_DIR"] = str(tmp_path / f"cache-{name}")   # empty each time
+            proc = subprocess.run(
+                [sys.executable, "-m", "fusebuild", "compile", str(path), "-o",
+                 str(tmp_path / name), "--executor", f"dask://{address}", "--cache-url",
+                 f"s3://{BUCKET}/dask", "--cache-mode", "readwrite", "--json"],
+                capture_output=True, text=True, env=env, timeout=300)
+            assert proc.returncode == 0, proc.stderr
+            runs.append(json.loads(proc.stdout))
+    finally:
+        server.server.stop()
+    ci, fresh = runs
+    assert (ci["compiled"], ci["uploaded"], ci["remote_hits"]) == (2, 2, 0), ci
+    assert (fresh["compiled"], fresh["remote_hits"], fresh["uploaded"]) == (0, 2, 0), fresh
+    assert same_tree(ci["bundle"], local) and same_tree(fresh["bundle"], local)
