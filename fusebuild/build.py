@@ -82,7 +82,8 @@ class BuildResult:
     seconds: float
     up_to_date: bool = False
     remote_hits: int = 0          # of `cached`, those a remote cache served
-    uploaded: int = 0             # compiled modules written to a remote cache
+    uploaded: int = 0             # modules written to a remote cache (new ones, and local
+                                  # hits it lacked)
     retried: int = 0              # job attempts lost with a worker or failed, run again
     workers: int = 0              # workers that ran a job
     excluded: dict[str, str] = field(default_factory=dict)   # worker -> why it got no jobs

@@ -181,11 +181,12 @@ def parse_size(text: str) -> int:
 class CacheChain:
     """The local cache in front of an optional shared one (`remote_cache.RemoteCache`): remote
     hits are copied into the local cache, new entries go to both, and local hits that the shared
-    cache lacks are uploaded too (readwrite). Counts what each served."""
+    cache lacks are uploaded too (readwrite). Counts the remote hits and the uploads (the local
+    hits are the rest of the hits)."""
 
     def __init__(self, local: Cache, remote=None):
         self.local, self.remote = local, remote
-        self.local_hits = self.remote_hits = self.uploaded = 0
+        self.remote_hits = self.uploaded = 0
         self._unshared: dict[str, Entry] = {}     # local hits to upload
 
     def get_many(self, wanted: dict[str, tuple[str, Callable[[Entry], bool]]]
@@ -197,11 +198,11 @@ class CacheChain:
             hit = self.local.get(key)
             if hit is not None and check(hit):
                 found[key] = hit
-        self.local_hits += len(found)
-        if self.remote is not None:
-            self._unshared.update(self.remote.unshared(found))
+        if self.remote is None:
+            return found
+        self._unshared.update(self.remote.unshared(found))
         rest = {key: label for key, (label, _) in wanted.items() if key not in found}
-        if self.remote is not None and rest:
+        if rest:
             for key, entry in self.remote.get_many(rest).items():
                 if not wanted[key][1](entry):
                     self.remote.bad(rest[key], "its kernels are not those of its module")
